@@ -1,0 +1,27 @@
+"""Where the Triton kernels learn whether they run under the interpreter, and how they autotune.
+
+``TRITON_INTERPRET`` is read once at import (the env var -> module flag -> accessor pattern of
+``timm.layers.config``). Under the interpreter every program runs sequentially in numpy, so autotuning
+collapses to one fixed config; on CUDA the full config list is benchmarked once per ``key``.
+"""
+
+import os
+
+__all__ = ["autotune_configs", "autotune_kwargs", "is_interpreter"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_interpreter() -> bool:
+    """True when Triton kernels execute under ``TRITON_INTERPRET=1`` (CPU, numpy)."""
+    return _INTERPRET
+
+
+def autotune_configs(full: list, default) -> list:
+    """The configs ``triton.autotune`` should try: ``[default]`` under the interpreter, else ``full``."""
+    return [default] if _INTERPRET else list(full)
+
+
+def autotune_kwargs() -> dict:
+    """Extra keyword arguments for ``triton.autotune`` shared by every kernel (cache results on disk)."""
+    return {"cache_results": True} if not _INTERPRET else {}
