@@ -27,6 +27,8 @@ class BenchCase:
         bytes: bytes that must move through HBM at minimum (for memory-bound ops), or None.
         baseline: True for the row speedups are measured against within ``group`` and ``mode``.
         setup: optional callable run once before timing (e.g. building a mask), not timed.
+        items: images (or samples) processed per call, for models: the report adds items/s.
+        note: free text shown in the table (e.g. "tile 2x8x8", "OOM skipped").
     """
 
     group: str
@@ -38,6 +40,8 @@ class BenchCase:
     bytes: float | None = None
     baseline: bool = False
     setup: Callable[[], object] | None = None
+    items: int | None = None
+    note: str = ""
 
 
 def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, mode: str) -> float:

@@ -1,0 +1,241 @@
+"""Benchmark CLI: ours and the peers side by side in one run, written as JSON + markdown + PNG.
+
+    python tools/bench.py attention --cases block_sparse,linear --mode both --out docs/benchmarks/attention
+    python tools/bench.py models --cases models_vig
+    python tools/bench.py diffusion
+    python tools/bench.py attention --device cpu          # tiny shapes: checks that everything runs
+
+Each case module in ``tools/bench_cases`` returns ``BenchCase`` rows (see ``_common.py``). Every row is warmed up,
+timed with CUDA events (median of ``--iters``), and its peak memory recorded; rows that fail (e.g. out of memory,
+a peer that is not installed) are reported with the error instead of stopping the run.
+"""
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+# Kernels run under the Triton interpreter on CPU; it must be chosen before anything imports triton.
+if "cpu" in sys.argv or not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from tools.bench_cases._common import BenchCase  # noqa: E402
+
+SUITES = {
+    "attention": ("block_sparse", "linear", "gated", "sparse_linear"),
+    "models": ("models_mavit", "models_biformer", "models_vig"),
+    "diffusion": ("diffusion",),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=sorted(SUITES), help="which group of case modules to run")
+    parser.add_argument("--cases", default=None, help="comma-separated case modules (default: all of the suite)")
+    parser.add_argument("--mode", default="both", choices=("fwd", "fwd+bwd", "both"))
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per row (default 5 on CUDA, 1 on CPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20 on CUDA, 2 on CPU)")
+    parser.add_argument("--filter", default=None, help="only rows whose group contains this substring")
+    parser.add_argument("--out", default=None, help="output path prefix for .json/.md/.png (default: print only)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but no CUDA device is available; use --device cpu")
+    args.dtype = DTYPES[args.dtype]
+    on_gpu = args.device == "cuda"
+    args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    args.iters = args.iters if args.iters is not None else (20 if on_gpu else 2)
+    names = args.cases.split(",") if args.cases else SUITES[args.suite]
+    unknown = [n for n in names if not (pathlib.Path(__file__).parent / "bench_cases" / f"{n}.py").exists()]
+    if unknown and args.cases:
+        parser.error(f"--cases has unknown case modules {unknown}; available: {_available_cases()}")
+    args.case_names = [n for n in names if n not in unknown]
+    return args
+
+
+def _available_cases() -> list[str]:
+    folder = pathlib.Path(__file__).parent / "bench_cases"
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _time_row(case: BenchCase, args) -> dict:
+    """Median milliseconds and peak memory of ``case.fn``."""
+    if case.setup is not None:
+        case.setup()
+    on_gpu = args.device == "cuda"
+    for _ in range(args.warmup):
+        case.fn()
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(args.iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            case.fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        times = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            case.fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak_mb = None
+    return {"ms": statistics.median(times), "peak_mb": peak_mb}
+
+
+def _row_metrics(case: BenchCase, timing: dict) -> dict:
+    ms = timing["ms"]
+    row = {
+        "group": case.group,
+        "impl": case.impl,
+        "mode": case.mode,
+        "ms": round(ms, 4),
+        "peak_mb": None if timing["peak_mb"] is None else round(timing["peak_mb"], 1),
+        "density": case.density,
+        "note": case.note,
+        "baseline": case.baseline,
+    }
+    if case.flops:
+        row["tflops_dense_equiv"] = round(case.flops / (ms * 1e-3) / 1e12, 2)
+    if case.bytes:
+        row["gb_per_s"] = round(case.bytes / (ms * 1e-3) / 1e9, 1)
+    if case.items:
+        row["items_per_s"] = round(case.items / (ms * 1e-3), 1)
+    return row
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """Speedup vs the baseline row of the same group and mode, and the fraction of the ideal 1/density."""
+    baselines = {(r["group"], r["mode"]): r for r in rows if r.get("baseline") and "ms" in r}
+    for row in rows:
+        base = baselines.get((row["group"], row["mode"]))
+        if base is None or "ms" not in row:
+            continue
+        row["speedup"] = round(base["ms"] / row["ms"], 3)
+        if row.get("density"):
+            row["fraction_of_ideal"] = round(row["speedup"] * row["density"], 3)
+
+
+def run_cases(args) -> list[dict]:
+    rows = []
+    modes = ("fwd", "fwd+bwd") if args.mode == "both" else (args.mode,)
+    for name in args.case_names:
+        module = importlib.import_module(f"tools.bench_cases.{name}")
+        try:
+            cases = module.cases(args)
+        except Exception as exc:  # a case module whose peers are missing still lets the others run
+            rows.append({"group": name, "impl": "-", "mode": "-", "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        for case in cases:
+            if case.mode not in modes or (args.filter and args.filter not in case.group):
+                continue
+            print(f"[bench] {case.group} | {case.impl} | {case.mode}", flush=True)
+            try:
+                rows.append(_row_metrics(case, _time_row(case, args)))
+            except Exception as exc:
+                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                rows.append({"group": case.group, "impl": case.impl, "mode": case.mode, "error": msg})
+            finally:
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+    _add_speedups(rows)
+    return rows
+
+
+def environment() -> dict:
+    import triton
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "command": "python " + " ".join(sys.argv),
+    }
+    return env
+
+
+_COLUMNS = (
+    ("impl", "impl"),
+    ("ms", "ms"),
+    ("speedup", "speedup"),
+    ("density", "density"),
+    ("fraction_of_ideal", "of ideal"),
+    ("tflops_dense_equiv", "TFLOP/s (dense-eq)"),
+    ("gb_per_s", "GB/s"),
+    ("items_per_s", "items/s"),
+    ("peak_mb", "peak MB"),
+    ("note", "note"),
+)
+
+
+def to_markdown(rows: list[dict], env: dict) -> str:
+    lines = [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in env.items()]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["group"], row["mode"]), []).append(row)
+    for (group, mode), members in groups.items():
+        cols = [c for c in _COLUMNS if any(r.get(c[0]) not in (None, "") for r in members)]
+        lines += ["", f"### {group} — {mode}", "", "| " + " | ".join(h for _, h in cols) + " | error |"]
+        lines.append("|" + "---|" * (len(cols) + 1))
+        for r in members:
+            cells = ["" if r.get(k) in (None, "") else str(r[k]) for k, _ in cols]
+            lines.append("| " + " | ".join(cells) + f" | {r.get('error', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if "speedup" in r]
+    if not timed:
+        return
+    labels = [f"{r['group'][:40]}\n{r['mode']} {r['impl']}" for r in timed]
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.3 * len(timed))))
+    ax.barh(range(len(timed)), [r["speedup"] for r in timed])
+    ax.set_yticks(range(len(timed)), labels, fontsize=6)
+    ax.axvline(1.0, color="k", lw=0.5)
+    ax.set_xlabel("speedup vs baseline of the group")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    rows = run_cases(args)
+    env = environment()
+    text = to_markdown(rows, env)
+    print(text)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(text)
+        plot(rows, out.with_suffix(".png"))
+    return 1 if rows and all("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
