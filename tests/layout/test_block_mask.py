@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from visionattn.layout import BlockMask, NeighborhoodWindow, TokenGrid, TokenLayout
+
+
+def _random_mask(gen, b=2, h=3, q_len=70, kv_len=45, bq=16, bk=8, p=0.4):
+    mq, mk = -(-q_len // bq), -(-kv_len // bk)
+    keep = torch.rand(b, h, mq, mk, generator=gen) < p
+    keep[0, 0, 1] = False  # an empty row
+    return keep, BlockMask.from_block_matrix(keep, q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk)
+
+
+def test_block_mask_csr_round_trip(rng):
+    keep, mask = _random_mask(rng)
+    back, partial = mask.to_block_matrix()
+    assert torch.equal(back, keep) and not partial.any()
+    assert mask.indices.dtype == torch.int32 and mask.indptr.dtype == torch.int32
+    # rows are sorted and consecutive in (b, h, m) order
+    flat = mask.indptr.flatten(0, 1)
+    assert torch.equal(flat[1:, 0], flat[:-1, -1])
+    for b in range(keep.shape[0]):
+        for h in range(keep.shape[1]):
+            for m in range(keep.shape[2]):
+                row = mask.indices[mask.indptr[b, h, m] : mask.indptr[b, h, m + 1]]
+                assert torch.equal(row.long(), keep[b, h, m].nonzero().squeeze(-1))
+
+
+def test_block_mask_dense_density_and_transpose(rng):
+    keep, mask = _random_mask(rng)
+    dense = mask.to_dense()
+    assert dense.shape == (2, 3, 70, 45)
+    expected = keep.repeat_interleave(16, 2).repeat_interleave(8, 3)[..., :70, :45]
+    assert torch.equal(dense, expected)
+    assert mask.density() == pytest.approx(keep.float().mean().item())
+    assert torch.equal(mask.transpose().to_dense(), dense.transpose(-1, -2))
+    assert mask.transpose() is mask.transpose()  # cached
+
+
+def test_block_mask_partial_blocks_apply_predicate():
+    layout = TokenLayout(TokenGrid((12,), extra_before=2), tile=(4,))
+    pred = NeighborhoodWindow(layout, (3,), (1,), (1,), (False,))
+    n = layout.num_tokens
+    m = n // 4
+    keep = torch.ones(1, 1, m, m, dtype=torch.bool)
+    mask = BlockMask.from_block_matrix(
+        keep, partial=keep.clone(), q_len=n, kv_len=n, block_q=4, block_k=4, token_mask=pred
+    )
+    idx = torch.arange(n)
+    assert torch.equal(mask.to_dense()[0, 0], pred(idx[:, None], idx[None, :]))
+    assert torch.equal(mask.transpose().to_dense()[0, 0], mask.to_dense()[0, 0].T)
+
+
+def test_block_mask_getitem_and_repr(rng):
+    keep, mask = _random_mask(rng)
+    sub = mask[1, 0:2]
+    assert sub.batch_heads == (1, 2)
+    assert torch.equal(sub.to_block_matrix()[0], keep[1:2, 0:2])
+    assert "density=" in repr(mask) and "blocks=(5, 6)" in repr(mask)
+
+
+def test_block_mask_rejects_inconsistent_inputs():
+    keep = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="keep must have"):
+        BlockMask.from_block_matrix(keep, q_len=40, kv_len=8, block_q=8, block_k=8)
+    with pytest.raises(ValueError, match="keep must be"):
+        BlockMask.from_block_matrix(keep.int(), q_len=16, kv_len=16, block_q=8, block_k=8)
+    with pytest.raises(ValueError, match="token_mask"):
+        BlockMask.from_block_matrix(keep, partial=keep, q_len=16, kv_len=16, block_q=8, block_k=8)
