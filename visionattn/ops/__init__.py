@@ -1,8 +1,24 @@
 """visionattn."""
 
 from .block_sparse import block_sparse_attention, block_sparse_attention_reference
+from .linear import (
+    LinearAttentionState,
+    linear_attention,
+    linear_attention_apply,
+    linear_attention_query_mean,
+    linear_attention_reference,
+    linear_attention_state,
+    merge_linear_attention_states,
+)
 
 __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "LinearAttentionState",
+    "linear_attention",
+    "linear_attention_apply",
+    "linear_attention_query_mean",
+    "linear_attention_reference",
+    "linear_attention_state",
+    "merge_linear_attention_states",
 ]
