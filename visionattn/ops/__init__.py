@@ -1,6 +1,7 @@
 """visionattn."""
 
 from .block_sparse import block_sparse_attention, block_sparse_attention_reference
+from .gated import gated_linear_attention, gated_linear_attention_reference
 from .linear import (
     LinearAttentionState,
     linear_attention,
@@ -14,6 +15,8 @@ from .linear import (
 __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "gated_linear_attention",
+    "gated_linear_attention_reference",
     "LinearAttentionState",
     "linear_attention",
     "linear_attention_apply",

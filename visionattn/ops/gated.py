@@ -1,0 +1,138 @@
+"""Gated linear attention (GLA), causal or bidirectional as in ViG.
+
+Shapes: B = batch, H = heads, N = tokens (raster order), Dk = key/query head dim, Dv = value head dim.
+
+Causal scan with a per-token, per-key-channel forget gate ``a_t = log_gate_fwd[..., t, :] <= 0`` (Yang et al.,
+"Gated Linear Attention Transformers with Hardware-Efficient Training", ICML 2024, eq. 3):
+
+    S_t = diag(exp(a_t)) S_{t-1} + k_tᵀ v_t,        o_t = (scale · q_t) S_t        (token t included)
+
+Bidirectional (ViG, Liao et al., AAAI 2025, arXiv 2405.18425): a second, mirrored scan with its own gates
+``b_t = log_gate_bwd[..., t, :]`` indexed by the original token positions,
+
+    S'_t = diag(exp(b_t)) S'_{t+1} + k_tᵀ v_t,      o'_t = (scale · q_t) S'_t,      output (o + o') / 2,
+
+which equals ViG's ``flip(GLA(flip(q), flip(k), flip(v), flip(b)))`` for the second half. The caller produces the
+log gates (ViG: ``logsigmoid(x) / 16``).
+"""
+
+import torch
+
+from ._checks import _check_attention_inputs, _check_scale, _check_tensor
+from ._registry import _BackendRegistry
+
+__all__ = ["gated_linear_attention", "gated_linear_attention_reference"]
+
+_registry = _BackendRegistry("gated_linear_attention")
+
+
+def _scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """One directional GLA recurrence over the token axis; ``q`` already carries the scale."""
+    batch, heads, length, _ = q.shape
+    state = q.new_zeros(batch, heads, q.shape[-1], v.shape[-1])
+    outputs = [None] * length
+    for t in reversed(range(length)) if reverse else range(length):
+        state = log_gate[:, :, t, :, None].exp() * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outputs[t] = torch.einsum("bhd,bhde->bhe", q[:, :, t], state)
+    return torch.stack(outputs, dim=2)
+
+
+def gated_linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate_fwd: torch.Tensor,
+    log_gate_bwd: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The recurrence of the module docstring, token by token in plain PyTorch (differentiable, any float dtype).
+
+    Half-precision inputs are computed in float32 and cast back; float64 stays float64 (the test oracle).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
+    q, k, v = (q.to(compute) * scale), k.to(compute), v.to(compute)
+    out = _scan(q, k, v, log_gate_fwd.to(compute), reverse=False)
+    if log_gate_bwd is not None:
+        out = (out + _scan(q, k, v, log_gate_bwd.to(compute), reverse=True)) / 2
+    return out.to(out_dtype)
+
+
+@_registry.register("reference")
+def _reference_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale):
+    return gated_linear_attention_reference(q, k, v, log_gate_fwd, log_gate_bwd, scale=scale)
+
+
+def _check_gate(name: str, gate, k: torch.Tensor) -> None:
+    _check_tensor(name, gate, ndim=4)
+    if gate.shape != k.shape:
+        raise ValueError(
+            f"{name} must have the shape of k (B, H, N, Dk): one log gate per token and key channel; "
+            f"got {name}.shape={tuple(gate.shape)}, k.shape={tuple(k.shape)}."
+        )
+    if gate.device != k.device:
+        raise ValueError(f"{name} must be on the device of k; got {name}.device={gate.device}, {k.device=}.")
+
+
+def gated_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate_fwd: torch.Tensor,
+    log_gate_bwd: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Gated linear attention: causal with one gate set, bidirectional (ViG) with two.
+
+    ``S_t = diag(exp(a_t)) S_{t-1} + k_tᵀ v_t``, ``o_t = scale · q_t S_t`` (GLA, Yang et al. 2024, eq. 3); with
+    ``log_gate_bwd`` also the mirrored scan ``S'_t = diag(exp(b_t)) S'_{t+1} + k_tᵀ v_t`` and output
+    ``(o_t + o'_t) / 2`` (ViG, Liao et al. 2025).
+
+    Args:
+        q: queries ``(B, H, N, Dk)``.
+        k: keys ``(B, H, N, Dk)``.
+        v: values ``(B, H, N, Dv)``.
+        log_gate_fwd: log forget gates of the forward scan ``(B, H, N, Dk)``, ``a_t = log_gate_fwd[:, :, t]``.
+            Meant to be ``<= 0`` (a decay); this is not checked (it would cost a pass over the tensor). Positive
+            values are computed as written but may overflow in the Triton kernel. Large negative values (down to
+            ``-inf``) are fine: the kernel clamps them at ``-32``, where ``exp`` is already below float32
+            resolution.
+        log_gate_bwd: log forget gates of the backward scan ``(B, H, N, Dk)``, indexed by the original token
+            positions (``b_t`` gates the step from token ``t + 1`` to ``t``), or None for the causal scan only.
+        scale: query scale; None means ``Dk ** -0.5``.
+
+    Other Parameters:
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, Dk and Dv in
+            ``(16, 32, 64)``, fp32 state), ``"reference"`` (the token loop, any float dtype) or None for the first
+            that supports the input.
+
+    Returns:
+        ``(B, H, N, Dv)`` in the dtype of ``q``.
+
+    Raises:
+        TypeError: a non-tensor input or a non-float dtype; q, k, v of different dtypes.
+        ValueError: mismatched shapes or devices, a bad ``scale`` or an unknown ``backend``.
+        NotImplementedError: ``backend="triton"`` on input it does not support.
+
+    Example:
+        >>> q, k = torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 16)
+        >>> v = torch.randn(2, 3, 10, 32)
+        >>> a, b = torch.nn.functional.logsigmoid(torch.randn(2, 2, 3, 10, 16)) / 16
+        >>> gated_linear_attention(q, k, v, a, b).shape
+        torch.Size([2, 3, 10, 32])
+    """
+    _check_attention_inputs(q, k, v)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"q and k must have the same length N (one state per query token); "
+            f"got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}."
+        )
+    _check_gate("log_gate_fwd", log_gate_fwd, k)
+    if log_gate_bwd is not None:
+        _check_gate("log_gate_bwd", log_gate_bwd, k)
+    scale = _check_scale(scale, q.shape[-1])
+    args = dict(q=q, k=k, v=v, log_gate_fwd=log_gate_fwd, log_gate_bwd=log_gate_bwd, scale=scale)
+    return _registry.select(backend, args)(**args)
