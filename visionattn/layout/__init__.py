@@ -1,7 +1,9 @@
 """Token grids, tile orders, block masks and their builders."""
 
 from .block_mask import BlockMask
+from .circular import circular_window_block_mask
 from .grid import TokenGrid, TokenLayout
+from .neighborhood import neighborhood_block_mask
 from .predicates import CircularWindow, NeighborhoodWindow
 
 __all__ = [
@@ -10,4 +12,6 @@ __all__ = [
     "NeighborhoodWindow",
     "TokenGrid",
     "TokenLayout",
+    "circular_window_block_mask",
+    "neighborhood_block_mask",
 ]

@@ -8,38 +8,12 @@ from collections.abc import Sequence
 
 import torch
 
+# The per-axis parsers live in layout (the layer above ops) so mask builders can use them too.
+from ..layout._utils import _check_per_axis, _check_per_axis_bool  # noqa: F401
+
 __all__ = []
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_per_axis(name: str, ndim: int, value, minimum: int = 1) -> tuple[int, ...]:
-    """Broadcast an int or a length-``ndim`` sequence to a tuple of ints ``>= minimum``.
-
-    ``_check_per_axis("kernel_size", 2, 7) == (7, 7)``; ``(3, 5)`` stays ``(3, 5)``.
-    """
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a tuple of {ndim} ints; got {name}={value!r}.")
-    if isinstance(value, int):
-        values = (value,) * ndim
-    elif isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        values = tuple(value)
-        if len(values) != ndim:
-            raise ValueError(f"{name} must have one entry per grid axis ({ndim}); got {name}={value!r}.")
-    else:
-        raise TypeError(f"{name} must be an int or a tuple of {ndim} ints; got {type(value)=}, {name}={value!r}.")
-    if any(v < minimum for v in values):
-        raise ValueError(f"{name} must be >= {minimum} on every axis; got {name}={value!r}.")
-    return values
-
-
-def _check_per_axis_bool(name: str, ndim: int, value) -> tuple[bool, ...]:
-    """Broadcast a bool or a length-``ndim`` sequence of bools to a tuple of bools."""
-    if isinstance(value, bool):
-        return (value,) * ndim
-    if isinstance(value, Sequence) and len(value) == ndim and all(isinstance(v, bool) for v in value):
-        return tuple(value)
-    raise TypeError(f"{name} must be a bool or a tuple of {ndim} bools; got {name}={value!r}.")
 
 
 def _check_choice(name: str, value, choices: Sequence):
@@ -81,9 +55,7 @@ def _check_attention_inputs(q, k, v, *, same_head_dim_v: bool = False, raise_err
     if not (q.dtype == k.dtype == v.dtype):
         problems.append((TypeError, f"q, k and v must share one dtype; got {q.dtype=}, {k.dtype=}, {v.dtype=}."))
     elif not (q.device == k.device == v.device):
-        problems.append(
-            (ValueError, f"q, k and v must be on one device; got {q.device=}, {k.device=}, {v.device=}.")
-        )
+        problems.append((ValueError, f"q, k and v must be on one device; got {q.device=}, {k.device=}, {v.device=}."))
     elif q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
         problems.append(
             (
@@ -94,11 +66,17 @@ def _check_attention_inputs(q, k, v, *, same_head_dim_v: bool = False, raise_err
         )
     elif k.shape[2] != v.shape[2]:
         problems.append(
-            (ValueError, f"k and v must have the same length N; got k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}.")
+            (
+                ValueError,
+                f"k and v must have the same length N; got k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}.",
+            )
         )
     elif q.shape[3] != k.shape[3]:
         problems.append(
-            (ValueError, f"q and k must have the same head dim; got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}.")
+            (
+                ValueError,
+                f"q and k must have the same head dim; got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}.",
+            )
         )
     elif same_head_dim_v and v.shape[3] != q.shape[3]:
         problems.append(
