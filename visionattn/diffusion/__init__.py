@@ -1,0 +1,30 @@
+"""diffusers integration: processors for visionattn's attention methods, the grid/step hook, ``apply``/``remove``."""
+
+from ._hooks import DiffusionState
+from ._methods import AgentAttention, LinearAttention, LocalAttention, RadialAttention
+from .apply import AttentionHandle, apply, remove
+from .cogvideox import CogVideoXMethodAttnProcessor
+from .flux import FluxMethodAttnProcessor
+from .hunyuan_video import HunyuanVideoMethodAttnProcessor
+from .ltx_video import LTXVideoMethodAttnProcessor
+from .sd3 import SD3MethodAttnProcessor
+from .unet import UNetMethodAttnProcessor
+from .wan import WanMethodAttnProcessor
+
+__all__ = [
+    "AgentAttention",
+    "AttentionHandle",
+    "CogVideoXMethodAttnProcessor",
+    "DiffusionState",
+    "FluxMethodAttnProcessor",
+    "HunyuanVideoMethodAttnProcessor",
+    "LTXVideoMethodAttnProcessor",
+    "LinearAttention",
+    "LocalAttention",
+    "RadialAttention",
+    "SD3MethodAttnProcessor",
+    "UNetMethodAttnProcessor",
+    "WanMethodAttnProcessor",
+    "apply",
+    "remove",
+]

@@ -1,0 +1,185 @@
+"""``apply(pipe_or_model, method, **options)`` swaps self-attention for a visionattn method; ``remove`` undoes it.
+
+``apply`` finds the denoiser (``pipe.transformer``, ``pipe.transformer_2`` for Wan 2.2, or ``pipe.unet``, or the
+model itself), installs one ``<Model>MethodAttnProcessor`` per self-attention layer over the latent grid (each
+with its own method instance, so learnable parts are per layer) and a forward pre-hook that tells the processors
+the grid and denoising step of every call. Cross-attention and text-only attention keep their stock processors.
+"""
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._hooks import DiffusionState, _GridStepHook
+from ._methods import _METHODS
+from ._processor import _MethodAttnProcessor, _ModelSpec
+from .cogvideox import _SPEC as _COGVIDEOX
+from .flux import _SPEC as _FLUX
+from .hunyuan_video import _SPEC as _HUNYUAN_VIDEO
+from .ltx_video import _SPEC as _LTX_VIDEO
+from .pixart import _SPEC as _PIXART
+from .sd3 import _SPEC as _SD3
+from .unet import _SPEC as _UNET
+from .wan import _SPEC as _WAN
+
+__all__ = ["AttentionHandle", "apply", "remove"]
+
+_SPECS = {s.class_name: s for s in (_COGVIDEOX, _FLUX, _HUNYUAN_VIDEO, _LTX_VIDEO, _PIXART, _SD3, _UNET, _WAN)}
+_DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
+#: Default schedule per method: Radial Attention's Wan 1x script keeps layer 0 and the first 12 of 50 steps dense.
+_DEFAULT_SCHEDULE = {"radial": {"dense_layers": 1, "dense_steps": 12}}
+
+
+@dataclass
+class AttentionHandle:
+    """What ``apply`` changed, so that ``remove`` can restore it; also the place to read statistics.
+
+    Attributes:
+        method: the method name.
+        states: one ``DiffusionState`` per patched model (grid, step, density statistics, mask cache).
+    """
+
+    method: str
+    states: list[DiffusionState] = field(default_factory=list)
+    _originals: list[tuple[nn.Module, object]] = field(default_factory=list, repr=False)
+    _hooks: list = field(default_factory=list, repr=False)
+
+    @property
+    def processors(self) -> list[_MethodAttnProcessor]:
+        """The installed processors, in layer order."""
+        return [module.processor for module, _ in self._originals]
+
+    def density(self) -> float | None:
+        """Mean attention density over the calls since the last ``reset`` (dense calls count 1.0)."""
+        values = [d for d in (s.mean_density() for s in self.states) if d is not None]
+        return sum(values) / len(values) if values else None
+
+    def reset(self) -> None:
+        """Start counting steps and density afresh (``apply`` detects new generations by a rising timestep)."""
+        for state in self.states:
+            state.reset()
+
+
+def _denoisers(pipe_or_model) -> list[nn.Module]:
+    if isinstance(pipe_or_model, nn.Module):
+        return [pipe_or_model]
+    models = [getattr(pipe_or_model, name, None) for name in _DENOISER_ATTRS]
+    models = [m for m in models if isinstance(m, nn.Module)]
+    if not models:
+        raise TypeError(
+            f"pipe_or_model must be a diffusers pipeline with a transformer or unet, or such a model; "
+            f"got {type(pipe_or_model).__name__}."
+        )
+    return models
+
+
+def _spec_of(model: nn.Module) -> _ModelSpec:
+    for cls in type(model).__mro__:
+        if cls.__name__ in _SPECS:
+            return _SPECS[cls.__name__]
+    raise ValueError(
+        f"model must be one of {sorted(_SPECS)}; got {type(model).__name__}. Other diffusers models are not supported yet."
+    )
+
+
+def _method_factory(method: str, options: dict, spec: _ModelSpec):
+    """A ``build(head_dim, device, dtype) -> method module`` after validating the options on one instance."""
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {tuple(sorted(_METHODS))}; got {method=}.")
+    cls = _METHODS[method]
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(options) - set(params) - {"head_dim", "device", "dtype"})
+    if unknown:
+        allowed = sorted(p for p in params if p not in ("head_dim", "device", "dtype"))
+        raise TypeError(f"options {unknown} are not options of method={method!r}; its options are {allowed}.")
+    takes_shape = "head_dim" in params
+
+    def build(head_dim: int, device, dtype) -> nn.Module:
+        kwargs = dict(options, head_dim=head_dim, device=device, dtype=dtype) if takes_shape else dict(options)
+        instance = cls(**kwargs)
+        instance.check_model(spec.class_name, 3 if spec.is_video else 2, spec.is_video)
+        return instance
+
+    return build
+
+
+def _schedule(method: str, dense_layers: int | None, dense_steps: int | None) -> tuple[int, int]:
+    defaults = _DEFAULT_SCHEDULE.get(method, {})
+    values = (
+        defaults.get("dense_layers", 0) if dense_layers is None else dense_layers,
+        defaults.get("dense_steps", 0) if dense_steps is None else dense_steps,
+    )
+    for name, value in zip(("dense_layers", "dense_steps"), values):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0; got {name}={value!r}.")
+    return values
+
+
+def apply(
+    pipe_or_model,
+    method: str,
+    *,
+    dense_layers: int | None = None,
+    dense_steps: int | None = None,
+    **options,
+) -> AttentionHandle:
+    """Replace the self-attention of a diffusers pipeline or model with a visionattn method.
+
+    Args:
+        pipe_or_model: a pipeline (its ``transformer``/``transformer_2``/``unet`` is patched) or a supported model:
+            ``UNet2DConditionModel``, ``FluxTransformer2DModel``, ``SD3Transformer2DModel``,
+            ``PixArtTransformer2DModel``, ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
+            ``CogVideoXTransformer3DModel``, ``LTXVideoTransformer3DModel``.
+        method: ``"local"``, ``"radial"``, ``"sparse_linear"``, ``"linear"`` or ``"agent"``.
+        dense_layers: the first ``dense_layers`` self-attention layers keep dense attention (radial default 1).
+        dense_steps: the first ``dense_steps`` denoising steps keep dense attention (radial default 12).
+        **options: the method's options (see ``LocalAttention``, ``RadialAttention``, ``SparseLinearMethod``,
+            ``LinearAttention``, ``AgentAttention``).
+
+    Returns:
+        An ``AttentionHandle`` for ``remove`` and for statistics (``handle.density()``).
+
+    Raises:
+        ValueError: unknown method or model, a method that does not fit the model (the message says why), or bad
+            option values; also when ``apply`` was already called on the model.
+        TypeError: an option the method does not have.
+
+    Example:
+        >>> handle = apply(pipe, "local", kernel_size=(3, 11, 11))       # doctest: +SKIP
+        >>> video = pipe(prompt, num_frames=81).frames; remove(handle)   # doctest: +SKIP
+    """
+    schedule = _schedule(method, dense_layers, dense_steps)
+    handle = AttentionHandle(method=method)
+    for model in _denoisers(pipe_or_model):
+        spec = _spec_of(model)
+        build = _method_factory(method, options, spec)
+        modules = [m for name, m in model.named_modules() if spec.self_attention.fullmatch(name)]
+        if any(isinstance(m.processor, _MethodAttnProcessor) for m in modules):
+            remove(handle)
+            raise ValueError("apply() was already called on this model; call remove(handle) first.")
+        param = next(model.parameters())
+        state = DiffusionState(dense_layers=schedule[0], dense_steps=schedule[1])
+        processors = []
+        for layer_idx, module in enumerate(modules):
+            head_dim = module.to_q.out_features // module.heads
+            processors.append(spec.processor_cls(build(head_dim, param.device, param.dtype), state, layer_idx, spec))
+        for module, processor in zip(modules, processors):
+            handle._originals.append((module, module.processor))
+            module.set_processor(processor)
+        hook = _GridStepHook(model, state, spec.read_grid)
+        handle._hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+        handle.states.append(state)
+    return handle
+
+
+@torch.no_grad()
+def remove(handle: AttentionHandle) -> None:
+    """Restore the processors (the very objects) and remove the hooks that ``apply`` installed."""
+    for module, original in reversed(handle._originals):
+        module.set_processor(original)
+    for hook in handle._hooks:
+        hook.remove()
+    handle._originals.clear()
+    handle._hooks.clear()
