@@ -1,0 +1,63 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import visionattn  # noqa: F401
+from tools.convert import main as convert_main
+
+MODEL = "mavit_tiny"
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(tmp_path_factory):
+    """A checkpoint in the official training-wrapper layout ({"model": state_dict}) with fresh random weights."""
+    model = timm.create_model(MODEL)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("official") / "official.pth"
+    torch.save({"model": state, "epoch": 299}, path)
+    return path, state
+
+
+def test_convert_writes_exact_safetensors(official_checkpoint, tmp_path, capsys):
+    path, state = official_checkpoint
+    out = tmp_path / "converted.safetensors"
+    assert convert_main(["--model", MODEL, "--checkpoint", str(path), "--out", str(out)]) == 0
+    converted = load_file(str(out))
+    assert converted.keys() == state.keys()
+    assert all(torch.equal(converted[k], state[k]) for k in state)
+    assert '"missing": []' in capsys.readouterr().out
+
+
+def test_convert_refuses_partial_loads_unless_asked(official_checkpoint, tmp_path, capsys):
+    path, state = official_checkpoint
+    broken = dict(state)
+    broken["extra.weight"] = torch.zeros(3)
+    broken.pop(next(iter(state)))
+    bad = tmp_path / "bad.pth"
+    torch.save(broken, bad)
+    out = tmp_path / "out.safetensors"
+    assert convert_main(["--model", MODEL, "--checkpoint", str(bad), "--out", str(out)]) == 1
+    assert not out.exists()
+    report = capsys.readouterr().out
+    assert "extra.weight" in report
+    assert convert_main(["--model", MODEL, "--checkpoint", str(bad), "--out", str(out), "--allow-partial"]) == 0
+    assert out.exists()
+
+
+def test_convert_rejects_bad_arguments(tmp_path, official_checkpoint):
+    with pytest.raises(SystemExit):
+        convert_main(["--model", MODEL, "--checkpoint", str(tmp_path / "missing.pth"), "--out", "x.safetensors"])
+    with pytest.raises(SystemExit):
+        convert_main(["--model", MODEL, "--checkpoint", str(official_checkpoint[0]), "--out", "x.bin"])
+
+
+def test_convert_loads_pickles_safely(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unsafe code ran",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Payload()}, evil)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        convert_main(["--model", MODEL, "--checkpoint", str(evil), "--out", str(tmp_path / "o.safetensors")])
