@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from tests._numerics import assert_close
+from tests.layout._brute_force import neighborhood_raster_mask
+from visionattn.layout import TokenGrid
+from visionattn.layout.neighborhood import _check_neighborhood_args
+from visionattn.ops import default_neighborhood_tile, neighborhood_attention, neighborhood_attention_reference
+
+# (shape, extra_before, extra_after, kernel_size, stride, dilation, causal, tile, num_extra_kv)
+CASES = [
+    ((37,), 2, 3, 6, 2, 3, True, None, 0),
+    ((37,), 0, 0, 5, 1, 1, False, 8, 4),
+    ((7, 9), 3, 0, (3, 4), (1, 2), (2, 1), False, (4, 4), 5),
+    ((7, 9), 0, 2, 3, 1, 1, (True, False), None, 0),
+    ((5, 6, 7), 2, 3, (2, 3, 5), (2, 1, 3), 1, (True, False, False), (2, 4, 4), 3),
+    ((4, 6, 7), 0, 0, 3, 1, (1, 2, 2), False, None, 0),
+]
+
+
+def _dense_brute_force(q, k, v, grid, canonical, scale, extra_kv):
+    allowed = neighborhood_raster_mask(grid, *canonical)
+    if extra_kv is not None:
+        k, v = torch.cat([k, extra_kv[0]], 2), torch.cat([v, extra_kv[1]], 2)
+        allowed = torch.cat([allowed, allowed.new_ones(allowed.shape[0], extra_kv[0].shape[2])], 1)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.mark.parametrize(
+    "shape,before,after,kernel,stride,dilation,causal,tile,num_extra",
+    CASES,
+    ids=[f"grid{c[0]}-k{c[3]}-s{c[4]}-d{c[5]}-c{c[6]}-tile{c[7]}-E{c[8]}" for c in CASES],
+)
+def test_neighborhood_attention_matches_reference(
+    rng, shape, before, after, kernel, stride, dilation, causal, tile, num_extra
+):
+    grid = TokenGrid(shape, extra_before=before, extra_after=after)
+    b, h, d, dv = 2, 2, 8, 6
+    make = lambda *s: torch.randn(*s, generator=rng, dtype=torch.float64).requires_grad_()
+    q, k, v = make(b, h, grid.num_tokens, d), make(b, h, grid.num_tokens, d), make(b, h, grid.num_tokens, dv)
+    extra_kv = (make(b, h, num_extra, d), make(b, h, num_extra, dv)) if num_extra else None
+    tensors = [q, k, v] + (list(extra_kv) if extra_kv else [])
+    args = (grid, kernel, stride, dilation, causal)
+
+    ref = neighborhood_attention_reference(q, k, v, *args, scale=0.3, extra_kv=extra_kv)
+    canonical = _check_neighborhood_args(grid, kernel, stride, dilation, causal)
+    assert_close("reference vs brute force", _dense_brute_force(q, k, v, grid, canonical, 0.3, extra_kv), ref)
+    out = neighborhood_attention(q, k, v, *args, scale=0.3, extra_kv=extra_kv, tile=tile, backend="reference")
+    assert_close("out", ref, out)
+
+    grad = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, tensors, grad)
+    out_grads = torch.autograd.grad(out, tensors, grad)
+    for name, r, o in zip(["dq", "dk", "dv", "dk_extra", "dv_extra"], ref_grads, out_grads):
+        assert_close(name, r, o)
+
+
+def test_neighborhood_attention_default_scale_and_cache(rng):
+    grid = TokenGrid((6, 10))
+    q, k, v = (torch.randn(1, 1, 60, 4, generator=rng, dtype=torch.float64) for _ in range(3))
+    first = neighborhood_attention(q, k, v, grid, 3, backend="reference")
+    again = neighborhood_attention(q, k, v, grid, 3, backend="reference")
+    assert_close("out", neighborhood_attention_reference(q, k, v, grid, 3, scale=0.5), first)
+    assert torch.equal(first, again)
+
+
+def test_default_neighborhood_tile():
+    assert default_neighborhood_tile((4096,)) == (128,)
+    assert default_neighborhood_tile((20,)) == (32,)
+    assert default_neighborhood_tile((64, 64)) == (8, 16)
+    assert default_neighborhood_tile((30, 48, 80)) == (2, 8, 8)
+    assert default_neighborhood_tile((1, 6, 7)) == (1, 8, 8)
+
+
+def test_neighborhood_attention_rejects_bad_inputs():
+    grid = TokenGrid((6, 10))
+    q = torch.randn(1, 2, 60, 8)
+    with pytest.raises(TypeError, match="grid"):
+        neighborhood_attention(q, q, q, (6, 10), 3)
+    with pytest.raises(ValueError, match="grid.num_tokens"):
+        neighborhood_attention(q, q, q, TokenGrid((6, 9)), 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        neighborhood_attention(q, q, q, grid, (7, 3))
+    with pytest.raises(ValueError, match="stride"):
+        neighborhood_attention(q, q, q, grid, 3, stride=4)
+    with pytest.raises(ValueError, match="tile"):
+        neighborhood_attention(q, q, q, grid, 3, tile=(4, 4, 4))
+    with pytest.raises(TypeError, match="extra_kv"):
+        neighborhood_attention(q, q, q, grid, 3, extra_kv=q)
+    with pytest.raises(ValueError, match="extra_kv"):
+        neighborhood_attention(q, q, q, grid, 3, extra_kv=(q[..., :5, :], q[..., :5, :4]))
+    with pytest.raises(ValueError, match="scale"):
+        neighborhood_attention(q, q, q, grid, 3, scale=-1.0)
