@@ -11,10 +11,12 @@ from .linear import (
     linear_attention_state,
     merge_linear_attention_states,
 )
+from .neighborhood import default_neighborhood_tile, neighborhood_attention, neighborhood_attention_reference
 
 __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "default_neighborhood_tile",
     "gated_linear_attention",
     "gated_linear_attention_reference",
     "LinearAttentionState",
@@ -24,4 +26,6 @@ __all__ = [
     "linear_attention_reference",
     "linear_attention_state",
     "merge_linear_attention_states",
+    "neighborhood_attention",
+    "neighborhood_attention_reference",
 ]
