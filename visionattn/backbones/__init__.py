@@ -2,8 +2,12 @@
 
 from .mavit import MAViT
 from .ravlt import RAVLT
+from .vig import ViG
+from .vig_h import HierViG
 
 __all__ = [
+    "HierViG",
     "MAViT",
     "RAVLT",
+    "ViG",
 ]

@@ -1,0 +1,132 @@
+"""Plain ViG (vig_tiny/small/base): parameter counts, official-checkpoint conversion, the official forward, timm API."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import visionattn  # noqa: F401  (registers the models)
+from tests._numerics import assert_close
+from visionattn.backbones.vig import checkpoint_filter_fn
+
+from . import _vig_reference as ref
+
+#: name -> (embed_dim, heads, conv_act/out_act, README params in M, size in bytes of the fp32 .pth on hustvl/ViG).
+VARIANTS = {
+    "vig_tiny": (192, 3, True, 6, 23405405),
+    "vig_small": (384, 6, False, 23, 90527645),
+    "vig_base": (768, 12, False, 89, 356155805),
+}
+# A two-block ViG-T-like model keeps the float64 oracle (a token loop) fast.
+TINY = dict(embed_dim=32, depth=2, num_heads=2, backend="reference")
+
+
+def _model(name="vig_tiny", **kwargs):
+    return timm.create_model(name, **{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_vig_param_count_matches_official(name):
+    dim, heads, _, readme_m, hub_bytes = VARIANTS[name]
+    model = timm.create_model(name, device="meta")
+    count = sum(p.numel() for p in model.parameters())
+    official = sum(torch.Size(s).numel() for s in ref.vig_shapes(dim, heads).values())
+    assert count == official
+    assert round(count / 1e6) == readme_m
+    # The README rounds to 1M; the fp32 checkpoint size is 4 bytes per parameter plus < 0.3 % pickle overhead.
+    assert 0 <= hub_bytes / 4 - count < 0.005 * count
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_vig_checkpoint_filter_loads_official_layout_strict(name):
+    dim, heads, *_ = VARIANTS[name]
+    model = timm.create_model(name, device="meta")
+    official = {k: torch.empty(s, device="meta") for k, s in ref.vig_shapes(dim, heads).items()}
+    model.load_state_dict(checkpoint_filter_fn(official, model), strict=True, assign=True)
+
+
+def test_vig_checkpoint_filter_matches_official_forward(rng):
+    sd = ref.random_state_dict(ref.vig_shapes(32, 2, depth=2), rng)
+    model = _model(conv_act=True, out_act=True).double().eval()
+    model.load_state_dict(checkpoint_filter_fn({"model": {f"module.{k}": v for k, v in sd.items()}}, model))
+    for shape in ((64, 64), (48, 80)):
+        x = torch.randn(2, 3, *shape, generator=rng, dtype=torch.float64)
+        assert_close(f"logits {shape}", ref.vig_forward(sd, x, 2, True, True), model(x))
+    assert checkpoint_filter_fn(model.state_dict(), model) is not None  # native checkpoints pass through
+    assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()
+
+
+def test_vig_pretrained_file_loads_through_timm(tmp_path, rng):
+    sd = ref.random_state_dict(ref.vig_shapes(32, 2, depth=2), rng, dtype=torch.float32)
+    path = tmp_path / "vig_t_77p2acc.pth"
+    torch.save(sd, path)
+    model = _model(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), img_size=256)
+    assert torch.equal(model.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv_proj.weight"])
+    expected_pos = F.interpolate(sd["pos_embed"].reshape(1, 14, 14, 32).permute(0, 3, 1, 2), (16, 16), mode="bicubic")
+    assert_close("pos_embed", expected_pos.flatten(2).transpose(1, 2), model.pos_embed)
+
+
+def test_vig_forward_shapes_any_resolution(rng):
+    model = _model().eval()
+    for shape, grid in (((64, 64), (4, 4)), ((80, 48), (5, 3)), ((72, 100), (5, 6))):
+        x = torch.randn(1, 3, *shape, generator=rng)
+        assert model.forward_features(x).shape == (1, *grid, 32)
+        assert model(x).shape == (1, 1000)
+
+
+def test_vig_timm_api(rng):
+    model = _model(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64, generator=rng)
+    feats = model.forward_features(x)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.head_hidden_size)
+    final, inter = model.forward_intermediates(x, indices=2)
+    assert_close("final", feats, final)
+    assert [t.shape for t in inter] == [(2, 32, 4, 4)] * 2
+    assert model.no_weight_decay() == {"pos_embed"}
+    assert model.get_classifier().out_features == 10
+    model.set_grad_checkpointing(True)
+    assert_close("grad ckpt", feats, model.train().forward_features(x))
+    model.reset_classifier(0, "")
+    assert model.eval()(x).shape == (2, 4, 4, 32)
+    assert model.prune_intermediate_layers(1) == [1]
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NLC")
+
+
+def test_vig_features_only(rng):
+    model = timm.create_model("vig_tiny", features_only=True, out_indices=(0, 1), **TINY)
+    feats = model(torch.randn(1, 3, 64, 64, generator=rng))
+    assert [f.shape for f in feats] == [(1, 32, 4, 4)] * 2
+    assert model.feature_info.reduction() == [16, 16]
+
+
+def test_vig_channels_last_and_autocast(rng):
+    model = _model().eval()
+    x = torch.randn(2, 3, 64, 64, generator=rng)
+    expected = model(x)
+    assert_close("channels_last", expected, model(x.to(memory_format=torch.channels_last)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert torch.isfinite(out).all()
+    assert_close("bf16 autocast", expected, out.float(), tol=0.05)
+
+
+def test_vig_backward_reaches_every_parameter(rng):
+    model = _model(num_classes=5, drop_path_rate=0.1)
+    model(torch.randn(2, 3, 64, 64, generator=rng)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_vig_gpu_bf16_matches_reference_backend(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name).cuda().eval()
+    reference = timm.create_model(name, backend="reference").cuda().eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        expected = reference(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+    assert_close("logits", expected, out.float(), tol=0.05)
