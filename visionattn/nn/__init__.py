@@ -1,11 +1,13 @@
 """Attention modules built from visionattn.ops, shared by the backbones and the diffusion processors."""
 
+from .agent_attention import AgentAttention
 from .gated_attention2d import GatedLinearAttention2d
 from .linear_attention2d import LinearAttention2d
 from .rope2d import RoPE2d, apply_rope2d, rope2d_tables
 from .softmax_attention2d import SoftmaxAttention2d
 
 __all__ = [
+    "AgentAttention",
     "GatedLinearAttention2d",
     "LinearAttention2d",
     "RoPE2d",

@@ -1,5 +1,6 @@
 """visionattn."""
 
+from .agent import agent_attention, agent_attention_reference
 from .block_sparse import block_sparse_attention, block_sparse_attention_reference
 from .gated import gated_linear_attention, gated_linear_attention_reference
 from .linear import (
@@ -14,6 +15,8 @@ from .linear import (
 from .neighborhood import default_neighborhood_tile, neighborhood_attention, neighborhood_attention_reference
 
 __all__ = [
+    "agent_attention",
+    "agent_attention_reference",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "default_neighborhood_tile",
