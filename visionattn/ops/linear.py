@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import _linear_triton
 from ._checks import _check_attention_inputs, _check_choice, _check_scale, _check_tensor
 from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_triton_device
 
@@ -284,6 +285,20 @@ _REGISTRY = _BackendRegistry("linear_attention")
 _REGISTRY.register("reference")(_LinearBackend(_query_mean_reference, _state_reference, _apply_reference))
 
 
+def _triton_state(k, v, *, feature_map, k_norm, key_weight, query_mean, rope, scale) -> "LinearAttentionState":
+    cos, sin = (None, None) if rope is None else rope
+    weight = key_weight if isinstance(key_weight, torch.Tensor) else None
+    kv, k_sum, v_mean, lse = _linear_triton.state_op(k, v, k_norm, weight, query_mean, cos, sin, feature_map, scale)
+    return LinearAttentionState(kv, k_sum, v_mean, lse, k.shape[2])
+
+
+def _triton_apply(q, state, *, feature_map, normalize, q_norm, rope, scale, eps) -> torch.Tensor:
+    cos, sin = (None, None) if rope is None else rope
+    return _linear_triton.apply_op(
+        q, q_norm, cos, sin, state.kv, state.k_sum, state.v_mean, feature_map, normalize, scale, eps, state.length
+    )
+
+
 def _triton_supports(args: dict, raise_error: bool) -> bool:
     """CUDA (or the interpreter), fp16/bf16/fp32, head dims 16..128."""
     names = [n for n in ("q", "k", "v", "q_norm", "k_norm") if args.get(n) is not None]
@@ -302,6 +317,11 @@ def _triton_supports(args: dict, raise_error: bool) -> bool:
                 "Use backend='reference'.",
             )
     return True
+
+
+_REGISTRY.register("triton", constraints=[_triton_supports])(
+    _LinearBackend(_linear_triton.query_mean_op, _triton_state, _triton_apply)
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------

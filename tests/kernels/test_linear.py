@@ -1,0 +1,210 @@
+"""Triton linear attention (interpreter on CPU, native on GPU) against the float64 reference: output and gradients."""
+
+import pytest
+import torch
+
+from tests._numerics import assert_close
+from tests.ops.test_linear import rope_tables
+from visionattn.ops import (
+    linear_attention,
+    linear_attention_apply,
+    linear_attention_query_mean,
+    linear_attention_reference,
+    linear_attention_state,
+    merge_linear_attention_states,
+)
+
+#: (feature_map, normalize, key_weight, decoupled rope) — every flag of the kernels, forward and backward.
+VARIANTS = [
+    ("elu1", "divisive", None, False),
+    ("relu", "additive", "tensor", False),
+    ("softmax", None, "rala", False),
+    ("identity", None, "tensor", False),
+    ("elu1", "additive", "rala", True),
+    ("elu1", "divisive", "rala", True),
+    ("softmax", "divisive", "tensor", True),
+    ("relu", None, "rala", True),
+]
+
+
+def _variant_id(v):
+    return "{}-{}-{}-{}".format(v[0], v[1], v[2], "rope" if v[3] else "plain")
+
+
+def _inputs(
+    gen, variant, *, b=1, h=2, nq=20, nk=20, d=16, dv=16, dtype=torch.float32, device="cpu", magnitude=1.0, bnhd=False
+):
+    """Inputs and kwargs for one variant; ``bnhd`` makes q, k, v strided (B, N, H, D) views."""
+    feature_map, normalize, key_weight, decoupled = variant
+
+    def make(n, dim):
+        shape = (b, n, h, dim) if bnhd else (b, h, n, dim)
+        t = (magnitude * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
+        return (t.transpose(1, 2) if bnhd else t).requires_grad_()
+
+    inputs = {"q": make(nq, d), "k": make(nk, d), "v": make(nk, dv)}
+    kwargs = {"feature_map": feature_map, "normalize": normalize}
+    if decoupled:
+        inputs["q_norm"], inputs["k_norm"] = make(nq, d), make(nk, d)
+        kwargs["rope"] = tuple(t.to(device=device, dtype=torch.float32) for t in rope_tables(nq, d))
+    if key_weight == "tensor":
+        inputs["key_weight"] = (
+            (torch.rand(b, h, nk, generator=gen) + 0.5).to(device=device, dtype=dtype).requires_grad_()
+        )
+    elif key_weight is not None:
+        kwargs["key_weight"] = key_weight
+    return inputs, kwargs
+
+
+def _check_against_reference(gen, inputs, kwargs, dtype, tol=None):
+    out = linear_attention(**inputs, **kwargs, backend="triton")
+    ref64 = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
+    kw64 = dict(kwargs)
+    if "rope" in kw64:
+        kw64["rope"] = tuple(t.double() for t in kw64["rope"])
+    ref = linear_attention_reference(**ref64, **kw64)
+    assert out.dtype == inputs["q"].dtype
+    assert_close("out", ref, out, dtype=dtype, tol=tol)
+    do = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, list(inputs.values()), do.to(device=out.device, dtype=out.dtype))
+    ref_grads = torch.autograd.grad(ref, list(ref64.values()), do)
+    for name, g, r in zip(inputs, grads, ref_grads):
+        assert_close(f"d{name}", r, g, dtype=dtype, tol=tol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_linear_attention_kernel_matches_reference_fp32(kernel_device, poison_empty, rng, variant):
+    inputs, kwargs = _inputs(rng, variant, device=kernel_device)
+    _check_against_reference(rng, inputs, kwargs, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [dict(nq=23, nk=37, d=24, dv=16), dict(nq=17, nk=17, d=16, dv=32, bnhd=True)],
+    ids=["cross-odd-dims", "bnhd-strided"],
+)
+def test_linear_attention_kernel_handles_shapes_and_strides(kernel_device, poison_empty, rng, shape):
+    variant = ("elu1", "additive", "rala", shape.get("bnhd", False))
+    inputs, kwargs = _inputs(rng, variant, device=kernel_device, **shape)
+    if shape.get("bnhd"):
+        out = linear_attention(**inputs, **kwargs, backend="triton")
+        assert out.transpose(1, 2).is_contiguous(), "a (B, N, H, D) q gets a (B, N, H, Dv) output"
+    _check_against_reference(rng, inputs, kwargs, torch.float32)
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[1], VARIANTS[4]], ids=_variant_id)
+def test_linear_attention_kernel_matches_reference_fp16(kernel_device, rng, variant):
+    inputs, kwargs = _inputs(rng, variant, device=kernel_device, dtype=torch.float16)
+    _check_against_reference(rng, inputs, kwargs, torch.float16)
+
+
+@pytest.mark.parametrize("normalize, magnitude", [("divisive", 300.0), ("additive", 20.0)])
+def test_linear_attention_kernel_fp16_large_magnitude_is_finite(kernel_device, rng, normalize, magnitude):
+    # naive fp16 sums Σ_j φ(k_j) v_jᵀ reach ~1e7 here; the kernel accumulates and normalises in fp32
+    inputs, kwargs = _inputs(
+        rng,
+        ("elu1", normalize, None, False),
+        device=kernel_device,
+        dtype=torch.float16,
+        nq=64,
+        nk=64,
+        magnitude=magnitude,
+    )
+    _check_against_reference(rng, inputs, kwargs, torch.float16)
+
+
+def test_linear_attention_kernel_state_split_merges_exactly(kernel_device, rng):
+    inputs, kwargs = _inputs(rng, ("elu1", "additive", "rala", True), device=kernel_device)
+    q, k, v, qn, kn = (inputs[n].detach() for n in ("q", "k", "v", "q_norm", "k_norm"))
+    cos, sin = kwargs["rope"]
+    qm = linear_attention_query_mean(qn, backend="triton")
+    shards = [
+        linear_attention_state(
+            k[:, :, s],
+            v[:, :, s],
+            k_norm=kn[:, :, s],
+            key_weight="rala",
+            query_mean=qm,
+            rope=(cos[s], sin[s]),
+            backend="triton",
+        )
+        for s in (slice(0, 7), slice(7, 20))
+    ]
+    out = linear_attention_apply(
+        q, merge_linear_attention_states(shards), normalize="additive", q_norm=qn, rope=(cos, sin), backend="triton"
+    )
+    assert_close("out", linear_attention_reference(q, k, v, **kwargs, q_norm=qn, k_norm=kn), out)
+
+
+def test_linear_attention_kernel_traces_with_fullgraph(kernel_device, rng):
+    inputs, kwargs = _inputs(rng, ("elu1", "divisive", "rala", True), device=kernel_device)
+    backend = "inductor" if kernel_device.type == "cuda" else "aot_eager"
+    fn = torch.compile(lambda **t: linear_attention(**t, **kwargs), fullgraph=True, backend=backend)
+    out = fn(**inputs)
+    out.sum().backward()
+    ref = linear_attention(**{n: t.detach() for n, t in inputs.items()}, **kwargs, backend="triton")
+    assert_close("out", ref, out)
+    assert all(t.grad is not None for t in inputs.values())
+
+
+def test_linear_attention_triton_rejects_unsupported_inputs(kernel_device):
+    q = torch.randn(1, 1, 8, 8, device=kernel_device)
+    with pytest.raises(NotImplementedError, match="head dim"):
+        linear_attention(q, q, q, backend="triton")
+    q = torch.randn(1, 1, 8, 16, device=kernel_device, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="dtype"):
+        linear_attention(q, q, q, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------ GPU, real sizes
+GPU_SHAPES = [(2, 4, 3136, 32), (1, 2, 4099, 64), (1, 2, 2048, 96), (1, 1, 1024, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}-H{}-N{}-D{}".format(*s))
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_linear_attention_kernel_matches_reference_gpu(rng, variant, shape, dtype):
+    b, h, n, d = shape
+    inputs, kwargs = _inputs(rng, variant, b=b, h=h, nq=n, nk=n, d=d, dv=d, dtype=dtype, device="cuda", bnhd=True)
+    _check_against_reference(rng, inputs, kwargs, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize, magnitude", [("divisive", 300.0), ("additive", 20.0)])
+def test_linear_attention_kernel_fp16_large_magnitude_gpu(rng, normalize, magnitude):
+    inputs, kwargs = _inputs(
+        rng,
+        ("elu1", normalize, "rala", True),
+        b=2,
+        h=4,
+        nq=4096,
+        nk=4096,
+        d=64,
+        dv=64,
+        dtype=torch.float16,
+        device="cuda",
+        magnitude=magnitude,
+    )
+    _check_against_reference(rng, inputs, kwargs, torch.float16)
+
+
+@pytest.mark.gpu
+def test_linear_attention_kernel_is_deterministic_gpu(rng):
+    inputs, kwargs = _inputs(
+        rng,
+        ("elu1", "additive", "rala", True),
+        b=2,
+        h=4,
+        nq=8192,
+        nk=8192,
+        d=64,
+        dv=64,
+        dtype=torch.bfloat16,
+        device="cuda",
+    )
+    outs = []
+    for _ in range(2):
+        out = linear_attention(**inputs, **kwargs, backend="triton")
+        outs.append((out, *torch.autograd.grad(out, list(inputs.values()), torch.ones_like(out))))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

@@ -1,0 +1,581 @@
+"""Non-causal linear attention, forward: a split-N key/value reduction, a fixed-order merge, a per-query apply.
+
+Layout: q ``(B, H, Nq, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)``, optional normaliser inputs ``q_norm``/``k_norm``
+of the shape of q/k, key weights ``(B, H, Nk)`` and RoPE tables ``cos``/``sin`` ``(N, D)``, all with arbitrary
+strides (``(B, N, H, D)`` storage is read in place). Head dims sit in power-of-two tiles (>= 16), masked.
+
+Pass 1 (``_linear_fwd_kernel_state``, grid ``(chunks, B·H)``) reduces one chunk of keys to fp32 partials
+``Σ u_j R_jφ(k_j) v_jᵀ``, ``Σ u_j φ(k̃_j)``, ``Σ v_j``; for RALA weights ``u_j = exp(s_j − m)`` with the chunk's
+running max ``m`` rescaled online (flash-attention style), and the chunk's ``l = Σ u_j``. Pass 1b
+(``_linear_fwd_kernel_state_merge``, grid ``(B·H,)``) sums the partials in chunk order (deterministic, no atomics),
+rescaled by ``exp(m_c − max m)``, into the mean-normalised state ``S̄, z̄, v̄`` and ``lse``. Pass 2
+(``_linear_fwd_kernel_apply``) maps each query block through the state. RALA's global query mean comes from
+``_linear_fwd_kernel_query_mean`` first. The backward kernels live in ``linear_bwd.py`` and share the helpers here.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import autotune_configs, autotune_kwargs, is_interpreter
+from ._constants import NEG_INF
+
+__all__ = [
+    "FEATURE_CODES",
+    "NORMALIZE_CODES",
+    "linear_query_mean_fwd",
+    "linear_state_fwd",
+    "linear_apply_fwd",
+]
+
+#: ``FEATURE`` constexpr: elu(x)+1, relu, identity, softmax over the head dim.
+FEATURE_CODES = {"elu1": 0, "relu": 1, "identity": 2, "softmax": 3}
+#: ``NORMALIZE`` constexpr: φ(q)S̄/(φ(q̃)z̄ + eps), MALA's additive form, the plain sum.
+NORMALIZE_CODES = {"divisive": 0, "additive": 1, None: 2}
+#: ``WEIGHT`` constexpr: no key weights, a (B, H, Nk) tensor, RALA's softmax weights.
+_WEIGHT_NONE, _WEIGHT_TENSOR, _WEIGHT_RALA = 0, 1, 2
+_NEG_INF = tl.constexpr(NEG_INF)
+_FEATURE_SOFTMAX = tl.constexpr(FEATURE_CODES["softmax"])
+
+# Row tiles of the reductions; the head-dim tiles are fixed by D and Dv. Chunks are multiples of the largest tile.
+_ROW_TILES = (32, 64, 128)
+_REDUCE_CONFIGS = [
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in _ROW_TILES for w in (4, 8) for s in (2, 3)
+]
+_REDUCE_DEFAULT = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
+_APPLY_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=2) for m in _ROW_TILES for w in (4, 8)]
+_APPLY_DEFAULT = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
+#: Aim for this many reduction programs per streaming multiprocessor, so short or few-head inputs still fill the GPU.
+_PROGRAMS_PER_SM = 4
+
+
+def _prune_reduce_configs(configs, nargs, **kwargs):
+    """A 128-wide state (D·Dv fp32 accumulator) plus 128-row tiles spills with 4 warps; drop those configs."""
+    args = {**nargs, **kwargs}
+    big = args["BLOCK_D"] * args["BLOCK_DV"] >= 128 * 128
+    kept = [c for c in configs if not (big and c.kwargs.get("BLOCK_N", 0) >= 128 and c.num_warps < 8)]
+    return kept or configs[:1]
+
+
+# ------------------------------------------------------------------------------------------------ shared helpers
+@triton.jit
+def _phi(x, m_d, FEATURE: tl.constexpr):
+    """φ(x) in fp32 for a [ROWS, BLOCK_D] tile; zero on padded head-dim columns."""
+    if FEATURE == 0:
+        y = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FEATURE == 1:
+        y = tl.maximum(x, 0.0)
+    elif FEATURE == 2:
+        y = x
+    else:
+        xs = tl.where(m_d[None, :], x, _NEG_INF)
+        e = tl.exp(xs - tl.max(xs, axis=1)[:, None])
+        y = e / tl.sum(e, axis=1)[:, None]
+    return tl.where(m_d[None, :], y, 0.0)
+
+
+@triton.jit
+def _phi_bwd(x, phi, g, FEATURE: tl.constexpr):
+    """Vector-Jacobian product of φ: the gradient on x given the gradient g on φ(x)."""
+    if FEATURE == 0:
+        dx = tl.where(x > 0, g, g * phi)
+    elif FEATURE == 1:
+        dx = tl.where(x > 0, g, 0.0)
+    elif FEATURE == 2:
+        dx = g
+    else:
+        dx = phi * (g - tl.sum(g * phi, axis=1)[:, None])
+    return dx
+
+
+@triton.jit
+def _rotate_every_two(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(x0, x1, x2, x3, …) -> (−x1, x0, −x3, x2, …): the pair swap of MALA/RALA's ``theta_shift``."""
+    x_even, x_odd = tl.split(tl.reshape(x, [ROWS, BLOCK_D // 2, 2]))
+    return tl.reshape(tl.join(-x_odd, x_even), [ROWS, BLOCK_D])
+
+
+@triton.jit
+def _load_rows(p, m_n, m_d):
+    return tl.load(p, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _features(
+    p_x,
+    p_xn,
+    p_cos,
+    p_sin,
+    m_n,
+    m_d,
+    FEATURE: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Load one row tile and return (x, φ(x), x̃, φ(x̃), R·φ(x), cos, sin); unused entries alias φ(x)."""
+    # [ROWS, BLOCK_D]
+    b_x = _load_rows(p_x, m_n, m_d)
+    b_phi = _phi(b_x, m_d, FEATURE)
+    if HAS_NORM:
+        b_xn = _load_rows(p_xn, m_n, m_d)
+        b_phin = _phi(b_xn, m_d, FEATURE)
+    else:
+        b_xn = b_x
+        b_phin = b_phi
+    if HAS_ROPE:
+        b_cos = _load_rows(p_cos, m_n, m_d)
+        b_sin = _load_rows(p_sin, m_n, m_d)
+        b_phir = b_phi * b_cos + _rotate_every_two(b_phi, ROWS, BLOCK_D) * b_sin
+    else:
+        b_cos = b_phi
+        b_sin = b_phi
+        b_phir = b_phi
+    return b_x, b_phi, b_xn, b_phin, b_phir, b_cos, b_sin
+
+
+# ------------------------------------------------------------------------------------------------ forward kernels
+@triton.autotune(
+    configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
+    key=["D", "FEATURE"],
+    **autotune_kwargs(),
+)
+@triton.jit
+def _linear_fwd_kernel_query_mean(
+    q_ptr,
+    part_ptr,
+    stride_q_b,
+    stride_q_h,
+    stride_q_n,
+    stride_q_d,
+    H,
+    N,
+    chunk_len,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FEATURE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    b_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = i_c * chunk_len
+    end = tl.minimum(start + chunk_len, N)
+    for n0 in range(start, end, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < end
+        p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + o_n[:, None] * stride_q_n + o_d[None, :] * stride_q_d
+        # [BLOCK_N, BLOCK_D]
+        b_phi = _phi(_load_rows(p_q, m_n, m_d), m_d, FEATURE)
+        b_acc += tl.sum(tl.where(m_n[:, None], b_phi, 0.0), axis=0)
+    tl.store(part_ptr + (i_c * tl.num_programs(1) + i_bh) * D + o_d, b_acc, mask=m_d)
+
+
+@triton.autotune(
+    configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
+    key=["D", "DV", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE"],
+    prune_configs_by={"early_config_prune": _prune_reduce_configs},
+    **autotune_kwargs(),
+)
+@triton.jit
+def _linear_fwd_kernel_state(
+    k_ptr,
+    v_ptr,
+    kn_ptr,
+    w_ptr,
+    qm_ptr,
+    cos_ptr,
+    sin_ptr,
+    kv_part_ptr,
+    ks_part_ptr,
+    vs_part_ptr,
+    ml_part_ptr,
+    stride_k_b,
+    stride_k_h,
+    stride_k_n,
+    stride_k_d,
+    stride_v_b,
+    stride_v_h,
+    stride_v_n,
+    stride_v_d,
+    stride_kn_b,
+    stride_kn_h,
+    stride_kn_n,
+    stride_kn_d,
+    stride_w_b,
+    stride_w_h,
+    stride_w_n,
+    stride_cos_n,
+    stride_cos_d,
+    H,
+    N,
+    chunk_len,
+    scale,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    FEATURE: tl.constexpr,
+    WEIGHT: tl.constexpr,
+    HAS_K_NORM: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_d = tl.arange(0, BLOCK_D)
+    o_e = tl.arange(0, BLOCK_DV)
+    m_d = o_d < D
+    m_e = o_e < DV
+    b_kv = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
+    b_ks = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_vs = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    b_m = tl.max(tl.full([BLOCK_N], _NEG_INF, tl.float32), axis=0)
+    b_l = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0)
+    if WEIGHT == 2:
+        b_qm = tl.load(qm_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
+    start = i_c * chunk_len
+    end = tl.minimum(start + chunk_len, N)
+    for n0 in range(start, end, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < end
+        p_k = k_ptr + i_b * stride_k_b + i_h * stride_k_h + o_n[:, None] * stride_k_n + o_d[None, :] * stride_k_d
+        p_kn = kn_ptr + i_b * stride_kn_b + i_h * stride_kn_h + o_n[:, None] * stride_kn_n + o_d[None, :] * stride_kn_d
+        p_cos = cos_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
+        p_sin = sin_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
+        _, _, _, b_phin, b_phir, _, _ = _features(
+            p_k, p_kn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_K_NORM, HAS_ROPE, BLOCK_N, BLOCK_D
+        )
+        p_v = v_ptr + i_b * stride_v_b + i_h * stride_v_h + o_n[:, None] * stride_v_n + o_e[None, :] * stride_v_d
+        # [BLOCK_N, BLOCK_DV]
+        b_v = _load_rows(p_v, m_n, m_e)
+        if WEIGHT == 2:
+            b_s = tl.where(m_n, scale * tl.sum(b_phin * b_qm[None, :], axis=1), _NEG_INF)
+            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0))
+            b_alpha = tl.exp(b_m - b_m_new)
+            b_u = tl.exp(b_s - b_m_new)
+            b_kv *= b_alpha
+            b_ks *= b_alpha
+            b_l = b_l * b_alpha + tl.sum(b_u, axis=0)
+            b_m = b_m_new
+        elif WEIGHT == 1:
+            p_w = w_ptr + i_b * stride_w_b + i_h * stride_w_h + o_n * stride_w_n
+            b_u = tl.load(p_w, mask=m_n, other=0.0).to(tl.float32)
+        else:
+            b_u = tl.where(m_n, 1.0, 0.0)
+        b_kv += tl.dot(tl.trans(b_phir * b_u[:, None]), b_v, input_precision=DOT_PRECISION)
+        b_ks += tl.sum(b_phin * b_u[:, None], axis=0)
+        b_vs += tl.sum(b_v, axis=0)
+    i_part = i_c * tl.num_programs(1) + i_bh
+    p_kv = kv_part_ptr + i_part * D * DV + o_d[:, None] * DV + o_e[None, :]
+    tl.store(p_kv, b_kv, mask=m_d[:, None] & m_e[None, :])
+    tl.store(ks_part_ptr + i_part * D + o_d, b_ks, mask=m_d)
+    tl.store(vs_part_ptr + i_part * DV + o_e, b_vs, mask=m_e)
+    tl.store(ml_part_ptr + i_part * 2, b_m)
+    tl.store(ml_part_ptr + i_part * 2 + 1, b_l)
+
+
+@triton.jit
+def _linear_fwd_kernel_state_merge(
+    kv_part_ptr,
+    ks_part_ptr,
+    vs_part_ptr,
+    ml_part_ptr,
+    kv_ptr,
+    ks_ptr,
+    vm_ptr,
+    lse_ptr,
+    BH,
+    N,
+    num_chunks,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    RALA: tl.constexpr,
+):
+    i_bh = tl.program_id(0)
+    o_d = tl.arange(0, BLOCK_D)
+    o_e = tl.arange(0, BLOCK_DV)
+    m_d = o_d < D
+    m_e = o_e < DV
+    m_de = m_d[:, None] & m_e[None, :]
+    b_max = tl.load(ml_part_ptr + i_bh * 2)
+    if RALA:
+        for c in range(1, num_chunks):
+            b_max = tl.maximum(b_max, tl.load(ml_part_ptr + (c * BH + i_bh) * 2))
+    b_kv = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
+    b_ks = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_vs = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    b_l = b_max * 0.0
+    for c in range(num_chunks):
+        i_part = c * BH + i_bh
+        if RALA:
+            b_coef = tl.exp(tl.load(ml_part_ptr + i_part * 2) - b_max)
+            b_l += b_coef * tl.load(ml_part_ptr + i_part * 2 + 1)
+        else:
+            b_coef = 1.0
+        p_kv = kv_part_ptr + i_part * D * DV + o_d[:, None] * DV + o_e[None, :]
+        b_kv += b_coef * tl.load(p_kv, mask=m_de, other=0.0)
+        b_ks += b_coef * tl.load(ks_part_ptr + i_part * D + o_d, mask=m_d, other=0.0)
+        b_vs += tl.load(vs_part_ptr + i_part * DV + o_e, mask=m_e, other=0.0)
+    if RALA:
+        b_norm = b_l
+        b_lse = b_max + tl.log(b_l)
+    else:
+        b_norm = b_max * 0.0 + N
+        b_lse = tl.log(b_norm)
+    tl.store(kv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :], b_kv / b_norm, mask=m_de)
+    tl.store(ks_ptr + i_bh * D + o_d, b_ks / b_norm, mask=m_d)
+    tl.store(vm_ptr + i_bh * DV + o_e, b_vs / N, mask=m_e)
+    tl.store(lse_ptr + i_bh, b_lse)
+
+
+@triton.autotune(
+    configs=autotune_configs(_APPLY_CONFIGS, _APPLY_DEFAULT),
+    key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE"],
+    **autotune_kwargs(),
+)
+@triton.jit
+def _linear_fwd_kernel_apply(
+    q_ptr,
+    qn_ptr,
+    cos_ptr,
+    sin_ptr,
+    kv_ptr,
+    ks_ptr,
+    vm_ptr,
+    o_ptr,
+    stride_q_b,
+    stride_q_h,
+    stride_q_n,
+    stride_q_d,
+    stride_qn_b,
+    stride_qn_h,
+    stride_qn_n,
+    stride_qn_d,
+    stride_cos_n,
+    stride_cos_d,
+    stride_o_b,
+    stride_o_h,
+    stride_o_n,
+    stride_o_d,
+    H,
+    N,
+    num_scale,
+    scale,
+    eps,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    FEATURE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    HAS_Q_NORM: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_n = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_e = tl.arange(0, BLOCK_DV)
+    m_n = o_n < N
+    m_d = o_d < D
+    m_e = o_e < DV
+    p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + o_n[:, None] * stride_q_n + o_d[None, :] * stride_q_d
+    p_qn = qn_ptr + i_b * stride_qn_b + i_h * stride_qn_h + o_n[:, None] * stride_qn_n + o_d[None, :] * stride_qn_d
+    p_cos = cos_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
+    p_sin = sin_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
+    _, _, _, b_phin, b_phir, _, _ = _features(
+        p_q, p_qn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_Q_NORM, HAS_ROPE, BLOCK_M, BLOCK_D
+    )
+    # [BLOCK_D, BLOCK_DV]
+    b_kv = tl.load(
+        kv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :], mask=m_d[:, None] & m_e[None, :], other=0.0
+    )
+    b_num = num_scale * tl.dot(b_phir, b_kv, input_precision=DOT_PRECISION)
+    if NORMALIZE == 0:
+        b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
+        b_t = tl.sum(b_phin * b_ks[None, :], axis=1)
+        b_o = b_num / (b_t + eps)[:, None]
+    elif NORMALIZE == 1:
+        b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
+        b_vm = tl.load(vm_ptr + i_bh * DV + o_e, mask=m_e, other=0.0)
+        b_z = scale * tl.sum(b_phin * b_ks[None, :], axis=1)
+        b_o = b_num * (1.0 + 1.0 / (b_z + eps))[:, None] - b_z[:, None] * b_vm[None, :]
+    else:
+        b_o = b_num
+    p_o = o_ptr + i_b * stride_o_b + i_h * stride_o_h + o_n[:, None] * stride_o_n + o_e[None, :] * stride_o_d
+    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_n[:, None] & m_e[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ host launchers
+def head_tile(d: int) -> int:
+    """Power-of-two head-dim tile, at least 16 (the smallest ``tl.dot`` operand)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products; fp16/bf16 values are exact in tf32 (10-bit mantissa) and fp32 sums."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def chunking(n: int, bh: int, device: torch.device) -> tuple[int, int]:
+    """(chunk length, number of chunks) of a split-N reduction: enough programs to fill the GPU, whole row tiles."""
+    tile = _REDUCE_DEFAULT.kwargs["BLOCK_N"] if is_interpreter() else max(_ROW_TILES)
+    if device.type == "cuda":
+        programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        chunks = max(1, min(triton.cdiv(n, tile), programs // max(bh, 1)))
+    else:
+        chunks = triton.cdiv(n, tile)
+    chunk_len = triton.cdiv(triton.cdiv(n, chunks), tile) * tile
+    return chunk_len, triton.cdiv(n, chunk_len)
+
+
+def strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def rope_strides(cos: torch.Tensor | None) -> tuple[int, int]:
+    return tuple(cos.stride()) if cos is not None else (0, 0)
+
+
+def linear_query_mean_fwd(q: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """``(1/Nq) Σ_i φ(q_i)``, ``(B, H, D)`` fp32. Grid ``(chunks, B·H)``; partials summed in chunk order."""
+    b, h, n, d = q.shape
+    chunk_len, chunks = chunking(n, b * h, q.device)
+    part = torch.empty(chunks, b, h, d, device=q.device, dtype=torch.float32)
+    _linear_fwd_kernel_query_mean[(chunks, b * h)](
+        q, part, *q.stride(), h, n, chunk_len, D=d, BLOCK_D=head_tile(d), FEATURE=FEATURE_CODES[feature_map]
+    )
+    return part.sum(dim=0) / n
+
+
+def linear_state_fwd(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_norm: torch.Tensor | None,
+    key_weight: torch.Tensor | None,
+    query_mean: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    feature_map: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean-normalised state ``(S̄ (B,H,D,Dv), z̄ (B,H,D), v̄ (B,H,Dv), lse (B,H))``, fp32.
+
+    RALA weights are used when ``query_mean`` is given. Grid ``(chunks, B·H)`` then ``(B·H,)`` for the merge.
+    """
+    b, h, n, d = k.shape
+    dv = v.shape[-1]
+    chunk_len, chunks = chunking(n, b * h, k.device)
+    f32 = dict(device=k.device, dtype=torch.float32)
+    kv_part = torch.empty(chunks, b * h, d, dv, **f32)
+    ks_part = torch.empty(chunks, b * h, d, **f32)
+    vs_part = torch.empty(chunks, b * h, dv, **f32)
+    ml_part = torch.empty(chunks, b * h, 2, **f32)
+    rala = query_mean is not None
+    weight = _WEIGHT_RALA if rala else _WEIGHT_TENSOR if key_weight is not None else _WEIGHT_NONE
+    qm = query_mean.float().contiguous() if rala else kv_part
+    tiles = dict(D=d, DV=dv, BLOCK_D=head_tile(d), BLOCK_DV=head_tile(dv))
+    _linear_fwd_kernel_state[(chunks, b * h)](
+        k,
+        v,
+        k if k_norm is None else k_norm,
+        k if key_weight is None else key_weight,
+        qm,
+        k if cos is None else cos,
+        k if sin is None else sin,
+        kv_part,
+        ks_part,
+        vs_part,
+        ml_part,
+        *k.stride(),
+        *v.stride(),
+        *strides4(k_norm),
+        *(key_weight.stride() if key_weight is not None else (0, 0, 0)),
+        *rope_strides(cos),
+        h,
+        n,
+        chunk_len,
+        scale,
+        **tiles,
+        FEATURE=FEATURE_CODES[feature_map],
+        WEIGHT=weight,
+        HAS_K_NORM=k_norm is not None,
+        HAS_ROPE=cos is not None,
+        DOT_PRECISION=dot_precision(k.dtype),
+    )
+    kv = torch.empty(b, h, d, dv, **f32)
+    ks = torch.empty(b, h, d, **f32)
+    vm = torch.empty(b, h, dv, **f32)
+    lse = torch.empty(b, h, **f32)
+    _linear_fwd_kernel_state_merge[(b * h,)](
+        kv_part, ks_part, vs_part, ml_part, kv, ks, vm, lse, b * h, n, chunks, **tiles, RALA=rala
+    )
+    return kv, ks, vm, lse
+
+
+def output_like(q: torch.Tensor, dv: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, H, N, Dv)`` output laid out like q: a ``(B, N, H, D)``-strided q gets a ``(B, N, H, Dv)``-contiguous o."""
+    b, h, n, _ = q.shape
+    if q.stride(1) < q.stride(2):
+        return torch.empty(b, n, h, dv, device=q.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(b, h, n, dv, device=q.device, dtype=dtype)
+
+
+def linear_apply_fwd(
+    q: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    kv: torch.Tensor,
+    k_sum: torch.Tensor,
+    v_mean: torch.Tensor,
+    feature_map: str,
+    normalize: str | None,
+    scale: float,
+    eps: float,
+    length: int,
+) -> torch.Tensor:
+    """``o (B, H, Nq, Dv)`` in q's dtype. Grid ``(cdiv(Nq, BLOCK_M), B·H)``: one query block per program."""
+    b, h, n, d = q.shape
+    dv = kv.shape[-1]
+    o = output_like(q, dv, q.dtype)
+    num_scale = {"divisive": 1.0, "additive": scale, None: float(length)}[normalize]
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)
+    _linear_fwd_kernel_apply[grid](
+        q,
+        q if q_norm is None else q_norm,
+        q if cos is None else cos,
+        q if sin is None else sin,
+        kv,
+        k_sum,
+        v_mean,
+        o,
+        *q.stride(),
+        *strides4(q_norm),
+        *rope_strides(cos),
+        *o.stride(),
+        h,
+        n,
+        num_scale,
+        scale,
+        eps,
+        D=d,
+        DV=dv,
+        BLOCK_D=head_tile(d),
+        BLOCK_DV=head_tile(dv),
+        FEATURE=FEATURE_CODES[feature_map],
+        NORMALIZE=NORMALIZE_CODES[normalize],
+        HAS_Q_NORM=q_norm is not None,
+        HAS_ROPE=cos is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
+    )
+    return o

@@ -1,0 +1,259 @@
+"""The Triton backend of ``linear_attention``: three ``torch.library`` custom ops with fake impls and autograd.
+
+``visionattn::linear_query_mean`` (RALA's ``q̄``), ``visionattn::linear_state`` (keys and values to ``S̄, z̄, v̄, lse``)
+and ``visionattn::linear_apply`` (queries through the state) compose to the full op, so autograd, ``torch.compile``
+(``fullgraph=True``) and ``FlopCounterMode`` see each pass, and a sequence-parallel all-reduce can sit between the
+state and the apply. ``lse`` only serves merging and carries no gradient; RoPE tables are constants (no gradient).
+Kernels are imported lazily so that importing ``visionattn`` never needs Triton.
+"""
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+__all__ = []
+
+_Opt = torch.Tensor | None
+
+
+def _or_none(t: torch.Tensor) -> _Opt:
+    """Custom ops return tensors, never None: an absent optional gradient travels as an empty 1-D tensor."""
+    return None if t.numel() == 0 and t.ndim == 1 else t
+
+
+# ------------------------------------------------------------------------------------------------ query mean
+@torch.library.custom_op("visionattn::linear_query_mean", mutates_args=())
+def query_mean_op(q: torch.Tensor, feature_map: str) -> torch.Tensor:
+    from ..kernels.linear import linear_query_mean_fwd
+
+    return linear_query_mean_fwd(q, feature_map)
+
+
+@query_mean_op.register_fake
+def _(q, feature_map):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[3], dtype=torch.float32)
+
+
+@torch.library.custom_op("visionattn::linear_query_mean_bwd", mutates_args=())
+def _query_mean_bwd_op(q: torch.Tensor, d_mean: torch.Tensor, feature_map: str) -> torch.Tensor:
+    from ..kernels.linear_bwd import linear_query_mean_bwd
+
+    return linear_query_mean_bwd(q, d_mean, feature_map)
+
+
+@_query_mean_bwd_op.register_fake
+def _(q, d_mean, feature_map):
+    return torch.empty_like(q)
+
+
+def _query_mean_setup(ctx, inputs, output):
+    q, ctx.feature_map = inputs
+    ctx.save_for_backward(q)
+
+
+def _query_mean_backward(ctx, d_mean):
+    (q,) = ctx.saved_tensors
+    # slots: q, feature_map
+    return _query_mean_bwd_op(q, d_mean, ctx.feature_map), None
+
+
+query_mean_op.register_autograd(_query_mean_backward, setup_context=_query_mean_setup)
+
+
+# ------------------------------------------------------------------------------------------------ state
+@torch.library.custom_op("visionattn::linear_state", mutates_args=())
+def state_op(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_norm: _Opt,
+    key_weight: _Opt,
+    query_mean: _Opt,
+    cos: _Opt,
+    sin: _Opt,
+    feature_map: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.linear import linear_state_fwd
+
+    return linear_state_fwd(k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale)
+
+
+@state_op.register_fake
+def _(k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale):
+    b, h, _, d = k.shape
+    dv = v.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    return (
+        k.new_empty(b, h, d, dv, **f32),
+        k.new_empty(b, h, d, **f32),
+        k.new_empty(b, h, dv, **f32),
+        k.new_empty(b, h, **f32),
+    )
+
+
+@torch.library.custom_op("visionattn::linear_state_bwd", mutates_args=())
+def _state_bwd_op(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_norm: _Opt,
+    key_weight: _Opt,
+    query_mean: _Opt,
+    cos: _Opt,
+    sin: _Opt,
+    kv: torch.Tensor,
+    k_sum: torch.Tensor,
+    lse: torch.Tensor,
+    d_kv: torch.Tensor,
+    d_k_sum: torch.Tensor,
+    d_v_mean: torch.Tensor,
+    feature_map: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.linear_bwd import linear_state_bwd
+
+    grads = linear_state_bwd(
+        k, v, k_norm, key_weight, query_mean, cos, sin, kv, k_sum, lse, d_kv, d_k_sum, d_v_mean, feature_map, scale
+    )
+    return tuple(k.new_empty(0) if g is None else g for g in grads)
+
+
+@_state_bwd_op.register_fake
+def _(k, v, k_norm, key_weight, query_mean, cos, sin, kv, k_sum, lse, d_kv, d_k_sum, d_v_mean, feature_map, scale):
+    maybe = lambda t, like: torch.empty_like(like) if t is not None else k.new_empty(0)
+    dqm = query_mean.new_empty(query_mean.shape, dtype=torch.float32) if query_mean is not None else k.new_empty(0)
+    return torch.empty_like(k), torch.empty_like(v), maybe(k_norm, k_norm), maybe(key_weight, key_weight), dqm
+
+
+def _state_setup(ctx, inputs, output):
+    k, v, k_norm, key_weight, query_mean, cos, sin, ctx.feature_map, ctx.scale = inputs
+    kv, k_sum, _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(k, v, k_norm, key_weight, query_mean, cos, sin, kv, k_sum, lse)
+
+
+def _state_backward(ctx, d_kv, d_k_sum, d_v_mean, _d_lse):
+    k, v, k_norm, key_weight, query_mean, cos, sin, kv, k_sum, lse = ctx.saved_tensors
+    b, h, _, dv = v.shape
+    dk, dv, dkn, dw, dqm = _state_bwd_op(
+        k,
+        v,
+        k_norm,
+        key_weight,
+        query_mean,
+        cos,
+        sin,
+        kv,
+        k_sum,
+        lse,
+        torch.zeros_like(kv) if d_kv is None else d_kv,
+        torch.zeros_like(k_sum) if d_k_sum is None else d_k_sum,
+        kv.new_zeros(b, h, dv) if d_v_mean is None else d_v_mean,
+        ctx.feature_map,
+        ctx.scale,
+    )
+    # slots: k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale
+    return dk, dv, _or_none(dkn), _or_none(dw), _or_none(dqm), None, None, None, None
+
+
+state_op.register_autograd(_state_backward, setup_context=_state_setup)
+
+
+# ------------------------------------------------------------------------------------------------ apply
+@torch.library.custom_op("visionattn::linear_apply", mutates_args=())
+def apply_op(
+    q: torch.Tensor,
+    q_norm: _Opt,
+    cos: _Opt,
+    sin: _Opt,
+    kv: torch.Tensor,
+    k_sum: torch.Tensor,
+    v_mean: torch.Tensor,
+    feature_map: str,
+    normalize: str | None,
+    scale: float,
+    eps: float,
+    length: int,
+) -> torch.Tensor:
+    from ..kernels.linear import linear_apply_fwd
+
+    return linear_apply_fwd(
+        q, q_norm, cos, sin, *(t.float().contiguous() for t in (kv, k_sum, v_mean)), feature_map, normalize, scale,
+        eps, length,
+    )  # fmt: skip
+
+
+@apply_op.register_fake
+def _(q, q_norm, cos, sin, kv, k_sum, v_mean, feature_map, normalize, scale, eps, length):
+    from ..kernels.linear import output_like
+
+    return output_like(q, kv.shape[-1], q.dtype)
+
+
+@torch.library.custom_op("visionattn::linear_apply_bwd", mutates_args=())
+def _apply_bwd_op(
+    q: torch.Tensor,
+    q_norm: _Opt,
+    cos: _Opt,
+    sin: _Opt,
+    kv: torch.Tensor,
+    k_sum: torch.Tensor,
+    v_mean: torch.Tensor,
+    do: torch.Tensor,
+    feature_map: str,
+    normalize: str | None,
+    scale: float,
+    eps: float,
+    length: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.linear_bwd import linear_apply_bwd
+
+    dq, dqn, dkv, dks, dvm = linear_apply_bwd(
+        q, q_norm, cos, sin, kv, k_sum, v_mean, do, feature_map, normalize, scale, eps, length
+    )
+    return dq, q.new_empty(0) if dqn is None else dqn, dkv, dks, dvm
+
+
+@_apply_bwd_op.register_fake
+def _(q, q_norm, cos, sin, kv, k_sum, v_mean, do, feature_map, normalize, scale, eps, length):
+    dqn = torch.empty_like(q_norm) if q_norm is not None else q.new_empty(0)
+    return torch.empty_like(q), dqn, torch.empty_like(kv), torch.empty_like(k_sum), torch.empty_like(v_mean)
+
+
+def _apply_setup(ctx, inputs, output):
+    q, q_norm, cos, sin, kv, k_sum, v_mean, *consts = inputs
+    ctx.consts = consts
+    ctx.save_for_backward(q, q_norm, cos, sin, kv, k_sum, v_mean)
+
+
+def _apply_backward(ctx, do):
+    dq, dqn, dkv, dks, dvm = _apply_bwd_op(*ctx.saved_tensors, do, *ctx.consts)
+    # slots: q, q_norm, cos, sin, kv, k_sum, v_mean, feature_map, normalize, scale, eps, length
+    return dq, _or_none(dqn), None, None, dkv, dks, dvm, None, None, None, None, None
+
+
+apply_op.register_autograd(_apply_backward, setup_context=_apply_setup)
+
+
+# ------------------------------------------------------------------------------------------------ FLOP counts
+def _state_flops(k_shape, v_shape):
+    b, h, n, d = k_shape
+    return 2 * b * h * n * d * v_shape[-1]
+
+
+@register_flop_formula(torch.ops.visionattn.linear_state)
+def _(k_shape, v_shape, *args, **kwargs) -> int:
+    return _state_flops(k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.visionattn.linear_state_bwd)
+def _(k_shape, v_shape, *args, **kwargs) -> int:
+    return 2 * _state_flops(k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.visionattn.linear_apply)
+def _(q_shape, q_norm_shape, cos_shape, sin_shape, kv_shape, *args, **kwargs) -> int:
+    return 2 * q_shape[0] * q_shape[1] * q_shape[2] * kv_shape[-2] * kv_shape[-1]
+
+
+@register_flop_formula(torch.ops.visionattn.linear_apply_bwd)
+def _(q_shape, q_norm_shape, cos_shape, sin_shape, kv_shape, *args, **kwargs) -> int:
+    return 4 * q_shape[0] * q_shape[1] * q_shape[2] * kv_shape[-2] * kv_shape[-1]
