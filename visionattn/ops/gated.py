@@ -19,9 +19,19 @@ log gates (ViG: ``logsigmoid(x) / 16``).
 import torch
 
 from ._checks import _check_attention_inputs, _check_scale, _check_tensor
-from ._registry import _BackendRegistry
+from ._registry import (
+    _BackendRegistry,
+    _fail,
+    _requires_dtype,
+    _requires_head_dim,
+    _requires_triton_device,
+)
 
 __all__ = ["gated_linear_attention", "gated_linear_attention_reference"]
+
+#: Head dims (Dk and Dv) the Triton kernels are compiled for.
+_TRITON_HEAD_DIMS = (16, 32, 64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _registry = _BackendRegistry("gated_linear_attention")
 
@@ -62,6 +72,95 @@ def gated_linear_attention_reference(
 @_registry.register("reference")
 def _reference_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale):
     return gated_linear_attention_reference(q, k, v, log_gate_fwd, log_gate_bwd, scale=scale)
+
+
+@torch.library.custom_op("visionattn::gated_linear_attention_fwd", mutates_args=())
+def _gated_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate_fwd: torch.Tensor,
+    log_gate_bwd: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    from ..kernels.gated import gated_fwd
+
+    return gated_fwd(q, k, v, log_gate_fwd, log_gate_bwd, scale)
+
+
+@_gated_fwd_op.register_fake
+def _(q, k, v, log_gate_fwd, log_gate_bwd, scale):
+    from ..kernels.block_sparse import empty_like_layout
+
+    return empty_like_layout(v, v.shape[-1])
+
+
+@torch.library.custom_op("visionattn::gated_linear_attention_bwd", mutates_args=())
+def _gated_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate_fwd: torch.Tensor,
+    log_gate_bwd: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v and both gates; the last is an empty tensor in causal mode (an op returns no None)."""
+    from ..kernels.gated_bwd import gated_bwd
+
+    dq, dk, dv, dg_fwd, dg_bwd = gated_bwd(do, q, k, v, log_gate_fwd, log_gate_bwd, scale)
+    return dq, dk, dv, dg_fwd, q.new_empty(0) if dg_bwd is None else dg_bwd
+
+
+@_gated_bwd_op.register_fake
+def _(do, q, k, v, log_gate_fwd, log_gate_bwd, scale):
+    from ..kernels.block_sparse import empty_like_layout
+
+    grads = [empty_like_layout(t, t.shape[-1]) for t in (q, k, v, log_gate_fwd)]
+    return (*grads, q.new_empty(0) if log_gate_bwd is None else empty_like_layout(log_gate_bwd, q.shape[-1]))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_gate_fwd, log_gate_bwd, scale = inputs
+    ctx.save_for_backward(q, k, v, log_gate_fwd, log_gate_bwd)
+    ctx.scale = scale
+
+
+def _backward(ctx, do):
+    q, k, v, log_gate_fwd, log_gate_bwd = ctx.saved_tensors
+    dq, dk, dv, dg_fwd, dg_bwd = _gated_bwd_op(do, q, k, v, log_gate_fwd, log_gate_bwd, ctx.scale)
+    # slots: q, k, v, log_gate_fwd, log_gate_bwd, scale
+    return dq, dk, dv, dg_fwd, None if log_gate_bwd is None else dg_bwd, None
+
+
+_gated_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _requires_gate_dtypes(args: dict, raise_error: bool) -> bool:
+    for name in ("log_gate_fwd", "log_gate_bwd"):
+        gate = args[name]
+        if gate is not None and gate.dtype not in _TRITON_DTYPES:
+            return _fail(
+                raise_error,
+                NotImplementedError,
+                f"{name}.dtype must be one of {_TRITON_DTYPES} for backend='triton'; got {name}.dtype={gate.dtype}. "
+                "Use backend='reference' for other dtypes.",
+            )
+    return True
+
+
+@_registry.register(
+    "triton",
+    constraints=[
+        _requires_triton_device("q"),
+        _requires_dtype("q", _TRITON_DTYPES),
+        _requires_gate_dtypes,
+        _requires_head_dim("q", _TRITON_HEAD_DIMS),
+        _requires_head_dim("v", _TRITON_HEAD_DIMS),
+    ],
+)
+def _triton_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale):
+    return _gated_fwd_op(q, k, v, log_gate_fwd, log_gate_bwd, scale)
 
 
 def _check_gate(name: str, gate, k: torch.Tensor) -> None:

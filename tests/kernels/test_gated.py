@@ -1,0 +1,185 @@
+"""Triton gated linear attention (interpreter on CPU, native on GPU) against the float64 recurrence: output and
+every gradient, causal and bidirectional, odd lengths, strided inputs, strong gates, torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests._numerics import assert_close
+from visionattn.ops import gated_linear_attention, gated_linear_attention_reference
+
+_GRAD_NAMES = ("dq", "dk", "dv", "dlog_gate_fwd", "dlog_gate_bwd")
+
+
+def _inputs(batch, heads, length, dk, dv, *, bidirectional=True, bnhd=False, strong=False, seed=0):
+    """float64 CPU leaves (q, k, v, log_gate_fwd, log_gate_bwd or None); ``bnhd`` makes (B, N, H, D) views.
+
+    The gates are ViG's logsigmoid(x) / 16 with a wider spread (/ 4), so decay varies strongly along the sequence;
+    ``strong`` sets some to -1e4 (forward) and -inf (backward).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(dim, transform=lambda t: t):
+        shape = (batch, length, heads, dim) if bnhd else (batch, heads, length, dim)
+        t = transform(torch.randn(*shape, generator=gen, dtype=torch.float64))
+        return t.transpose(1, 2) if bnhd else t
+
+    def gate(t):
+        return F.logsigmoid(2 * t) / 4
+
+    q, k, v = make(dk), make(dk), make(dv)
+    a = make(dk, gate)
+    b = make(dk, gate) if bidirectional else None
+    if strong:
+        a[..., ::3, :] = -1e4
+        if b is not None:
+            b[..., 1::4, :] = float("-inf")
+    return q, k, v, a, b
+
+
+def _to(inputs, device, dtype):
+    """Leaves requiring grad on ``device`` in ``dtype``, keeping the (B, N, H, D) storage of token-major views."""
+
+    def move(t):
+        if t.stride(1) < t.stride(2):
+            return t.transpose(1, 2).to(device=device, dtype=dtype).transpose(1, 2).detach().requires_grad_()
+        return t.to(device=device, dtype=dtype).detach().requires_grad_()
+
+    return [None if t is None else move(t) for t in inputs]
+
+
+def _forward_backward(fn, inputs, grad_out):
+    out = fn(*inputs)
+    leaves = [t for t in inputs if t is not None]
+    return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+
+def _check_against_reference(low, dtype, scale=None):
+    """Kernel vs float64 recurrence on the same (rounded) inputs ``low``: output and every gradient."""
+    master = [None if t is None else t.detach().double().requires_grad_() for t in low]
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(*low[2].shape, generator=gen, dtype=torch.float64).to(low[2].device)
+    ref, ref_grads = _forward_backward(lambda *x: gated_linear_attention_reference(*x, scale=scale), master, grad_out)
+    out, grads = _forward_backward(lambda *x: gated_linear_attention(*x, scale=scale, backend="triton"), low, grad_out)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close("o", ref, out, dtype)
+    for name, g_ref, g_out in zip(_GRAD_NAMES, ref_grads, grads):
+        assert g_out.shape == g_ref.shape
+        assert_close(name, g_ref, g_out, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- CPU (interpreter)
+@pytest.mark.parametrize(
+    ("batch", "heads", "length", "dk", "dv", "bidirectional", "dtype"),
+    [
+        (1, 2, 17, 16, 16, False, torch.float32),
+        (1, 2, 70, 16, 32, True, torch.float32),
+        (1, 2, 40, 16, 16, True, torch.float16),
+        (1, 1, 40, 16, 32, False, torch.float16),
+    ],
+    ids=lambda x: str(x).replace("torch.", ""),
+)
+def test_gated_kernel_matches_reference(
+    batch, heads, length, dk, dv, bidirectional, dtype, kernel_device, poison_empty
+):
+    inputs = _inputs(batch, heads, length, dk, dv, bidirectional=bidirectional)
+    _check_against_reference(_to(inputs, kernel_device, dtype), dtype, scale=0.3)
+
+
+def test_gated_kernel_strided_inputs(kernel_device, poison_empty):
+    """(B, N, H, D) views of q, k, v and gates that are halves of one projection (ViG's gk.chunk(2, -1))."""
+    q, k, v, _, _ = _to(_inputs(1, 2, 23, 16, 16, bnhd=True), kernel_device, torch.float32)
+    gk = F.logsigmoid(torch.randn(1, 23, 2, 32, device=kernel_device)) / 16
+    a, b = (t.transpose(1, 2).detach().requires_grad_() for t in gk.chunk(2, dim=-1))
+    assert q.stride(1) < q.stride(2) and a.stride(-1) == 1 and not a.is_contiguous()
+    _check_against_reference((q, k, v, a, b), torch.float32)
+
+
+def test_gated_kernel_strong_gates_stay_finite(kernel_device, poison_empty):
+    inputs = _inputs(1, 1, 40, 16, 16, strong=True)
+    _check_against_reference(_to(inputs, kernel_device, torch.float32), torch.float32)
+
+
+def test_gated_kernel_compiles_fullgraph(kernel_device):
+    inputs = _to(_inputs(1, 1, 9, 16, 16), kernel_device, torch.float32)
+
+    def loss(q, k, v, a, b):
+        return gated_linear_attention(q, k, v, a, b, backend="triton").square().sum()
+
+    backend = "inductor" if kernel_device.type == "cuda" else "aot_eager"
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
+    expected = torch.autograd.grad(loss(*inputs), inputs)
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    for name, e, g in zip(_GRAD_NAMES, expected, got):
+        assert_close(name, e, g)
+
+
+def test_gated_kernel_opcheck(kernel_device):
+    q, k, v, a, b = (t.float().to(kernel_device) for t in _inputs(1, 1, 9, 16, 16))
+    torch.library.opcheck(torch.ops.visionattn.gated_linear_attention_fwd, (q, k, v, a, b, 0.25))
+
+
+def test_gated_kernel_rejects_unsupported_input(kernel_device):
+    q, k, v, a, b = (t.float().to(kernel_device) for t in _inputs(1, 1, 5, 8, 16))
+    with pytest.raises(NotImplementedError, match="head dim"):
+        gated_linear_attention(q, k, v, a, b, backend="triton")
+    q, k, v, a, b = (t.to(kernel_device) for t in _inputs(1, 1, 5, 16, 16))
+    with pytest.raises(NotImplementedError, match="q.dtype"):
+        gated_linear_attention(q, k, v, a, b, backend="triton")
+    q, k, v = (t.float() for t in (q, k, v))
+    with pytest.raises(NotImplementedError, match="log_gate_bwd"):
+        gated_linear_attention(q, k, v, a.float(), b, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------- GPU, real sizes
+#: (label, B, H, N, Dk, Dv): the issue's shapes (ViG-S 224, ViG-T 1024, ViG-H stage 1 at 224).
+GPU_SHAPES = [
+    ("vig_s_224", 256, 6, 196, 32, 64),
+    ("vig_t_1024", 8, 3, 4096, 32, 64),
+    ("vig_h_stage1_224", 128, 3, 3136, 16, 32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize(("label", "batch", "heads", "length", "dk", "dv"), GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
+def test_gated_kernel_real_sizes_bf16(label, batch, heads, length, dk, dv, bidirectional):
+    inputs = _inputs(batch, heads, length, dk, dv, bidirectional=bidirectional)
+    _check_against_reference(_to(inputs, torch.device("cuda"), torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dv", [16, 32, 64])
+@pytest.mark.parametrize("dk", [16, 32, 64])
+def test_gated_kernel_head_dims(dk, dv, dtype):
+    inputs = _inputs(3, 2, 333, dk, dv, bnhd=dk == dv)
+    _check_against_reference(_to(inputs, torch.device("cuda"), dtype), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel_name", ["state", "output", "bwd"])
+def test_gated_kernel_every_config(kernel_name, monkeypatch):
+    """Each autotune config of each kernel gives the right answer (autotune may pick any of them)."""
+    from visionattn.kernels import gated, gated_bwd
+
+    kernel = {
+        "state": gated._gated_kernel_state,
+        "output": gated._gated_fwd_kernel_output,
+        "bwd": gated_bwd._gated_bwd_kernel,
+    }[kernel_name]
+    inputs = _inputs(2, 3, 200, 32, 64)
+    for config in list(kernel.configs):
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+        _check_against_reference(_to(inputs, torch.device("cuda"), torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gated_kernel_deterministic():
+    inputs = _to(_inputs(16, 6, 196, 32, 64), torch.device("cuda"), torch.bfloat16)
+    grad_out = torch.randn(16, 6, 196, 64, device="cuda", dtype=torch.bfloat16)
+    runs = [_forward_backward(lambda *x: gated_linear_attention(*x, backend="triton"), inputs, grad_out) for _ in "ab"]
+    (out_a, grads_a), (out_b, grads_b) = runs
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(x, y) for x, y in zip(grads_a, grads_b))

@@ -1,0 +1,371 @@
+"""Chunked gated linear attention (GLA), causal or bidirectional (ViG): forward kernels and launcher.
+
+Per head and direction, with state S (Dk x Dv) and log gates g (Dk per token), token order = the direction's scan
+order: ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t``, ``o_t = q_t S_t``. The backward direction is the same scan
+over the tokens in reverse, so every kernel handles it by reading the rows of a chunk in reverse order.
+
+Chunked algorithm (both directions in each launch):
+
+1. ``_gated_kernel_state``: one program per (Dv block, batch·head, pass) walks the chunks of ``BT`` tokens in
+   scan order and stores the state entering each chunk (fp32, ``[B·H, passes, NT, Dk, Dv]``). A pass is a
+   direction, and in backward also the gradient scan of a direction (the adjoint recurrence, run against scan
+   order with q and dO in place of k and v).
+2. ``_gated_fwd_kernel_output``: one program per (chunk, batch·head) runs both directions over the chunk in
+   sub-blocks of ``BC`` tokens with the state in registers: ``o = (q ⊙ exp(g_cum)) S + tril(A) v`` and
+   ``S <- diag(exp(g_tot)) S + (k ⊙ exp(g_tot - g_cum))ᵀ v``, where the diagonal block ``A_ij = Σ_d q_id k_jd
+   exp(g_cum,id - g_cum,jd)`` is evaluated element-wise in log space. Every exponent is a sum of gates over a
+   token range (<= 0), so no factor overflows however strong the gates are. The second direction adds its half of
+   the output to the first one's (same program, after a barrier).
+
+Layout: q, k ``(B, H, N, Dk)``, v ``(B, H, N, Dv)``, gates ``(B, H, N, Dk)``, any strides with a unit last stride.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import autotune_configs, autotune_kwargs, is_interpreter
+from .block_sparse import empty_like_layout
+
+__all__ = ["GATED_CHUNK", "GATED_SUB_BLOCK", "gated_fwd", "gated_states"]
+
+#: Tokens per chunk (one stored state per chunk and pass); small under the interpreter so tiny tests span chunks.
+GATED_CHUNK = 32 if is_interpreter() else 64
+#: Tokens per sub-block inside a chunk: the [BC, BC, Dk] exponentials of a diagonal block are computed exactly.
+GATED_SUB_BLOCK = 16
+#: Log gates are clamped here before any cumulative sum. exp(-32) ~ 1e-14 lies far below float32 resolution
+#: (2^-24 ~ 6e-8), so no result changes, while a sum of gates over a chunk stays small enough for its differences
+#: to keep float32 precision; gates of -1e4 or -inf would otherwise make exp(g_i - g_j) read inf - inf.
+_LOG_GATE_MIN = tl.constexpr(-32.0)
+
+_STATE_CONFIGS = [
+    triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (16, 32, 64) for w in (1, 2, 4) for s in (1, 2, 3)
+]
+_STATE_DEFAULT = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
+_OUTPUT_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2)]
+_OUTPUT_DEFAULT = triton.Config({}, num_warps=4, num_stages=1)
+
+
+def _prune_state_configs(configs, nargs, **kwargs):
+    """A Dv block wider than Dv only masks lanes off."""
+    dv = {**nargs, **kwargs}["DV"]
+    return [c for c in configs if c.kwargs["BV"] <= dv] or configs[:1]
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _gated_ptrs(base, i_b, i_h, stride_b, stride_h, stride_n, o_n, o_d):
+    """Pointers to the tile rows ``o_n``, columns ``o_d`` of one (batch, head) of a unit-last-stride tensor."""
+    return base + i_b * stride_b + i_h * stride_h + o_n[:, None] * stride_n + o_d[None, :]
+
+
+@triton.jit
+def _gated_rows(i_c, i_s, o_i, BT: tl.constexpr, BC: tl.constexpr, reverse):
+    """Token positions of sub-block ``i_s`` of chunk ``i_c`` in scan order (``reverse`` = 1 for the backward scan)."""
+    local = i_s * BC + o_i
+    return i_c * BT + local + reverse * (BT - 1 - 2 * local)
+
+
+@triton.jit
+def _gated_dot(a, b, IEEE: tl.constexpr):
+    """fp32 operands: exact ("ieee") for float32 inputs, TF32 otherwise (fp16/bf16 inputs are exact in TF32)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _gated_load_gate(p_g, mask):
+    return tl.maximum(tl.load(p_g, mask=mask, other=0.0).to(tl.float32), _LOG_GATE_MIN)
+
+
+@triton.jit
+def _gated_sub_block_gates(b_g):
+    """Inclusive prefix sums, exclusive suffix sums and the total of the gates ``[BC, Dk]`` along scan order."""
+    b_gc = tl.cumsum(b_g, axis=0)
+    b_gs = tl.cumsum(b_g, axis=0, reverse=True) - b_g
+    return b_gc, b_gs, tl.sum(b_g, axis=0)
+
+
+@triton.jit
+def _gated_diag_decay(b_gc, m_diag):
+    """``exp(g_cum,i - g_cum,j)`` for ``j <= i`` in scan order, else 0: ``[BC (i), BC (j), Dk]``."""
+    b_e = b_gc[:, None, :] - b_gc[None, :, :]
+    return tl.exp(tl.where(m_diag[:, :, None], b_e, float("-inf")))
+
+
+# ---------------------------------------------------------------------------------------------------- state scan
+@triton.autotune(
+    configs=autotune_configs(_STATE_CONFIGS, _STATE_DEFAULT),
+    key=["DK", "DV", "BT", "NUM_DIR", "NUM_PASS"],
+    prune_configs_by={"early_config_prune": _prune_state_configs},
+    **autotune_kwargs(),
+)
+@triton.jit(do_not_specialize=["N", "NT"])
+def _gated_kernel_state(
+    k,
+    v,
+    q,
+    do,
+    g_fwd,
+    g_bwd,
+    states,
+    stride_k_b,
+    stride_k_h,
+    stride_k_n,
+    stride_v_b,
+    stride_v_h,
+    stride_v_n,
+    stride_q_b,
+    stride_q_h,
+    stride_q_n,
+    stride_do_b,
+    stride_do_h,
+    stride_do_n,
+    stride_gf_b,
+    stride_gf_h,
+    stride_gf_n,
+    stride_gb_b,
+    stride_gb_h,
+    stride_gb_n,
+    scale,
+    N,
+    NT,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    NUM_DIR: tl.constexpr,
+    NUM_PASS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    i_v, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    i_dir = i_p % NUM_DIR
+    is_grad = i_p >= NUM_DIR
+    # the gradient scan of a direction runs against that direction's order: scan backwards in time iff one holds
+    reverse = (i_dir + i_p // NUM_DIR) % 2
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, DK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    p_state = states + ((i_bh * NUM_PASS + i_p) * NT).to(tl.int64) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
+    # [DK, BV]
+    b_h = tl.zeros([DK, BV], dtype=tl.float32)
+    for i in range(NT):
+        i_c = i + reverse * (NT - 1 - 2 * i)
+        tl.store(p_state + i_c * (DK * DV), b_h, mask=m_v[None, :])
+        o_n = _gated_rows(i_c, 0, o_t, BT, BT, reverse)
+        # masks that select one of two inputs by pass: bounds of N or 0 (the interpreter mishandles tensor & scalar)
+        n_x, n_f = tl.where(is_grad, 0, N), tl.where(i_dir == 0, N, 0)
+        m_x, m_q = o_n < n_x, o_n < N - n_x
+        m_f, m_b = o_n < n_f, o_n < N - n_f
+        # [BT, DK]: keys for the state, scaled queries for the gradient state (masked loads pick one)
+        b_x = tl.load(_gated_ptrs(k, i_b, i_h, stride_k_b, stride_k_h, stride_k_n, o_n, o_k), m_x[:, None], 0.0)
+        b_x = b_x.to(tl.float32) + scale * tl.load(
+            _gated_ptrs(q, i_b, i_h, stride_q_b, stride_q_h, stride_q_n, o_n, o_k), m_q[:, None], 0.0
+        ).to(tl.float32)
+        # [BT, BV]: values for the state, output gradients for the gradient state
+        b_y = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_x[:, None] & m_v, 0.0)
+        b_y = b_y.to(tl.float32) + tl.load(
+            _gated_ptrs(do, i_b, i_h, stride_do_b, stride_do_h, stride_do_n, o_n, o_v), m_q[:, None] & m_v, 0.0
+        ).to(tl.float32)
+        # [BT, DK]
+        b_g = _gated_load_gate(
+            _gated_ptrs(g_fwd, i_b, i_h, stride_gf_b, stride_gf_h, stride_gf_n, o_n, o_k), m_f[:, None]
+        )
+        b_g += _gated_load_gate(
+            _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k), m_b[:, None]
+        )
+        # decay from each token to the chunk end: exclusive suffix for the state, inclusive for the gradient state
+        b_w = tl.cumsum(b_g, axis=0, reverse=True) - tl.where(is_grad, 0.0, b_g)
+        b_h = b_h * tl.exp(tl.sum(b_g, axis=0))[:, None] + _gated_dot(tl.trans(b_x * tl.exp(b_w)), b_y, IEEE)
+
+
+# ------------------------------------------------------------------------------------------------ forward output
+@triton.autotune(
+    configs=autotune_configs(_OUTPUT_CONFIGS, _OUTPUT_DEFAULT),
+    key=["DK", "DV", "BT", "NUM_DIR"],
+    **autotune_kwargs(),
+)
+@triton.jit(do_not_specialize=["N", "NT"])
+def _gated_fwd_kernel_output(
+    q,
+    k,
+    v,
+    g_fwd,
+    g_bwd,
+    states,
+    o,
+    stride_q_b,
+    stride_q_h,
+    stride_q_n,
+    stride_k_b,
+    stride_k_h,
+    stride_k_n,
+    stride_v_b,
+    stride_v_h,
+    stride_v_n,
+    stride_gf_b,
+    stride_gf_h,
+    stride_gf_n,
+    stride_gb_b,
+    stride_gb_h,
+    stride_gb_n,
+    stride_o_b,
+    stride_o_h,
+    stride_o_n,
+    scale,
+    N,
+    NT,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    NUM_DIR: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    o_i = tl.arange(0, BC)
+    o_k = tl.arange(0, DK)
+    o_v = tl.arange(0, DV)
+    m_diag = o_i[:, None] >= o_i[None, :]
+    for i_dir in tl.static_range(NUM_DIR):
+        p_state = states + ((i_bh * NUM_DIR + i_dir) * NT + i_c).to(tl.int64) * (DK * DV)
+        # [DK, DV]
+        b_s = tl.load(p_state + o_k[:, None] * DV + o_v[None, :])
+        for i_s in range(BT // BC):
+            o_n = _gated_rows(i_c, i_s, o_i, BT, BC, i_dir)
+            m_n = (o_n < N)[:, None]
+            # [BC, DK]
+            b_q = tl.load(_gated_ptrs(q, i_b, i_h, stride_q_b, stride_q_h, stride_q_n, o_n, o_k), m_n, 0.0)
+            b_q = b_q.to(tl.float32) * scale
+            b_k = tl.load(_gated_ptrs(k, i_b, i_h, stride_k_b, stride_k_h, stride_k_n, o_n, o_k), m_n, 0.0)
+            b_k = b_k.to(tl.float32)
+            if i_dir == 0:
+                p_g = _gated_ptrs(g_fwd, i_b, i_h, stride_gf_b, stride_gf_h, stride_gf_n, o_n, o_k)
+            else:
+                p_g = _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k)
+            b_gc, b_gs, b_gt = _gated_sub_block_gates(_gated_load_gate(p_g, m_n))
+            # [BC, DV]
+            b_v = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_n, 0.0)
+            b_v = b_v.to(tl.float32)
+            # [BC, BC]
+            b_a = tl.sum(b_q[:, None, :] * b_k[None, :, :] * _gated_diag_decay(b_gc, m_diag), axis=2)
+            b_o = _gated_dot(b_q * tl.exp(b_gc), b_s, IEEE) + _gated_dot(b_a, b_v, IEEE)
+            b_s = b_s * tl.exp(b_gt)[:, None] + _gated_dot(tl.trans(b_k * tl.exp(b_gs)), b_v, IEEE)
+            p_o = _gated_ptrs(o, i_b, i_h, stride_o_b, stride_o_h, stride_o_n, o_n, o_v)
+            if i_dir == 1:
+                b_o += tl.load(p_o, mask=m_n, other=0.0).to(tl.float32)
+            tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_n)
+        if NUM_DIR == 2 and i_dir == 0:
+            # the backward scan reads the forward scan's half of o written by other threads of this program
+            tl.debug_barrier()
+
+
+# ------------------------------------------------------------------------------------------------------ launchers
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: int) -> torch.Tensor:
+    """Chunk-entry states ``[B·H, passes, NT, Dk, Dv]`` (fp32) of every direction, plus the gradient scans if ``do``.
+
+    Grid ``(Dv blocks, B·H, passes)``; passes are the directions, then (with ``do``) their gradient scans.
+    """
+    batch, heads, length, dk = k.shape
+    dv = v.shape[-1]
+    num_dir = 1 if log_gate_bwd is None else 2
+    num_pass = num_dir * (1 if do is None else 2)
+    num_chunks = triton.cdiv(length, chunk)
+    states = torch.empty(batch * heads, num_pass, num_chunks, dk, dv, device=k.device, dtype=torch.float32)
+    g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
+    q, do = (k, v) if do is None else (q, do)
+
+    def grid(meta):
+        return triton.cdiv(dv, meta["BV"]), batch * heads, num_pass
+
+    _gated_kernel_state[grid](
+        k,
+        v,
+        q,
+        do,
+        log_gate_fwd,
+        g_bwd,
+        states,
+        *_bhn_strides(k),
+        *_bhn_strides(v),
+        *_bhn_strides(q),
+        *_bhn_strides(do),
+        *_bhn_strides(log_gate_fwd),
+        *_bhn_strides(g_bwd),
+        scale,
+        length,
+        num_chunks,
+        H=heads,
+        DK=dk,
+        DV=dv,
+        BT=chunk,
+        NUM_DIR=num_dir,
+        NUM_PASS=num_pass,
+        IEEE=q.dtype == torch.float32,
+    )
+    return states
+
+
+def gated_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate_fwd: torch.Tensor,
+    log_gate_bwd: torch.Tensor | None,
+    scale: float,
+    chunk: int = GATED_CHUNK,
+) -> torch.Tensor:
+    """GLA output ``(B, H, N, Dv)`` (causal if ``log_gate_bwd`` is None, else the mean of both scans).
+
+    Two launches: the chunk-entry states, then one program per (chunk, batch·head) for the output.
+    """
+    q, k, v, log_gate_fwd = map(_unit_last_stride, (q, k, v, log_gate_fwd))
+    log_gate_bwd = None if log_gate_bwd is None else _unit_last_stride(log_gate_bwd)
+    batch, heads, length, dk = q.shape
+    dv = v.shape[-1]
+    num_dir = 1 if log_gate_bwd is None else 2
+    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, None, scale, chunk)
+    out = empty_like_layout(v, dv)
+    g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
+    num_chunks = triton.cdiv(length, chunk)
+    _gated_fwd_kernel_output[(num_chunks, batch * heads)](
+        q,
+        k,
+        v,
+        log_gate_fwd,
+        g_bwd,
+        states,
+        out,
+        *_bhn_strides(q),
+        *_bhn_strides(k),
+        *_bhn_strides(v),
+        *_bhn_strides(log_gate_fwd),
+        *_bhn_strides(g_bwd),
+        *_bhn_strides(out),
+        scale / num_dir,
+        length,
+        num_chunks,
+        H=heads,
+        DK=dk,
+        DV=dv,
+        BT=chunk,
+        BC=min(GATED_SUB_BLOCK, chunk),
+        NUM_DIR=num_dir,
+        IEEE=q.dtype == torch.float32,
+    )
+    return out
