@@ -9,9 +9,11 @@ Pass 1 (``_linear_fwd_kernel_state``, grid ``(chunks, B·H)``) reduces one chunk
 running max ``m`` rescaled online (flash-attention style), and the chunk's ``l = Σ u_j``. Pass 1b
 (``_linear_fwd_kernel_state_merge``, grid ``(B·H,)``) sums the partials in chunk order (deterministic, no atomics),
 rescaled by ``exp(m_c − max m)``, into the mean-normalised state ``S̄, z̄, v̄`` and ``lse``. Pass 2
-(``_linear_fwd_kernel_apply``) maps each query block through the state. RALA's global query mean comes from
+(``_linear_fwd_kernel_apply``, grid ``(chunks, B·H)``) maps a chunk of query rows through the state. RALA's global query mean comes from
 ``_linear_fwd_kernel_query_mean`` first. The backward kernels live in ``linear_bwd.py`` and share the helpers here.
 """
+
+import functools
 
 import torch
 import triton
@@ -43,8 +45,8 @@ _REDUCE_CONFIGS = [
     triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in _ROW_TILES for w in (4, 8) for s in (2, 3)
 ]
 _REDUCE_DEFAULT = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
-_APPLY_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=2) for m in _ROW_TILES for w in (4, 8)]
-_APPLY_DEFAULT = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
+_BLOCK_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in _ROW_TILES for w in (4, 8)]
+_BLOCK_DEFAULT = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
 #: Aim for this many reduction programs per streaming multiprocessor, so short or few-head inputs still fill the GPU.
 _PROGRAMS_PER_SM = 4
 
@@ -336,8 +338,9 @@ def _linear_fwd_kernel_state_merge(
 
 
 @triton.autotune(
-    configs=autotune_configs(_APPLY_CONFIGS, _APPLY_DEFAULT),
+    configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
     key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE"],
+    prune_configs_by={"early_config_prune": _prune_reduce_configs},
     **autotune_kwargs(),
 )
 @triton.jit
@@ -366,6 +369,7 @@ def _linear_fwd_kernel_apply(
     stride_o_d,
     H,
     N,
+    chunk_len,
     num_scale,
     scale,
     eps,
@@ -378,41 +382,44 @@ def _linear_fwd_kernel_apply(
     HAS_Q_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    # one program walks a chunk of query rows, so the D x Dv state is read from L2 once per chunk, not per tile
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    o_n = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_e = tl.arange(0, BLOCK_DV)
-    m_n = o_n < N
     m_d = o_d < D
     m_e = o_e < DV
-    p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + o_n[:, None] * stride_q_n + o_d[None, :] * stride_q_d
-    p_qn = qn_ptr + i_b * stride_qn_b + i_h * stride_qn_h + o_n[:, None] * stride_qn_n + o_d[None, :] * stride_qn_d
-    p_cos = cos_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
-    p_sin = sin_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
-    _, _, _, b_phin, b_phir, _, _ = _features(
-        p_q, p_qn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_Q_NORM, HAS_ROPE, BLOCK_M, BLOCK_D
-    )
     # [BLOCK_D, BLOCK_DV]
     b_kv = tl.load(
         kv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :], mask=m_d[:, None] & m_e[None, :], other=0.0
     )
-    b_num = num_scale * tl.dot(b_phir, b_kv, input_precision=DOT_PRECISION)
-    if NORMALIZE == 0:
-        b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
-        b_t = tl.sum(b_phin * b_ks[None, :], axis=1)
-        b_o = b_num / (b_t + eps)[:, None]
-    elif NORMALIZE == 1:
-        b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
-        b_vm = tl.load(vm_ptr + i_bh * DV + o_e, mask=m_e, other=0.0)
-        b_z = scale * tl.sum(b_phin * b_ks[None, :], axis=1)
-        b_o = b_num * (1.0 + 1.0 / (b_z + eps))[:, None] - b_z[:, None] * b_vm[None, :]
-    else:
-        b_o = b_num
-    p_o = o_ptr + i_b * stride_o_b + i_h * stride_o_h + o_n[:, None] * stride_o_n + o_e[None, :] * stride_o_d
-    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_n[:, None] & m_e[None, :])
+    b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
+    b_vm = tl.load(vm_ptr + i_bh * DV + o_e, mask=m_e, other=0.0)
+    start = i_c * chunk_len
+    end = tl.minimum(start + chunk_len, N)
+    for n0 in range(start, end, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < end
+        p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + o_n[:, None] * stride_q_n + o_d[None, :] * stride_q_d
+        p_qn = qn_ptr + i_b * stride_qn_b + i_h * stride_qn_h + o_n[:, None] * stride_qn_n + o_d[None, :] * stride_qn_d
+        p_cos = cos_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
+        p_sin = sin_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
+        _, _, _, b_phin, b_phir, _, _ = _features(
+            p_q, p_qn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_Q_NORM, HAS_ROPE, BLOCK_N, BLOCK_D
+        )
+        b_num = num_scale * tl.dot(b_phir, b_kv, input_precision=DOT_PRECISION)
+        if NORMALIZE == 0:
+            b_t = tl.sum(b_phin * b_ks[None, :], axis=1)
+            b_o = b_num / (b_t + eps)[:, None]
+        elif NORMALIZE == 1:
+            b_z = scale * tl.sum(b_phin * b_ks[None, :], axis=1)
+            b_o = b_num * (1.0 + 1.0 / (b_z + eps))[:, None] - b_z[:, None] * b_vm[None, :]
+        else:
+            b_o = b_num
+        p_o = o_ptr + i_b * stride_o_b + i_h * stride_o_h + o_n[:, None] * stride_o_n + o_e[None, :] * stride_o_d
+        tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_n[:, None] & m_e[None, :])
 
 
 # ------------------------------------------------------------------------------------------------ host launchers
@@ -426,16 +433,26 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def chunking(n: int, bh: int, device: torch.device) -> tuple[int, int]:
-    """(chunk length, number of chunks) of a split-N reduction: enough programs to fill the GPU, whole row tiles."""
+    """(chunk length, number of chunks) of a split-N pass: enough programs to fill the GPU, whole row tiles."""
     tile = _REDUCE_DEFAULT.kwargs["BLOCK_N"] if is_interpreter() else max(_ROW_TILES)
     if device.type == "cuda":
-        programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        programs = _PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None else 0)
         chunks = max(1, min(triton.cdiv(n, tile), programs // max(bh, 1)))
     else:
         chunks = triton.cdiv(n, tile)
     chunk_len = triton.cdiv(triton.cdiv(n, chunks), tile) * tile
     return chunk_len, triton.cdiv(n, chunk_len)
+
+
+def numerator_scale(normalize: str | None, scale: float, length: int) -> float:
+    """``c`` in ``num_i = c·(R_iφ(q_i))ᵀS̄``: the mean-normalised state times 1, MALA's scale, or Nk for the plain sum."""
+    return {"divisive": 1.0, "additive": scale, None: float(length)}[normalize]
 
 
 def strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -544,13 +561,12 @@ def linear_apply_fwd(
     eps: float,
     length: int,
 ) -> torch.Tensor:
-    """``o (B, H, Nq, Dv)`` in q's dtype. Grid ``(cdiv(Nq, BLOCK_M), B·H)``: one query block per program."""
+    """``o (B, H, Nq, Dv)`` in q's dtype. Grid ``(chunks, B·H)``: one chunk of query rows per program."""
     b, h, n, d = q.shape
     dv = kv.shape[-1]
     o = output_like(q, dv, q.dtype)
-    num_scale = {"divisive": 1.0, "additive": scale, None: float(length)}[normalize]
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)
-    _linear_fwd_kernel_apply[grid](
+    chunk_len, chunks = chunking(n, b * h, q.device)
+    _linear_fwd_kernel_apply[(chunks, b * h)](
         q,
         q if q_norm is None else q_norm,
         q if cos is None else cos,
@@ -565,7 +581,8 @@ def linear_apply_fwd(
         *o.stride(),
         h,
         n,
-        num_scale,
+        chunk_len,
+        numerator_scale(normalize, scale, length),
         scale,
         eps,
         D=d,

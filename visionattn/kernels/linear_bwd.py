@@ -16,8 +16,8 @@ import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
 from .linear import (
-    _APPLY_CONFIGS,
-    _APPLY_DEFAULT,
+    _BLOCK_CONFIGS,
+    _BLOCK_DEFAULT,
     _REDUCE_CONFIGS,
     _REDUCE_DEFAULT,
     FEATURE_CODES,
@@ -31,6 +31,7 @@ from .linear import (
     chunking,
     dot_precision,
     head_tile,
+    numerator_scale,
     rope_strides,
     strides4,
 )
@@ -52,7 +53,7 @@ def _store_rows(p, x, m_n, m_d):
 
 
 @triton.autotune(
-    configs=autotune_configs(_APPLY_CONFIGS, _APPLY_DEFAULT),
+    configs=autotune_configs(_BLOCK_CONFIGS, _BLOCK_DEFAULT),
     key=["D", "FEATURE"],
     **autotune_kwargs(),
 )
@@ -195,9 +196,6 @@ def _linear_bwd_kernel_apply(
         else:
             b_dnum = b_do
             b_dt = tl.sum(b_do * 0.0, axis=1)
-        # rows past the chunk load zeros, but φ(0) need not be 0: mask them out of the reductions
-        b_dnum = tl.where(m_n[:, None], b_dnum, 0.0)
-        b_dt = tl.where(m_n, b_dt, 0.0)
         b_dkv += num_scale * tl.dot(tl.trans(b_phir), b_dnum, input_precision=DOT_PRECISION)
         b_dks += tl.sum(b_dt[:, None] * b_phin, axis=0)
         b_dphir = num_scale * tl.dot(b_dnum, tl.trans(b_kv), input_precision=DOT_PRECISION)
@@ -416,7 +414,6 @@ def linear_apply_bwd(
     dkv_part = torch.empty(chunks, b, h, d, dv, **f32)
     dks_part = torch.empty(chunks, b, h, d, **f32)
     dvm_part = torch.empty(chunks, b, h, dv, **f32)
-    num_scale = {"divisive": 1.0, "additive": scale, None: float(length)}[normalize]
     _linear_bwd_kernel_apply[(chunks, b * h)](
         q,
         q if q_norm is None else q_norm,
@@ -440,7 +437,7 @@ def linear_apply_bwd(
         h,
         n,
         chunk_len,
-        num_scale,
+        numerator_scale(normalize, scale, length),
         scale,
         eps,
         D=d,

@@ -1,0 +1,107 @@
+"""Non-causal linear attention (issue 4): our Triton kernels per variant against naive PyTorch, its compiled form,
+dense SDPA, fla's causal ``chunk_linear_attn`` when installed, and an HBM copy of the same byte count.
+
+Non-causal linear attention is memory-bound, so every row carries ``bytes``: the minimum HBM traffic (q, k, v read
+and o written forward; q, k, v, do read and dq, dk, dv written backward). The ``hbm-copy`` row copies a buffer of
+the forward byte count (half read, half written): ours' GB/s over its GB/s is the fraction of copy bandwidth.
+
+    python tools/bench.py attention --cases linear --mode both --dtype bf16 --out docs/benchmarks/linear_h100
+"""
+
+import torch
+import torch.nn.functional as F
+
+from tools.bench_cases._common import BenchCase, random_qkv
+from visionattn.ops import linear_attention
+
+__all__ = ["cases"]
+
+#: (label, B, H, N, D): the issue's shapes; MAViT stage 1 at 224 px and at 1024 px.
+SHAPES = [
+    ("B8 H8 N16384 d64", 8, 8, 16384, 64),
+    ("B1 H12 N32760 d128", 1, 12, 32760, 128),
+    ("MAViT-s1-224 B64 H4 N3136 d32", 64, 4, 3136, 32),
+    ("MAViT-s1-1024 B8 H2 N65536 d64", 8, 2, 65536, 64),
+]
+CPU_SHAPES = [("tiny B1 H2 N64 d16", 1, 2, 64, 16)]
+
+
+def _rope(n: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    angle = (1.0 / 10000 ** torch.linspace(0, 1, d // 2, device=device)).repeat_interleave(2)
+    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None] * angle
+    return torch.cos(pos), torch.sin(pos)
+
+
+def naive_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The usual PyTorch formulation (LinFusion/RALA style): elu+1, ``φ(q)(φ(k)ᵀv/N) / (φ(q)·mean φ(k) + eps)``."""
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    kv = torch.einsum("bhnd,bhne->bhde", k, v) / k.shape[2]
+    z = torch.einsum("bhnd,bhd->bhn", q, k.mean(dim=2)).unsqueeze(-1)
+    return (q @ kv) / (z + eps)
+
+
+def _variants(q: torch.Tensor, rope) -> dict:
+    """Our rows: the plain kernel and each variant the issue asks to keep within 1.3x of it."""
+    return {
+        "ours-plain": dict(normalize="divisive"),
+        "ours-mala": dict(normalize="additive"),
+        "ours-rala": dict(normalize="divisive", key_weight="rala"),
+        "ours-rope": dict(normalize="divisive", rope=rope),
+        "ours-mala-rope": dict(normalize="additive", rope=rope),
+        "ours-rala-rope": dict(normalize="divisive", key_weight="rala", rope=rope),
+    }
+
+
+def _timed(fn, inputs, mode: str):
+    """A no-argument callable: forward only, or forward + ``autograd.grad`` (no .grad accumulation)."""
+    if mode == "fwd":
+        return lambda: fn(*inputs)
+    grad = torch.randn_like(fn(*inputs))
+
+    def step():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, inputs, grad)
+
+    return step
+
+
+def _fla():
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except ImportError:
+        return None
+    # fla is causal and takes (B, T, H, D); the transposes are views
+    return lambda q, k, v: chunk_linear_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), normalize=True)[0]
+
+
+def cases(args) -> list[BenchCase]:
+    on_gpu = args.device == "cuda"
+    compiled = torch.compile(naive_linear_attention) if on_gpu else naive_linear_attention
+    fla = _fla()
+    rows = []
+    for label, b, h, n, d in SHAPES if on_gpu else CPU_SHAPES:
+        elt = torch.finfo(args.dtype).bits // 8
+        fwd_bytes = elt * b * h * n * 4 * d
+        mode_bytes = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + elt * b * h * n * 7 * d}
+        mode_flops = {"fwd": 4.0 * b * h * n * d * d, "fwd+bwd": 12.0 * b * h * n * d * d}
+        rope = _rope(n, d, args.device)
+        for mode in ("fwd", "fwd+bwd"):
+            inputs = random_qkv(b, h, n, d, device=args.device, dtype=args.dtype, requires_grad=mode != "fwd")
+            common = dict(group=label, mode=mode, bytes=mode_bytes[mode], flops=mode_flops[mode])
+            peers = {
+                "naive": naive_linear_attention,
+                "compiled": compiled,
+                "sdpa-dense": F.scaled_dot_product_attention,
+            }
+            if fla is not None:
+                peers["fla-causal-chunk"] = fla
+            for impl, fn in peers.items():
+                rows.append(BenchCase(impl=impl, fn=_timed(fn, inputs, mode), baseline=impl == "naive", **common))
+            for impl, kwargs in _variants(inputs[0], rope).items():
+                fn = lambda q, k, v, kw=kwargs: linear_attention(q, k, v, **kw)
+                rows.append(BenchCase(impl=impl, fn=_timed(fn, inputs, mode), **common))
+            if mode == "fwd":
+                src = torch.empty(fwd_bytes // 2, dtype=torch.uint8, device=args.device)
+                dst = torch.empty_like(src)
+                rows.append(BenchCase(impl="hbm-copy", fn=lambda s=src, t=dst: t.copy_(s), **common))
+    return rows
