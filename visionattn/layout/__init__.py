@@ -5,6 +5,7 @@ from .circular import circular_window_block_mask
 from .grid import TokenGrid, TokenLayout
 from .neighborhood import neighborhood_block_mask
 from .predicates import CircularWindow, NeighborhoodWindow
+from .radial import radial_block_mask
 
 __all__ = [
     "BlockMask",
@@ -14,4 +15,5 @@ __all__ = [
     "TokenLayout",
     "circular_window_block_mask",
     "neighborhood_block_mask",
+    "radial_block_mask",
 ]
