@@ -1,0 +1,111 @@
+"""Bidirectional gated linear attention (issue 5): our one-launch chunked kernels against ViG's training path (fla's
+causal ``chunk_gla`` on the batch-concatenated ``[x; flip(x)]``, when fla is installed) and the float32 recurrence
+in PyTorch.
+
+GLA at these head dims is memory-bound, so every row carries ``bytes``: the minimum HBM traffic (q, k, v and both
+gates read, o written forward; those plus dO read and all five gradients written backward). The fla row is the
+baseline of each group (the issue's target: ours >= 1.5x faster, forward and forward+backward).
+
+    python tools/bench.py attention --cases gated --mode both --dtype bf16 --out docs/benchmarks/gated_h100
+"""
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from tools.bench_cases._common import BenchCase, random_qkv
+from visionattn.ops import gated_linear_attention, gated_linear_attention_reference
+
+__all__ = ["cases"]
+
+#: (label, B, H, N, Dk, Dv): ViG-S at 224 px, ViG-T at 1024 px, ViG-H stage 1 at 224 px.
+SHAPES = [
+    ("ViG-S-224 B256 H6 N196 dk32 dv64", 256, 6, 196, 32, 64),
+    ("ViG-T-1024 B8 H3 N4096 dk32 dv64", 8, 3, 4096, 32, 64),
+    ("ViG-H-s1-224 B128 H3 N3136 dk16 dv32", 128, 3, 3136, 16, 32),
+]
+CPU_SHAPES = [("tiny B1 H2 N40 dk16 dv16", 1, 2, 40, 16, 16)]
+#: The PyTorch recurrence launches ~10 kernels per token; longer sequences are cut to this many tokens.
+RECURRENCE_MAX_TOKENS = 256
+
+
+def _gates(batch, heads, length, dk, *, device, dtype, requires_grad):
+    """ViG's gates: logsigmoid of a low-rank projection, divided by the normaliser 16."""
+    gen = torch.Generator().manual_seed(1)
+    make = lambda: (F.logsigmoid(torch.randn(batch, heads, length, dk, generator=gen)) / 16).to(device, dtype)
+    return make().requires_grad_(requires_grad), make().requires_grad_(requires_grad)
+
+
+def _fla_bidirectional():
+    """ViG's training path: fla's causal chunk_gla over [x; flip(x)] on the batch axis, halves flipped back."""
+    try:
+        from fla.ops.gla import chunk_gla
+    except ImportError:
+        return None
+    # fla >= 0.2 is sequence-first (B, T, H, K); older releases default to head-first
+    layout = {"head_first": False} if "head_first" in inspect.signature(chunk_gla).parameters else {}
+
+    def run(q, k, v, a, b):
+        def cat(x, y):
+            return torch.cat([x, y.flip(2)]).transpose(1, 2)
+
+        o = chunk_gla(cat(q, q), cat(k, k), cat(v, v), cat(a, b), scale=q.shape[-1] ** -0.5, **layout)[0]
+        o_fwd, o_bwd = o.transpose(1, 2).chunk(2)
+        return (o_fwd + o_bwd.flip(2)) / 2
+
+    return run
+
+
+def _timed(fn, inputs, mode: str):
+    """A no-argument callable: forward only, or forward + ``autograd.grad`` of every input it uses."""
+    if mode == "fwd":
+        return lambda: fn(*inputs)
+    grad = torch.randn_like(fn(*inputs))
+    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad, allow_unused=True)
+
+
+def cases(args) -> list[BenchCase]:
+    on_gpu = args.device == "cuda"
+    fla = _fla_bidirectional() if on_gpu else None
+    peers = {
+        "ours": lambda q, k, v, a, b: gated_linear_attention(q, k, v, a, b),
+        "ours-causal": lambda q, k, v, a, b: gated_linear_attention(q, k, v, a),
+    }
+    if fla is not None:
+        peers["fla-chunk_gla-concat"] = fla
+    rows = []
+    for label, batch, heads, length, dk, dv in SHAPES if on_gpu else CPU_SHAPES:
+        elt = torch.finfo(args.dtype).bits // 8
+        tokens = batch * heads * length
+        mode_bytes = {"fwd": elt * tokens * (4 * dk + 2 * dv), "fwd+bwd": elt * tokens * (12 * dk + 5 * dv)}
+        # the recurrence's own work: state update and readout, 4·Dk·Dv per token and direction; backward 2x
+        mode_flops = {"fwd": 8.0 * tokens * dk * dv, "fwd+bwd": 24.0 * tokens * dk * dv}
+        for mode in ("fwd", "fwd+bwd"):
+            grad = mode != "fwd"
+            q, k, v = random_qkv(
+                batch, heads, length, dk, value_dim=dv, device=args.device, dtype=args.dtype, requires_grad=grad
+            )
+            inputs = (
+                q,
+                k,
+                v,
+                *_gates(batch, heads, length, dk, device=args.device, dtype=args.dtype, requires_grad=grad),
+            )
+            common = dict(group=label, mode=mode, bytes=mode_bytes[mode], flops=mode_flops[mode])
+            for impl, fn in peers.items():
+                rows.append(
+                    BenchCase(impl=impl, fn=_timed(fn, inputs, mode), baseline=impl.startswith("fla"), **common)
+                )
+            cut = min(length, RECURRENCE_MAX_TOKENS)
+            short = [t[:, :, :cut].detach().float().requires_grad_(grad) for t in inputs]
+            impl = "torch-recurrence-fp32" + ("" if cut == length else f" (first {cut} of {length} tokens)")
+            scaled = {key: value * cut / length for key, value in common.items() if key in ("bytes", "flops")}
+            rows.append(
+                BenchCase(
+                    impl=impl,
+                    fn=_timed(gated_linear_attention_reference, short, mode),
+                    **{**common, **scaled},
+                )
+            )
+    return rows
