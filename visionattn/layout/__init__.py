@@ -6,6 +6,7 @@ from .grid import TokenGrid, TokenLayout
 from .neighborhood import neighborhood_block_mask
 from .predicates import CircularWindow, NeighborhoodWindow
 from .radial import radial_block_mask
+from .routing import topk_ratio_block_mask, topk_routing_block_mask
 
 __all__ = [
     "BlockMask",
@@ -16,4 +17,6 @@ __all__ = [
     "circular_window_block_mask",
     "neighborhood_block_mask",
     "radial_block_mask",
+    "topk_ratio_block_mask",
+    "topk_routing_block_mask",
 ]
