@@ -16,9 +16,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..layout import TokenGrid
-from ..ops import agent_attention, linear_attention
+from ..layout import TokenGrid, TokenLayout, circular_window_block_mask
+from ..layout.radial import radial_block_mask
+from ..ops import agent_attention, block_sparse_attention, linear_attention, neighborhood_attention
 from ..ops._checks import _check_choice, _check_per_axis
+from ..ops.neighborhood import default_neighborhood_tile
 from ._agent import agent_tokens
 
 __all__ = ["AgentAttention", "LinearAttention", "LocalAttention", "RadialAttention"]
@@ -65,6 +67,8 @@ class LocalAttention(_AttentionMethod):
         dilation: neighborhood dilation per axis.
         window: ``"neighborhood"`` or ``"circle"``.
         radius: circle radius in latent tokens (circle window).
+        tile: tile shape of the kernels' token order, one int per grid axis; ``None`` is 128-token boxes
+            (``(8, 16)`` in 2D, ``(2, 8, 8)`` in 3D). Any tile gives the same result; it only changes speed.
         backend: op backend (``None`` picks Triton on CUDA, the reference on CPU).
     """
 
@@ -78,6 +82,7 @@ class LocalAttention(_AttentionMethod):
         dilation: int | tuple[int, ...] = 1,
         window: str = "neighborhood",
         radius: float | None = None,
+        tile: int | tuple[int, ...] | None = None,
         backend: str | None = None,
     ):
         super().__init__()
@@ -87,12 +92,12 @@ class LocalAttention(_AttentionMethod):
         if window == "circle" and (radius is None or isinstance(radius, bool) or not radius > 0):
             raise ValueError(f"radius must be a positive number for window='circle'; got {radius=}.")
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
-        self.radius, self.backend = radius, backend
+        self.radius, self.tile, self.backend = radius, tile, backend
 
     def check_model(self, model_name: str, grid_ndim: int, is_video: bool) -> None:
-        if self.window == "neighborhood":
-            for name in ("kernel_size", "stride", "dilation"):
-                _check_per_axis(name, grid_ndim, getattr(self, name))
+        names = ("kernel_size", "stride", "dilation") if self.window == "neighborhood" else ()
+        for name in names + (("tile",) if self.tile is not None else ()):
+            _check_per_axis(name, grid_ndim, getattr(self, name))
 
     def _window(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """Per-axis ``(kernel_size, stride, dilation)`` clamped to the grid so the window fits every axis."""
@@ -108,20 +113,23 @@ class LocalAttention(_AttentionMethod):
     def forward(self, q, k, v, grid: TokenGrid, state):
         if self.window == "circle":
             return self._circle(q, k, v, grid, state)
-        from ..ops import neighborhood_attention
-
         ks, st, dil = self._window(grid.shape)
-        out = neighborhood_attention(q, k, v, grid, ks, st, dil, backend=self.backend)
+        out = neighborhood_attention(q, k, v, grid, ks, st, dil, tile=self.tile, backend=self.backend)
         g = grid.num_grid_tokens
         return out, _pair_density(grid, g * g * math.prod(k / s for k, s in zip(ks, grid.shape)))
 
     def _circle(self, q, k, v, grid: TokenGrid, state):
-        from ..layout import circular_window_block_mask
-        from ..ops import block_sparse_attention
-
-        key = ("circle", self.radius, grid, q.device)
-        mask = state.cached(key, lambda: circular_window_block_mask(grid, self.radius).to(q.device))
-        return block_sparse_attention(q, k, v, mask, backend=self.backend), mask.density()
+        tile = (
+            default_neighborhood_tile(grid.shape)
+            if self.tile is None
+            else _check_per_axis("tile", grid.ndim, self.tile)
+        )
+        layout = TokenLayout(grid, tile=tile)
+        key = ("circle", self.radius, layout, q.device)
+        mask = state.cached(key, lambda: circular_window_block_mask(layout, self.radius).to(q.device))
+        q, k, v = (layout.to_layout(t, dim=2) for t in (q, k, v))
+        out = block_sparse_attention(q, k, v, mask, backend=self.backend)
+        return layout.from_layout(out, dim=2), mask.density()
 
 
 class RadialAttention(_AttentionMethod):
@@ -134,7 +142,8 @@ class RadialAttention(_AttentionMethod):
 
     Args:
         decay_factor: ``δ``; the reference uses 0.2 (Wan 1x), 0.95 (HunyuanVideo).
-        block_size: mask block size, 128 (reference) or 64.
+        block_size: mask block size (the reference uses 128, or 64; smaller blocks make finer masks of tiny
+            test grids).
         sink: keep the attention sink (every frame attends the first frame); ``None`` uses the reference's choice
             per model (on for Wan, off otherwise).
         backend: op backend.
@@ -151,7 +160,7 @@ class RadialAttention(_AttentionMethod):
         backend: str | None = None,
     ):
         super().__init__()
-        self.block_size = _check_choice("block_size", block_size, (64, 128))
+        self.block_size = _check_per_axis("block_size", 1, block_size)[0]
         if isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float)) or not decay_factor > 0:
             raise ValueError(f"decay_factor must be a positive float; got {decay_factor=}.")
         self.decay_factor, self.sink, self.backend = float(decay_factor), sink, backend
@@ -166,9 +175,6 @@ class RadialAttention(_AttentionMethod):
             self.sink = model_name == "WanTransformer3DModel"
 
     def forward(self, q, k, v, grid: TokenGrid, state):
-        from ..layout import radial_block_mask
-        from ..ops import block_sparse_attention
-
         frames = grid.shape[0]
         text = grid.extra_before + grid.extra_after
         key = ("radial", frames, grid.num_grid_tokens, text, self.block_size, self.decay_factor, self.sink, q.device)

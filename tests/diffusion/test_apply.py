@@ -1,0 +1,176 @@
+"""apply()/remove() on every supported diffusers model: stock parity at full density, self-attention only,
+bit-identical restore, schedule and step counting, resolution and batch changes, clear errors."""
+
+import pytest
+import torch
+
+from tests._numerics import assert_close
+from tests.diffusion._tiny import TINY_MODELS
+from visionattn.diffusion import apply, remove
+from visionattn.diffusion._processor import _MethodAttnProcessor
+
+#: Options under which each method computes exactly dense softmax attention on the tiny models.
+_FULL_DENSITY = {
+    "local": dict(kernel_size=64, backend="reference"),
+    "circle": dict(window="circle", radius=1e3, backend="reference"),
+}
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_apply_matches_stock_and_remove_restores(name):
+    tiny = TINY_MODELS[name]
+    model, inputs = tiny.build(), tiny.inputs(batch=2)
+    stock_out = _run(model, inputs)
+    before = dict(model.attn_processors)
+
+    handle = apply(model, "local", **_FULL_DENSITY["local"])
+    after = model.attn_processors
+    changed = {key for key in before if after[key] is not before[key]}
+    assert changed and all(isinstance(after[key], _MethodAttnProcessor) for key in changed)
+    assert all(".attn1." in key or key.endswith(".attn.processor") or ".attn2." in key for key in changed)
+    cross = {key for key in before if key.endswith("attn2.processor") and name != "sd3"}
+    assert not (changed & cross), "cross-attention processors must stay stock"
+    assert_close(f"{name} local at full window", stock_out, _run(model, inputs))
+    assert handle.density() == 1.0
+
+    remove(handle)
+    assert all(model.attn_processors[key] is before[key] for key in before)
+    assert torch.equal(_run(model, inputs), stock_out)
+    assert not any("processor" in key for key in model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["flux", "hunyuan_video"])
+def test_circle_window_matches_stock_at_full_radius(name):
+    tiny = TINY_MODELS[name]
+    model, inputs = tiny.build(), tiny.inputs(batch=1)
+    stock_out = _run(model, inputs)
+    handle = apply(model, "local", **_FULL_DENSITY["circle"])
+    assert_close(f"{name} circle at full radius", stock_out, _run(model, inputs))
+    remove(handle)
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan_video", "cogvideox"])
+def test_radial_matches_stock_at_full_density(name):
+    tiny = TINY_MODELS[name]
+    model, inputs = tiny.build(), tiny.inputs(batch=1)
+    stock_out = _run(model, inputs)
+    # every tiny grid fits in one 128-token block, where the radial mask is dense
+    handle = apply(model, "radial", dense_layers=0, dense_steps=0, backend="reference")
+    assert_close(f"{name} radial at full density", stock_out, _run(model, inputs))
+    assert handle.density() == 1.0
+    remove(handle)
+
+
+def test_apply_follows_resolution_and_batch_changes():
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build()
+    stock = [_run(model, tiny.inputs(batch=b, scale=s)) for b, s in ((1, 1), (3, 2))]
+    handle = apply(model, "local", **_FULL_DENSITY["local"])
+    for (b, s), ref in zip(((1, 1), (3, 2)), stock):
+        assert_close(f"wan B{b} scale{s}", ref, _run(model, tiny.inputs(batch=b, scale=s)))
+    assert handle.states[0].grid == (3, 8, 6)
+    remove(handle)
+
+
+def test_hunyuan_text_padding_matches_stock():
+    tiny = TINY_MODELS["hunyuan_video"]
+    model, inputs = tiny.build(), tiny.inputs(batch=2)
+    inputs["encoder_attention_mask"][0, 9:] = 0
+    inputs["encoder_attention_mask"][1, 5:] = 0
+    stock_out = _run(model, inputs)
+    handle = apply(model, "local", **_FULL_DENSITY["local"])
+    assert_close("hunyuan padded prompt", stock_out, _run(model, inputs))
+    remove(handle)
+
+
+def test_dense_schedule_counts_steps_per_timestep():
+    tiny = TINY_MODELS["wan"]
+    model, inputs = tiny.build(), tiny.inputs(batch=1)
+    stock_out = _run(model, inputs)
+    handle = apply(model, "local", kernel_size=1, dense_steps=2, backend="reference")
+    state = handle.states[0]
+    steps = []
+    for t in (900, 900, 700, 500, 950):  # cond/uncond at 900, then two steps, then a new generation
+        out = _run(model, dict(inputs, timestep=torch.tensor([t])))
+        steps.append(state.step)
+        if t == 900:
+            assert torch.allclose(out, stock_out, atol=1e-6), "steps before dense_steps must run dense attention"
+    assert steps == [0, 0, 1, 2, 0]
+    remove(handle)
+
+
+def test_dense_layers_keep_first_layers_dense():
+    tiny = TINY_MODELS["wan"]
+    model, inputs = tiny.build(), tiny.inputs(batch=1)
+    handle = apply(model, "local", kernel_size=1, dense_layers=1, backend="reference")
+    _run(model, inputs)
+    # layer 0 runs dense (1.0); layer 1 keeps 1 of the 3 * 4 * 6 keys of each query
+    assert handle.density() == pytest.approx((1.0 + 1 / 72) / 2)
+    handle.reset()
+    assert handle.density() is None
+    remove(handle)
+
+
+def test_apply_to_pipeline_like_object():
+    tiny = TINY_MODELS["pixart"]
+
+    class _Pipe:
+        transformer = tiny.build()
+
+    handle = apply(_Pipe(), "local", kernel_size=3, backend="reference")
+    assert len(handle.processors) == 1
+    remove(handle)
+
+
+def test_apply_rejects_radial_on_image_models():
+    model = TINY_MODELS["flux"].build()
+    with pytest.raises(ValueError, match="local"):
+        apply(model, "radial")
+    assert not any(isinstance(p, _MethodAttnProcessor) for p in model.attn_processors.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(method="sparse"), ValueError, "method"),
+        (dict(method="local", kernel_size=3, bogus=1), TypeError, "bogus"),
+        (dict(method="local"), ValueError, "kernel_size"),
+        (dict(method="local", kernel_size=(3, 3, 3)), ValueError, "kernel_size"),
+        (dict(method="local", window="square"), ValueError, "window"),
+        (dict(method="local", window="circle"), ValueError, "radius"),
+        (dict(method="local", kernel_size=3, dense_steps=-1), ValueError, "dense_steps"),
+        (dict(method="local", kernel_size=3, dense_layers=1.5), ValueError, "dense_layers"),
+        (dict(method="agent", agent_ratio=1.0), ValueError, "agent_ratio"),
+        (dict(method="radial", block_size=0), ValueError, "block_size"),
+    ],
+)
+def test_apply_rejects_bad_arguments(kwargs, exc, match):
+    model = TINY_MODELS["pixart"].build()
+    with pytest.raises(exc, match=match):
+        apply(model, **kwargs)
+
+
+def test_apply_rejects_unsupported_models_and_double_apply():
+    with pytest.raises(TypeError, match="pipe_or_model"):
+        apply(object(), "local", kernel_size=3)
+    with pytest.raises(ValueError, match="model must be one of"):
+        apply(torch.nn.Linear(2, 2), "local", kernel_size=3)
+    model = TINY_MODELS["pixart"].build()
+    handle = apply(model, "local", kernel_size=3)
+    with pytest.raises(ValueError, match="remove"):
+        apply(model, "local", kernel_size=3)
+    remove(handle)
+
+
+def test_processor_needs_the_hooked_model_call():
+    model = TINY_MODELS["pixart"].build()
+    handle = apply(model, "local", kernel_size=3, backend="reference")
+    attn = model.transformer_blocks[0].attn1
+    with pytest.raises(RuntimeError, match="grid"):
+        attn(torch.randn(1, 16, attn.to_q.in_features))
+    remove(handle)

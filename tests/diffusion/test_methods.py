@@ -1,0 +1,183 @@
+"""Each method's attention call against an independent float64 brute-force formula, forward and gradients."""
+
+import math
+
+import pytest
+import torch
+
+from tests._numerics import assert_close
+from visionattn.diffusion import AgentAttention, DiffusionState, LinearAttention, LocalAttention, RadialAttention
+from visionattn.layout import TokenGrid
+from visionattn.layout.radial import radial_block_mask
+
+
+def _qkv(grid: TokenGrid, gen, batch=2, heads=2, dim=8):
+    shape = (batch, heads, grid.num_tokens, dim)
+    return [torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3)]
+
+
+def _masked_softmax(q, k, v, allowed):
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+def _grid_allowed(grid: TokenGrid, pair_rule) -> torch.Tensor:
+    """``(N, N)`` bool: text rows/columns all True, grid pairs by ``pair_rule(q_coord, k_coord)``."""
+    n, start = grid.num_tokens, grid.extra_before
+    coords = grid.coords().tolist()
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    for i, qc in enumerate(coords):
+        for j, kc in enumerate(coords):
+            allowed[start + i, start + j] = pair_rule(qc, kc)
+    return allowed
+
+
+def _natten_axis(q: int, k: int, length: int, kernel: int, stride: int, dilation: int) -> bool:
+    """NATTEN's non-causal rule along one axis, written from shared/reference/diffusion.md §5.1."""
+    if q % dilation != k % dilation:
+        return False
+    group_len = len(range(q % dilation, length, dilation))
+    qg, kg = q // dilation, k // dilation
+    left, right = kernel // 2, kernel // 2 + kernel % 2 - 1
+    leader = min((qg // stride) * stride + stride // 2, group_len - 1)
+    center = min(max(leader, left), group_len - 1 - right)
+    return center - left <= kg <= center + right
+
+
+def _check_forward_backward(name, out, ref, tensors):
+    assert_close(name, ref, out)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, tensors, grad, retain_graph=True)
+    want = torch.autograd.grad(ref, tensors, grad, retain_graph=True)
+    for label, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(f"{name} {label}", w, g)
+
+
+@pytest.mark.parametrize(
+    "shape, before, after, kernel, stride, dilation",
+    [
+        ((5, 7), 3, 0, (3, 5), 1, 1),
+        ((6, 8), 0, 2, 4, 2, (1, 2)),
+        ((3, 4, 5), 2, 0, (2, 3, 3), (1, 2, 1), 1),
+        ((4, 6), 0, 0, (9, 2), 1, 1),  # a window taller than the grid covers the whole axis
+    ],
+    ids=lambda v: str(v),
+)
+def test_local_neighborhood_matches_masked_dense(shape, before, after, kernel, stride, dilation):
+    gen = torch.Generator().manual_seed(0)
+    grid = TokenGrid(shape, extra_before=before, extra_after=after)
+    method = LocalAttention(kernel_size=kernel, stride=stride, dilation=dilation, backend="reference")
+    ks, st, dil = method._window(shape)
+    allowed = _grid_allowed(
+        grid,
+        lambda qc, kc: all(_natten_axis(a, b, n, *p) for a, b, n, *p in zip(qc, kc, shape, ks, st, dil)),
+    )
+    q, k, v = _qkv(grid, gen)
+    out, density = method(q, k, v, grid, DiffusionState())
+    _check_forward_backward("local", out, _masked_softmax(q, k, v, allowed), (q, k, v))
+    assert density == pytest.approx(float(allowed.double().mean()), rel=0.2)
+
+
+@pytest.mark.parametrize("shape, before, radius", [((7, 9), 4, 2.5), ((3, 5, 6), 0, 2.0)], ids=str)
+def test_local_circle_matches_masked_dense(shape, before, radius):
+    gen = torch.Generator().manual_seed(1)
+    grid = TokenGrid(shape, extra_before=before)
+    allowed = _grid_allowed(grid, lambda qc, kc: sum((a - b) ** 2 for a, b in zip(qc, kc)) < radius**2)
+    q, k, v = _qkv(grid, gen)
+    method = LocalAttention(window="circle", radius=radius, tile=(2,) * len(shape), backend="reference")
+    out, _ = method(q, k, v, grid, DiffusionState())
+    _check_forward_backward("circle", out, _masked_softmax(q, k, v, allowed), (q, k, v))
+
+
+@pytest.mark.parametrize("before, after, sink", [(0, 0, True), (0, 5, False), (5, 0, False)], ids=str)
+def test_radial_matches_masked_dense(before, after, sink):
+    gen = torch.Generator().manual_seed(2)
+    grid = TokenGrid((6, 4, 5), extra_before=before, extra_after=after)
+    text = before + after
+    mask = radial_block_mask(6, 20, block_size=8, decay_factor=0.5, sink=sink, extra_tokens=text).to_dense()[0, 0]
+    # the mask lists text after the video; text that precedes the grid is the same token set, rotated
+    order = torch.roll(torch.arange(grid.num_tokens), -before)
+    allowed = torch.empty_like(mask)
+    allowed[order[:, None], order[None, :]] = mask
+    q, k, v = _qkv(grid, gen)
+    method = RadialAttention(decay_factor=0.5, block_size=8, sink=sink, backend="reference")
+    out, density = method(q, k, v, grid, DiffusionState())
+    assert 0 < density < 1
+    _check_forward_backward("radial", out, _masked_softmax(q, k, v, allowed), (q, k, v))
+
+
+def _linfusion(q, k, v, method: LinearAttention):
+    """LinFusion's formula (shared/reference/diffusion.md §4.2) with the projections on q and k."""
+    q = q + method.q_proj(q)
+    k = k + method.k_proj(k)
+    fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    n = k.shape[-2]
+    kv = (fk.transpose(-1, -2) * n**-0.5) @ (v * n**-0.5)
+    z = fq @ fk.mean(dim=-2, keepdim=True).transpose(-1, -2) + method.eps
+    return fq @ kv / z
+
+
+def test_linear_matches_linfusion_formula():
+    gen = torch.Generator().manual_seed(3)
+    grid = TokenGrid((4, 5), extra_before=3)
+    method = LinearAttention(8, dtype=torch.float64)
+    with torch.no_grad():
+        for proj in (method.q_proj, method.k_proj):
+            proj.fc2.weight.normal_(generator=gen)
+    q, k, v = _qkv(grid, gen)
+    out, density = method(q, k, v, grid, DiffusionState())
+    assert density is None
+    _check_forward_backward("linear", out, _linfusion(q, k, v, method), (q, k, v))
+    params = [method.q_proj.fc1.weight, method.k_proj.fc2.weight]
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, grad)
+    want = torch.autograd.grad(_linfusion(q, k, v, method), params, grad)
+    for label, g, w in zip(("q_proj.fc1", "k_proj.fc2"), got, want):
+        assert_close(label, w, g)
+
+
+def _tome_agents(tokens: torch.Tensor, shape, sx: int, sy: int, ratio: float) -> torch.Tensor:
+    """ToMe-SD's bipartite_soft_matching_random2d (use_rand=False) + mean merge, one sample, by loops."""
+    rows, cols = shape[-2] // sy * sy, shape[-1] // sx * sx
+    coords = TokenGrid(shape).coords().tolist()
+    dst = [i for i, c in enumerate(coords) if c[-2] % sy == 0 and c[-1] % sx == 0 and c[-2] < rows and c[-1] < cols]
+    src = [i for i in range(len(coords)) if i not in dst]
+    r = min(int(len(coords) * ratio), len(src))
+    unit = tokens / tokens.norm(dim=-1, keepdim=True)
+    unit = unit.detach()
+    best = [max(range(len(dst)), key=lambda j: float(unit[s] @ unit[dst[j]])) for s in src]
+    score = [float(unit[s] @ unit[dst[best[i]]]) for i, s in enumerate(src)]
+    ranked = sorted(range(len(src)), key=lambda i: -score[i])
+    merged, kept = ranked[:r], ranked[r:]
+    agents = [tokens[src[i]] for i in kept]
+    for j, d in enumerate(dst):
+        group = [tokens[d]] + [tokens[src[i]] for i in merged if best[i] == j]
+        agents.append(torch.stack(group).mean(0))
+    return torch.stack(agents)
+
+
+def test_agent_matches_agentsd_formula():
+    gen = torch.Generator().manual_seed(4)
+    grid = TokenGrid((6, 8), extra_after=4)
+    method = AgentAttention(agent_ratio=0.7, sx=2, sy=2, k_scale2=0.3, k_shortcut=0.075, backend="reference")
+    q, k, v = _qkv(grid, gen)
+    out, density = method(q, k, v, grid, DiffusionState())
+    b, h, _, d = q.shape
+    refs = []
+    for i in range(b):
+        tokens = q[i, :, : grid.num_grid_tokens].transpose(0, 1).reshape(grid.num_grid_tokens, h * d)
+        agents = _tome_agents(tokens, grid.shape, 2, 2, 0.7).view(-1, h, d).transpose(0, 1)
+        s = d**-0.5
+        agent_v = ((agents @ k[i].transpose(-1, -2)) * s).softmax(-1) @ v[i]
+        refs.append(((q[i] @ agents.transpose(-1, -2)) * s**0.3).softmax(-1) @ agent_v + 0.075 * v[i])
+    ref = torch.stack(refs)
+    assert density == pytest.approx(2 * (48 - int(48 * 0.7)) / grid.num_tokens)
+    _check_forward_backward("agent", out, ref, (q, k, v))
+
+
+def test_agent_keeps_dense_attention_with_few_merges():
+    grid = TokenGrid((4, 4))
+    q, k, v = _qkv(grid, torch.Generator().manual_seed(5))
+    out, density = AgentAttention(agent_ratio=0.25)(q, k, v, grid, DiffusionState())
+    assert out is None and density == 1.0
+    assert math.isfinite(density)
