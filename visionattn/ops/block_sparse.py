@@ -5,10 +5,12 @@ to, e.g. a tile-order ``TokenLayout``), ``D`` query/key head dim, ``Dv`` value h
 """
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from ..layout.block_mask import BlockMask
+from ..layout.predicates import CircularWindow, NeighborhoodWindow
 from ._checks import _check_attention_inputs, _check_scale
-from ._registry import _BackendRegistry
+from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim, _requires_triton_device
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
 
@@ -68,6 +70,229 @@ def block_sparse_attention_reference(
         return out
     lse = torch.where(nonempty, torch.log(safe_denom) + row_max, torch.full_like(denom, float("-inf")))
     return out, lse.squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------- triton backend
+#: Largest logical block the kernels tile (one 128 x 128 score tile per step).
+_MAX_BLOCK = 128
+_TRITON_HEAD_DIMS = (16, 32, 64, 96, 128)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _predicate_args(token_mask) -> tuple[int, list[int], float]:
+    """``(mask_kind, mask_params, radius2)`` the kernels evaluate for ``token_mask`` (order: ``MASK_PARAMS``).
+
+    Grid axes are padded to (T, Y, X) with size-1 axes; raster order is one tile the size of the grid.
+    """
+    from ..kernels.block_sparse import MASK_CIRCULAR, MASK_NEIGHBORHOOD, MASK_NONE, NO_MASK_PARAMS
+
+    if token_mask is None:
+        return MASK_NONE, list(NO_MASK_PARAMS), 0.0
+    layout, grid = token_mask.layout, token_mask.layout.grid
+    pad = lambda values, fill=1: [fill] * (3 - grid.ndim) + [int(x) for x in values]
+    tiles = pad(layout.tiles_per_axis)
+    params = [layout.num_tokens, grid.extra_before, layout.extra_before_slots, layout.num_grid_slots]
+    params += [grid.extra_after, *pad(grid.shape), *pad(layout.tile or grid.shape), tiles[1], tiles[2]]
+    if isinstance(token_mask, NeighborhoodWindow):
+        window = (token_mask.kernel_size, token_mask.stride, token_mask.dilation)
+        params += [x for values in window for x in pad(values)] + pad(token_mask.causal, fill=0)
+        return MASK_NEIGHBORHOOD, params, 0.0
+    return MASK_CIRCULAR, params + [1] * 12, float(token_mask.radius) ** 2
+
+
+def _triton_supports_mask(args: dict, raise_error: bool) -> bool:
+    mask = args["block_mask"]
+    if mask.token_mask is not None and type(mask.token_mask) not in (NeighborhoodWindow, CircularWindow):
+        return _fail(
+            raise_error,
+            NotImplementedError,
+            "block_mask.token_mask must be None, a NeighborhoodWindow or a CircularWindow for backend='triton' "
+            f"(the kernels evaluate those in-kernel); got {type(mask.token_mask).__name__}. Use backend='reference'.",
+        )
+    if max(mask.block_q, mask.block_k) > _MAX_BLOCK:
+        return _fail(
+            raise_error,
+            NotImplementedError,
+            f"block_mask blocks must be at most {_MAX_BLOCK} tokens for backend='triton'; "
+            f"got block_mask.block_q={mask.block_q}, block_mask.block_k={mask.block_k}.",
+        )
+    return True
+
+
+@torch.library.custom_op("visionattn::block_sparse_attention_fwd", mutates_args=())
+def _block_sparse_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    partial: torch.Tensor,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    mask_kind: int,
+    mask_params: list[int],
+    radius2: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.block_sparse import block_sparse_fwd
+
+    return block_sparse_fwd(
+        q,
+        k,
+        v,
+        indptr,
+        indices,
+        partial,
+        scale=scale,
+        block_q=block_q,
+        block_k=block_k,
+        mask_kind=mask_kind,
+        mask_params=mask_params,
+        radius2=radius2,
+    )
+
+
+@_block_sparse_fwd_op.register_fake
+def _(q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2):
+    from ..kernels.block_sparse import empty_like_layout
+
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    return empty_like_layout(q, v.shape[-1]), lse
+
+
+@torch.library.custom_op("visionattn::block_sparse_attention_bwd", mutates_args=())
+def _block_sparse_bwd_op(
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    partial: torch.Tensor,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    mask_kind: int,
+    mask_params: list[int],
+    radius2: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.block_sparse_bwd import block_sparse_bwd
+
+    return block_sparse_bwd(
+        do,
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        indptr,
+        indices,
+        partial,
+        scale=scale,
+        block_q=block_q,
+        block_k=block_k,
+        mask_kind=mask_kind,
+        mask_params=mask_params,
+        radius2=radius2,
+    )
+
+
+@_block_sparse_bwd_op.register_fake
+def _(do, dlse, q, k, v, *args):
+    from ..kernels.block_sparse import empty_like_layout
+
+    return tuple(empty_like_layout(t, t.shape[-1]) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2 = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, indptr, indices, partial)
+    ctx.scale, ctx.block_q, ctx.block_k = scale, block_q, block_k
+    ctx.mask_kind, ctx.mask_params, ctx.radius2 = mask_kind, mask_params, radius2
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, indptr, indices, partial = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    dq, dk, dv = _block_sparse_bwd_op(
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        indptr,
+        indices,
+        partial,
+        ctx.scale,
+        ctx.block_q,
+        ctx.block_k,
+        ctx.mask_kind,
+        ctx.mask_params,
+        ctx.radius2,
+    )
+    # q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_block_sparse_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kept_pairs(q_shape, indptr_shape, indices_shape, block_q: int, block_k: int) -> int:
+    """Token pairs in kept blocks, over all batch x heads (a broadcast mask counts once per head)."""
+    broadcast = (q_shape[0] * q_shape[1]) // (indptr_shape[0] * indptr_shape[1])
+    return indices_shape[0] * broadcast * block_q * block_k
+
+
+@register_flop_formula(torch.ops.visionattn.block_sparse_attention_fwd)
+def _fwd_flops(
+    q_shape, k_shape, v_shape, indptr_shape, indices_shape, partial_shape, scale, block_q, block_k, *_, **__
+):
+    """QK^T and PV over the kept blocks: 2 * pairs * (D + Dv)."""
+    return 2 * _kept_pairs(q_shape, indptr_shape, indices_shape, block_q, block_k) * (q_shape[-1] + v_shape[-1])
+
+
+@register_flop_formula(torch.ops.visionattn.block_sparse_attention_bwd)
+def _bwd_flops(do_shape, dlse_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, indptr_shape, indices_shape,
+               partial_shape, scale, block_q, block_k, *_, **__):  # fmt: skip
+    """QK^T, dP = dO V^T, dV, dQ, dK over the kept blocks: 2 * pairs * (3 D + 2 Dv) (recompute not counted)."""
+    pairs = _kept_pairs(q_shape, indptr_shape, indices_shape, block_q, block_k)
+    return 2 * pairs * (3 * q_shape[-1] + 2 * v_shape[-1])
+
+
+@_REGISTRY.register(
+    "triton",
+    constraints=[
+        _requires_triton_device("q", "k", "v"),
+        _requires_dtype("q", _TRITON_DTYPES),
+        _requires_head_dim("q", _TRITON_HEAD_DIMS),
+        _requires_head_dim("v", _TRITON_HEAD_DIMS),
+        _triton_supports_mask,
+    ],
+)
+def _block_sparse_attention_triton(q, k, v, block_mask: BlockMask, *, scale: float, return_lse: bool = False):
+    mask_kind, mask_params, radius2 = _predicate_args(block_mask.token_mask)
+    out, lse = _block_sparse_fwd_op(
+        q,
+        k,
+        v,
+        block_mask.indptr,
+        block_mask.indices,
+        block_mask.partial,
+        scale,
+        block_mask.block_q,
+        block_mask.block_k,
+        mask_kind,
+        mask_params,
+        radius2,
+    )
+    return (out, lse) if return_lse else out
 
 
 _REGISTRY.register("reference")(block_sparse_attention_reference)

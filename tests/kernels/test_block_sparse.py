@@ -1,0 +1,171 @@
+"""Block-sparse flash attention kernels (forward and dQ/dK/dV) against the float64 reference.
+
+On CPU these run under the Triton interpreter at tiny sizes (fp32 with ieee dots, fp16); on the H100 the
+``gpu`` tests run real sizes in fp16/bf16.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests._numerics import TOLERANCES, assert_close
+from visionattn.layout import BlockMask, CircularWindow, NeighborhoodWindow, TokenGrid, TokenLayout
+from visionattn.ops import block_sparse_attention
+
+
+def _mask_from_predicate(pred, n: int, block: int, heads: int = 1, drop: float = 0.0, gen=None) -> BlockMask:
+    """Brute-force BlockMask of an exact predicate: a block is kept if any pair is allowed, partial unless all are.
+
+    With ``drop`` > 0, head ``h > 0`` also loses that fraction of its blocks (per-head masks).
+    """
+    idx = torch.arange(n)
+    pad = -n % block
+    dense = F.pad(pred(idx[:, None], idx[None, :]), (0, pad, 0, pad))
+    inside = F.pad(torch.ones(n, n, dtype=torch.bool), (0, pad, 0, pad))
+    mb = (n + pad) // block
+    tiles = lambda x: x.view(mb, block, mb, block).transpose(1, 2)
+    keep = tiles(dense).any(-1).any(-1)
+    full = (tiles(dense) | ~tiles(inside)).all(-1).all(-1)
+    keep = keep.expand(1, heads, mb, mb).clone()
+    if drop:
+        keep[:, 1:] &= torch.rand(keep[:, 1:].shape, generator=gen) >= drop
+    return BlockMask.from_block_matrix(
+        keep, partial=keep & ~full, q_len=n, kv_len=n, block_q=block, block_k=block, token_mask=pred
+    )
+
+
+def _random_mask(gen, heads, q_len, kv_len, bq, bk, p=0.5) -> BlockMask:
+    mq, mk = -(-q_len // bq), -(-kv_len // bk)
+    keep = torch.rand(1, heads, mq, mk, generator=gen) < p
+    keep[0, 0, 0] = False  # an empty row: output 0, lse -inf
+    return BlockMask.from_block_matrix(keep, q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk)
+
+
+def _check(mask, device, dtype, gen, *, batch=1, heads=2, d=32, dv=16, bnhd=False, check_lse=True):
+    """Forward (out, lse) and dq/dk/dv (with a random dlse) of the kernel vs the float64 reference."""
+
+    def make(n, dim):
+        x = (
+            torch.randn(batch, n, heads, dim, generator=gen)
+            if bnhd
+            else torch.randn(batch, heads, n, dim, generator=gen)
+        )
+        x = x.to(device=device, dtype=dtype)
+        return (x.transpose(1, 2) if bnhd else x).requires_grad_(True)
+
+    q, k, v = make(mask.q_len, d), make(mask.kv_len, d), make(mask.kv_len, dv)
+    mask = mask.to(device)
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, backend="triton")
+    if bnhd:
+        assert out.transpose(1, 2).is_contiguous()
+    ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref_out, ref_lse = block_sparse_attention(*ref_in, mask, return_lse=True, backend="reference")
+    assert_close("out", ref_out, out, dtype=dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert_close("lse", ref_lse[finite], lse[finite], dtype=torch.float32 if dtype == torch.float32 else dtype)
+    do = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
+    dlse = torch.randn(lse.shape, generator=gen).to(device).where(finite, 0) if check_lse else None
+    outs, grads = ([out, lse], [do, dlse]) if check_lse else ([out], [do])
+    got = torch.autograd.grad(outs, (q, k, v), grads)
+    ref_outs = [ref_out, ref_lse.where(finite, 0)] if check_lse else [ref_out]
+    ref_grads = [g.double() if g is not None else None for g in grads]
+    ref = torch.autograd.grad(ref_outs, ref_in, ref_grads)
+    for name, r, g in zip(("dq", "dk", "dv"), ref, got):
+        assert_close(name, r, g, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "heads,q_len,kv_len,bq,bk,d,dv",
+    [(2, 70, 45, 16, 16, 32, 16), (1, 40, 64, 32, 16, 16, 32), (2, 37, 37, 7, 12, 16, 16)],
+    ids=lambda x: str(x),
+)
+def test_block_sparse_kernel_random_masks(kernel_device, poison_empty, rng, heads, q_len, kv_len, bq, bk, d, dv):
+    _check(_random_mask(rng, heads, q_len, kv_len, bq, bk), kernel_device, torch.float32, rng, d=d, dv=dv)
+
+
+def test_block_sparse_kernel_fp16_broadcast_mask_bnhd(kernel_device, poison_empty, rng):
+    mask = _random_mask(rng, 1, 48, 48, 16, 16, p=0.7)
+    _check(mask, kernel_device, torch.float16, rng, batch=2, heads=2, bnhd=True)
+
+
+@pytest.mark.parametrize(
+    "grid,tile,kernel,stride,dilation,causal",
+    [
+        ((37,), (16,), (7,), (2,), (2,), (False,)),
+        ((30,), (16,), (5,), (1,), (1,), (True,)),
+        ((7, 9), (4, 4), (3, 5), (1, 2), (2, 1), (False, False)),
+        ((4, 6), (2, 2), (3, 3), (1, 1), (1, 1), (False, True)),
+        ((6, 6), (3, 3), (3, 5), (3, 1), (1, 1), (False, False)),
+        ((3, 4, 6), (2, 2, 4), (2, 3, 3), (1, 1, 2), (1, 1, 1), (True, False, False)),
+    ],
+    ids=lambda x: str(x),
+)
+def test_block_sparse_kernel_neighborhood(
+    kernel_device, poison_empty, rng, grid, tile, kernel, stride, dilation, causal
+):
+    layout = TokenLayout(TokenGrid(grid, extra_before=3 if len(grid) < 3 else 0, extra_after=2), tile=tile)
+    pred = NeighborhoodWindow(layout, kernel, stride, dilation, causal)
+    heads = 2 if len(grid) == 1 else 1  # per-head masks on the cheap 1D cases (interpreter time)
+    mask = _mask_from_predicate(pred, layout.num_tokens, math.prod(tile), heads=heads, drop=0.3, gen=rng)
+    assert bool(mask.partial.any())
+    _check(mask, kernel_device, torch.float32, rng, heads=heads, d=16)
+
+
+def test_block_sparse_kernel_circular_raster_fp16(kernel_device, poison_empty, rng):
+    layout = TokenLayout(TokenGrid((6, 8), extra_after=3))
+    mask = _mask_from_predicate(CircularWindow(layout, 2.5), layout.num_tokens, 16)
+    _check(mask, kernel_device, torch.float16, rng, heads=1, check_lse=False)
+
+
+def test_block_sparse_kernel_matches_across_dtypes(kernel_device, rng, kernel_dtypes):
+    layout = TokenLayout(TokenGrid((8, 8)), tile=(4, 4))
+    mask = _mask_from_predicate(NeighborhoodWindow(layout, (5, 5), (1, 1), (1, 1), (False, False)), 64, 16)
+    for dtype in kernel_dtypes:
+        _check(mask, kernel_device, dtype, rng, heads=1, d=32, dv=32)
+
+
+def test_block_sparse_kernel_traces_with_compile_and_counts_flops(kernel_device, rng):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mask = _random_mask(rng, 1, 32, 32, 16, 16, p=1.0).to(kernel_device)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=rng).to(kernel_device).requires_grad_(True) for _ in range(3))
+    fn = lambda q, k, v: block_sparse_attention(q, k, v, mask, backend="triton")
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    assert_close("out", fn(q, k, v), out)
+    with FlopCounterMode(display=False) as counter:
+        fn(q, k, v).sum().backward()
+    kept_pairs = 2 * 16 * 16 * 2  # 2 kept blocks of 16 x 16 (row 0 is emptied), 2 heads
+    assert counter.get_total_flops() == 2 * kept_pairs * (16 + 16) + 2 * kept_pairs * (3 * 16 + 2 * 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_block_sparse_kernel_gpu_random_and_dense(rng, d, dtype):
+    for p in (1.0, 0.1):
+        mask = _random_mask(rng, 4, 4096, 4096, 128, 128, p=p)
+        _check(mask, "cuda", dtype, rng, batch=2, heads=4, d=d, dv=d)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_block_sparse_kernel_gpu_neighborhood_3d(rng, dtype):
+    layout = TokenLayout(TokenGrid((6, 30, 44), extra_before=77), tile=(2, 8, 8))
+    pred = NeighborhoodWindow(layout, (3, 9, 11), (1, 2, 1), (1, 1, 2), (True, False, False))
+    mask = _mask_from_predicate(pred, layout.num_tokens, 128, heads=2, drop=0.2, gen=rng)
+    _check(mask, "cuda", dtype, rng, heads=2, d=128, dv=128, bnhd=True)
+
+
+@pytest.mark.gpu
+def test_block_sparse_kernel_gpu_compile_fullgraph(rng):
+    mask = _random_mask(rng, 1, 2048, 2048, 64, 64, p=0.3).to("cuda")
+    q, k, v = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: block_sparse_attention(q, k, v, mask)
+    out = torch.compile(fn, fullgraph=True)(q, k, v)
+    out.float().square().sum().backward()
+    ref = fn(*(t.detach() for t in (q, k, v)))
+    assert_close("out", ref, out, tol=TOLERANCES[torch.bfloat16])

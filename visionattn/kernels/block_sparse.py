@@ -1,0 +1,456 @@
+"""Block-sparse flash attention, forward: each program walks one query block's CSR row of kept key blocks.
+
+Layout: q ``(B, H, Nq, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)`` with arbitrary strides (so ``(B, N, H, D)``
+storage is read in place); the CSR ``indptr (Bm, Hm, Mq + 1)`` / ``indices (nnz,)`` / ``partial (nnz,)`` of a
+``BlockMask`` whose batch/heads ``Bm``/``Hm`` are 1 (broadcast) or ``B``/``H``. Logical blocks of ``block_q`` x
+``block_k`` tokens sit in power-of-two tiles ``BLOCK_M`` x ``BLOCK_N`` (>= 16); rows and columns past the logical
+block or the sequence are masked. Blocks flagged partial evaluate the exact token predicate of
+``visionattn.layout.predicates`` in-kernel from layout coordinates (``MASK_KIND``), never from an N x N tensor.
+
+The backward kernels live in ``block_sparse_bwd.py`` and share the predicate helpers below.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import autotune_configs, autotune_kwargs
+from ._constants import LN2, LOG2E, NEG_INF
+
+__all__ = ["MASK_CIRCULAR", "MASK_NEIGHBORHOOD", "MASK_NONE", "MASK_PARAMS", "NO_MASK_PARAMS", "block_sparse_fwd"]
+
+#: ``MASK_KIND`` values: no token predicate, ``NeighborhoodWindow``, ``CircularWindow``.
+MASK_NONE, MASK_NEIGHBORHOOD, MASK_CIRCULAR = 0, 1, 2
+#: Order of the integer predicate parameters the launchers take (grid axes padded to (T, Y, X) with size-1 axes).
+MASK_PARAMS = (
+    "lay_tokens",  # TokenLayout.num_tokens
+    "lay_before",  # real extra tokens before the grid
+    "lay_before_slots",  # their slots incl. padding (= grid offset)
+    "lay_grid_slots",  # grid slots incl. padding
+    "lay_after",  # real extra tokens after the grid
+    *("grid_t", "grid_y", "grid_x"),
+    *("tile_t", "tile_y", "tile_x"),  # the grid shape in raster order
+    *("tiles_y", "tiles_x"),  # tiles per axis (the T count is implied)
+    *("na_kernel_t", "na_kernel_y", "na_kernel_x"),
+    *("na_stride_t", "na_stride_y", "na_stride_x"),
+    *("na_dilation_t", "na_dilation_y", "na_dilation_x"),
+    *("na_causal_t", "na_causal_y", "na_causal_x"),
+)
+#: Parameters for ``MASK_NONE``: a one-token layout, so the (unused) predicate arithmetic never divides by zero.
+NO_MASK_PARAMS = [1] * len(MASK_PARAMS)
+#: Score of a masked (query, key) pair: exp2(-inf - m) = 0 for any finite running max m.
+_MASKED = tl.constexpr(float("-inf"))
+_NEIGHBORHOOD = tl.constexpr(MASK_NEIGHBORHOOD)
+_NONE = tl.constexpr(MASK_NONE)
+_NEG_INF = tl.constexpr(NEG_INF)
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
+
+# Block shapes follow the mask, so only warps and pipeline depth are tuned.
+_FWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+_FWD_DEFAULT = triton.Config({}, num_warps=4, num_stages=2)
+
+
+def _prune_configs(configs, nargs, **kwargs):
+    """8 warps only pay off on 128 x 64+ tiles; small tiles would leave warps idle."""
+    args = {**nargs, **kwargs}
+    big = args["BLOCK_M"] * args["BLOCK_N"] >= 128 * 64
+    kept = [c for c in configs if big or c.num_warps <= 4]
+    return kept or configs[:1]
+
+
+# ---------------------------------------------------------------------------------------------- predicate helpers
+@triton.jit
+def _bsa_coords(pos, mp):
+    """``TokenLayout.token_coords`` in-kernel: (is_global, valid, t, y, x) for int32 layout positions ``pos``."""
+    lay_tokens, lay_before, lay_before_slots, lay_grid_slots, lay_after = mp[0], mp[1], mp[2], mp[3], mp[4]
+    tile_t, tile_y, tile_x, tiles_y, tiles_x = mp[8], mp[9], mp[10], mp[11], mp[12]
+    safe = tl.minimum(tl.maximum(pos, 0), lay_tokens - 1)
+    g = safe - lay_before_slots
+    is_grid = (g >= 0) & (g < lay_grid_slots)
+    g = tl.minimum(tl.maximum(g, 0), lay_grid_slots - 1)
+    tile_size = tile_t * tile_y * tile_x
+    tile_id = g // tile_size
+    inner = g % tile_size
+    x = (tile_id % tiles_x) * tile_x + inner % tile_x
+    y = ((tile_id // tiles_x) % tiles_y) * tile_y + (inner // tile_x) % tile_y
+    t = (tile_id // (tiles_x * tiles_y)) * tile_t + inner // (tile_x * tile_y)
+    in_grid = (t < mp[5]) & (y < mp[6]) & (x < mp[7])
+    after = safe - lay_before_slots - lay_grid_slots
+    extra_ok = tl.where(safe < lay_before_slots, safe < lay_before, after < lay_after)
+    valid = (pos >= 0) & (pos < lay_tokens) & tl.where(is_grid, in_grid, extra_ok)
+    return ~is_grid, valid, t, y, x
+
+
+@triton.jit
+def _bsa_window(c, mp, AXIS: tl.constexpr, IS_QUERY: tl.constexpr):
+    """NATTEN/GNA rule on grid axis ``AXIS`` (``predicates._neighborhood_axis``), split by side.
+
+    Query side: (group, lo, hi), the window in dilation-group coordinates; key side: (group, kg, kg).
+    A key is allowed iff the groups match and ``lo <= kg <= hi``.
+    """
+    length, kernel, stride, dilation, causal = mp[5 + AXIS], mp[13 + AXIS], mp[16 + AXIS], mp[19 + AXIS], mp[22 + AXIS]
+    group = c % dilation
+    cg = c // dilation
+    if IS_QUERY:
+        group_len = (length - group + dilation - 1) // dilation
+        left = kernel // 2
+        right = kernel // 2 + kernel % 2 - 1
+        first = (cg // stride) * stride
+        leader_causal = tl.minimum(first + stride - 1, group_len - 1)
+        leader = tl.minimum(first + stride // 2, group_len - 1)
+        center = tl.maximum(tl.minimum(leader, group_len - 1 - right), left)
+        lo = tl.where(causal != 0, leader_causal - kernel + 1, center - left)
+        hi = tl.where(causal != 0, cg, center + right)
+    else:
+        lo = cg
+        hi = cg
+    return group, lo, hi
+
+
+@triton.jit
+def _bsa_side(pos, mp, IS_QUERY: tl.constexpr, MASK_KIND: tl.constexpr, AS_ROWS: tl.constexpr):
+    """Per-token half of the predicate, shaped ``[n, 1]`` (``AS_ROWS``) or ``[1, n]`` for the score tile.
+
+    Returns (is_global, valid, then (group, lo, hi) per axis, see ``_bsa_window``); for ``MASK_CIRCULAR`` each
+    axis carries its coordinate three times.
+    """
+    if AS_ROWS:
+        pos = pos[:, None]
+    else:
+        pos = pos[None, :]
+    is_global, valid, t, y, x = _bsa_coords(pos, mp)
+    if MASK_KIND == _NEIGHBORHOOD:
+        gt, lt, ht = _bsa_window(t, mp, 0, IS_QUERY)
+        gy, ly, hy = _bsa_window(y, mp, 1, IS_QUERY)
+        gx, lx, hx = _bsa_window(x, mp, 2, IS_QUERY)
+    else:
+        gt, lt, ht = t, t, t
+        gy, ly, hy = y, y, y
+        gx, lx, hx = x, x, x
+    return is_global, valid, gt, lt, ht, gy, ly, hy, gx, lx, hx
+
+
+@triton.jit
+def _bsa_allowed(qs, ks, radius2, MASK_KIND: tl.constexpr):
+    """The exact token predicate on a score tile from the query-side and key-side ``_bsa_side`` tuples."""
+    if MASK_KIND == _NEIGHBORHOOD:
+        # per axis: same dilation group and lo <= k <= hi
+        local = (qs[2] == ks[2]) & (ks[3] >= qs[3]) & (ks[3] <= qs[4])
+        local = local & (qs[5] == ks[5]) & (ks[6] >= qs[6]) & (ks[6] <= qs[7])
+        local = local & (qs[8] == ks[8]) & (ks[9] >= qs[9]) & (ks[9] <= qs[10])
+    else:
+        dt = qs[2] - ks[2]
+        dy = qs[5] - ks[5]
+        dx = qs[8] - ks[8]
+        local = (dt * dt + dy * dy + dx * dx).to(tl.float32) < radius2
+    return ks[1] & (qs[0] | ks[0] | local)
+
+
+@triton.jit
+def _bsa_mask_scores(
+    b_s,
+    loop_pos,
+    n_valid,
+    fixed,
+    partial_ptr,
+    i,
+    mp,
+    radius2,
+    BLOCK_LOOP: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    EVEN_LOOP: tl.constexpr,
+    ROWS_ARE_Q: tl.constexpr,
+):
+    """Set disallowed scores to -inf: columns past the block or sequence, and the predicate on partial blocks.
+
+    Rows are the program's own tokens (``fixed``: their ``_bsa_side`` tuple, shaped as rows); columns are the
+    ``BLOCK_LOOP`` tokens of the visited block at ``loop_pos``, ``n_valid`` of them inside it. Blocks needing
+    neither test skip it at run time (the ``i``-th CSR entry says whether the block is partial).
+    """
+    if MASK_KIND != _NONE or not EVEN_LOOP:
+        ok = (tl.arange(0, BLOCK_LOOP) < n_valid)[None, :]
+        need = n_valid < BLOCK_LOOP
+        if MASK_KIND != _NONE:
+            is_partial = tl.load(partial_ptr + i) != 0
+            need = need | is_partial
+        if need:
+            if MASK_KIND != _NONE:
+                if ROWS_ARE_Q:
+                    exact = _bsa_allowed(fixed, _bsa_side(loop_pos, mp, False, MASK_KIND, False), radius2, MASK_KIND)
+                else:
+                    exact = _bsa_allowed(_bsa_side(loop_pos, mp, True, MASK_KIND, False), fixed, radius2, MASK_KIND)
+                ok = ok & (exact | ~is_partial)
+            b_s = tl.where(ok, b_s, _MASKED)
+    return b_s
+
+
+@triton.jit
+def _bsa_load(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """Load a 2D tile, zero-filling rows/columns outside the logical block (never NaN into a dot)."""
+    if EVEN_ROWS and EVEN_COLS:
+        x = tl.load(ptrs)
+    elif EVEN_ROWS:
+        x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    elif EVEN_COLS:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _block_sparse_fwd_inner(
+    acc,
+    m_i,
+    l_i,
+    b_q,
+    qs,
+    k_base,
+    v_base,
+    indices_ptr,
+    partial_ptr,
+    row_start,
+    row_end,
+    stride_k_n,
+    stride_k_d,
+    stride_v_n,
+    stride_v_d,
+    qk_scale,
+    kv_len,
+    block_k,
+    mp,
+    radius2,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax (exp2, fp32) over the kept key blocks ``indices[row_start:row_end]``."""
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    for i in range(row_start, row_end):
+        start_n = tl.load(indices_ptr + i) * block_k
+        n_valid = tl.minimum(block_k, kv_len - start_n)
+        m_n = o_n < n_valid
+        p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
+        p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
+        # [BLOCK_N, BLOCK_D]
+        b_k = _bsa_load(p_k, m_n, o_d < HEAD_DIM, EVEN_N, HEAD_DIM == BLOCK_D)
+        # [BLOCK_N, BLOCK_DV]
+        b_v = _bsa_load(p_v, m_n, o_dv < HEAD_DIM_V, EVEN_N, HEAD_DIM_V == BLOCK_DV)
+        # [BLOCK_M, BLOCK_N]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+        b_s = _bsa_mask_scores(
+            b_s, start_n + o_n, n_valid, qs, partial_ptr, i, mp, radius2, BLOCK_N, MASK_KIND, EVEN_N, True
+        )
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        b_p = tl.math.exp2(b_s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(
+    configs=autotune_configs(_FWD_CONFIGS, _FWD_DEFAULT),
+    key=["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "MASK_KIND"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    **autotune_kwargs(),
+)
+@triton.jit
+def _block_sparse_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    indptr_ptr,
+    indices_ptr,
+    partial_ptr,
+    stride_q_b,
+    stride_q_h,
+    stride_q_n,
+    stride_q_d,
+    stride_k_b,
+    stride_k_h,
+    stride_k_n,
+    stride_k_d,
+    stride_v_b,
+    stride_v_h,
+    stride_v_n,
+    stride_v_d,
+    stride_o_b,
+    stride_o_h,
+    stride_o_n,
+    stride_o_d,
+    stride_indptr_b,
+    stride_indptr_h,
+    num_heads,
+    q_len,
+    kv_len,
+    block_q,
+    block_k,
+    qk_scale,
+    mp,
+    radius2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // num_heads).to(tl.int64)
+    i_h = (i_bh % num_heads).to(tl.int64)
+    start_m = i_m * block_q
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_m = o_m < tl.minimum(block_q, q_len - start_m)
+    p_q = (
+        q_ptr + i_b * stride_q_b + i_h * stride_q_h + (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
+    )
+    # [BLOCK_M, BLOCK_D]
+    b_q = _bsa_load(p_q, m_m, o_d < HEAD_DIM, EVEN_M, HEAD_DIM == BLOCK_D)
+    row = indptr_ptr + i_b * stride_indptr_b + i_h * stride_indptr_h + i_m
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], _NEG_INF, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _block_sparse_fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        b_q,
+        _bsa_side(start_m + o_m, mp, True, MASK_KIND, True),
+        k_ptr + i_b * stride_k_b + i_h * stride_k_h,
+        v_ptr + i_b * stride_v_b + i_h * stride_v_h,
+        indices_ptr,
+        partial_ptr,
+        tl.load(row),
+        tl.load(row + 1),
+        stride_k_n,
+        stride_k_d,
+        stride_v_n,
+        stride_v_d,
+        qk_scale,
+        kv_len,
+        block_k,
+        mp,
+        radius2,
+        BLOCK_N,
+        BLOCK_D,
+        BLOCK_DV,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        MASK_KIND,
+        EVEN_N,
+        DOT_PRECISION,
+    )
+    empty = l_i == 0.0
+    b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    p_o = (
+        o_ptr + i_b * stride_o_b + i_h * stride_o_h + (start_m + o_m)[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
+    )
+    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_m[:, None] & (o_dv < HEAD_DIM_V)[None, :])
+    b_lse = tl.where(empty, _MASKED, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
+    tl.store(lse_ptr + i_bh.to(tl.int64) * q_len + start_m + o_m, b_lse, mask=m_m)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def next_block(size: int) -> int:
+    """Power-of-two tile (>= 16, the smallest ``tl.dot`` dimension) holding ``size`` rows."""
+    return max(16, triton.next_power_of_2(size))
+
+
+def empty_like_layout(x: torch.Tensor, last: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(B, H, N, last)`` output stored like ``x``: ``(B, N, H, last)`` memory when x's heads are inner to tokens."""
+    b, h, n, _ = x.shape
+    dtype = dtype or x.dtype
+    if x.stride(1) < x.stride(2):
+        return torch.empty(b, n, h, last, device=x.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(b, h, n, last, device=x.device, dtype=dtype)
+
+
+def csr_strides(indptr: torch.Tensor) -> tuple[int, int]:
+    """Strides of ``indptr``'s batch and head axes, 0 where the mask broadcasts (size 1)."""
+    return tuple(indptr.stride(i) if indptr.shape[i] > 1 else 0 for i in range(2))
+
+
+def launch_constexprs(q, k, v, block_q: int, block_k: int, mask_kind: int) -> dict:
+    """Compile-time switches shared by every block-sparse kernel."""
+    return {
+        "BLOCK_M": next_block(block_q),
+        "BLOCK_N": next_block(block_k),
+        "BLOCK_D": next_block(q.shape[-1]),
+        "BLOCK_DV": next_block(v.shape[-1]),
+        "HEAD_DIM": q.shape[-1],
+        "HEAD_DIM_V": v.shape[-1],
+        "MASK_KIND": mask_kind,
+        "EVEN_M": block_q == next_block(block_q) and q.shape[2] % block_q == 0,
+        "EVEN_N": block_k == next_block(block_k) and k.shape[2] % block_k == 0,
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+
+
+def block_sparse_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    partial: torch.Tensor,
+    *,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    mask_kind: int,
+    mask_params: list[int],
+    radius2: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid ``(Mq, B * H)``: one program per (query block, batch x head) writes ``out`` (like q's layout) and lse.
+
+    Returns ``out`` ``(B, H, Nq, Dv)`` and ``lse`` ``(B, H, Nq)`` float32 (natural log, ``-inf`` on empty rows).
+    """
+    b, h, q_len, _ = q.shape
+    out = empty_like_layout(q, v.shape[-1])
+    lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(q_len, block_q), b * h)
+    _block_sparse_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        indptr,
+        indices,
+        partial,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *csr_strides(indptr),
+        h,
+        q_len,
+        k.shape[2],
+        block_q,
+        block_k,
+        scale * LOG2E,
+        tuple(mask_params),
+        radius2,
+        **launch_constexprs(q, k, v, block_q, block_k, mask_kind),
+    )
+    return out, lse
