@@ -100,6 +100,26 @@ def test_gated_kernel_strong_gates_stay_finite(kernel_device, poison_empty):
     _check_against_reference(_to(inputs, kernel_device, torch.float32), torch.float32)
 
 
+def test_gated_kernel_gates_at_the_clamp(kernel_device):
+    """Every gate at the clamp (-16) and large q, k: the intra-sub-block factors reach their bound exp(64).
+
+    The gate gradients are only checked for finiteness: their reference is ~exp(-16) of the other gradients, below
+    float32 resolution of the q·dq - k·dk identity they come from.
+    """
+    q, k, v, a, b = _inputs(1, 1, 33, 16, 16)
+    q, k = q.detach() * 1e3, k.detach() * 1e3
+    a, b = torch.full_like(a, -15.9), torch.full_like(b, -15.9)
+    low = _to((q, k, v, a, b), kernel_device, torch.float32)
+    master = [t.detach().double().requires_grad_() for t in low]
+    grad_out = torch.randn(v.shape, dtype=torch.float64).to(kernel_device)
+    ref, ref_grads = _forward_backward(gated_linear_attention_reference, master, grad_out)
+    out, grads = _forward_backward(lambda *x: gated_linear_attention(*x, backend="triton"), low, grad_out)
+    assert_close("o", ref, out)
+    for name, g_ref, g_out in zip(_GRAD_NAMES[:3], ref_grads, grads):
+        assert_close(name, g_ref, g_out)
+    assert all(torch.isfinite(g).all() for g in grads[3:])
+
+
 def test_gated_kernel_compiles_fullgraph(kernel_device):
     inputs = _to(_inputs(1, 1, 9, 16, 16), kernel_device, torch.float32)
 

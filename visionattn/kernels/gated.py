@@ -33,10 +33,10 @@ __all__ = ["GATED_CHUNK", "GATED_SUB_BLOCK", "gated_fwd", "gated_states"]
 GATED_CHUNK = 32 if is_interpreter() else 64
 #: Tokens per sub-block inside a chunk: the [BC, BC, Dk] exponentials of a diagonal block are computed exactly.
 GATED_SUB_BLOCK = 16
-#: Log gates are clamped here before any cumulative sum. exp(-32) ~ 1e-14 lies far below float32 resolution
-#: (2^-24 ~ 6e-8), so no result changes, while a sum of gates over a chunk stays small enough for its differences
-#: to keep float32 precision; gates of -1e4 or -inf would otherwise make exp(g_i - g_j) read inf - inf.
-_LOG_GATE_MIN = tl.constexpr(-32.0)
+#: Log gates are clamped here on load. exp(-16) ~ 1.1e-7 is at the level of float32 rounding, so results move by
+#: ~1e-7 relative at most, while every exponent inside a sub-block stays within 4 gates of its reference: factors
+#: lie in [exp(-64), exp(64)], far from float32 overflow, and gates of -1e4 or -inf stay finite.
+_LOG_GATE_MIN = tl.constexpr(-16.0)
 
 _STATE_CONFIGS = [
     triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (16, 32, 64) for w in (1, 2, 4) for s in (1, 2, 3)
@@ -89,10 +89,46 @@ def _gated_sub_block_gates(b_g):
 
 
 @triton.jit
-def _gated_diag_decay(b_gc, m_diag):
-    """``exp(g_cum,i - g_cum,j)`` for ``j <= i`` in scan order, else 0: ``[BC (i), BC (j), Dk]``."""
-    b_e = b_gc[:, None, :] - b_gc[None, :, :]
-    return tl.exp(tl.where(m_diag[:, :, None], b_e, float("-inf")))
+def _gated_intra_masks(o_i, BC: tl.constexpr):
+    """Token pairs ``j <= i`` of a sub-block: those within one half, and those across the halves (``j < BC/2 <= i``)."""
+    HALF: tl.constexpr = BC // 2
+    row, col = o_i[:, None], o_i[None, :]
+    return (row >= col) & (row // HALF == col // HALF), (row >= HALF) & (col < HALF)
+
+
+@triton.jit
+def _gated_intra_factors(b_gc, o_i, BC: tl.constexpr):
+    """Row and column factors with ``exp(g_cum,i - g_cum,j) = f_row,i · f_col,j`` for the pairs of each mask.
+
+    Pairs within a half use the half's middle token as reference, pairs across the halves the last token of the first
+    half, so ``A = (q ⊙ f_row)(k ⊙ f_col)ᵀ`` is a matmul with no exponent beyond 4 clamped gates (``|.| <= 64``).
+    Factors of rows or columns a mask does not use are clamped to <= 1 rather than overflowing.
+    """
+    HALF: tl.constexpr = BC // 2
+    row = o_i[:, None]
+    g_lo = tl.sum(tl.where(row == HALF // 2 - 1, b_gc, 0.0), axis=0)
+    g_mid = tl.sum(tl.where(row == HALF - 1, b_gc, 0.0), axis=0)
+    g_hi = tl.sum(tl.where(row == HALF + HALF // 2 - 1, b_gc, 0.0), axis=0)
+    b_ref = tl.where(row < HALF, g_lo[None, :], g_hi[None, :])
+    b_row_same, b_col_same = tl.exp(b_gc - b_ref), tl.exp(b_ref - b_gc)
+    b_row_cross = tl.exp(tl.minimum(b_gc - g_mid[None, :], 0.0))
+    b_col_cross = tl.exp(tl.minimum(g_mid[None, :] - b_gc, 0.0))
+    return b_row_same, b_col_same, b_row_cross, b_col_cross
+
+
+@triton.jit
+def _gated_intra_scores(b_q, b_k, b_row_same, b_col_same, b_row_cross, b_col_cross, m_same, m_cross, IEEE):
+    """``A_ij = Σ_d q_id k_jd exp(g_cum,id - g_cum,jd)`` for ``j <= i``, else 0: ``[BC, BC]``."""
+    b_same = _gated_dot(b_q * b_row_same, tl.trans(b_k * b_col_same), IEEE)
+    b_cross = _gated_dot(b_q * b_row_cross, tl.trans(b_k * b_col_cross), IEEE)
+    return tl.where(m_same, b_same, tl.where(m_cross, b_cross, 0.0))
+
+
+@triton.jit
+def _gated_intra_apply(b_p_same, b_p_cross, b_x, b_out_same, b_in_same, b_out_cross, b_in_cross, IEEE):
+    """``Σ_j P_ij exp(±(g_cum,i - g_cum,j)) x_j`` from the masked pair weights ``P`` of each factorisation."""
+    b_y = b_out_same * _gated_dot(b_p_same, b_x * b_in_same, IEEE)
+    return b_y + b_out_cross * _gated_dot(b_p_cross, b_x * b_in_cross, IEEE)
 
 
 # ---------------------------------------------------------------------------------------------------- state scan
@@ -228,12 +264,14 @@ def _gated_fwd_kernel_output(
     NUM_DIR: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    # the factor bounds of _gated_intra_factors hold for 16-token sub-blocks
+    tl.static_assert(BC == 16)
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     o_i = tl.arange(0, BC)
     o_k = tl.arange(0, DK)
     o_v = tl.arange(0, DV)
-    m_diag = o_i[:, None] >= o_i[None, :]
+    m_same, m_cross = _gated_intra_masks(o_i, BC)
     for i_dir in tl.static_range(NUM_DIR):
         p_state = states + ((i_bh * NUM_DIR + i_dir) * NT + i_c).to(tl.int64) * (DK * DV)
         # [DK, DV]
@@ -255,7 +293,8 @@ def _gated_fwd_kernel_output(
             b_v = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_n, 0.0)
             b_v = b_v.to(tl.float32)
             # [BC, BC]
-            b_a = tl.sum(b_q[:, None, :] * b_k[None, :, :] * _gated_diag_decay(b_gc, m_diag), axis=2)
+            b_rs, b_cs, b_rc, b_cc = _gated_intra_factors(b_gc, o_i, BC)
+            b_a = _gated_intra_scores(b_q, b_k, b_rs, b_cs, b_rc, b_cc, m_same, m_cross, IEEE)
             b_o = _gated_dot(b_q * tl.exp(b_gc), b_s, IEEE) + _gated_dot(b_a, b_v, IEEE)
             b_s = b_s * tl.exp(b_gt)[:, None] + _gated_dot(tl.trans(b_k * tl.exp(b_gs)), b_v, IEEE)
             p_o = _gated_ptrs(o, i_b, i_h, stride_o_b, stride_o_h, stride_o_n, o_n, o_v)

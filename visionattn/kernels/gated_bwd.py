@@ -23,8 +23,11 @@ from .gated import (
     GATED_CHUNK,
     GATED_SUB_BLOCK,
     _bhn_strides,
-    _gated_diag_decay,
     _gated_dot,
+    _gated_intra_apply,
+    _gated_intra_factors,
+    _gated_intra_masks,
+    _gated_intra_scores,
     _gated_ptrs,
     _gated_rows,
     _gated_sub_block_gates,
@@ -102,13 +105,14 @@ def _gated_bwd_kernel(
     IEEE: tl.constexpr,
 ):
     NS: tl.constexpr = BT // BC
+    tl.static_assert(BC == 16)
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     o_i = tl.arange(0, BC)
     o_k = tl.arange(0, DK)
     o_v = tl.arange(0, DV)
     o_s = tl.arange(0, NS)
-    m_diag = o_i[:, None] >= o_i[None, :]
+    m_same, m_cross = _gated_intra_masks(o_i, BC)
     o_state = o_k[:, None] * DV + o_v[None, :]
     for i_dir in tl.static_range(NUM_DIR):
         p_state = states + ((i_bh * 2 * NUM_DIR + i_dir) * NT + i_c).to(tl.int64) * (DK * DV) + o_state
@@ -137,8 +141,11 @@ def _gated_bwd_kernel(
             b_do = b_do.to(tl.float32)
             # [BC, BC]: dO_i · v_j
             b_dov = _gated_dot(b_do, tl.trans(b_v), IEEE)
+            b_rs, b_cs, b_rc, b_cc = _gated_intra_factors(b_gc, o_i, BC)
             b_dq = tl.exp(b_gc) * _gated_dot(b_do, tl.trans(b_s), IEEE)
-            b_dq += tl.sum(b_dov[:, :, None] * _gated_diag_decay(b_gc, m_diag) * b_k[None, :, :], axis=1)
+            b_dq += _gated_intra_apply(
+                tl.where(m_same, b_dov, 0.0), tl.where(m_cross, b_dov, 0.0), b_k, b_rs, b_cs, b_rc, b_cc, IEEE
+            )
             b_dq_all = tl.where(o_s[:, None, None] == i_s, b_dq[None, :, :], b_dq_all)
             b_s = b_s * tl.exp(b_gt)[:, None] + _gated_dot(tl.trans(b_k * tl.exp(b_gs)), b_v, IEEE)
         # b_s is now the state at the chunk's end: Σ_e S ⊙ dH is the gate gradient of everything beyond the chunk
@@ -167,14 +174,22 @@ def _gated_bwd_kernel(
             b_v = b_v.to(tl.float32)
             b_do = tl.load(_gated_ptrs(do, i_b, i_h, stride_do_b, stride_do_h, stride_do_n, o_n, o_v), m_n, 0.0)
             b_do = b_do.to(tl.float32)
-            # [BC, BC, DK]
-            b_e = _gated_diag_decay(b_gc, m_diag)
             # [BC, BC]: scores A_ij (j <= i) and dO_i · v_j
-            b_a = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_e, axis=2)
+            b_rs, b_cs, b_rc, b_cc = _gated_intra_factors(b_gc, o_i, BC)
+            b_a = _gated_intra_scores(b_q, b_k, b_rs, b_cs, b_rc, b_cc, m_same, m_cross, IEEE)
             b_dov = _gated_dot(b_do, tl.trans(b_v), IEEE)
             # [BC, DK]
-            b_dk = tl.sum(b_dov[:, :, None] * b_e * b_q[:, None, :], axis=0)
-            b_dk += tl.exp(b_gs) * _gated_dot(b_v, tl.trans(b_dh), IEEE)
+            b_dk = tl.exp(b_gs) * _gated_dot(b_v, tl.trans(b_dh), IEEE)
+            b_dk += _gated_intra_apply(
+                tl.trans(tl.where(m_same, b_dov, 0.0)),
+                tl.trans(tl.where(m_cross, b_dov, 0.0)),
+                b_q,
+                b_cs,
+                b_rs,
+                b_cc,
+                b_rc,
+                IEEE,
+            )
             # [BC, DV]
             b_dv = _gated_dot(tl.trans(b_a), b_do, IEEE) + _gated_dot(b_k * tl.exp(b_gs), b_dh, IEEE)
             # [BC, DK]
