@@ -183,6 +183,13 @@ class BlockMask:
             )
         return self._transposed
 
+    def to_flex(self):
+        """The same pattern as a FlexAttention ``BlockMask`` (see ``visionattn.layout.flex.to_flex_block_mask``)."""
+        # Imported on use: FlexAttention pulls in torch._dynamo, which would add seconds to `import visionattn`.
+        from .flex import to_flex_block_mask
+
+        return to_flex_block_mask(self)
+
     def to(self, device) -> "BlockMask":
         return BlockMask(
             indptr=self.indptr.to(device),

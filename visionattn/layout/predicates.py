@@ -6,6 +6,7 @@ are never attended. The Triton kernels evaluate the same rules in-kernel from th
 flagged partial, so the rule is defined once, here.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,17 +48,54 @@ def _neighborhood_axis(
     return same_group & inside
 
 
-def _split(layout: TokenLayout, q_idx: torch.Tensor, kv_idx: torch.Tensor):
-    q_idx, kv_idx = torch.broadcast_tensors(q_idx, kv_idx)
-    q_kind, q_coords, _ = layout.token_coords(q_idx)
-    k_kind, k_coords, k_valid = layout.token_coords(kv_idx)
-    q_global, k_global = q_kind != 1, k_kind != 1
-    in_grid = (k_coords < torch.tensor(layout.grid.shape, device=k_coords.device)).all(-1)
-    return q_coords, k_coords, q_global, k_global, k_valid & (k_global | in_grid)
+@dataclass(frozen=True)
+class _PositionTables:
+    """Per-position lookups of a layout, ``(N,)`` each, on one device.
+
+    ``is_global``: the slot belongs to an extra-token segment; ``key_ok``: the slot holds a real token;
+    ``coords``: one grid coordinate tensor per axis (meaningless for global slots).
+    """
+
+    is_global: torch.Tensor
+    key_ok: torch.Tensor
+    coords: tuple[torch.Tensor, ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _position_tables(layout: TokenLayout, device: torch.device) -> _PositionTables:
+    idx = torch.arange(layout.num_tokens)
+    kind, coords, valid = layout.token_coords(idx)
+    return _PositionTables(
+        is_global=(kind != 1).to(device),
+        key_ok=valid.to(device),
+        coords=tuple(coords[:, axis].contiguous().to(device) for axis in range(layout.grid.ndim)),
+    )
+
+
+class _GridPredicate:
+    """Shared evaluation of grid predicates: global tokens attend/are attended by all, padding never attended."""
+
+    layout: TokenLayout
+
+    def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        q_idx, kv_idx = torch.broadcast_tensors(q_idx, kv_idx)
+        n = self.layout.num_tokens
+        tables = _position_tables(self.layout, q_idx.device)
+        inside = (kv_idx >= 0) & (kv_idx < n)
+        return inside & self.evaluate(tables, q_idx.clamp(0, n - 1), kv_idx.clamp(0, n - 1))
+
+    def evaluate(self, tables: _PositionTables, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        """The predicate on in-range positions from precomputed ``tables``: indexing and pointwise ops only, so it
+        also serves as a FlexAttention ``mask_mod`` body (``layout.flex``)."""
+        allowed = self._grid_rule([c[q_idx] for c in tables.coords], [c[kv_idx] for c in tables.coords])
+        return tables.key_ok[kv_idx] & (tables.is_global[q_idx] | tables.is_global[kv_idx] | allowed)
+
+    def _grid_rule(self, q_coords: list[torch.Tensor], k_coords: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class NeighborhoodWindow:
+class NeighborhoodWindow(_GridPredicate):
     """Neighborhood attention (NATTEN/GNA semantics) on ``layout``'s grid, per-axis canonical tuples.
 
     Args:
@@ -74,24 +112,24 @@ class NeighborhoodWindow:
     dilation: tuple[int, ...]
     causal: tuple[bool, ...]
 
-    def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        qc, kc, q_global, k_global, k_ok = _split(self.layout, q_idx, kv_idx)
-        allowed = torch.ones(qc.shape[:-1], dtype=torch.bool, device=qc.device)
+    def _grid_rule(self, q_coords: list[torch.Tensor], k_coords: list[torch.Tensor]) -> torch.Tensor:
+        allowed = None
         for axis, length in enumerate(self.layout.grid.shape):
-            allowed &= _neighborhood_axis(
-                qc[..., axis],
-                kc[..., axis],
+            axis_allowed = _neighborhood_axis(
+                q_coords[axis],
+                k_coords[axis],
                 length,
                 self.kernel_size[axis],
                 self.stride[axis],
                 self.dilation[axis],
                 self.causal[axis],
             )
-        return k_ok & (q_global | k_global | allowed)
+            allowed = axis_allowed if allowed is None else allowed & axis_allowed
+        return allowed
 
 
 @dataclass(frozen=True)
-class CircularWindow:
+class CircularWindow(_GridPredicate):
     """CLEAR's circular window: image query attends image key iff ``sum_axis (q - k)^2 < radius^2`` (strict).
 
     Args:
@@ -102,7 +140,6 @@ class CircularWindow:
     layout: TokenLayout
     radius: float
 
-    def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        qc, kc, q_global, k_global, k_ok = _split(self.layout, q_idx, kv_idx)
-        dist2 = ((qc - kc) ** 2).sum(-1)
-        return k_ok & (q_global | k_global | (dist2 < self.radius**2))
+    def _grid_rule(self, q_coords: list[torch.Tensor], k_coords: list[torch.Tensor]) -> torch.Tensor:
+        dist2 = sum((q - k) ** 2 for q, k in zip(q_coords, k_coords))
+        return dist2 < self.radius**2
