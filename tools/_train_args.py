@@ -26,7 +26,9 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-classes", type=int, default=None, help="default: classes found in the dataset")
     group.add_argument("--pretrained", action="store_true", help="load the model's pretrained cfg weights")
     group.add_argument("--initial-checkpoint", default="", help="weights (.safetensors/.pth) to start from")
-    group.add_argument("--dataset", default="digits", help="'digits' (embedded) or 'folder' (ImageFolder at --data-dir)")
+    group.add_argument(
+        "--dataset", default="digits", help="'digits' (embedded) or 'folder' (ImageFolder at --data-dir)"
+    )
     group.add_argument("--data-dir", default=None, help="root with train/ and val/ class folders")
     group.add_argument("--img-size", type=int, default=None, help="input image size (default: the model's cfg)")
     group.add_argument("--input-size", type=int, nargs=3, default=None, help="C H W input size")

@@ -90,7 +90,12 @@ def build(args) -> tuple[BlockMask, TokenLayout]:
     if args.pattern == "neighborhood":
         layout = TokenLayout(grid, tile=tile)
         mask = neighborhood_block_mask(
-            layout, args.kernel_size, args.stride, args.dilation, args.causal, block_size=None if tile else args.block_size
+            layout,
+            args.kernel_size,
+            args.stride,
+            args.dilation,
+            args.causal,
+            block_size=None if tile else args.block_size,
         )
     elif args.pattern == "circle":
         layout = TokenLayout(grid, tile=tile)
