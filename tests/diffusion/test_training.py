@@ -1,0 +1,93 @@
+"""Trainable methods inside diffusers models: fine-tuning, safetensors round trips, torch.compile."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests._numerics import assert_close
+from tests.diffusion._tiny import TINY_MODELS
+from visionattn.diffusion import apply, remove
+
+_TRAINABLE = {"linear": dict(backend="reference")}
+_OUTPUT_LAYERS = ("fc2.weight", "proj.weight")
+
+
+def _output(model, inputs):
+    return model(**inputs, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("method", sorted(_TRAINABLE))
+def test_finetune_decreases_loss_and_trains_method_weights(method):
+    tiny = TINY_MODELS["flux"]
+    model, inputs = tiny.build(), tiny.inputs(batch=2)
+    target = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(1))
+    handle = apply(model, method, **_TRAINABLE[method])
+    model.train()
+    method_params = {n: p for n, p in model.named_parameters() if ".processor.method." in n}
+    assert method_params, "the method's weights must be model parameters"
+    initial = {n: p.detach().clone() for n, p in method_params.items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(_output(model, inputs), target)
+        loss.backward()
+        # zero-initialised output layers (LinFusion's fc2, SLA's proj) get gradients from the first step on
+        assert all(p.grad.abs().sum() > 0 for n, p in method_params.items() if n.endswith(_OUTPUT_LAYERS))
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert all(not torch.equal(p, initial[n]) for n, p in method_params.items())
+    remove(handle)
+
+
+@pytest.mark.parametrize("method", sorted(_TRAINABLE))
+def test_method_weights_round_trip_through_safetensors(method, tmp_path):
+    tiny = TINY_MODELS["flux"]
+    inputs = tiny.inputs(batch=1)
+    trained = tiny.build()
+    apply(trained, method, **_TRAINABLE[method])
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if ".processor.method." in name:
+                param.normal_()
+    path = tmp_path / "transformer.safetensors"
+    save_file(trained.state_dict(), str(path))
+
+    fresh = tiny.build(seed=1)
+    apply(fresh, method, **_TRAINABLE[method])
+    fresh.load_state_dict(load_file(str(path)), strict=True)
+    with torch.no_grad():
+        assert torch.equal(_output(fresh, inputs), _output(trained, inputs))
+
+
+@pytest.mark.parametrize(
+    "name, method, options",
+    [
+        ("wan", "radial", dict(block_size=16, dense_steps=0, backend="reference")),
+        ("flux", "linear", dict(backend="reference")),
+    ],
+    ids=["wan-radial", "flux-linear"],
+)
+def test_compiled_transformer_matches_eager(name, method, options):
+    tiny = TINY_MODELS[name]
+    model, inputs = tiny.build(), tiny.inputs(batch=1)
+    apply(model, method, **options)
+    with torch.no_grad():
+        eager = _output(model, inputs)
+        # aot_eager traces the processors through dynamo and AOTAutograd without needing a C++ toolchain on CPU CI
+        compiled = torch.compile(model, backend="aot_eager")
+        assert_close(f"compiled {method}", eager, _output(compiled, inputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, options", [("local", dict(kernel_size=(3, 5, 5))), ("linear", {})])
+def test_compiled_transformer_matches_eager_on_gpu(method, options):
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build().cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in tiny.inputs(batch=2, scale=4).items()}
+    apply(model, method, **options)
+    with torch.no_grad():
+        eager = _output(model, inputs)
+        compiled = torch.compile(model)
+        assert_close(f"compiled {method}", eager, _output(compiled, inputs), tol=1e-4)
