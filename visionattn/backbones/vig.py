@@ -31,6 +31,7 @@ from timm.layers import (
     LayerNorm2d,
     RmsNorm,
     calculate_drop_path_rates,
+    get_device_dtype,
     register_notrace_function,
     resample_abs_pos_embed,
     to_2tuple,
@@ -44,7 +45,9 @@ from torch import nn
 from ..layout import TokenGrid
 from ..nn import GatedLinearAttention2d
 
-__all__ = ["ViG", "ViGBlock", "ViGStem"]
+# token_grid and add_pos_embed are public: torch.fx only autowraps (keeps as leaves) functions whose global name has
+# no leading underscore, and both build Python values from shapes.
+__all__ = ["ViG", "ViGBlock", "ViGStem", "add_pos_embed", "token_grid"]
 
 #: Total stride of the plain ViG stem (the reference's ``patch_size``).
 _PATCH_SIZE = 16
@@ -53,13 +56,13 @@ _RMS_EPS = 1e-6
 
 
 @register_notrace_function
-def _token_grid(x: torch.Tensor) -> TokenGrid:
+def token_grid(x: torch.Tensor) -> TokenGrid:
     """The 2D grid of a ``(B, Y, X, C)`` token map (a leaf under torch.fx, where shapes are symbolic)."""
     return TokenGrid((int(x.shape[1]), int(x.shape[2])))
 
 
 @register_notrace_function
-def _add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, pos_grid: tuple[int, int]) -> torch.Tensor:
+def add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, pos_grid: tuple[int, int]) -> torch.Tensor:
     """Add the learned ``(1, Y0·X0, C)`` position embedding, bicubically resized to the ``(B, Y, X, C)`` grid of ``x``.
 
     Same resize as the reference's ``resize_pos_embed`` (bicubic, ``align_corners=False``, no antialiasing).
@@ -154,7 +157,7 @@ class ViGBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = _token_grid(x)
+        grid = token_grid(x)
         x = x + self.drop_path(self.attn(self.norm1(x).flatten(1, 2), grid).view_as(x))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -206,6 +209,7 @@ class ViG(nn.Module):
         dd = {"device": device, "dtype": dtype}
         img_size = to_2tuple(img_size)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = embed_dim
         self.output_fmt = "NHWC"
@@ -271,7 +275,7 @@ class ViG(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
 
     def forward_intermediates(
         self,
@@ -298,7 +302,7 @@ class ViG(nn.Module):
         """
         _check_output_fmt(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self.pos_drop(_add_pos_embed(self.stem(x), self.pos_embed, self.pos_grid))
+        x = self.pos_drop(add_pos_embed(self.stem(x), self.pos_embed, self.pos_grid))
         blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
         intermediates = []
         for i, block in enumerate(blocks):
@@ -323,7 +327,7 @@ class ViG(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pos_drop(_add_pos_embed(self.stem(x), self.pos_embed, self.pos_grid))
+        x = self.pos_drop(add_pos_embed(self.stem(x), self.pos_embed, self.pos_grid))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:

@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, calculate_drop_path_rates, trunc_normal_
+from timm.layers import ClassifierHead, calculate_drop_path_rates, get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -137,6 +137,7 @@ class HierViG(nn.Module):
                 f"dims, depths and num_heads must have one entry per stage; got {dims=}, {depths=}, {num_heads=}."
             )
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = dims[-1]
         self.output_fmt = "NHWC"
@@ -189,7 +190,7 @@ class HierViG(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
 
     def forward_intermediates(
         self,
