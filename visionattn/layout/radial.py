@@ -90,7 +90,7 @@ def radial_block_mask(
     5. block rows and columns from ``N // Bk`` on (text tokens and the block holding the video/text border) are dense.
 
     Each frame pair is evaluated analytically (column counts of a band), once per distinct
-    ``(w, row offset, column offset)``, so HunyuanVideo at 4x length (460,800 tokens) builds in about a second.
+    ``(w, row offset, column offset)``, so HunyuanVideo at 4x length (460,800 tokens) builds in seconds on one core.
 
     Args:
         num_frames: latent frames ``F``.
@@ -102,6 +102,9 @@ def radial_block_mask(
 
     Returns:
         ``BlockMask`` with batch/heads ``(1, 1)``, ``q_len == kv_len == F * P + extra_tokens``, no partial blocks.
+        The reference allocates ``S // Bk`` blocks per side and would fail where a frame's tiles cross that edge; here
+        the matrix has ``ceil(S / Bk)`` blocks and such tiles are clipped. Densities quoted for the reference (e.g.
+        shared/reference/diffusion.md §1.3) are those of the leading ``(N // Bk)^2`` video blocks.
 
     Raises:
         ValueError: a size is not a positive int, or ``decay_factor`` is not positive.
