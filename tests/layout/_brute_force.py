@@ -9,7 +9,7 @@ from visionattn.layout import BlockMask, TokenGrid, TokenLayout
 
 
 def natten_axis(length: int, kernel_size: int, stride: int, dilation: int, causal: bool) -> torch.Tensor:
-    """``(L, L)`` bool: key ``k`` is in query ``q``'s window, looping over NATTEN's formula (diffusion.md §5.1)."""
+    """``(L, L)`` bool: key ``k`` is in query ``q``'s window, looping over NATTEN's formula (NATTEN's get_na_flex_mask)."""
     allowed = torch.zeros(length, length, dtype=torch.bool)
     for q in range(length):
         group = q % dilation

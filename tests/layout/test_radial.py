@@ -67,7 +67,7 @@ def test_radial_block_mask_matches_reference_transcription(frames, per_frame, bl
     assert mask.q_len == mask.kv_len == frames * per_frame + extra
 
 
-# shared/reference/diffusion.md §1.3: density of the (N // 128)^2 video block mask
+# Block densities of the reference mask at its repository's script settings (N // 128 video blocks per side)
 RADIAL_TABLE = [
     pytest.param(18, 3840, 0.2, True, 0.287, id="wan-1x"),
     pytest.param(30, 3840, 0.95, False, 0.275, id="hunyuan-1x"),

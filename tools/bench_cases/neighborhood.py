@@ -1,5 +1,5 @@
 """Neighborhood attention (issue 2): ``neighborhood_attention`` against FlexAttention with the identical mask and dense
-SDPA, at the GNA paper's FLUX-4K and HunyuanVideo layouts (shared/reference/diffusion.md §5.4).
+SDPA, at the FLUX-4K and HunyuanVideo layouts of NATTEN's GNA profiler docs.
 
 Rows: ``ours`` is the whole op (tile permutation in and out, cached mask, Triton block-sparse kernel); ``ours-kernel``
 is ``block_sparse_attention`` alone on tile-ordered tensors; ``flex`` is compiled ``flex_attention`` on the same

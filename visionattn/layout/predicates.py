@@ -25,7 +25,7 @@ def _neighborhood_axis(
     dilation: int,
     causal: bool,
 ) -> torch.Tensor:
-    """NATTEN/GNA rule along one axis (shared/reference/diffusion.md §5.1).
+    """NATTEN/GNA rule along one axis (NATTEN's ``get_na_flex_mask``).
 
     With dilation ``d`` the axis splits into ``d`` interleaved groups (``q % d == k % d``) of length
     ``ceil((length - g) / d)``; inside a group, a stride group of queries shares its leader's window, which is

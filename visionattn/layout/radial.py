@@ -103,8 +103,8 @@ def radial_block_mask(
     Returns:
         ``BlockMask`` with batch/heads ``(1, 1)``, ``q_len == kv_len == F * P + extra_tokens``, no partial blocks.
         The reference allocates ``S // Bk`` blocks per side and would fail where a frame's tiles cross that edge; here
-        the matrix has ``ceil(S / Bk)`` blocks and such tiles are clipped. Densities quoted for the reference (e.g.
-        shared/reference/diffusion.md §1.3) are those of the leading ``(N // Bk)^2`` video blocks.
+        the matrix has ``ceil(S / Bk)`` blocks and such tiles are clipped. Densities quoted for the reference are
+        those of the leading ``(N // Bk)^2`` video blocks, the part its block-sparse attention call uses.
 
     Raises:
         ValueError: a size is not a positive int, or ``decay_factor`` is not positive.
