@@ -19,6 +19,7 @@ from .cogvideox import _SPEC as _COGVIDEOX
 from .flux import _SPEC as _FLUX
 from .hunyuan_video import _SPEC as _HUNYUAN_VIDEO
 from .ltx_video import _SPEC as _LTX_VIDEO
+from .pixart import _DIT_SPEC as _DIT
 from .pixart import _SPEC as _PIXART
 from .sd3 import _SPEC as _SD3
 from .unet import _SPEC as _UNET
@@ -26,7 +27,7 @@ from .wan import _SPEC as _WAN
 
 __all__ = ["AttentionHandle", "apply", "remove"]
 
-_SPECS = {s.class_name: s for s in (_COGVIDEOX, _FLUX, _HUNYUAN_VIDEO, _LTX_VIDEO, _PIXART, _SD3, _UNET, _WAN)}
+_SPECS = {s.class_name: s for s in (_COGVIDEOX, _DIT, _FLUX, _HUNYUAN_VIDEO, _LTX_VIDEO, _PIXART, _SD3, _UNET, _WAN)}
 _DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
 #: Default schedule per method: Radial Attention's Wan 1x script keeps layer 0 and the first 12 of 50 steps dense.
 _DEFAULT_SCHEDULE = {"radial": {"dense_layers": 1, "dense_steps": 12}}
@@ -130,7 +131,7 @@ def apply(
     Args:
         pipe_or_model: a pipeline (its ``transformer``/``transformer_2``/``unet`` is patched) or a supported model:
             ``UNet2DConditionModel``, ``FluxTransformer2DModel``, ``SD3Transformer2DModel``,
-            ``PixArtTransformer2DModel``, ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
+            ``PixArtTransformer2DModel``, ``DiTTransformer2DModel``, ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
             ``CogVideoXTransformer3DModel``, ``LTXVideoTransformer3DModel``.
         method: ``"local"``, ``"radial"``, ``"sparse_linear"``, ``"linear"`` or ``"agent"``.
         dense_layers: the first ``dense_layers`` self-attention layers keep dense attention (radial default 1).

@@ -1,8 +1,8 @@
-"""PixArt-α/Σ (``PixArtTransformer2DModel``): how ``apply`` finds the grid; the processor is the UNet's.
+"""PixArt-α/Σ (``PixArtTransformer2DModel``) and DiT (``DiTTransformer2DModel``): their grid; the processor is the UNet's.
 
-PixArt's blocks are ``BasicTransformerBlock``s with the stock ``AttnProcessor2_0`` (mirrored by
+Their blocks are ``BasicTransformerBlock``s with the stock ``AttnProcessor2_0`` (mirrored by
 ``UNetMethodAttnProcessor``); self-attention (``attn1``) runs over the row-major ``(h, w)`` patch grid,
-cross-attention (``attn2``) stays stock.
+PixArt's cross-attention (``attn2``) stays stock.
 """
 
 import re
@@ -22,6 +22,13 @@ def _read_patch_grid(model, args: dict) -> tuple[int, int]:
 
 _SPEC = _ModelSpec(
     class_name="PixArtTransformer2DModel",
+    processor_cls=UNetMethodAttnProcessor,
+    self_attention=re.compile(r"transformer_blocks\.\d+\.attn1"),
+    read_grid=_read_patch_grid,
+    is_video=False,
+)
+_DIT_SPEC = _ModelSpec(
+    class_name="DiTTransformer2DModel",
     processor_cls=UNetMethodAttnProcessor,
     self_attention=re.compile(r"transformer_blocks\.\d+\.attn1"),
     read_grid=_read_patch_grid,
