@@ -61,6 +61,8 @@ def test_neighborhood_block_mask_accepts_grid_and_real_sizes():
     mask = neighborhood_block_mask(TokenLayout(grid, tile=(2, 8, 8)), kernel_size=(18, 24, 24), stride=(16, 8, 8))
     assert mask.num_q_blocks == 902 and not mask.partial.any()
     assert 0.08 < mask.density() < 0.11
+    deep = neighborhood_block_mask(TokenLayout(grid, tile=(4, 8, 8)), kernel_size=(18, 24, 24))
+    assert deep.num_q_blocks == 8 * 6 * 10 + 1 and deep.partial.any()
     raster = neighborhood_block_mask(TokenGrid((9, 10)), kernel_size=3, block_size=32)
     assert raster.block_q == 32 and raster.q_len == 90
 
