@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import visionattn  # noqa: F401  (registers the models)
 from tests._numerics import assert_close
@@ -35,6 +36,27 @@ def test_vig_param_count_matches_official(name):
     assert round(count / 1e6) == readme_m
     # The README rounds to 1M; the fp32 checkpoint size is 4 bytes per parameter plus < 0.3 % pickle overhead.
     assert 0 <= hub_bytes / 4 - count < 0.005 * count
+
+
+def test_vig_small_flops_match_abstract(monkeypatch):
+    """ViG-S uses "20 % of the FLOPs" of DeiT-B (abstract), counted as the reference code's fvcore counts.
+
+    fvcore sees convolutions and linears but neither the GLA Triton kernel nor fla's fused ``swiglu_linear``
+    (the SwiGLU down-projection), so those are left out of our count too.
+    """
+    monkeypatch.setattr(
+        "visionattn.nn.gated_attention2d.gated_linear_attention",
+        lambda q, k, v, a, b=None, *, scale=None, backend=None: v.new_empty(v.shape),
+    )
+    macs = {}
+    for name in ("vig_small", "deit_base_patch16_224"):
+        model = timm.create_model(name, device="meta").eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 3, 224, 224, device="meta"))
+        macs[name] = counter.get_total_flops() / 2
+    vig = timm.create_model("vig_small", device="meta")
+    down_proj = sum(196 * block.mlp.fc2.weight.numel() for block in vig.blocks)
+    assert abs((macs["vig_small"] - down_proj) / macs["deit_base_patch16_224"] - 0.20) < 0.03 * 0.20
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
