@@ -17,6 +17,10 @@ from tests._numerics import TOLERANCES, assert_close  # noqa: E402,F401
 
 _ON_GPU = torch.cuda.is_available()
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # xdist already runs one process per core: intra-op threads on top oversubscribe the CPU (5-50x slower).
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if _ON_GPU:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from tools.bench_cases._common import BenchCase  # noqa: E402
 
 SUITES = {
-    "attention": ("block_sparse", "linear", "gated", "sparse_linear"),
+    "attention": ("block_sparse", "neighborhood", "linear", "gated", "sparse_linear"),
     "models": ("models_mavit", "models_biformer", "models_vig"),
     "diffusion": ("diffusion",),
 }
