@@ -29,11 +29,14 @@ def _reference_forward(m: AgentAttention, x, grid_shape, agent_shape):
     def to_agents(t):  # (heads, hw, p, p) -> (heads, hw, n_agents), the dense code's agent-count interpolation
         return _interp(t, agent_shape).reshape(heads, h * w, n_agents)
 
+    # the reference's parameter shapes
+    ah, aw = m.ah_bias[None, :, :, :, None], m.aw_bias[None, :, :, None, :]
+    ha, wa = m.ha_bias[None, :, :, None, :], m.wa_bias[None, :, None, :, :]
     bias1 = _interp(m.an_bias, (h, w)).reshape(heads, p, p, h * w).permute(0, 3, 1, 2)
-    bias2 = _interp((m.ah_bias + m.aw_bias).squeeze(0), (h, w)).reshape(heads, p, p, h * w).permute(0, 3, 1, 2)
+    bias2 = _interp((ah + aw).squeeze(0), (h, w)).reshape(heads, p, p, h * w).permute(0, 3, 1, 2)
     position_bias = (to_agents(bias1) + to_agents(bias2)).permute(0, 2, 1)[None]
     abias1 = _interp(m.na_bias, (h, w)).reshape(heads, p, p, h * w).permute(0, 3, 1, 2)
-    abias2 = _interp((m.ha_bias + m.wa_bias).squeeze(0).permute(0, 3, 1, 2), (h, w))
+    abias2 = _interp((ha + wa).squeeze(0).permute(0, 3, 1, 2), (h, w))
     abias2 = abias2.reshape(heads, p, p, h * w).permute(0, 3, 1, 2)
     agent_bias = (to_agents(abias1) + to_agents(abias2))[None]
     if prefix:

@@ -4,11 +4,14 @@ from .agent_attention import AgentAttention
 from .gated_attention2d import GatedLinearAttention2d
 from .linear_attention2d import LinearAttention2d
 from .rope2d import RoPE2d, apply_rope2d, rope2d_tables
+from .routing_attention import BiLevelRoutingAttention, LePEAttention
 from .softmax_attention2d import SoftmaxAttention2d
 
 __all__ = [
     "AgentAttention",
+    "BiLevelRoutingAttention",
     "GatedLinearAttention2d",
+    "LePEAttention",
     "LinearAttention2d",
     "RoPE2d",
     "SoftmaxAttention2d",

@@ -102,13 +102,15 @@ class AgentAttention(nn.Module):
         empty = lambda *shape: nn.Parameter(torch.empty(*shape, **dd))
         self.an_bias = empty(num_heads, agent_num, _BIAS_MAP_SIZE, _BIAS_MAP_SIZE)
         self.na_bias = empty(num_heads, agent_num, _BIAS_MAP_SIZE, _BIAS_MAP_SIZE)
-        self.ah_bias = empty(1, num_heads, agent_num, bias_h, 1)
-        self.aw_bias = empty(1, num_heads, agent_num, 1, bias_w)
-        self.ha_bias = empty(1, num_heads, bias_h, 1, agent_num)
-        self.wa_bias = empty(1, num_heads, 1, bias_w, agent_num)
+        # the reference stores these as 5-D/4-D with singleton axes; at most 4-D here so that
+        # ``model.to(memory_format=torch.channels_last)`` works (it rejects 5-D parameters)
+        self.ah_bias = empty(num_heads, agent_num, bias_h)
+        self.aw_bias = empty(num_heads, agent_num, bias_w)
+        self.ha_bias = empty(num_heads, bias_h, agent_num)
+        self.wa_bias = empty(num_heads, bias_w, agent_num)
         if num_prefix_tokens:
-            self.ac_bias = empty(1, num_heads, agent_num, 1)
-            self.ca_bias = empty(1, num_heads, 1, agent_num)
+            self.ac_bias = empty(num_heads, agent_num, 1)
+            self.ca_bias = empty(num_heads, 1, agent_num)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -125,15 +127,15 @@ class AgentAttention(nn.Module):
         na = resize_agent_axis(self.na_bias, 1, shape)
         an = F.interpolate(an, size=(height, width), mode="bilinear", align_corners=False)
         na = F.interpolate(na, size=(height, width), mode="bilinear", align_corners=False)
-        ah = resize_axis(resize_agent_axis(self.ah_bias[0, :, :, :, 0], 1, shape), 2, height)
-        aw = resize_axis(resize_agent_axis(self.aw_bias[0, :, :, 0, :], 1, shape), 2, width)
-        ha = resize_axis(resize_agent_axis(self.ha_bias[0, :, :, 0, :], 2, shape), 1, height)
-        wa = resize_axis(resize_agent_axis(self.wa_bias[0, :, 0, :, :], 2, shape), 1, width)
+        ah = resize_axis(resize_agent_axis(self.ah_bias, 1, shape), 2, height)
+        aw = resize_axis(resize_agent_axis(self.aw_bias, 1, shape), 2, width)
+        ha = resize_axis(resize_agent_axis(self.ha_bias, 2, shape), 1, height)
+        wa = resize_axis(resize_agent_axis(self.wa_bias, 2, shape), 1, width)
         bias_agent = (an + ah[:, :, :, None] + aw[:, :, None, :]).flatten(2)
         bias_query = (na.permute(0, 2, 3, 1) + ha[:, :, None, :] + wa[:, None, :, :]).reshape(-1, height * width, n)
         if self.num_prefix_tokens:
-            bias_agent = torch.cat([resize_agent_axis(self.ac_bias[0], 1, shape), bias_agent], dim=-1)
-            bias_query = torch.cat([resize_agent_axis(self.ca_bias[0], 2, shape), bias_query], dim=-2)
+            bias_agent = torch.cat([resize_agent_axis(self.ac_bias, 1, shape), bias_agent], dim=-1)
+            bias_query = torch.cat([resize_agent_axis(self.ca_bias, 2, shape), bias_query], dim=-2)
         return bias_agent[None], bias_query[None]
 
     def forward(self, x: torch.Tensor, grid: TokenGrid) -> torch.Tensor:

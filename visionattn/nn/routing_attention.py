@@ -1,0 +1,155 @@
+"""BiFormer's bi-level routing attention as block-sparse attention over region blocks, and its full-attention stage.
+
+Zhu, Wang, Ke, Zhang, Lau, "BiFormer: Vision Transformer with Bi-Level Routing Attention", CVPR 2023
+(arXiv 2303.08810); reference code rayleizhu/BiFormer (MIT), ``ops/bra_legacy.py`` (``BiLevelRoutingAttention``,
+the version of the released checkpoints) and ``models/_common.py`` (``AttentionLePE``).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layout import TokenGrid, TokenLayout, topk_routing_block_mask
+from ..ops import block_sparse_attention
+
+__all__ = ["BiLevelRoutingAttention", "LePEAttention"]
+
+
+def _to_regions(x: torch.Tensor, regions: int) -> torch.Tensor:
+    """``(B, Y, X, C)`` raster map -> ``(B, Y*X, C)`` in region (tile) order: regions row-major, tokens row-major
+    inside a region. This is ``TokenLayout(grid, tile=region).to_layout`` for a grid the regions divide, done as
+    one reshape-permute instead of an index gather."""
+    batch, height, width, channels = x.shape
+    x = x.view(batch, regions, height // regions, regions, width // regions, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, height * width, channels)
+
+
+def _from_regions(x: torch.Tensor, regions: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of ``_to_regions``: ``(B, Y*X, C)`` region order -> ``(B, Y, X, C)`` raster map."""
+    batch, _, channels = x.shape
+    x = x.view(batch, regions, regions, height // regions, width // regions, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, channels)
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Bi-level routing attention (BiFormer): top-k region routing, then token attention inside the routed regions.
+
+    The ``Y x X`` map (zero-padded at the bottom/right to a multiple of ``n_win``, before the projection, as the
+    reference's ``auto_pad`` does) is cut into ``n_win x n_win`` regions. With region means ``Q^r``, ``K^r`` of the
+    projected queries and keys, each query region routes to ``I^r = topkIndex(Q^r K^rᵀ)`` (not differentiable) and
+    its tokens attend to the tokens of those regions:
+
+        O = softmax(s · Q K_gᵀ) V_g + LePE(V),   then the output projection,
+
+    ``K_g, V_g`` the keys/values of the routed regions (paper Eqs. 2-6). This runs as ``block_sparse_attention``
+    over one block per region in region (tile) order, reading K/V in place (the reference gathers a top-k-fold
+    copy of them). Checkpoint quirks kept: one routing shared by all heads, ``s = dim ** -0.5`` (the full channel
+    dimension, not the head dimension), LePE is a depthwise conv of V. ``forward`` takes ``(B, N, C)`` tokens in
+    raster order plus their ``TokenGrid``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: int = 7,
+        topk: int = 4,
+        side_dwconv: int = 5,
+        qkv_bias: bool = True,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        """
+        Args:
+            dim: channels ``C`` (queries/keys use all of them, ``qk_dim = dim`` as in every released model).
+            num_heads: heads; ``dim`` must divide evenly.
+            n_win: regions per side (7 for ImageNet; the reference's detection/segmentation configs use 16/8).
+            topk: routed key regions per query region.
+            side_dwconv: kernel of the LePE depthwise convolution on V.
+            qkv_bias: bias in the qkv projection.
+            backend: ``block_sparse_attention`` backend (None: Triton on CUDA, else the reference).
+        """
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads; got {dim=}, {num_heads=}.")
+        if n_win < 1 or topk < 1:
+            raise ValueError(f"n_win and topk must be >= 1; got {n_win=}, {topk=}.")
+        self.num_heads = num_heads
+        self.n_win = n_win
+        self.topk = topk
+        self.scale = dim**-0.5  # the reference's scale: full channel dim (kept for its checkpoints)
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+
+    def forward(self, x: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        """``x`` ``(B, Y*X, C)`` raster tokens of ``grid`` ``(Y, X)`` -> ``(B, Y*X, C)``."""
+        batch, num_tokens, channels = x.shape
+        height, width = grid.shape
+        if grid.num_tokens != num_tokens or grid.extra_before or grid.extra_after:
+            raise ValueError(f"grid must be the (Y, X) grid of x's {num_tokens} tokens; got {grid=}.")
+        s = self.n_win
+        pad_y, pad_x = (-height) % s, (-width) % s
+        x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, pad_x, 0, pad_y))
+        padded_h, padded_w = height + pad_y, width + pad_x
+        layout = TokenLayout(TokenGrid((padded_h, padded_w)), tile=(padded_h // s, padded_w // s))
+
+        q, k, v = self.qkv(_to_regions(x, s)).chunk(3, dim=-1)  # (B, N, C) each, region order
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, N, D) view
+        if q.device.type == "meta":
+            # shapes only: the routing is a data-dependent top-k that meta tensors cannot evaluate
+            out = torch.empty_like(q)
+        else:
+            mask = topk_routing_block_mask(q, k, layout, self.topk)
+            out = block_sparse_attention(heads(q), heads(k), heads(v), mask, scale=self.scale, backend=self.backend)
+            out = out.transpose(1, 2).reshape(batch, -1, channels)
+        v_map = _from_regions(v, s, padded_h, padded_w).permute(0, 3, 1, 2)
+        out = _from_regions(out, s, padded_h, padded_w) + self.lepe(v_map).permute(0, 2, 3, 1)
+        out = self.proj(out)[:, :height, :width]
+        return out.reshape(batch, num_tokens, channels)
+
+
+class LePEAttention(nn.Module):
+    """Full softmax attention plus a depthwise-conv LePE of the input: BiFormer's last stage (``topk=-2``).
+
+    ``O = softmax(QKᵀ / sqrt(d)) V + DWConv(x)``, then the output projection. As in the reference's
+    ``AttentionLePE`` the LePE convolves the block's (normed) input ``x``, not V, and the qkv projection has no
+    bias. Runs through ``F.scaled_dot_product_attention``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        side_dwconv: int = 5,
+        qkv_bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        """
+        Args:
+            dim: channels.
+            num_heads: heads (the released models build this module without passing theirs: always 8).
+            side_dwconv: kernel of the LePE depthwise convolution.
+            qkv_bias: bias in the qkv projection.
+        """
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads; got {dim=}, {num_heads=}.")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+
+    def forward(self, x: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        """``x`` ``(B, Y*X, C)`` raster tokens of ``grid`` -> ``(B, Y*X, C)``."""
+        batch, num_tokens, channels = x.shape
+        height, width = grid.shape
+        q, k, v = self.qkv(x).view(batch, num_tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, num_tokens, channels)
+        x_map = x.transpose(1, 2).reshape(batch, channels, height, width)
+        return self.proj(out + self.lepe(x_map).flatten(2).transpose(1, 2))
