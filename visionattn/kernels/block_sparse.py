@@ -17,7 +17,20 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs
 from ._constants import LN2, LOG2E, NEG_INF
 
-__all__ = ["MASK_CIRCULAR", "MASK_NEIGHBORHOOD", "MASK_NONE", "MASK_PARAMS", "NO_MASK_PARAMS", "block_sparse_fwd"]
+__all__ = [
+    "MASK_CIRCULAR",
+    "MASK_NEIGHBORHOOD",
+    "MASK_NONE",
+    "MASK_PARAMS",
+    "NO_MASK_PARAMS",
+    "TILE_HEURISTICS",
+    "block_sparse_fwd",
+    "csr_strides",
+    "empty_like_layout",
+    "launch_constexprs",
+    "next_block",
+    "prune_configs",
+]
 
 #: ``MASK_KIND`` values: no token predicate, ``NeighborhoodWindow``, ``CircularWindow``.
 MASK_NONE, MASK_NEIGHBORHOOD, MASK_CIRCULAR = 0, 1, 2
@@ -46,16 +59,46 @@ _NEG_INF = tl.constexpr(NEG_INF)
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
 
-# Block shapes follow the mask, so only warps and pipeline depth are tuned.
-_FWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-_FWD_DEFAULT = triton.Config({}, num_warps=4, num_stages=2)
+# Tiles are caps (TILE_M query rows, TILE_N key rows): a logical block larger than its tile is walked in
+# sub-tiles, a smaller one is padded to a power of two >= 16. Hopper: 128 x 64-128, 4-8 warps, 2-3 stages.
+_FWD_CONFIGS = [
+    triton.Config({"TILE_M": m, "TILE_N": n}, num_warps=w, num_stages=s)
+    for m, n, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
+]
+# Under the interpreter: 16-row tiles, so tests with 32-token blocks also exercise the sub-tile walk.
+_DEFAULT_CONFIG = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_stages=2)
+_AUTOTUNE_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND"]
 
 
-def _prune_configs(configs, nargs, **kwargs):
-    """8 warps only pay off on 128 x 64+ tiles; small tiles would leave warps idle."""
+def next_block(size: int) -> int:
+    """Power-of-two tile (>= 16, the smallest ``tl.dot`` dimension) holding ``size`` rows."""
+    return max(16, triton.next_power_of_2(size))
+
+
+#: Tile shapes from the logical blocks and the config's caps (applied in order, each sees the previous).
+TILE_HEURISTICS = {
+    "BLOCK_M": lambda a: min(next_block(a["block_q"]), a["TILE_M"]),
+    "BLOCK_N": lambda a: min(next_block(a["block_k"]), a["TILE_N"]),
+    "Q_SUB": lambda a: triton.cdiv(a["block_q"], a["BLOCK_M"]),
+    "K_SUB": lambda a: triton.cdiv(a["block_k"], a["BLOCK_N"]),
+    "EVEN_M": lambda a: a["block_q"] % a["BLOCK_M"] == 0 and a["q_len"] % a["block_q"] == 0,
+    "EVEN_N": lambda a: a["block_k"] % a["BLOCK_N"] == 0 and a["kv_len"] % a["block_k"] == 0,
+}
+
+
+def prune_configs(configs, nargs, **kwargs):
+    """Drop configs whose capped tiles coincide with an earlier one (small blocks) and 8 warps on tiles too small
+    to give each warp work (below 4096 scores)."""
     args = {**nargs, **kwargs}
-    big = args["BLOCK_M"] * args["BLOCK_N"] >= 128 * 64
-    kept = [c for c in configs if big or c.num_warps <= 4]
+    kept, seen = [], set()
+    for config in configs:
+        tiles = {**args, **config.kwargs}
+        shape = (TILE_HEURISTICS["BLOCK_M"](tiles), TILE_HEURISTICS["BLOCK_N"](tiles))
+        if config.num_warps > 4 and shape[0] * shape[1] < 32 * 128:
+            continue
+        if (shape, config.num_warps, config.num_stages) not in seen:
+            seen.add((shape, config.num_warps, config.num_stages))
+            kept.append(config)
     return kept or configs[:1]
 
 
@@ -150,9 +193,9 @@ def _bsa_allowed(qs, ks, radius2, MASK_KIND: tl.constexpr):
 @triton.jit
 def _bsa_mask_scores(
     b_s,
+    fixed_pos,
     loop_pos,
     n_valid,
-    fixed,
     partial_ptr,
     i,
     mp,
@@ -164,25 +207,45 @@ def _bsa_mask_scores(
 ):
     """Set disallowed scores to -inf: columns past the block or sequence, and the predicate on partial blocks.
 
-    Rows are the program's own tokens (``fixed``: their ``_bsa_side`` tuple, shaped as rows); columns are the
-    ``BLOCK_LOOP`` tokens of the visited block at ``loop_pos``, ``n_valid`` of them inside it. Blocks needing
-    neither test skip it at run time (the ``i``-th CSR entry says whether the block is partial).
+    Rows are the program's own tokens at ``fixed_pos``; columns are the ``BLOCK_LOOP`` tokens of the visited tile
+    at ``loop_pos``, ``n_valid`` of them inside its block. Tiles needing neither test skip it at run time (CSR
+    entry ``i`` says whether the block is partial). Both sides of the predicate are recomputed here rather than
+    kept live across the loop, which would cost registers on every tile.
     """
     if MASK_KIND != _NONE or not EVEN_LOOP:
-        ok = (tl.arange(0, BLOCK_LOOP) < n_valid)[None, :]
         need = n_valid < BLOCK_LOOP
         if MASK_KIND != _NONE:
             is_partial = tl.load(partial_ptr + i) != 0
             need = need | is_partial
         if need:
+            ok = (tl.arange(0, BLOCK_LOOP) < n_valid)[None, :]
             if MASK_KIND != _NONE:
                 if ROWS_ARE_Q:
-                    exact = _bsa_allowed(fixed, _bsa_side(loop_pos, mp, False, MASK_KIND, False), radius2, MASK_KIND)
+                    qs = _bsa_side(fixed_pos, mp, True, MASK_KIND, True)
+                    ks = _bsa_side(loop_pos, mp, False, MASK_KIND, False)
                 else:
-                    exact = _bsa_allowed(_bsa_side(loop_pos, mp, True, MASK_KIND, False), fixed, radius2, MASK_KIND)
-                ok = ok & (exact | ~is_partial)
+                    qs = _bsa_side(loop_pos, mp, True, MASK_KIND, False)
+                    ks = _bsa_side(fixed_pos, mp, False, MASK_KIND, True)
+                ok = ok & (_bsa_allowed(qs, ks, radius2, MASK_KIND) | ~is_partial)
             b_s = tl.where(ok, b_s, _MASKED)
     return b_s
+
+
+@triton.jit
+def _bsa_program_tile(pid, block, length, SUB: tl.constexpr, BLOCK: tl.constexpr):
+    """Program ``pid`` owns sub-tile ``pid % SUB`` of logical block ``pid // SUB``: (block id, start, valid rows)."""
+    sub = pid % SUB
+    start = (pid // SUB) * block + sub * BLOCK
+    return pid // SUB, start, tl.minimum(tl.minimum(BLOCK, block - sub * BLOCK), length - start)
+
+
+@triton.jit
+def _bsa_loop_tile(indices_ptr, t, block, length, SUB: tl.constexpr, BLOCK: tl.constexpr):
+    """Step ``t`` of a CSR walk visits sub-tile ``t % SUB`` of entry ``t // SUB``: (entry, start, valid rows)."""
+    i = t // SUB
+    sub = t % SUB
+    start = tl.load(indices_ptr + i) * block + sub * BLOCK
+    return i, start, tl.minimum(tl.minimum(BLOCK, block - sub * BLOCK), length - start)
 
 
 @triton.jit
@@ -206,7 +269,7 @@ def _block_sparse_fwd_inner(
     m_i,
     l_i,
     b_q,
-    qs,
+    q_pos,
     k_base,
     v_base,
     indices_ptr,
@@ -228,16 +291,16 @@ def _block_sparse_fwd_inner(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    K_SUB: tl.constexpr,
     EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax (exp2, fp32) over the kept key blocks ``indices[row_start:row_end]``."""
+    """Online softmax (exp2, fp32) over the sub-tiles of the kept key blocks ``indices[row_start:row_end]``."""
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    for i in range(row_start, row_end):
-        start_n = tl.load(indices_ptr + i) * block_k
-        n_valid = tl.minimum(block_k, kv_len - start_n)
+    for t in range(row_start * K_SUB, row_end * K_SUB):
+        i, start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
         m_n = o_n < n_valid
         p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
         p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
@@ -248,7 +311,7 @@ def _block_sparse_fwd_inner(
         # [BLOCK_M, BLOCK_N]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         b_s = _bsa_mask_scores(
-            b_s, start_n + o_n, n_valid, qs, partial_ptr, i, mp, radius2, BLOCK_N, MASK_KIND, EVEN_N, True
+            b_s, q_pos, start_n + o_n, n_valid, partial_ptr, i, mp, radius2, BLOCK_N, MASK_KIND, EVEN_N, True
         )
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         b_p = tl.math.exp2(b_s - m_new[:, None])
@@ -260,11 +323,12 @@ def _block_sparse_fwd_inner(
 
 
 @triton.autotune(
-    configs=autotune_configs(_FWD_CONFIGS, _FWD_DEFAULT),
-    key=["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "MASK_KIND"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    configs=autotune_configs(_FWD_CONFIGS, _DEFAULT_CONFIG),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_configs},
     **autotune_kwargs(),
 )
+@triton.heuristics(TILE_HEURISTICS)
 @triton.jit
 def _block_sparse_fwd_kernel(
     q_ptr,
@@ -301,29 +365,31 @@ def _block_sparse_fwd_kernel(
     qk_scale,
     mp,
     radius2,
+    TILE_M: tl.constexpr,
+    TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    Q_SUB: tl.constexpr,
+    K_SUB: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // num_heads).to(tl.int64)
     i_h = (i_bh % num_heads).to(tl.int64)
-    start_m = i_m * block_q
+    i_m, start_m, m_valid = _bsa_program_tile(tl.program_id(0), block_q, q_len, Q_SUB, BLOCK_M)
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_m = o_m < tl.minimum(block_q, q_len - start_m)
-    p_q = (
-        q_ptr + i_b * stride_q_b + i_h * stride_q_h + (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
-    )
+    m_m = o_m < m_valid
+    p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h
+    p_q += (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
     # [BLOCK_M, BLOCK_D]
     b_q = _bsa_load(p_q, m_m, o_d < HEAD_DIM, EVEN_M, HEAD_DIM == BLOCK_D)
     row = indptr_ptr + i_b * stride_indptr_b + i_h * stride_indptr_h + i_m
@@ -335,7 +401,7 @@ def _block_sparse_fwd_kernel(
         m_i,
         l_i,
         b_q,
-        _bsa_side(start_m + o_m, mp, True, MASK_KIND, True),
+        start_m + o_m,
         k_ptr + i_b * stride_k_b + i_h * stride_k_h,
         v_ptr + i_b * stride_v_b + i_h * stride_v_h,
         indices_ptr,
@@ -357,25 +423,20 @@ def _block_sparse_fwd_kernel(
         HEAD_DIM,
         HEAD_DIM_V,
         MASK_KIND,
+        K_SUB,
         EVEN_N,
         DOT_PRECISION,
     )
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    p_o = (
-        o_ptr + i_b * stride_o_b + i_h * stride_o_h + (start_m + o_m)[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
-    )
+    p_o = o_ptr + i_b * stride_o_b + i_h * stride_o_h
+    p_o += (start_m + o_m)[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
     tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_m[:, None] & (o_dv < HEAD_DIM_V)[None, :])
     b_lse = tl.where(empty, _MASKED, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
     tl.store(lse_ptr + i_bh.to(tl.int64) * q_len + start_m + o_m, b_lse, mask=m_m)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def next_block(size: int) -> int:
-    """Power-of-two tile (>= 16, the smallest ``tl.dot`` dimension) holding ``size`` rows."""
-    return max(16, triton.next_power_of_2(size))
-
-
 def empty_like_layout(x: torch.Tensor, last: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``(B, H, N, last)`` output stored like ``x``: ``(B, N, H, last)`` memory when x's heads are inner to tokens."""
     b, h, n, _ = x.shape
@@ -390,18 +451,14 @@ def csr_strides(indptr: torch.Tensor) -> tuple[int, int]:
     return tuple(indptr.stride(i) if indptr.shape[i] > 1 else 0 for i in range(2))
 
 
-def launch_constexprs(q, k, v, block_q: int, block_k: int, mask_kind: int) -> dict:
-    """Compile-time switches shared by every block-sparse kernel."""
+def launch_constexprs(q: torch.Tensor, v: torch.Tensor, mask_kind: int) -> dict:
+    """Compile-time switches shared by the attention kernels (tiles come from ``TILE_HEURISTICS``)."""
     return {
-        "BLOCK_M": next_block(block_q),
-        "BLOCK_N": next_block(block_k),
         "BLOCK_D": next_block(q.shape[-1]),
         "BLOCK_DV": next_block(v.shape[-1]),
         "HEAD_DIM": q.shape[-1],
         "HEAD_DIM_V": v.shape[-1],
         "MASK_KIND": mask_kind,
-        "EVEN_M": block_q == next_block(block_q) and q.shape[2] % block_q == 0,
-        "EVEN_N": block_k == next_block(block_k) and k.shape[2] % block_k == 0,
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
 
@@ -421,14 +478,15 @@ def block_sparse_fwd(
     mask_params: list[int],
     radius2: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid ``(Mq, B * H)``: one program per (query block, batch x head) writes ``out`` (like q's layout) and lse.
+    """Grid ``(Mq * Q_SUB, B * H)``: one program per query sub-tile x (batch, head) writes ``out`` and ``lse``.
 
-    Returns ``out`` ``(B, H, Nq, Dv)`` and ``lse`` ``(B, H, Nq)`` float32 (natural log, ``-inf`` on empty rows).
+    Returns ``out`` ``(B, H, Nq, Dv)`` stored like q, and ``lse`` ``(B, H, Nq)`` float32 (natural log, ``-inf``
+    on rows with no allowed key).
     """
     b, h, q_len, _ = q.shape
     out = empty_like_layout(q, v.shape[-1])
     lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(q_len, block_q), b * h)
+    grid = lambda meta: (triton.cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
     _block_sparse_fwd_kernel[grid](
         q,
         k,
@@ -451,6 +509,6 @@ def block_sparse_fwd(
         scale * LOG2E,
         tuple(mask_params),
         radius2,
-        **launch_constexprs(q, k, v, block_q, block_k, mask_kind),
+        **launch_constexprs(q, v, mask_kind),
     )
     return out, lse

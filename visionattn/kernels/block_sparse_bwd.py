@@ -13,13 +13,16 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs
 from ._constants import LOG2E
 from .block_sparse import (
+    TILE_HEURISTICS,
     _bsa_load,
+    _bsa_loop_tile,
     _bsa_mask_scores,
-    _bsa_side,
-    _prune_configs,
+    _bsa_program_tile,
     csr_strides,
     empty_like_layout,
     launch_constexprs,
+    next_block,
+    prune_configs,
 )
 
 __all__ = ["block_sparse_bwd", "transpose_csr"]
@@ -27,9 +30,13 @@ __all__ = ["block_sparse_bwd", "transpose_csr"]
 _LOG2E = tl.constexpr(LOG2E)
 _INF = tl.constexpr(float("inf"))
 
-_BWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-_BWD_DEFAULT = triton.Config({}, num_warps=4, num_stages=2)
-_BWD_KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "MASK_KIND"]
+# TILE_M / TILE_N cap the query / key tiles of both kernels (dQ owns query rows, dK/dV key rows).
+_BWD_CONFIGS = [
+    triton.Config({"TILE_M": m, "TILE_N": n}, num_warps=w, num_stages=s)
+    for m, n, w, s in [(32, 128, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]
+]
+_BWD_DEFAULT = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_stages=2)
+_BWD_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND"]
 #: Query rows per program of the delta pre-pass.
 _DELTA_BLOCK = 64
 
@@ -85,7 +92,7 @@ def _block_sparse_bwd_dq_inner(
     b_do,
     b_lse2,
     b_delta,
-    qs,
+    q_pos,
     k_base,
     v_base,
     indices_ptr,
@@ -107,16 +114,16 @@ def _block_sparse_bwd_dq_inner(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    K_SUB: tl.constexpr,
     EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dQ += dS K over the kept key blocks ``indices[row_start:row_end]`` of one query block."""
+    """dQ += dS K over the sub-tiles of the kept key blocks ``indices[row_start:row_end]``."""
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    for i in range(row_start, row_end):
-        start_n = tl.load(indices_ptr + i) * block_k
-        n_valid = tl.minimum(block_k, kv_len - start_n)
+    for t in range(row_start * K_SUB, row_end * K_SUB):
+        i, start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
         m_n = o_n < n_valid
         p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
         p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
@@ -127,7 +134,7 @@ def _block_sparse_bwd_dq_inner(
         # [BLOCK_M, BLOCK_N]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         b_s = _bsa_mask_scores(
-            b_s, start_n + o_n, n_valid, qs, partial_ptr, i, mp, radius2, BLOCK_N, MASK_KIND, EVEN_N, True
+            b_s, q_pos, start_n + o_n, n_valid, partial_ptr, i, mp, radius2, BLOCK_N, MASK_KIND, EVEN_N, True
         )
         b_p = tl.math.exp2(b_s - b_lse2[:, None])
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
@@ -139,9 +146,10 @@ def _block_sparse_bwd_dq_inner(
 @triton.autotune(
     configs=autotune_configs(_BWD_CONFIGS, _BWD_DEFAULT),
     key=_BWD_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_configs},
     **autotune_kwargs(),
 )
+@triton.heuristics(TILE_HEURISTICS)
 @triton.jit
 def _block_sparse_bwd_kernel_dq(
     q_ptr,
@@ -184,26 +192,29 @@ def _block_sparse_bwd_kernel_dq(
     scale,
     mp,
     radius2,
+    TILE_M: tl.constexpr,
+    TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    Q_SUB: tl.constexpr,
+    K_SUB: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // num_heads).to(tl.int64)
     i_h = (i_bh % num_heads).to(tl.int64)
-    start_m = i_m * block_q
+    i_m, start_m, m_valid = _bsa_program_tile(tl.program_id(0), block_q, q_len, Q_SUB, BLOCK_M)
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_m = o_m < tl.minimum(block_q, q_len - start_m)
+    m_m = o_m < m_valid
     rows = (start_m + o_m)[:, None]
     p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + rows * stride_q_n + o_d[None, :] * stride_q_d
     p_do = do_ptr + i_b * stride_do_b + i_h * stride_do_h + rows * stride_do_n + o_dv[None, :] * stride_do_d
@@ -223,7 +234,7 @@ def _block_sparse_bwd_kernel_dq(
         b_do,
         b_lse2,
         b_delta,
-        _bsa_side(start_m + o_m, mp, True, MASK_KIND, True),
+        start_m + o_m,
         k_ptr + i_b * stride_k_b + i_h * stride_k_h,
         v_ptr + i_b * stride_v_b + i_h * stride_v_h,
         indices_ptr,
@@ -245,6 +256,7 @@ def _block_sparse_bwd_kernel_dq(
         HEAD_DIM,
         HEAD_DIM_V,
         MASK_KIND,
+        K_SUB,
         EVEN_N,
         DOT_PRECISION,
     )
@@ -258,7 +270,7 @@ def _block_sparse_bwd_dkdv_inner(
     dv,
     b_k,
     b_v,
-    ks,
+    k_pos,
     q_base,
     do_base,
     lse_base,
@@ -282,19 +294,19 @@ def _block_sparse_bwd_dkdv_inner(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    Q_SUB: tl.constexpr,
     EVEN_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dV += P^T dO and dK += dS^T Q over the query blocks ``indices[col_start:col_end]`` that keep this key block.
+    """dV += P^T dO and dK += dS^T Q over the sub-tiles of the query blocks ``indices[col_start:col_end]``.
 
     Tiles are key-major ([BLOCK_N, BLOCK_M]); the predicate runs with the roles swapped (ROWS_ARE_Q=False).
     """
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    for i in range(col_start, col_end):
-        start_m = tl.load(indices_ptr + i) * block_q
-        m_valid = tl.minimum(block_q, q_len - start_m)
+    for t in range(col_start * Q_SUB, col_end * Q_SUB):
+        i, start_m, m_valid = _bsa_loop_tile(indices_ptr, t, block_q, q_len, Q_SUB, BLOCK_M)
         m_m = o_m < m_valid
         p_q = q_base + (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
         p_do = do_base + (start_m + o_m)[:, None] * stride_do_n + o_dv[None, :] * stride_do_d
@@ -308,7 +320,7 @@ def _block_sparse_bwd_dkdv_inner(
         # [BLOCK_N, BLOCK_M]
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale
         b_st = _bsa_mask_scores(
-            b_st, start_m + o_m, m_valid, ks, partial_ptr, i, mp, radius2, BLOCK_M, MASK_KIND, EVEN_M, False
+            b_st, k_pos, start_m + o_m, m_valid, partial_ptr, i, mp, radius2, BLOCK_M, MASK_KIND, EVEN_M, False
         )
         b_pt = tl.math.exp2(b_st - b_lse2[None, :])
         dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
@@ -321,9 +333,10 @@ def _block_sparse_bwd_dkdv_inner(
 @triton.autotune(
     configs=autotune_configs(_BWD_CONFIGS, _BWD_DEFAULT),
     key=_BWD_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_configs},
     **autotune_kwargs(),
 )
+@triton.heuristics(TILE_HEURISTICS)
 @triton.jit
 def _block_sparse_bwd_kernel_dkdv(
     q_ptr,
@@ -371,26 +384,29 @@ def _block_sparse_bwd_kernel_dkdv(
     scale,
     mp,
     radius2,
+    TILE_M: tl.constexpr,
+    TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    Q_SUB: tl.constexpr,
+    K_SUB: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // num_heads).to(tl.int64)
     i_h = (i_bh % num_heads).to(tl.int64)
-    start_n = i_n * block_k
+    i_n, start_n, n_valid = _bsa_program_tile(tl.program_id(0), block_k, kv_len, K_SUB, BLOCK_N)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_n = o_n < tl.minimum(block_k, kv_len - start_n)
+    m_n = o_n < n_valid
     rows = (start_n + o_n)[:, None]
     p_k = k_ptr + i_b * stride_k_b + i_h * stride_k_h + rows * stride_k_n + o_d[None, :] * stride_k_d
     p_v = v_ptr + i_b * stride_v_b + i_h * stride_v_h + rows * stride_v_n + o_dv[None, :] * stride_v_d
@@ -406,7 +422,7 @@ def _block_sparse_bwd_kernel_dkdv(
         dv,
         b_k,
         b_v,
-        _bsa_side(start_n + o_n, mp, False, MASK_KIND, True),
+        start_n + o_n,
         q_ptr + i_b * stride_q_b + i_h * stride_q_h,
         do_ptr + i_b * stride_do_b + i_h * stride_do_h,
         lse_ptr + i_bh.to(tl.int64) * q_len,
@@ -430,6 +446,7 @@ def _block_sparse_bwd_kernel_dkdv(
         HEAD_DIM,
         HEAD_DIM_V,
         MASK_KIND,
+        Q_SUB,
         EVEN_M,
         DOT_PRECISION,
     )
@@ -481,7 +498,8 @@ def block_sparse_bwd(
     mask_params: list[int],
     radius2: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three launches: delta ``(Mq / 64, B * H)``; dQ ``(Mq, B * H)`` over rows; dK/dV ``(Mk, B * H)`` over columns.
+    """Three launches: delta ``(Nq / 64, B * H)``; dQ per query sub-tile over the rows; dK/dV per key sub-tile
+    over the transposed CSR.
 
     Returns ``dq``, ``dk``, ``dv`` stored like ``q``, ``k``, ``v``.
     """
@@ -501,15 +519,16 @@ def block_sparse_bwd(
         q_len,
         HEAD_DIM_V=v.shape[-1],
         BLOCK=_DELTA_BLOCK,
-        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])),
+        BLOCK_DV=next_block(v.shape[-1]),
         HAS_DLSE=has_dlse,
     )
     dq = empty_like_layout(q, q.shape[-1])
     dk = empty_like_layout(k, k.shape[-1])
     dv = empty_like_layout(v, v.shape[-1])
-    constexprs = launch_constexprs(q, k, v, block_q, block_k, mask_kind)
+    constexprs = launch_constexprs(q, v, mask_kind)
     shared = (h, q_len, kv_len, block_q, block_k, scale, tuple(mask_params), radius2)
-    _block_sparse_bwd_kernel_dq[(triton.cdiv(q_len, block_q), b * h)](
+    grid_dq = lambda meta: (triton.cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
+    _block_sparse_bwd_kernel_dq[grid_dq](
         q,
         k,
         v,
@@ -530,7 +549,8 @@ def block_sparse_bwd(
         **constexprs,
     )
     indptr_t, indices_t, partial_t = transpose_csr(indptr, indices, partial, triton.cdiv(kv_len, block_k))
-    _block_sparse_bwd_kernel_dkdv[(triton.cdiv(kv_len, block_k), b * h)](
+    grid_dkdv = lambda meta: (triton.cdiv(kv_len, block_k) * meta["K_SUB"], b * h)
+    _block_sparse_bwd_kernel_dkdv[grid_dkdv](
         q,
         k,
         v,
