@@ -174,3 +174,36 @@ def test_processor_needs_the_hooked_model_call():
     with pytest.raises(RuntimeError, match="grid"):
         attn(torch.randn(1, 16, attn.to_q.in_features))
     remove(handle)
+
+
+def _cuda(inputs: dict, dtype) -> dict:
+    cast = lambda t: t.to("cuda", dtype) if t.is_floating_point() and t.ndim > 1 else t.to("cuda")
+    return {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["unet", "flux", "wan", "hunyuan_video", "cogvideox"])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("local", dict(kernel_size=3)),
+        ("local", dict(kernel_size=5, stride=2, dilation=1)),
+        ("local", dict(window="circle", radius=2.5)),
+        ("radial", dict(block_size=64, decay_factor=0.5)),
+        ("linear", {}),
+        ("agent", dict(agent_ratio=0.9)),
+    ],
+    ids=["na3", "na5s2", "circle", "radial", "linear", "agent"],
+)
+def test_triton_backends_match_reference_in_models(name, method, options):
+    tiny = TINY_MODELS[name]
+    if method == "radial" and not tiny.is_video:
+        pytest.skip("radial needs a video model")
+    model = tiny.build().to("cuda", torch.bfloat16)
+    inputs = _cuda(tiny.inputs(batch=2, scale=4), torch.bfloat16)
+    outs = {}
+    for backend in ("reference", None):
+        handle = apply(model, method, dense_layers=0, dense_steps=0, backend=backend, **options)
+        outs[backend] = _run(model, inputs).float()
+        remove(handle)
+    assert_close(f"{name} {method} triton vs reference", outs["reference"], outs[None], tol=2e-2)

@@ -62,21 +62,22 @@ def test_method_weights_round_trip_through_safetensors(method, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, method, options",
+    "method, options, backend",
     [
-        ("wan", "radial", dict(block_size=16, dense_steps=0, backend="reference")),
-        ("flux", "linear", dict(backend="reference")),
+        # dynamo alone: masks are built eagerly (outside the graph) and handed to the op
+        ("radial", dict(block_size=16, dense_steps=0, backend="reference"), "eager"),
+        # dynamo + AOTAutograd: the learnable method traces for training too; no C++ toolchain needed on CPU CI
+        ("linear", dict(backend="reference"), "aot_eager"),
     ],
-    ids=["wan-radial", "flux-linear"],
+    ids=["radial-eager", "linear-aot_eager"],
 )
-def test_compiled_transformer_matches_eager(name, method, options):
-    tiny = TINY_MODELS[name]
+def test_compiled_transformer_matches_eager(method, options, backend):
+    tiny = TINY_MODELS["wan"]
     model, inputs = tiny.build(), tiny.inputs(batch=1)
     apply(model, method, **options)
     with torch.no_grad():
         eager = _output(model, inputs)
-        # aot_eager traces the processors through dynamo and AOTAutograd without needing a C++ toolchain on CPU CI
-        compiled = torch.compile(model, backend="aot_eager")
+        compiled = torch.compile(model, backend=backend)
         assert_close(f"compiled {method}", eager, _output(compiled, inputs))
 
 
