@@ -11,6 +11,15 @@ from visionattn.ops import gated_linear_attention, gated_linear_attention_refere
 _GRAD_NAMES = ("dq", "dk", "dv", "dlog_gate_fwd", "dlog_gate_bwd")
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32_matmuls():
+    """float32 kernel results are compared at 1e-5, so TF32 must be off even if another test turned it on."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
 def _inputs(batch, heads, length, dk, dv, *, bidirectional=True, bnhd=False, strong=False, seed=0):
     """float64 CPU leaves (q, k, v, log_gate_fwd, log_gate_bwd or None); ``bnhd`` makes (B, N, H, D) views.
 

@@ -68,7 +68,7 @@ def _gated_rows(i_c, i_s, o_i, BT: tl.constexpr, BC: tl.constexpr, reverse):
 
 @triton.jit
 def _gated_dot(a, b, IEEE: tl.constexpr):
-    """fp32 operands: exact ("ieee") for float32 inputs, TF32 otherwise (fp16/bf16 inputs are exact in TF32)."""
+    """fp32 operands, exact ("ieee") or TF32 (fp16/bf16 inputs are exact in TF32; computed operands round to 10 bits)."""
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:
@@ -307,6 +307,11 @@ def _gated_fwd_kernel_output(
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
+def _exact_dots(dtype: torch.dtype) -> bool:
+    """float32 inputs get exact ("ieee") matmuls unless torch allows TF32 (``torch.set_float32_matmul_precision``)."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -355,7 +360,7 @@ def gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: i
         BT=chunk,
         NUM_DIR=num_dir,
         NUM_PASS=num_pass,
-        IEEE=q.dtype == torch.float32,
+        IEEE=_exact_dots(q.dtype),
     )
     return states
 
@@ -405,6 +410,6 @@ def gated_fwd(
         BT=chunk,
         BC=min(GATED_SUB_BLOCK, chunk),
         NUM_DIR=num_dir,
-        IEEE=q.dtype == torch.float32,
+        IEEE=_exact_dots(q.dtype),
     )
     return out

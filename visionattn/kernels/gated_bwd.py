@@ -23,6 +23,7 @@ from .gated import (
     GATED_CHUNK,
     GATED_SUB_BLOCK,
     _bhn_strides,
+    _exact_dots,
     _gated_dot,
     _gated_intra_apply,
     _gated_intra_factors,
@@ -279,6 +280,6 @@ def gated_bwd(
         BT=chunk,
         BC=min(GATED_SUB_BLOCK, chunk),
         NUM_DIR=num_dir,
-        IEEE=q.dtype == torch.float32,
+        IEEE=_exact_dots(q.dtype),
     )
     return dq, dk, dv, dg_fwd, dg_bwd

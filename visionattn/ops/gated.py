@@ -197,16 +197,16 @@ def gated_linear_attention(
         log_gate_fwd: log forget gates of the forward scan ``(B, H, N, Dk)``, ``a_t = log_gate_fwd[:, :, t]``.
             Meant to be ``<= 0`` (a decay); this is not checked (it would cost a pass over the tensor). Positive
             values are computed as written but may overflow in the Triton kernel. Large negative values (down to
-            ``-inf``) are fine: the kernel clamps them at ``-32``, where ``exp`` is already below float32
-            resolution.
+            ``-inf``) are fine: the kernel clamps them at ``-16`` (``exp(-16) ~ 1e-7``, float32 rounding level).
         log_gate_bwd: log forget gates of the backward scan ``(B, H, N, Dk)``, indexed by the original token
             positions (``b_t`` gates the step from token ``t + 1`` to ``t``), or None for the causal scan only.
         scale: query scale; None means ``Dk ** -0.5``.
 
     Other Parameters:
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, Dk and Dv in
-            ``(16, 32, 64)``, fp32 state), ``"reference"`` (the token loop, any float dtype) or None for the first
-            that supports the input.
+            ``(16, 32, 64)``, fp32 state; float32 matmuls use TF32 when
+            ``torch.get_float32_matmul_precision() != "highest"``), ``"reference"`` (the token loop, any float dtype)
+            or None for the first that supports the input.
 
     Returns:
         ``(B, H, N, Dv)`` in the dtype of ``q``.
