@@ -128,3 +128,12 @@ def test_vig_h_gpu_bf16_matches_reference_backend(name):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x)
     assert_close("logits", expected, out.float(), tol=0.05)
+
+
+@pytest.mark.gpu
+def test_vig_h_gpu_torch_compile_fullgraph():
+    model = timm.create_model("vig_h_tiny").cuda().eval()
+    x = torch.randn(2, 3, 256, 192, device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert_close("compiled", model(x).float(), compiled(x).float(), tol=2e-2)
