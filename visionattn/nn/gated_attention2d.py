@@ -119,7 +119,7 @@ class GatedLinearAttention2d(nn.Module):
             )
         heads, height, width = self.num_heads, *grid.shape
         # (B, N, C) viewed as a channels_last (B, C, Y, X) image: the depthwise conv needs no copy in either direction.
-        local = self.dwconv(x.view(batch, height, width, dim).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        local = self.dwconv(x.reshape(batch, height, width, dim).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         local = self.conv_act(local.reshape(batch, length, dim))
 
         q, k, v = self.qkv(local).split([self.key_dim, self.key_dim, dim], dim=-1)
