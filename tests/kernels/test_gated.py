@@ -95,6 +95,17 @@ def test_gated_kernel_matches_reference(
     _check_against_reference(_to(inputs, kernel_device, dtype), dtype, scale=0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gated_kernel_half_inputs_float32_gates(dtype, kernel_device, poison_empty):
+    """nn.GatedAttention2d's call: half q, k, v with float32 gates; gate gradients come back in float32.
+
+    The kernels convert every load to float32 before any matmul, so bf16 runs under the interpreter too.
+    """
+    q, k, v, a, b = _inputs(1, 1, 40, 16, 32)
+    low = _to((q, k, v), kernel_device, dtype) + _to((a, b), kernel_device, torch.float32)
+    _check_against_reference(low, dtype)
+
+
 def test_gated_kernel_strided_inputs(kernel_device, poison_empty):
     """(B, N, H, D) views of q, k, v and gates that are halves of one projection (ViG's gk.chunk(2, -1))."""
     q, k, v, _, _ = _to(_inputs(1, 2, 23, 16, 16, bnhd=True), kernel_device, torch.float32)
