@@ -12,6 +12,7 @@ from visionattn.diffusion._processor import _MethodAttnProcessor
 #: Options under which each method computes exactly dense softmax attention on the tiny models.
 _FULL_DENSITY = {
     "local": dict(kernel_size=64, backend="reference"),
+    "sparse_linear": dict(topk=1.0, backend="reference"),
     "circle": dict(window="circle", radius=1e3, backend="reference"),
 }
 
@@ -21,21 +22,22 @@ def _run(model, inputs):
         return model(**inputs, return_dict=False)[0]
 
 
+@pytest.mark.parametrize("method", ["local", "sparse_linear"])
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
-def test_apply_matches_stock_and_remove_restores(name):
+def test_apply_matches_stock_and_remove_restores(name, method):
     tiny = TINY_MODELS[name]
     model, inputs = tiny.build(), tiny.inputs(batch=2)
     stock_out = _run(model, inputs)
     before = dict(model.attn_processors)
 
-    handle = apply(model, "local", **_FULL_DENSITY["local"])
+    handle = apply(model, method, **_FULL_DENSITY[method])
     after = model.attn_processors
     changed = {key for key in before if after[key] is not before[key]}
     assert changed and all(isinstance(after[key], _MethodAttnProcessor) for key in changed)
     assert all(".attn1." in key or key.endswith(".attn.processor") or ".attn2." in key for key in changed)
     cross = {key for key in before if key.endswith("attn2.processor") and name != "sd3"}
     assert not (changed & cross), "cross-attention processors must stay stock"
-    assert_close(f"{name} local at full window", stock_out, _run(model, inputs))
+    assert_close(f"{name} {method} at full density", stock_out, _run(model, inputs))
     assert handle.density() == 1.0
 
     remove(handle)
@@ -190,10 +192,11 @@ def _cuda(inputs: dict, dtype) -> dict:
         ("local", dict(kernel_size=5, stride=2, dilation=1)),
         ("local", dict(window="circle", radius=2.5)),
         ("radial", dict(block_size=64, decay_factor=0.5)),
+        ("sparse_linear", dict(topk=0.25)),
         ("linear", {}),
         ("agent", dict(agent_ratio=0.9)),
     ],
-    ids=["na3", "na5s2", "circle", "radial", "linear", "agent"],
+    ids=["na3", "na5s2", "circle", "radial", "sla", "linear", "agent"],
 )
 def test_triton_backends_match_reference_in_models(name, method, options):
     tiny = TINY_MODELS[name]

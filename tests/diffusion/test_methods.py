@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from tests._numerics import assert_close
-from visionattn.diffusion import AgentAttention, DiffusionState, LinearAttention, LocalAttention, RadialAttention
-from visionattn.layout import TokenGrid
+from visionattn.diffusion import (
+    AgentAttention,
+    DiffusionState,
+    LinearAttention,
+    LocalAttention,
+    RadialAttention,
+    SparseLinearMethod,
+)
+from visionattn.layout import TokenGrid, topk_ratio_block_mask
 from visionattn.layout.radial import radial_block_mask
 
 
@@ -134,6 +141,27 @@ def test_linear_matches_linfusion_formula():
     want = torch.autograd.grad(_linfusion(q, k, v, method), params, grad)
     for label, g, w in zip(("q_proj.fc1", "k_proj.fc2"), got, want):
         assert_close(label, w, g)
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "elu1"])
+def test_sparse_linear_matches_masked_dense_plus_linear(feature_map):
+    gen = torch.Generator().manual_seed(6)
+    grid = TokenGrid((5, 6), extra_before=6)  # 36 tokens: blocks of 8 with a short last block
+    method = SparseLinearMethod(8, topk=0.4, feature_map=feature_map, block_q=8, block_k=8, dtype=torch.float64)
+    with torch.no_grad():
+        method.attention.proj.weight.normal_(generator=gen)
+        method.attention.proj.bias.normal_(generator=gen)
+    q, k, v = _qkv(grid, gen)
+    out, density = method(q, k, v, grid, DiffusionState())
+    critical = topk_ratio_block_mask(q.detach(), k.detach(), 8, 8, 0.4).to_dense()
+    phi = (lambda x: x.softmax(-1)) if feature_map == "softmax" else (lambda x: torch.nn.functional.elu(x) + 1)
+    sparse = _masked_softmax(q, k, v, critical)
+    weights = (phi(q) @ phi(k).transpose(-1, -2)) * ~critical
+    linear = (weights @ v) / (weights.sum(-1, keepdim=True) + 1e-6)  # the op's default eps
+    proj = method.attention.proj
+    ref = sparse + linear @ proj.weight.T + proj.bias
+    assert density == pytest.approx(int(0.4 * 5) / 5)
+    _check_forward_backward("sparse_linear", out, ref, (q, k, v))
 
 
 def _tome_agents(tokens: torch.Tensor, shape, sx: int, sy: int, ratio: float) -> torch.Tensor:

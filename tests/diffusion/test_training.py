@@ -8,7 +8,10 @@ from tests._numerics import assert_close
 from tests.diffusion._tiny import TINY_MODELS
 from visionattn.diffusion import apply, remove
 
-_TRAINABLE = {"linear": dict(backend="reference")}
+_TRAINABLE = {
+    "linear": dict(backend="reference"),
+    "sparse_linear": dict(topk=0.5, block_q=8, block_k=8, backend="reference"),
+}
 _OUTPUT_LAYERS = ("fc2.weight", "proj.weight")
 
 
@@ -82,7 +85,9 @@ def test_compiled_transformer_matches_eager(method, options, backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method, options", [("local", dict(kernel_size=(3, 5, 5))), ("linear", {})])
+@pytest.mark.parametrize(
+    "method, options", [("local", dict(kernel_size=(3, 5, 5))), ("sparse_linear", dict(topk=0.25)), ("linear", {})]
+)
 def test_compiled_transformer_matches_eager_on_gpu(method, options):
     tiny = TINY_MODELS["wan"]
     model = tiny.build().cuda()

@@ -1,7 +1,7 @@
 """diffusers integration: processors for visionattn's attention methods, the grid/step hook, ``apply``/``remove``."""
 
 from ._hooks import DiffusionState
-from ._methods import AgentAttention, LinearAttention, LocalAttention, RadialAttention
+from ._methods import AgentAttention, LinearAttention, LocalAttention, RadialAttention, SparseLinearMethod
 from .apply import AttentionHandle, apply, remove
 from .cogvideox import CogVideoXMethodAttnProcessor
 from .flux import FluxMethodAttnProcessor
@@ -23,6 +23,7 @@ __all__ = [
     "LocalAttention",
     "RadialAttention",
     "SD3MethodAttnProcessor",
+    "SparseLinearMethod",
     "UNetMethodAttnProcessor",
     "WanMethodAttnProcessor",
     "apply",

@@ -18,12 +18,13 @@ from torch import nn
 
 from ..layout import TokenGrid, TokenLayout, circular_window_block_mask
 from ..layout.radial import radial_block_mask
+from ..nn import SparseLinearAttention
 from ..ops import agent_attention, block_sparse_attention, linear_attention, neighborhood_attention
 from ..ops._checks import _check_choice, _check_per_axis
 from ..ops.neighborhood import default_neighborhood_tile
 from ._agent import agent_tokens
 
-__all__ = ["AgentAttention", "LinearAttention", "LocalAttention", "RadialAttention"]
+__all__ = ["AgentAttention", "LinearAttention", "LocalAttention", "RadialAttention", "SparseLinearMethod"]
 
 
 def _rotate_text_last(grid: TokenGrid, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -197,6 +198,58 @@ class RadialAttention(_AttentionMethod):
         return out, mask.density()
 
 
+class SparseLinearMethod(_AttentionMethod):
+    """SLA (Zhang et al., arXiv 2509.24006): softmax on each query block's top-k key blocks, linear attention on the
+    rest, ``o = o_sparse + proj(o_linear)``, held as one ``visionattn.nn.SparseLinearAttention`` per layer.
+
+    ``proj`` starts at zero (a fresh layer is block-sparse attention) and lives in the model's ``state_dict`` as
+    ``<attention module>.processor.method.attention.proj.*``. The block map is computed from q and k on every call,
+    over the whole joint sequence (text tokens included), as TurboDiffusion applies SLA to Wan's self-attention.
+
+    Args:
+        head_dim: ``D``.
+        topk: fraction of key blocks attended with softmax (TurboDiffusion: 0.1, 0.15 for quality).
+        feature_map: ``φ`` of the linear branch: ``"softmax"`` (SLA's default), ``"elu1"`` or ``"relu"``.
+        block_q: tokens per query block (SLA: 64, or 128 in TurboDiffusion).
+        block_k: tokens per key block (SLA: 64).
+        skip_ratio: fraction of key blocks skipped by both branches (the paper's negligible blocks; SLA's code: 0).
+        backend: op backend.
+    """
+
+    name = "sparse_linear"
+
+    def __init__(
+        self,
+        head_dim: int,
+        *,
+        topk: float = 0.1,
+        feature_map: str = "softmax",
+        block_q: int = 64,
+        block_k: int = 64,
+        skip_ratio: float = 0.0,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.attention = SparseLinearAttention(
+            head_dim,
+            topk,
+            feature_map=feature_map,
+            block_q=block_q,
+            block_k=block_k,
+            skip_ratio=skip_ratio,
+            backend=backend,
+            device=device,
+            dtype=dtype,
+        )
+
+    def forward(self, q, k, v, grid: TokenGrid, state):
+        # SLA keeps the same number of key blocks in every query block, so the density needs no device sync
+        blocks = -(-k.shape[2] // self.attention.block_k)
+        return self.attention(q, k, v), min(blocks, int(self.attention.topk * blocks)) / blocks
+
+
 class _FeatureProjection(nn.Module):
     """LinFusion's ``f(x) = Linear → LayerNorm → LeakyReLU → Linear``, last layer zero-initialised (``f = 0`` at start)."""
 
@@ -303,4 +356,6 @@ class AgentAttention(_AttentionMethod):
         return out + self.k_shortcut * v, 2 * agents.shape[2] / n
 
 
-_METHODS = {cls.name: cls for cls in (AgentAttention, LinearAttention, LocalAttention, RadialAttention)}
+_METHODS = {
+    cls.name: cls for cls in (AgentAttention, LinearAttention, LocalAttention, RadialAttention, SparseLinearMethod)
+}
