@@ -140,6 +140,22 @@ def test_gated_kernel_gates_at_the_clamp(kernel_device):
     assert all(torch.isfinite(g).all() for g in grads[3:])
 
 
+@pytest.mark.parametrize("chunk", [16, 64, 128])
+def test_gated_kernel_chunk_sizes(chunk, kernel_device):
+    """The op's chunk size is a tuning choice: one sub-block per chunk up to eight give the same result."""
+    if chunk == 128 and kernel_device.type != "cuda":
+        pytest.skip("128-token chunks are slow under the interpreter; 16 and 64 cover one and several sub-blocks")
+    low = _to(_inputs(1, 1, 150 if chunk == 128 else 40, 16, 16), kernel_device, torch.float32)
+    master = [t.detach().double().requires_grad_() for t in low]
+    grad_out = torch.randn(low[2].shape, dtype=torch.float64).to(kernel_device)
+    ref, ref_grads = _forward_backward(lambda *x: gated_linear_attention_reference(*x, scale=0.5), master, grad_out)
+    op = torch.ops.visionattn.gated_linear_attention_fwd
+    out, grads = _forward_backward(lambda *x: op(*x, 0.5, chunk), low, grad_out)
+    assert_close("o", ref, out)
+    for name, g_ref, g_out in zip(_GRAD_NAMES, ref_grads, grads):
+        assert_close(name, g_ref, g_out)
+
+
 def test_gated_kernel_compiles_fullgraph(kernel_device):
     inputs = _to(_inputs(1, 1, 9, 16, 16), kernel_device, torch.float32)
 
@@ -156,7 +172,7 @@ def test_gated_kernel_compiles_fullgraph(kernel_device):
 
 def test_gated_kernel_opcheck(kernel_device):
     q, k, v, a, b = (t.float().to(kernel_device) for t in _inputs(1, 1, 9, 16, 16))
-    torch.library.opcheck(torch.ops.visionattn.gated_linear_attention_fwd, (q, k, v, a, b, 0.25))
+    torch.library.opcheck(torch.ops.visionattn.gated_linear_attention_fwd, (q, k, v, a, b, 0.25, 16))
 
 
 def test_gated_kernel_rejects_unsupported_input(kernel_device):

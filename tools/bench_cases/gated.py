@@ -72,6 +72,10 @@ def cases(args) -> list[BenchCase]:
         "ours": lambda q, k, v, a, b: gated_linear_attention(q, k, v, a, b),
         "ours-causal": lambda q, k, v, a, b: gated_linear_attention(q, k, v, a),
     }
+    if on_gpu:
+        # the op's chunk size (64) against 128: half the stored states and sequential state steps, half the programs
+        op = torch.ops.visionattn.gated_linear_attention_fwd
+        peers["ours-chunk128"] = lambda q, k, v, a, b: op(q, k, v, a, b, q.shape[-1] ** -0.5, 128)
     if fla is not None:
         peers["fla-chunk_gla-concat"] = fla
     rows = []

@@ -24,14 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, autotune_kwargs, is_interpreter
+from ._config import autotune_configs, autotune_kwargs
 from .block_sparse import empty_like_layout
 
-__all__ = ["GATED_CHUNK", "GATED_SUB_BLOCK", "gated_fwd", "gated_states"]
+__all__ = ["GATED_SUB_BLOCK", "gated_fwd", "gated_states"]
 
-#: Tokens per chunk (one stored state per chunk and pass); small under the interpreter so tiny tests span chunks.
-GATED_CHUNK = 32 if is_interpreter() else 64
-#: Tokens per sub-block inside a chunk: the [BC, BC, Dk] exponentials of a diagonal block are computed exactly.
+#: Tokens per sub-block inside a chunk (the factor bounds of ``_gated_intra_factors`` are derived for 16).
 GATED_SUB_BLOCK = 16
 #: Log gates are clamped here on load. exp(-16) ~ 1.1e-7 is at the level of float32 rounding, so results move by
 #: ~1e-7 relative at most, while every exponent inside a sub-block stays within 4 gates of its reference: factors
@@ -372,9 +370,11 @@ def gated_fwd(
     log_gate_fwd: torch.Tensor,
     log_gate_bwd: torch.Tensor | None,
     scale: float,
-    chunk: int = GATED_CHUNK,
+    chunk: int,
 ) -> torch.Tensor:
     """GLA output ``(B, H, N, Dv)`` (causal if ``log_gate_bwd`` is None, else the mean of both scans).
+
+    ``chunk``: tokens per chunk, a power of two >= 16 (one stored state per chunk and scan).
 
     Two launches: the chunk-entry states, then one program per (chunk, batch·head) for the output.
     """
@@ -408,7 +408,7 @@ def gated_fwd(
         DK=dk,
         DV=dv,
         BT=chunk,
-        BC=min(GATED_SUB_BLOCK, chunk),
+        BC=GATED_SUB_BLOCK,
         NUM_DIR=num_dir,
         IEEE=_exact_dots(q.dtype),
     )

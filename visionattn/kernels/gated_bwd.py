@@ -20,7 +20,6 @@ from ._config import autotune_configs, autotune_kwargs
 from .block_sparse import empty_like_layout
 from .gated import (
     _LOG_GATE_MIN,
-    GATED_CHUNK,
     GATED_SUB_BLOCK,
     _bhn_strides,
     _exact_dots,
@@ -226,7 +225,7 @@ def gated_bwd(
     log_gate_fwd: torch.Tensor,
     log_gate_bwd: torch.Tensor | None,
     scale: float,
-    chunk: int = GATED_CHUNK,
+    chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, d log_gate_fwd, d log_gate_bwd or None)`` of ``gated_fwd`` for output gradient ``do``.
 
@@ -278,7 +277,7 @@ def gated_bwd(
         DK=dk_dim,
         DV=dv_dim,
         BT=chunk,
-        BC=min(GATED_SUB_BLOCK, chunk),
+        BC=GATED_SUB_BLOCK,
         NUM_DIR=num_dir,
         IEEE=_exact_dots(q.dtype),
     )

@@ -18,6 +18,7 @@ log gates (ViG: ``logsigmoid(x) / 16``).
 
 import torch
 
+from ..kernels._config import is_interpreter
 from ._checks import _check_attention_inputs, _check_scale, _check_tensor
 from ._registry import (
     _BackendRegistry,
@@ -29,6 +30,9 @@ from ._registry import (
 
 __all__ = ["gated_linear_attention", "gated_linear_attention_reference"]
 
+#: Tokens per chunk of the Triton kernels (one stored state per chunk and scan); 32 under the interpreter so that tiny
+#: tests cross several chunks. ``torch.ops.visionattn.gated_linear_attention_fwd`` takes others (multiples of 16).
+_TRITON_CHUNK = 32 if is_interpreter() else 64
 #: Head dims (Dk and Dv) the Triton kernels are compiled for.
 _TRITON_HEAD_DIMS = (16, 32, 64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -82,14 +86,15 @@ def _gated_fwd_op(
     log_gate_fwd: torch.Tensor,
     log_gate_bwd: torch.Tensor | None,
     scale: float,
+    chunk: int,
 ) -> torch.Tensor:
     from ..kernels.gated import gated_fwd
 
-    return gated_fwd(q, k, v, log_gate_fwd, log_gate_bwd, scale)
+    return gated_fwd(q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk)
 
 
 @_gated_fwd_op.register_fake
-def _(q, k, v, log_gate_fwd, log_gate_bwd, scale):
+def _(q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk):
     from ..kernels.block_sparse import empty_like_layout
 
     return empty_like_layout(v, v.shape[-1])
@@ -104,16 +109,17 @@ def _gated_bwd_op(
     log_gate_fwd: torch.Tensor,
     log_gate_bwd: torch.Tensor | None,
     scale: float,
+    chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v and both gates; the last is an empty tensor in causal mode (an op returns no None)."""
     from ..kernels.gated_bwd import gated_bwd
 
-    dq, dk, dv, dg_fwd, dg_bwd = gated_bwd(do, q, k, v, log_gate_fwd, log_gate_bwd, scale)
+    dq, dk, dv, dg_fwd, dg_bwd = gated_bwd(do, q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk)
     return dq, dk, dv, dg_fwd, q.new_empty(0) if dg_bwd is None else dg_bwd
 
 
 @_gated_bwd_op.register_fake
-def _(do, q, k, v, log_gate_fwd, log_gate_bwd, scale):
+def _(do, q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk):
     from ..kernels.block_sparse import empty_like_layout
 
     grads = [empty_like_layout(t, t.shape[-1]) for t in (q, k, v, log_gate_fwd)]
@@ -121,16 +127,16 @@ def _(do, q, k, v, log_gate_fwd, log_gate_bwd, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_gate_fwd, log_gate_bwd, scale = inputs
+    q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk = inputs
     ctx.save_for_backward(q, k, v, log_gate_fwd, log_gate_bwd)
-    ctx.scale = scale
+    ctx.scale, ctx.chunk = scale, chunk
 
 
 def _backward(ctx, do):
     q, k, v, log_gate_fwd, log_gate_bwd = ctx.saved_tensors
-    dq, dk, dv, dg_fwd, dg_bwd = _gated_bwd_op(do, q, k, v, log_gate_fwd, log_gate_bwd, ctx.scale)
-    # slots: q, k, v, log_gate_fwd, log_gate_bwd, scale
-    return dq, dk, dv, dg_fwd, None if log_gate_bwd is None else dg_bwd, None
+    dq, dk, dv, dg_fwd, dg_bwd = _gated_bwd_op(do, q, k, v, log_gate_fwd, log_gate_bwd, ctx.scale, ctx.chunk)
+    # slots: q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk
+    return dq, dk, dv, dg_fwd, None if log_gate_bwd is None else dg_bwd, None, None
 
 
 _gated_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -160,7 +166,7 @@ def _requires_gate_dtypes(args: dict, raise_error: bool) -> bool:
     ],
 )
 def _triton_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale):
-    return _gated_fwd_op(q, k, v, log_gate_fwd, log_gate_bwd, scale)
+    return _gated_fwd_op(q, k, v, log_gate_fwd, log_gate_bwd, scale, _TRITON_CHUNK)
 
 
 def _check_gate(name: str, gate, k: torch.Tensor) -> None:
