@@ -6,6 +6,7 @@ from .linear_attention2d import LinearAttention2d
 from .rope2d import RoPE2d, apply_rope2d, rope2d_tables
 from .routing_attention import BiLevelRoutingAttention, LePEAttention
 from .softmax_attention2d import SoftmaxAttention2d
+from .sparse_linear_attention import SparseLinearAttention
 
 __all__ = [
     "AgentAttention",
@@ -15,6 +16,7 @@ __all__ = [
     "LinearAttention2d",
     "RoPE2d",
     "SoftmaxAttention2d",
+    "SparseLinearAttention",
     "apply_rope2d",
     "rope2d_tables",
 ]

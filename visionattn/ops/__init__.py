@@ -13,6 +13,7 @@ from .linear import (
     merge_linear_attention_states,
 )
 from .neighborhood import default_neighborhood_tile, neighborhood_attention, neighborhood_attention_reference
+from .sparse_linear import sparse_linear_attention, sparse_linear_attention_reference
 
 __all__ = [
     "agent_attention",
@@ -31,4 +32,6 @@ __all__ = [
     "merge_linear_attention_states",
     "neighborhood_attention",
     "neighborhood_attention_reference",
+    "sparse_linear_attention",
+    "sparse_linear_attention_reference",
 ]

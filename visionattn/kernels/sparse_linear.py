@@ -1,0 +1,522 @@
+"""Sparse-linear attention (SLA), forward: block-sparse softmax over the critical key blocks and linear attention
+over the marginal ones, in one kernel per query tile.
+
+Layout: q ``(B, H, Nq, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)`` with arbitrary strides; two CSR block sets
+per (batch, head, query block) in ``BlockMask`` form (``indptr (Bm, Hm, Mq + 1)``, ``indices (nnz,)``): the
+critical blocks (softmax) and the negligible blocks (skipped). Every other key block is marginal.
+
+Pass 1 (``_sparse_linear_fwd_kernel_state``, grid ``(Mk, B·H)``) reduces each logical key block ``j`` to fp32
+``h_j = φ(K_j)ᵀV_j`` ``(D, Dv)`` and ``z_j = Σ φ(K_j)`` ``(D,)``; the host sums them over ``j`` (deterministic
+``torch.sum``). Pass 2 (``_sparse_linear_fwd_kernel``, grid ``(Mq · Q_SUB, B·H)``) runs the block-sparse flash loop
+of ``block_sparse.py`` over the critical blocks, then forms the marginal state as the total minus the critical and
+negligible blocks' states (SLA-1's "sum minus selected" trick) and applies ``φ(q)`` to it. The backward's
+per-query-block pre-pass sits here too, beside the reduction it mirrors; its other kernels live in
+``sparse_linear_bwd.py`` and share the helpers here.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import autotune_configs, autotune_kwargs
+from ._constants import LN2, LOG2E, NEG_INF
+from .block_sparse import (
+    MASK_NONE,
+    NO_MASK_PARAMS,
+    TILE_HEURISTICS,
+    _block_sparse_fwd_inner,
+    _bsa_load,
+    _bsa_program_tile,
+    csr_strides,
+    empty_like_layout,
+    launch_constexprs,
+    next_block,
+    prune_configs,
+)
+from .linear import _phi
+
+__all__ = ["sparse_linear_fwd", "sparse_linear_state"]
+
+_NEG_INF = tl.constexpr(NEG_INF)
+_NEG_INF_LSE = tl.constexpr(float("-inf"))
+_LN2 = tl.constexpr(LN2)
+
+# The linear epilogue holds a D x Dv fp32 state next to the query tile, so 8 warps are listed for every tile.
+_FWD_CONFIGS = [
+    triton.Config({"TILE_M": m, "TILE_N": n}, num_warps=w, num_stages=s)
+    for m, n, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3)]
+]
+# Under the interpreter: 16-row tiles, so tests with 32-token blocks also exercise the sub-tile walk.
+_DEFAULT_CONFIG = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_stages=2)
+_AUTOTUNE_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "FEATURE"]
+# Row tiles of the per-block state reductions (one program walks one logical block).
+_STATE_CONFIGS = [triton.Config({"BLOCK_ROWS": r}, num_warps=w) for r in (32, 64) for w in (4, 8)]
+_STATE_DEFAULT = triton.Config({"BLOCK_ROWS": 16}, num_warps=4, num_stages=1)
+_STATE_KEY = ["block", "HEAD_DIM", "HEAD_DIM_V", "FEATURE"]
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+@triton.jit
+def _sla_subtract_blocks(s, z, s_base, z_base, indices_ptr, start, end, o_d, o_dv, m_d, m_dv, HEAD_DIM, HEAD_DIM_V):
+    """Subtract the per-block states ``s_base[j]`` ``(D, Dv)`` and ``z_base[j]`` ``(D,)`` of the CSR entries
+    ``indices[start:end]`` from the running state ``(s, z)``."""
+    for i in range(start, end):
+        j = tl.load(indices_ptr + i).to(tl.int64)
+        p_s = s_base + j * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
+        s -= tl.load(p_s, mask=m_d[:, None] & m_dv[None, :], other=0.0)
+        z -= tl.load(z_base + j * HEAD_DIM + o_d, mask=m_d, other=0.0)
+    return s, z
+
+
+@triton.jit
+def _sla_marginal_state(
+    tot_s_ptr,
+    tot_z_ptr,
+    s_base,
+    z_base,
+    indices_ptr,
+    crit_start,
+    crit_end,
+    neg_indices_ptr,
+    neg_start,
+    neg_end,
+    num_blocks,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """``(S, z, has_marginal)``: the total state minus the critical and negligible blocks' states, fp32.
+
+    ``has_marginal`` is False when the two sets cover all ``num_blocks`` blocks (the state is then exactly 0, so
+    callers zero the linear branch instead of trusting the cancellation residual).
+    """
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_d = o_d < HEAD_DIM
+    m_dv = o_dv < HEAD_DIM_V
+    # [BLOCK_D, BLOCK_DV]
+    s = tl.load(tot_s_ptr + o_d[:, None] * HEAD_DIM_V + o_dv[None, :], mask=m_d[:, None] & m_dv[None, :], other=0.0)
+    z = tl.load(tot_z_ptr + o_d, mask=m_d, other=0.0)
+    s, z = _sla_subtract_blocks(
+        s, z, s_base, z_base, indices_ptr, crit_start, crit_end, o_d, o_dv, m_d, m_dv, HEAD_DIM, HEAD_DIM_V
+    )
+    s, z = _sla_subtract_blocks(
+        s, z, s_base, z_base, neg_indices_ptr, neg_start, neg_end, o_d, o_dv, m_d, m_dv, HEAD_DIM, HEAD_DIM_V
+    )
+    has_marginal = (num_blocks - (crit_end - crit_start) - (neg_end - neg_start)) > 0
+    return s, z, has_marginal
+
+
+# ---------------------------------------------------------------------------------------------- forward
+@triton.autotune(
+    configs=autotune_configs(_STATE_CONFIGS, _STATE_DEFAULT),
+    key=_STATE_KEY,
+    **autotune_kwargs(),
+)
+@triton.jit
+def _sparse_linear_fwd_kernel_state(
+    k_ptr,
+    v_ptr,
+    h_ptr,
+    z_ptr,
+    stride_k_b,
+    stride_k_h,
+    stride_k_n,
+    stride_k_d,
+    stride_v_b,
+    stride_v_h,
+    stride_v_n,
+    stride_v_d,
+    num_heads,
+    length,
+    block,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    FEATURE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // num_heads).to(tl.int64)
+    i_h = (i_bh % num_heads).to(tl.int64)
+    o_r = tl.arange(0, BLOCK_ROWS)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_d = o_d < HEAD_DIM
+    m_dv = o_dv < HEAD_DIM_V
+    k_base = k_ptr + i_b * stride_k_b + i_h * stride_k_h
+    v_base = v_ptr + i_b * stride_v_b + i_h * stride_v_h
+    start = i_n * block
+    end = tl.minimum(start + block, length)
+    b_h = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
+    b_z = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for r in range(start, end, BLOCK_ROWS):
+        m_r = (r + o_r) < end
+        # [BLOCK_ROWS, BLOCK_D]
+        b_k = tl.load(
+            k_base + (r + o_r)[:, None] * stride_k_n + o_d[None, :] * stride_k_d,
+            mask=m_r[:, None] & m_d[None, :],
+            other=0.0,
+        )
+        b_phi = tl.where(m_r[:, None], _phi(b_k.to(tl.float32), m_d, FEATURE), 0.0)
+        # [BLOCK_ROWS, BLOCK_DV], in v's dtype: the dot takes 16-bit operands like SLA-1's c_k
+        b_v = tl.load(
+            v_base + (r + o_r)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d,
+            mask=m_r[:, None] & m_dv[None, :],
+            other=0.0,
+        )
+        b_h += tl.dot(tl.trans(b_phi.to(b_v.dtype)), b_v, input_precision=DOT_PRECISION)
+        b_z += tl.sum(b_phi, axis=0)
+    i_state = i_bh.to(tl.int64) * tl.num_programs(0) + i_n
+    p_h = h_ptr + i_state * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
+    tl.store(p_h, b_h, mask=m_d[:, None] & m_dv[None, :])
+    tl.store(z_ptr + i_state * HEAD_DIM + o_d, b_z, mask=m_d)
+
+
+@triton.autotune(
+    configs=autotune_configs(_FWD_CONFIGS, _DEFAULT_CONFIG),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_configs},
+    **autotune_kwargs(),
+)
+@triton.heuristics(TILE_HEURISTICS)
+@triton.jit
+def _sparse_linear_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    os_ptr,
+    ol_ptr,
+    lse_ptr,
+    rden_ptr,
+    h_ptr,
+    z_ptr,
+    h_tot_ptr,
+    z_tot_ptr,
+    indptr_ptr,
+    indices_ptr,
+    partial_ptr,
+    neg_indptr_ptr,
+    neg_indices_ptr,
+    stride_q_b,
+    stride_q_h,
+    stride_q_n,
+    stride_q_d,
+    stride_k_b,
+    stride_k_h,
+    stride_k_n,
+    stride_k_d,
+    stride_v_b,
+    stride_v_h,
+    stride_v_n,
+    stride_v_d,
+    stride_o_b,
+    stride_o_h,
+    stride_o_n,
+    stride_o_d,
+    stride_indptr_b,
+    stride_indptr_h,
+    stride_neg_b,
+    stride_neg_h,
+    num_heads,
+    q_len,
+    kv_len,
+    block_q,
+    block_k,
+    num_kv_blocks,
+    qk_scale,
+    eps,
+    mp,
+    TILE_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    Q_SUB: tl.constexpr,
+    K_SUB: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    FEATURE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // num_heads).to(tl.int64)
+    i_h = (i_bh % num_heads).to(tl.int64)
+    i_m, start_m, m_valid = _bsa_program_tile(tl.program_id(0), block_q, q_len, Q_SUB, BLOCK_M)
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_m = o_m < m_valid
+    m_d = o_d < HEAD_DIM
+    p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h
+    p_q += (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
+    # [BLOCK_M, BLOCK_D]
+    b_q = _bsa_load(p_q, m_m, m_d, EVEN_M, HEAD_DIM == BLOCK_D)
+    row = indptr_ptr + i_b * stride_indptr_b + i_h * stride_indptr_h + i_m
+    crit_start = tl.load(row)
+    crit_end = tl.load(row + 1)
+    # -- sparse part: online softmax over the critical blocks
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], _NEG_INF, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _block_sparse_fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        b_q,
+        start_m + o_m,
+        k_ptr + i_b * stride_k_b + i_h * stride_k_h,
+        v_ptr + i_b * stride_v_b + i_h * stride_v_h,
+        indices_ptr,
+        partial_ptr,
+        crit_start,
+        crit_end,
+        stride_k_n,
+        stride_k_d,
+        stride_v_n,
+        stride_v_d,
+        qk_scale,
+        kv_len,
+        block_k,
+        mp,
+        0.0,
+        BLOCK_N,
+        BLOCK_D,
+        BLOCK_DV,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        MASK_KIND,
+        K_SUB,
+        EVEN_N,
+        DOT_PRECISION,
+    )
+    empty = l_i == 0.0
+    o_row = (start_m + o_m)[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
+    m_o = m_m[:, None] & (o_dv < HEAD_DIM_V)[None, :]
+    b_os = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(os_ptr + i_b * stride_o_b + i_h * stride_o_h + o_row, b_os.to(os_ptr.dtype.element_ty), mask=m_o)
+    b_lse = tl.where(empty, _NEG_INF_LSE, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
+    p_row = i_bh.to(tl.int64) * q_len + start_m + o_m
+    tl.store(lse_ptr + p_row, b_lse, mask=m_m)
+    # -- linear part: marginal state = total - critical - negligible, applied to φ(q)
+    neg_row = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_m
+    b_s, b_z, has_marginal = _sla_marginal_state(
+        h_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
+        z_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
+        h_ptr + i_bh.to(tl.int64) * num_kv_blocks * (HEAD_DIM * HEAD_DIM_V),
+        z_ptr + i_bh.to(tl.int64) * num_kv_blocks * HEAD_DIM,
+        indices_ptr,
+        crit_start,
+        crit_end,
+        neg_indices_ptr,
+        tl.load(neg_row),
+        tl.load(neg_row + 1),
+        num_kv_blocks,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        BLOCK_D,
+        BLOCK_DV,
+    )
+    b_phq = _phi(b_q.to(tl.float32), m_d, FEATURE)
+    b_num = tl.dot(b_phq, b_s, input_precision=DOT_PRECISION)
+    b_rden = tl.where(has_marginal, 1.0 / (tl.sum(b_phq * b_z[None, :], axis=1) + eps), 0.0)
+    b_ol = b_num * b_rden[:, None]
+    tl.store(ol_ptr + i_b * stride_o_b + i_h * stride_o_h + o_row, b_ol.to(ol_ptr.dtype.element_ty), mask=m_o)
+    tl.store(rden_ptr + p_row, b_rden, mask=m_m)
+
+
+# ---------------------------------------------------------------------------------------------- backward pre-pass
+# The per-query-block reduction of the backward, kept beside the per-key-block reduction of the forward it mirrors.
+@triton.autotune(
+    configs=autotune_configs(_STATE_CONFIGS, _STATE_DEFAULT),
+    key=_STATE_KEY,
+    **autotune_kwargs(),
+)
+@triton.jit
+def _sparse_linear_bwd_kernel_state(
+    q_ptr,
+    os_ptr,
+    ol_ptr,
+    dos_ptr,
+    dol_ptr,
+    rden_ptr,
+    delta_ptr,
+    dden_ptr,
+    ds_ptr,
+    dz_ptr,
+    stride_q_b,
+    stride_q_h,
+    stride_q_n,
+    stride_q_d,
+    stride_o_b,
+    stride_o_h,
+    stride_o_n,
+    stride_o_d,
+    stride_dos_b,
+    stride_dos_h,
+    stride_dos_n,
+    stride_dos_d,
+    stride_dol_b,
+    stride_dol_h,
+    stride_dol_n,
+    stride_dol_d,
+    num_heads,
+    length,
+    block,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    FEATURE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // num_heads).to(tl.int64)
+    i_h = (i_bh % num_heads).to(tl.int64)
+    o_r = tl.arange(0, BLOCK_ROWS)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_d = o_d < HEAD_DIM
+    m_dv = o_dv < HEAD_DIM_V
+    start = i_m * block
+    end = tl.minimum(start + block, length)
+    b_ds = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
+    b_dz = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for r in range(start, end, BLOCK_ROWS):
+        rows = r + o_r
+        m_r = rows < end
+        m_rv = m_r[:, None] & m_dv[None, :]
+        p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + rows[:, None] * stride_q_n + o_d[None, :] * stride_q_d
+        # [BLOCK_ROWS, BLOCK_D]
+        b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_phq = tl.where(m_r[:, None], _phi(b_q, m_d, FEATURE), 0.0)
+        p_o = i_b * stride_o_b + i_h * stride_o_h + rows[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
+        p_dos = i_b * stride_dos_b + i_h * stride_dos_h + rows[:, None] * stride_dos_n + o_dv[None, :] * stride_dos_d
+        p_dol = i_b * stride_dol_b + i_h * stride_dol_h + rows[:, None] * stride_dol_n + o_dv[None, :] * stride_dol_d
+        # [BLOCK_ROWS, BLOCK_DV]
+        b_os = tl.load(os_ptr + p_o, mask=m_rv, other=0.0).to(tl.float32)
+        b_dos = tl.load(dos_ptr + p_dos, mask=m_rv, other=0.0).to(tl.float32)
+        b_ol = tl.load(ol_ptr + p_o, mask=m_rv, other=0.0).to(tl.float32)
+        b_dol = tl.load(dol_ptr + p_dol, mask=m_rv, other=0.0).to(tl.float32)
+        p_row = i_bh.to(tl.int64) * length + rows
+        b_rden = tl.load(rden_ptr + p_row, mask=m_r, other=0.0)
+        b_dden = -tl.sum(b_ol * b_dol, axis=1) * b_rden
+        tl.store(delta_ptr + p_row, tl.sum(b_os * b_dos, axis=1), mask=m_r)
+        tl.store(dden_ptr + p_row, b_dden, mask=m_r)
+        b_ds += tl.dot(tl.trans(b_phq), b_dol * b_rden[:, None], input_precision=DOT_PRECISION)
+        b_dz += tl.sum(b_phq * b_dden[:, None], axis=0)
+    i_state = i_bh.to(tl.int64) * tl.num_programs(0) + i_m
+    p_ds = ds_ptr + i_state * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
+    tl.store(p_ds, b_ds, mask=m_d[:, None] & m_dv[None, :])
+    tl.store(dz_ptr + i_state * HEAD_DIM + o_d, b_dz, mask=m_d)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def sparse_linear_state(
+    k: torch.Tensor, v: torch.Tensor, block_k: int, feature: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grid ``(Mk, B * H)``: per logical key block ``j`` of ``block_k`` rows, ``h_j = φ(K_j)ᵀV_j``, ``z_j = Σ φ(K_j)``.
+
+    Returns fp32 ``h (B·H, Mk, D, Dv)``, ``z (B·H, Mk, D)`` and their sums over blocks ``(B·H, D, Dv)``,
+    ``(B·H, D)`` (``torch.sum``: a fixed reduction order, deterministic).
+    """
+    b, h, n, d = k.shape
+    dv = v.shape[-1]
+    blocks = triton.cdiv(n, block_k)
+    h_blocks = torch.empty(b * h, blocks, d, dv, device=k.device, dtype=torch.float32)
+    z_blocks = torch.empty(b * h, blocks, d, device=k.device, dtype=torch.float32)
+    _sparse_linear_fwd_kernel_state[(blocks, b * h)](
+        k,
+        v,
+        h_blocks,
+        z_blocks,
+        *k.stride(),
+        *v.stride(),
+        h,
+        n,
+        block_k,
+        BLOCK_D=next_block(d),
+        BLOCK_DV=next_block(dv),
+        HEAD_DIM=d,
+        HEAD_DIM_V=dv,
+        FEATURE=feature,
+        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+    )
+    return h_blocks, z_blocks, h_blocks.sum(1), z_blocks.sum(1)
+
+
+def sparse_linear_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    partial: torch.Tensor,
+    neg_indptr: torch.Tensor,
+    neg_indices: torch.Tensor,
+    *,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    feature: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two launches: the per-key-block states, then grid ``(Mq * Q_SUB, B * H)`` of fused query tiles.
+
+    Returns ``o_sparse``, ``o_linear`` ``(B, H, Nq, Dv)`` stored like q, and fp32 ``(B, H, Nq)`` rows: ``lse``
+    (natural log, ``-inf`` without critical blocks) and ``rden = 1 / (φ(q)·z + eps)`` (0 without marginal blocks).
+    """
+    b, h, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    h_blocks, z_blocks, h_tot, z_tot = sparse_linear_state(k, v, block_k, feature)
+    o_sparse = empty_like_layout(q, v.shape[-1])
+    o_linear = empty_like_layout(q, v.shape[-1])
+    lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
+    rden = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
+    _sparse_linear_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        o_sparse,
+        o_linear,
+        lse,
+        rden,
+        h_blocks,
+        z_blocks,
+        h_tot,
+        z_tot,
+        indptr,
+        indices,
+        partial,
+        neg_indptr,
+        neg_indices,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *o_sparse.stride(),
+        *csr_strides(indptr),
+        *csr_strides(neg_indptr),
+        h,
+        q_len,
+        kv_len,
+        block_q,
+        block_k,
+        h_blocks.shape[1],
+        scale * LOG2E,
+        eps,
+        tuple(NO_MASK_PARAMS),
+        FEATURE=feature,
+        **launch_constexprs(q, v, MASK_NONE),
+    )
+    return o_sparse, o_linear, lse, rden

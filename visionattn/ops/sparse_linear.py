@@ -1,0 +1,436 @@
+"""Sparse-linear attention (SLA): softmax attention on the critical key blocks, linear attention on the marginal ones.
+
+Shape legend: ``B`` batch, ``H`` heads, ``Nq``/``Nk`` query/key tokens, ``D`` query/key head dim, ``Dv`` value head
+dim, ``Mq``/``Mk`` query/key blocks of ``block_q``/``block_k`` tokens.
+
+Zhang et al., "SLA: Beyond Sparsity in Diffusion Transformers via Fine-Tunable Sparse-Linear Attention",
+arXiv 2509.24006; semantics of the fused SLA-1 code (thu-ml/SLA, branch ``SLA-1``, Apache-2.0): per query block the
+``topk_ratio`` fraction of key blocks with the highest pooled score is critical, every other block is marginal (the
+paper's optional negligible class, ``skip_ratio``, is off by default as in the code).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+from ..layout import topk_ratio_block_mask
+from ..layout.block_mask import BlockMask
+from ._checks import _check_attention_inputs, _check_choice, _check_scale, _check_tensor
+from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim, _requires_triton_device
+from .block_sparse import _check_block_mask, block_sparse_attention_reference
+from .linear import _check_eps, _feature_map
+
+__all__ = ["sparse_linear_attention", "sparse_linear_attention_reference"]
+
+FEATURE_MAPS = ("softmax", "elu1", "relu")
+_REGISTRY = _BackendRegistry("sparse_linear_attention")
+#: Default guard of the linear branch's normaliser (SLA-1 uses none, SLA's main branch 1e-5); keeps relu finite.
+_DEFAULT_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- block selection
+def _check_ratio(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a float in [0, 1]; got {name}={value!r}.")
+    return float(value)
+
+
+def _empty_block_mask(q_len: int, kv_len: int, block_q: int, block_k: int, device) -> BlockMask:
+    """A mask keeping no block, broadcast over batch and heads (built without a device sync)."""
+    mq = -(-q_len // block_q)
+    return BlockMask(
+        indptr=torch.zeros(1, 1, mq + 1, dtype=torch.int32, device=device),
+        indices=torch.zeros(0, dtype=torch.int32, device=device),
+        partial=torch.zeros(0, dtype=torch.bool, device=device),
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block_q,
+        block_k=block_k,
+    )
+
+
+def _select_blocks(q, k, topk_ratio: float, skip_ratio: float, block_q: int, block_k: int):
+    """``(critical, negligible)`` BlockMasks: top ``int(topk_ratio·Mk)`` and bottom ``int(skip_ratio·Mk)`` blocks
+    of each query block's pooled scores (the bottom count is capped so that the two sets never overlap)."""
+    if skip_ratio == 0:
+        critical = topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio)
+        return critical, _empty_block_mask(q.shape[2], k.shape[2], block_q, block_k, q.device)
+    critical, scores = topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio, return_scores=True)
+    keep, _ = critical.to_block_matrix()
+    num_k = scores.shape[-1]
+    count = min(int(skip_ratio * num_k), num_k - int(critical.row_counts.max()))
+    skip = torch.zeros_like(keep)
+    lowest = scores.masked_fill(keep, float("inf")).topk(count, dim=-1, largest=False).indices
+    skip.scatter_(-1, lowest, True)
+    negligible = BlockMask.from_block_matrix(
+        skip, q_len=q.shape[2], kv_len=k.shape[2], block_q=block_q, block_k=block_k
+    )
+    return critical, negligible
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def _reference_branches(q, k, v, critical: BlockMask, negligible: BlockMask, *, feature_map: str, scale, eps):
+    """``(o_sparse, o_linear)`` from the dense equations (fp16/bf16 compute in fp32)."""
+    compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    o_sparse = block_sparse_attention_reference(q, k, v, critical, scale=scale)
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    marginal = ~critical.to_dense().to(q.device) & ~negligible.to_dense().to(q.device)
+    kernel = torch.einsum("bhqd,bhkd->bhqk", _feature_map(qc, feature_map), _feature_map(kc, feature_map))
+    kernel = kernel * marginal
+    has_marginal = marginal.any(-1, keepdim=True)
+    denom = torch.where(has_marginal, kernel.sum(-1, keepdim=True) + eps, torch.ones_like(kernel[..., :1]))
+    o_linear = torch.where(has_marginal, (kernel @ vc) / denom, torch.zeros_like(vc[:, :, :1]))
+    return o_sparse, o_linear.to(q.dtype)
+
+
+def _combine(o_sparse, o_linear, proj_weight, proj_bias) -> torch.Tensor:
+    """``o_sparse + proj(o_linear)``; a missing weight is the identity, the projection runs in the weight's dtype."""
+    if proj_weight is not None:
+        o_linear = F.linear(o_linear.to(proj_weight.dtype), proj_weight, proj_bias)
+    elif proj_bias is not None:
+        o_linear = o_linear + proj_bias
+    return o_sparse + o_linear.to(o_sparse.dtype)
+
+
+def sparse_linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    critical: BlockMask,
+    negligible: BlockMask | None = None,
+    proj_weight: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    *,
+    feature_map: str = "softmax",
+    scale: float | None = None,
+    eps: float = _DEFAULT_EPS,
+) -> torch.Tensor:
+    """SLA from its equations on explicit block sets (any float dtype; the oracle of the tests).
+
+    The dense form of the linear branch: ``o_l,i = Σ_j m_ij φ(q_i)·φ(k_j) v_j / (Σ_j m_ij φ(q_i)·φ(k_j) + eps)``
+    with ``m_ij = 1`` iff key ``j`` lies in a marginal block of query ``i``'s block; ``o_l,i = 0`` without one.
+    """
+    scale = _check_scale(scale, q.shape[-1])
+    if negligible is None:
+        negligible = _empty_block_mask(q.shape[2], k.shape[2], critical.block_q, critical.block_k, q.device)
+    branches = _reference_branches(q, k, v, critical, negligible, feature_map=feature_map, scale=scale, eps=eps)
+    return _combine(*branches, proj_weight, proj_bias)
+
+
+# ---------------------------------------------------------------------------------------------- triton backend
+_TRITON_HEAD_DIMS = (16, 32, 64, 128)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Largest logical block the kernels tile.
+_MAX_BLOCK = 128
+
+
+def _triton_supports_blocks(args: dict, raise_error: bool) -> bool:
+    mask = args["critical"]
+    if max(mask.block_q, mask.block_k) > _MAX_BLOCK:
+        return _fail(
+            raise_error,
+            NotImplementedError,
+            f"block_q and block_k must be at most {_MAX_BLOCK} for backend='triton'; "
+            f"got block_q={mask.block_q}, block_k={mask.block_k}.",
+        )
+    return True
+
+
+@torch.library.custom_op("visionattn::sparse_linear_attention_fwd", mutates_args=())
+def _sla_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    partial: torch.Tensor,
+    neg_indptr: torch.Tensor,
+    neg_indices: torch.Tensor,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    feature: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.sparse_linear import sparse_linear_fwd
+
+    return sparse_linear_fwd(
+        q,
+        k,
+        v,
+        indptr,
+        indices,
+        partial,
+        neg_indptr,
+        neg_indices,
+        scale=scale,
+        block_q=block_q,
+        block_k=block_k,
+        feature=feature,
+        eps=eps,
+    )
+
+
+@_sla_fwd_op.register_fake
+def _(q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps):
+    from ..kernels.block_sparse import empty_like_layout
+
+    rows = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    return empty_like_layout(q, v.shape[-1]), empty_like_layout(q, v.shape[-1]), rows, torch.empty_like(rows)
+
+
+@torch.library.custom_op("visionattn::sparse_linear_attention_bwd", mutates_args=())
+def _sla_bwd_op(
+    do_sparse: torch.Tensor,
+    do_linear: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o_sparse: torch.Tensor,
+    o_linear: torch.Tensor,
+    lse: torch.Tensor,
+    rden: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    partial: torch.Tensor,
+    neg_indptr: torch.Tensor,
+    neg_indices: torch.Tensor,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    feature: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.sparse_linear_bwd import sparse_linear_bwd
+
+    return sparse_linear_bwd(
+        do_sparse,
+        do_linear,
+        q,
+        k,
+        v,
+        o_sparse,
+        o_linear,
+        lse,
+        rden,
+        indptr,
+        indices,
+        partial,
+        neg_indptr,
+        neg_indices,
+        scale=scale,
+        block_q=block_q,
+        block_k=block_k,
+        feature=feature,
+    )
+
+
+@_sla_bwd_op.register_fake
+def _(do_sparse, do_linear, q, k, v, *args):
+    from ..kernels.block_sparse import empty_like_layout
+
+    return tuple(empty_like_layout(t, t.shape[-1]) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps = inputs
+    o_sparse, o_linear, lse, rden = output
+    ctx.save_for_backward(q, k, v, o_sparse, o_linear, lse, rden, indptr, indices, partial, neg_indptr, neg_indices)
+    ctx.scale, ctx.block_q, ctx.block_k, ctx.feature = scale, block_q, block_k, feature
+
+
+def _backward(ctx, do_sparse, do_linear, _dlse, _drden):
+    q, k, v, o_sparse, o_linear, lse, rden, *csr = ctx.saved_tensors
+    do_sparse = torch.zeros_like(o_sparse) if do_sparse is None else do_sparse
+    do_linear = torch.zeros_like(o_linear) if do_linear is None else do_linear
+    dq, dk, dv = _sla_bwd_op(
+        do_sparse, do_linear, q, k, v, o_sparse, o_linear, lse, rden, *csr,
+        ctx.scale, ctx.block_q, ctx.block_k, ctx.feature,
+    )  # fmt: skip
+    # q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+_sla_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _linear_flops(q_shape, k_shape, v_shape) -> int:
+    """Per-block states ``φ(K_j)ᵀV_j`` over all keys and ``φ(q)S`` over all queries: 2·B·H·(Nq + Nk)·D·Dv."""
+    b, h, nq, d = q_shape
+    return 2 * b * h * (nq + k_shape[2]) * d * v_shape[-1]
+
+
+def _critical_pairs(q_shape, indptr_shape, indices_shape, block_q: int, block_k: int) -> int:
+    broadcast = (q_shape[0] * q_shape[1]) // (indptr_shape[0] * indptr_shape[1])
+    return indices_shape[0] * broadcast * block_q * block_k
+
+
+@register_flop_formula(torch.ops.visionattn.sparse_linear_attention_fwd)
+def _fwd_flops(q_shape, k_shape, v_shape, indptr_shape, indices_shape, partial_shape, neg_indptr_shape,
+               neg_indices_shape, scale, block_q, block_k, *_, **__):  # fmt: skip
+    """QKᵀ and PV over the critical blocks plus the linear branch."""
+    pairs = _critical_pairs(q_shape, indptr_shape, indices_shape, block_q, block_k)
+    return 2 * pairs * (q_shape[-1] + v_shape[-1]) + _linear_flops(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.visionattn.sparse_linear_attention_bwd)
+def _bwd_flops(do_s_shape, do_l_shape, q_shape, k_shape, v_shape, o_s_shape, o_l_shape, lse_shape, rden_shape,
+               indptr_shape, indices_shape, partial_shape, neg_indptr_shape, neg_indices_shape, scale, block_q,
+               block_k, *_, **__):  # fmt: skip
+    """Five block-sparse matmuls over the critical blocks plus three times the linear branch (state recompute,
+    dS, dQ and dK/dV)."""
+    pairs = _critical_pairs(q_shape, indptr_shape, indices_shape, block_q, block_k)
+    return 2 * pairs * (3 * q_shape[-1] + 2 * v_shape[-1]) + 3 * _linear_flops(q_shape, k_shape, v_shape)
+
+
+@_REGISTRY.register(
+    "triton",
+    constraints=[
+        _requires_triton_device("q", "k", "v"),
+        _requires_dtype("q", _TRITON_DTYPES),
+        _requires_head_dim("q", _TRITON_HEAD_DIMS),
+        _requires_head_dim("v", _TRITON_HEAD_DIMS),
+        _triton_supports_blocks,
+    ],
+)
+def _sparse_linear_triton(q, k, v, critical: BlockMask, negligible: BlockMask, *, feature_map: str, scale, eps):
+    from ..kernels.linear import FEATURE_CODES
+
+    o_sparse, o_linear, _, _ = _sla_fwd_op(
+        q,
+        k,
+        v,
+        critical.indptr,
+        critical.indices,
+        critical.partial,
+        negligible.indptr,
+        negligible.indices,
+        scale,
+        critical.block_q,
+        critical.block_k,
+        FEATURE_CODES[feature_map],
+        eps,
+    )
+    return o_sparse, o_linear
+
+
+_REGISTRY.register("reference")(_reference_branches)
+
+
+# ---------------------------------------------------------------------------------------------- public op
+def _check_proj(proj_weight, proj_bias, v: torch.Tensor) -> None:
+    dv = v.shape[-1]
+    for name, t, shape in (("proj_weight", proj_weight, (dv, dv)), ("proj_bias", proj_bias, (dv,))):
+        if t is None:
+            continue
+        _check_tensor(name, t, ndim=len(shape))
+        if tuple(t.shape) != shape or t.device != v.device:
+            raise ValueError(
+                f"{name} must have shape {shape} (Dv = v.shape[-1]) on v's device; "
+                f"got {name}.shape={tuple(t.shape)} on {t.device}."
+            )
+
+
+def _check_critical_mask(block_mask, q, k, skip_ratio: float) -> None:
+    _check_block_mask(block_mask, q, k)
+    if skip_ratio:
+        raise ValueError(f"skip_ratio must be 0 when block_mask is given (it needs pooled scores); got {skip_ratio=}.")
+    if bool(block_mask.partial.any()):
+        raise ValueError(
+            "block_mask must have no partial blocks (the linear branch works on whole blocks); "
+            f"got {int(block_mask.partial.sum())} partial blocks."
+        )
+
+
+def sparse_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj_weight: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    *,
+    topk_ratio: float | None = None,
+    skip_ratio: float = 0.0,
+    block_mask: BlockMask | None = None,
+    feature_map: str = "softmax",
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: float | None = None,
+    eps: float = _DEFAULT_EPS,
+    return_sparsity: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, float]:
+    r"""Sparse-linear attention: softmax on the critical key blocks, linear attention on the marginal ones.
+
+    .. math:: O_i = \operatorname{softmax}\big(s\, q_i K_{\mathcal{C}(i)}^\top\big) V_{\mathcal{C}(i)}
+        + \operatorname{Proj}\Big(\frac{\phi(q_i)^\top \sum_{j \in \mathcal{M}(i)} \phi(K_j)^\top V_j}
+        {\phi(q_i)^\top \sum_{j \in \mathcal{M}(i)} \phi(K_j)^\top \mathbf{1} + \epsilon}\Big)
+
+    (Zhang et al., arXiv 2509.24006, Sec. 4, Fig. 4) with :math:`\mathcal{C}(i)` the critical key blocks of query
+    ``i``'s block: the ``min(Mk, int(topk_ratio·Mk))`` blocks of highest pooled score ``mean(Q_b)·mean(K_j − k̄)``
+    (``visionattn.layout.topk_ratio_block_mask``, as SLA's ``get_block_map``); :math:`\mathcal{N}(i)` the
+    ``int(skip_ratio·Mk)`` lowest-scored blocks (negligible: neither branch); :math:`\mathcal{M}(i)` every other
+    block (marginal). The linear branch is 0 for a query block without marginal blocks, so at ``topk_ratio=1``
+    the output is dense softmax attention plus ``proj_bias`` (SLA-1 does the same).
+
+    Args:
+        q: queries ``(B, H, Nq, D)``; any strides.
+        k: keys ``(B, H, Nk, D)``.
+        v: values ``(B, H, Nk, Dv)``.
+        proj_weight: ``Proj`` weight ``(Dv, Dv)``, shared by all heads (SLA's zero-initialised ``proj_l``);
+            ``None`` is the identity.
+        proj_bias: ``Proj`` bias ``(Dv,)`` or ``None``.
+        topk_ratio: fraction of key blocks each query block attends with softmax (SLA's ``topk``).
+        skip_ratio: fraction of key blocks skipped by both branches (the paper's negligible class; SLA's code: 0).
+        block_mask: explicit critical blocks instead of ``topk_ratio`` (no partial blocks; e.g. a mask reused
+            across diffusion steps); exactly one of ``topk_ratio`` and ``block_mask`` is given.
+        feature_map: ``φ``: ``"softmax"`` over the head dim (SLA's default), ``"elu1"`` (SLA's ``"elu"``) or
+            ``"relu"``.
+        block_q: tokens per query block (ignored with ``block_mask``).
+        block_k: tokens per key block (ignored with ``block_mask``).
+        scale: softmax scale ``s``; ``None`` means ``D ** -0.5``.
+        eps: ``ε`` of the normaliser (SLA-1: 0; SLA's main branch 1e-5).
+        return_sparsity: also return the realised density (fraction of kept critical blocks, SLA's
+            ``real_topk / Mk``).
+
+    Other Parameters:
+        backend: ``"triton"`` (CUDA, or CPU with ``TRITON_INTERPRET=1``) or ``"reference"``; ``None`` picks the
+            first that supports the input.
+
+    Returns:
+        ``out`` ``(B, H, Nq, Dv)`` in q's dtype, and with ``return_sparsity`` also the density (a float).
+
+    Raises:
+        TypeError: tensors of the wrong type or dtype, or ``block_mask`` not a ``BlockMask``.
+        ValueError: shapes disagree, ratios outside ``[0, 1]``, both or neither of ``topk_ratio`` and
+            ``block_mask``, or an unknown ``feature_map``.
+        NotImplementedError: the named backend cannot run this input.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 256, 16)
+        >>> out, density = sparse_linear_attention(q, k, v, topk_ratio=0.5, return_sparsity=True)
+        >>> out.shape, density
+        (torch.Size([1, 2, 256, 16]), 0.5)
+    """
+    _check_attention_inputs(q, k, v)
+    _check_proj(proj_weight, proj_bias, v)
+    feature_map = _check_choice("feature_map", feature_map, FEATURE_MAPS)
+    scale = _check_scale(scale, q.shape[-1])
+    eps = _check_eps(eps)
+    skip_ratio = _check_ratio("skip_ratio", skip_ratio)
+    if (topk_ratio is None) == (block_mask is None):
+        raise ValueError(
+            f"exactly one of topk_ratio and block_mask must be given; got topk_ratio={topk_ratio!r}, "
+            f"block_mask={'None' if block_mask is None else 'a BlockMask'}."
+        )
+    if block_mask is None:
+        topk_ratio = _check_ratio("topk_ratio", topk_ratio)
+        critical, negligible = _select_blocks(q, k, topk_ratio, skip_ratio, block_q, block_k)
+    else:
+        _check_critical_mask(block_mask, q, k, skip_ratio)
+        critical = block_mask
+        negligible = _empty_block_mask(q.shape[2], k.shape[2], block_mask.block_q, block_mask.block_k, q.device)
+    args = {"q": q, "k": k, "v": v, "critical": critical}
+    fn = _REGISTRY.select(backend, args)
+    o_sparse, o_linear = fn(q, k, v, critical, negligible, feature_map=feature_map, scale=scale, eps=eps)
+    out = _combine(o_sparse, o_linear, proj_weight, proj_bias)
+    return (out, critical.density()) if return_sparsity else out
