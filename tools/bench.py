@@ -208,15 +208,17 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if "speedup" in r]
+    timed = [r for r in rows if "ms" in r]
     if not timed:
         return
+    use_speedup = all("speedup" in r for r in timed)
     labels = [f"{r['group'][:40]}\n{r['mode']} {r['impl']}" for r in timed]
     fig, ax = plt.subplots(figsize=(10, max(3, 0.3 * len(timed))))
-    ax.barh(range(len(timed)), [r["speedup"] for r in timed])
+    ax.barh(range(len(timed)), [r["speedup"] if use_speedup else r["ms"] for r in timed])
     ax.set_yticks(range(len(timed)), labels, fontsize=6)
-    ax.axvline(1.0, color="k", lw=0.5)
-    ax.set_xlabel("speedup vs baseline of the group")
+    if use_speedup:
+        ax.axvline(1.0, color="k", lw=0.5)
+    ax.set_xlabel("speedup vs the baseline of its group" if use_speedup else "milliseconds (median)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
