@@ -170,6 +170,14 @@ def test_gated_kernel_compiles_fullgraph(kernel_device):
         assert_close(name, e, g)
 
 
+def test_gated_kernel_empty_sequence(kernel_device):
+    inputs = _to([t[:, :, :0] for t in _inputs(1, 2, 4, 16, 32)], kernel_device, torch.float32)
+    out, grads = _forward_backward(
+        lambda *x: gated_linear_attention(*x, backend="triton"), inputs, torch.zeros(1, 2, 0, 32, device=kernel_device)
+    )
+    assert out.shape == (1, 2, 0, 32) and [g.shape for g in grads] == [t.shape for t in inputs]
+
+
 def test_gated_kernel_opcheck(kernel_device):
     q, k, v, a, b = (t.float().to(kernel_device) for t in _inputs(1, 1, 9, 16, 16))
     torch.library.opcheck(torch.ops.visionattn.gated_linear_attention_fwd, (q, k, v, a, b, 0.25, 16))

@@ -114,3 +114,8 @@ def test_gated_linear_attention_rejects_bad_arguments():
         gated_linear_attention(q, k, v, a, scale=-1.0)
     with pytest.raises(ValueError, match="backend"):
         gated_linear_attention(q, k, v, a, backend="cuda-magic")
+
+
+def test_gated_linear_attention_empty_sequence():
+    q, k, v, a, b = (t.detach()[:, :, :0] for t in _inputs(2, 3, 4, 4, 8))
+    assert gated_linear_attention(q, k, v, a, b).shape == (2, 3, 0, 8)

@@ -383,8 +383,10 @@ def gated_fwd(
     batch, heads, length, dk = q.shape
     dv = v.shape[-1]
     num_dir = 1 if log_gate_bwd is None else 2
-    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, None, scale, chunk)
     out = empty_like_layout(v, dv)
+    if out.numel() == 0:
+        return out
+    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, None, scale, chunk)
     g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
     num_chunks = triton.cdiv(length, chunk)
     _gated_fwd_kernel_output[(num_chunks, batch * heads)](

@@ -238,12 +238,14 @@ def gated_bwd(
     dv_dim = v.shape[-1]
     num_dir = 1 if log_gate_bwd is None else 2
     scale = scale / num_dir
-    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale, chunk)
-    g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
     dq, dk = empty_like_layout(q, dk_dim), empty_like_layout(k, dk_dim)
     dv = empty_like_layout(v, dv_dim)
     dg_fwd = empty_like_layout(log_gate_fwd, dk_dim)
     dg_bwd = None if log_gate_bwd is None else empty_like_layout(log_gate_bwd, dk_dim)
+    if dv.numel() == 0:
+        return dq, dk, dv, dg_fwd, dg_bwd
+    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale, chunk)
+    g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
     dg_bwd_arg = dg_fwd if dg_bwd is None else dg_bwd
     num_chunks = triton.cdiv(length, chunk)
     _gated_bwd_kernel[(num_chunks, batch * heads)](

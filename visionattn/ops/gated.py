@@ -43,6 +43,8 @@ _registry = _BackendRegistry("gated_linear_attention")
 def _scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor, reverse: bool) -> torch.Tensor:
     """One directional GLA recurrence over the token axis; ``q`` already carries the scale."""
     batch, heads, length, _ = q.shape
+    if length == 0:
+        return v.new_zeros(batch, heads, 0, v.shape[-1])
     state = q.new_zeros(batch, heads, q.shape[-1], v.shape[-1])
     outputs = [None] * length
     for t in reversed(range(length)) if reverse else range(length):
