@@ -64,24 +64,18 @@ def test_method_weights_round_trip_through_safetensors(method, tmp_path):
         assert torch.equal(_output(fresh, inputs), _output(trained, inputs))
 
 
-@pytest.mark.parametrize(
-    "method, options, backend",
-    [
-        # dynamo alone: masks are built eagerly (outside the graph) and handed to the op
-        ("radial", dict(block_size=16, dense_steps=0, backend="reference"), "eager"),
-        # dynamo + AOTAutograd: the learnable method traces for training too; no C++ toolchain needed on CPU CI
-        ("linear", dict(backend="reference"), "aot_eager"),
-    ],
-    ids=["radial-eager", "linear-aot_eager"],
-)
-def test_compiled_transformer_matches_eager(method, options, backend):
+def test_compiled_transformer_matches_eager():
+    """dynamo through the processors: masks are built eagerly (outside the graph) and handed to the op.
+
+    CPU CI uses the ``eager`` backend (no C++ toolchain, tracing only); the GPU test compiles with inductor.
+    """
     tiny = TINY_MODELS["wan"]
     model, inputs = tiny.build(), tiny.inputs(batch=1)
-    apply(model, method, **options)
+    apply(model, "radial", block_size=16, dense_steps=0, backend="reference")
     with torch.no_grad():
         eager = _output(model, inputs)
-        compiled = torch.compile(model, backend=backend)
-        assert_close(f"compiled {method}", eager, _output(compiled, inputs))
+        compiled = torch.compile(model, backend="eager")
+        assert_close("compiled radial", eager, _output(compiled, inputs))
 
 
 @pytest.mark.gpu
