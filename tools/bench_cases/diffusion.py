@@ -9,6 +9,7 @@ is the fraction of query-key pairs the method computes with softmax (None for li
     python tools/bench.py diffusion --mode fwd --dtype bf16 --out docs/benchmarks/diffusion_h100
 """
 
+import contextlib
 import functools
 
 import torch
@@ -72,11 +73,22 @@ def _label(method: str, options: dict) -> str:
     return method + "".join(f" {k}={v}" for k, v in options.items())
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    """Build parameters directly in ``dtype``: FLUX.1's 12B parameters do not fit an fp32 copy beside bf16."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _wan(tiny: bool, device, dtype):
     from diffusers import WanTransformer3DModel
 
     config = dict(_WAN_13B, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=2, text_dim=16)
-    with torch.device(device):
+    with torch.device(device), _default_dtype(dtype):
         model = WanTransformer3DModel(**(config if tiny else _WAN_13B)).to(dtype).eval()
     frames, height, width = (3, 8, 8) if tiny else (21, 60, 104)  # 480 x 832 x 81 frames after the VAE
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -94,7 +106,7 @@ def _flux(tiny: bool, device, dtype):
 
     config = dict(_FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)
     config.update(joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)) if tiny else None
-    with torch.device(device):
+    with torch.device(device), _default_dtype(dtype):
         model = FluxTransformer2DModel(**(config if tiny else _FLUX_DEV)).to(dtype).eval()
     side, text = (8, 8) if tiny else (128, 512)  # 2048 px: VAE /8, 2x2 packing
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")

@@ -126,11 +126,23 @@ class LocalAttention(_AttentionMethod):
             else _check_per_axis("tile", grid.ndim, self.tile)
         )
         layout = TokenLayout(grid, tile=tile)
-        key = ("circle", self.radius, layout, q.device)
-        mask = state.cached(key, lambda: circular_window_block_mask(layout, self.radius).to(q.device))
-        q, k, v = (layout.to_layout(t, dim=2) for t in (q, k, v))
+        mask = state.cached(
+            ("circle", self.radius, layout, q.device),
+            lambda: circular_window_block_mask(layout, self.radius).to(q.device),
+        )
+        source, valid, out_slot = state.cached(("tile_order", layout, q.device), lambda: _tile_order(layout, q.device))
+        # padding slots hold zeros; the mask never attends to them and their outputs are dropped
+        q, k, v = (t.index_select(2, source) * valid.to(t.dtype) for t in (q, k, v))
         out = block_sparse_attention(q, k, v, mask, backend=self.backend)
-        return layout.from_layout(out, dim=2), mask.density()
+        return out.index_select(2, out_slot), mask.density()
+
+
+def _tile_order(layout: TokenLayout, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather indices into ``layout``'s tile order (``source``, ``valid`` ``(N_layout, 1)``) and back (``out_slot``)."""
+    index = layout.source_index()
+    slots = torch.nonzero(index >= 0).squeeze(-1)
+    out_slot = slots[torch.argsort(index[slots])]
+    return index.clamp_min(0).to(device), (index >= 0)[:, None].to(device), out_slot.to(device)
 
 
 class RadialAttention(_AttentionMethod):
