@@ -10,6 +10,7 @@ shows the denoising steps; at the end the script prints the wall time and the me
 """
 
 import argparse
+import importlib.util
 import inspect
 import sys
 import time
@@ -50,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.model_dir.is_dir():
         parser.error(f"--model-dir must be an existing directory; got {str(args.model_dir)!r}.")
+    if args.output.suffix == ".mp4" and not any(importlib.util.find_spec(m) for m in ("imageio", "cv2")):
+        # checked before generating, so a long run is not lost at the end
+        parser.error(
+            "--output *.mp4 needs imageio: pip install imageio imageio-ffmpeg (or give a folder for PNG frames)."
+        )
     args.settings = _settings(parser, args)
     return args
 

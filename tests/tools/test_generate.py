@@ -56,6 +56,13 @@ def test_generate_rejects_bad_option(tmp_path, capsys):
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
+def test_generate_rejects_video_output_without_writer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        parse_args(["--model-dir", str(tmp_path), "--output", str(tmp_path / "v.mp4")])
+    assert "imageio" in capsys.readouterr().err
+
+
 def test_generate_rejects_unknown_config_keys(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("method: local\nkernel: 3\n")
