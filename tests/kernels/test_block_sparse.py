@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from tests._numerics import TOLERANCES, assert_close
-from visionattn.layout import BlockMask, CircularWindow, NeighborhoodWindow, TokenGrid, TokenLayout
+from visionattn.layout import (
+    BlockMask,
+    CircularWindow,
+    NeighborhoodWindow,
+    TokenGrid,
+    TokenLayout,
+    circular_window_block_mask,
+    neighborhood_block_mask,
+)
 from visionattn.ops import block_sparse_attention
 
 
@@ -28,11 +36,30 @@ def _mask_from_predicate(pred, n: int, block: int, heads: int = 1, drop: float =
     tiles = lambda x: x.view(mb, block, mb, block).transpose(1, 2)
     keep = tiles(dense).any(-1).any(-1)
     full = (tiles(dense) | ~tiles(inside)).all(-1).all(-1)
-    keep = keep.expand(1, heads, mb, mb).clone()
-    if drop:
-        keep[:, 1:] &= torch.rand(keep[:, 1:].shape, generator=gen) >= drop
+    mask = BlockMask.from_block_matrix(
+        keep[None, None],
+        partial=(keep & ~full)[None, None],
+        q_len=n,
+        kv_len=n,
+        block_q=block,
+        block_k=block,
+        token_mask=pred,
+    )
+    return _per_head(mask, heads, drop, gen)
+
+
+def _per_head(mask: BlockMask, heads: int, drop: float, gen) -> BlockMask:
+    """``mask`` repeated over ``heads``, heads after the first losing a random ``drop`` fraction of their blocks."""
+    keep, partial = (x.expand(1, heads, *x.shape[2:]).clone() for x in mask.to_block_matrix())
+    keep[:, 1:] &= (torch.rand(keep[:, 1:].shape, generator=gen) >= drop).to(keep.device)
     return BlockMask.from_block_matrix(
-        keep, partial=keep & ~full, q_len=n, kv_len=n, block_q=block, block_k=block, token_mask=pred
+        keep,
+        partial=partial,
+        q_len=mask.q_len,
+        kv_len=mask.kv_len,
+        block_q=mask.block_q,
+        block_k=mask.block_k,
+        token_mask=mask.token_mask,
     )
 
 
@@ -99,7 +126,7 @@ def test_block_sparse_kernel_fp16_broadcast_mask_bnhd(kernel_device, poison_empt
         ((7, 9), (4, 4), (3, 5), (1, 2), (2, 1), (False, False)),
         ((4, 6), (2, 2), (3, 3), (1, 1), (1, 1), (False, True)),
         ((6, 6), (3, 3), (3, 5), (3, 1), (1, 1), (False, False)),
-        ((3, 4, 6), (2, 2, 4), (2, 3, 3), (1, 1, 2), (1, 1, 1), (True, False, False)),
+        ((2, 4, 6), (2, 2, 4), (2, 3, 3), (1, 1, 2), (1, 1, 1), (True, False, False)),
     ],
     ids=lambda x: str(x),
 )
@@ -155,9 +182,37 @@ def test_block_sparse_kernel_gpu_random_and_dense(rng, d, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_block_sparse_kernel_gpu_neighborhood_3d(rng, dtype):
     layout = TokenLayout(TokenGrid((6, 30, 44), extra_before=77), tile=(2, 8, 8))
-    pred = NeighborhoodWindow(layout, (3, 9, 11), (1, 2, 1), (1, 1, 2), (True, False, False))
-    mask = _mask_from_predicate(pred, layout.num_tokens, 128, heads=2, drop=0.2, gen=rng)
+    mask = neighborhood_block_mask(layout, (3, 9, 11), (1, 2, 1), (1, 1, 2), (True, False, False))
+    mask = _per_head(mask, 2, 0.2, rng)
     _check(mask, "cuda", dtype, rng, heads=2, d=128, dv=128, bnhd=True)
+
+
+@pytest.mark.gpu
+def test_block_sparse_kernel_gpu_circular_2d_with_text(rng):
+    layout = TokenLayout(TokenGrid((72, 90), extra_before=77), tile=(8, 16))
+    mask = circular_window_block_mask(layout, 16)
+    _check(mask, "cuda", torch.bfloat16, rng, heads=3, d=64, dv=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(5))
+def test_block_sparse_kernel_gpu_every_config(monkeypatch, rng, config):
+    """Each autotune config of the three attention kernels on its own (autotune would hide a broken one)."""
+    from visionattn.kernels import block_sparse, block_sparse_bwd
+
+    kernels = [
+        (block_sparse._block_sparse_fwd_kernel, block_sparse._FWD_CONFIGS),
+        (block_sparse_bwd._block_sparse_bwd_kernel_dq, block_sparse_bwd._BWD_CONFIGS),
+        (block_sparse_bwd._block_sparse_bwd_kernel_dkdv, block_sparse_bwd._BWD_CONFIGS),
+    ]
+    for kernel, configs in kernels:
+        monkeypatch.setattr(kernel, "configs", [configs[config % len(configs)]])
+    layout = TokenLayout(TokenGrid((5, 21, 27), extra_after=13), tile=(2, 8, 8))
+    mask = neighborhood_block_mask(layout, (3, 7, 9), (1, 1, 2), (1, 2, 1), (False, False, True))
+    mask = _per_head(mask, 2, 0.3, rng)
+    for d in (64, 128):
+        _check(mask, "cuda", torch.bfloat16, rng, heads=2, d=d, dv=d)
+    _check(_random_mask(rng, 2, 1000, 700, 100, 49), "cuda", torch.float16, rng, heads=2, d=96, dv=32)
 
 
 @pytest.mark.gpu
