@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests._numerics import assert_close
+from tests.diffusion._brute import circle_allowed, masked_softmax, radial_allowed
 from tests.diffusion._tiny import TINY_MODELS
 from visionattn.diffusion import apply, remove
 from visionattn.diffusion._processor import _MethodAttnProcessor
@@ -65,6 +66,41 @@ def test_radial_matches_stock_at_full_density(name):
     handle = apply(model, "radial", dense_layers=0, dense_steps=0, backend="reference")
     assert_close(f"{name} radial at full density", stock_out, _run(model, inputs))
     assert handle.density() == 1.0
+    remove(handle)
+
+
+class _BruteForce(torch.nn.Module):
+    """Stands in for a layer's method: float64 masked softmax over the brute-force pattern of the grid."""
+
+    def __init__(self, allowed_fn):
+        super().__init__()
+        self.allowed_fn = allowed_fn
+
+    def forward(self, q, k, v, grid, state):
+        allowed = self.allowed_fn(grid).to(q.device)
+        return masked_softmax(q.double(), k.double(), v.double(), allowed).to(q.dtype), None
+
+
+@pytest.mark.parametrize(
+    "name, method, options, allowed_fn",
+    [
+        ("flux", "local", dict(window="circle", radius=2.5, tile=(2, 2)), lambda g: circle_allowed(g, 2.5)),
+        ("sd3", "local", dict(window="circle", radius=2.0, tile=(2, 4)), lambda g: circle_allowed(g, 2.0)),
+        ("cogvideox", "radial", dict(block_size=8, decay_factor=0.5), lambda g: radial_allowed(g, 8, 0.5, False)),
+        ("hunyuan_video", "radial", dict(block_size=8), lambda g: radial_allowed(g, 8, 1.0, False)),
+        ("wan", "radial", dict(block_size=16, decay_factor=0.3), lambda g: radial_allowed(g, 16, 0.3, True)),
+    ],
+    ids=["flux-circle", "sd3-circle", "cogvideox-radial", "hunyuan-radial", "wan-radial"],
+)
+def test_sparse_model_output_equals_brute_force_masked_attention(name, method, options, allowed_fn):
+    tiny = TINY_MODELS[name]
+    model, inputs = tiny.build(), tiny.inputs(batch=2, scale=2)
+    handle = apply(model, method, dense_layers=0, dense_steps=0, backend="reference", **options)
+    sparse_out = _run(model, inputs)
+    assert handle.density() < 1.0
+    for processor in handle.processors:
+        processor.method = _BruteForce(allowed_fn)
+    assert_close(f"{name} {method} vs brute force", _run(model, inputs), sparse_out)
     remove(handle)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests._numerics import assert_close
+from tests.diffusion._brute import circle_allowed, masked_softmax, natten_allowed, radial_allowed
 from visionattn.diffusion import (
     AgentAttention,
     DiffusionState,
@@ -15,40 +16,11 @@ from visionattn.diffusion import (
     SparseLinearMethod,
 )
 from visionattn.layout import TokenGrid, topk_ratio_block_mask
-from visionattn.layout.radial import radial_block_mask
 
 
 def _qkv(grid: TokenGrid, gen, batch=2, heads=2, dim=8):
     shape = (batch, heads, grid.num_tokens, dim)
     return [torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3)]
-
-
-def _masked_softmax(q, k, v, allowed):
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
-
-
-def _grid_allowed(grid: TokenGrid, pair_rule) -> torch.Tensor:
-    """``(N, N)`` bool: text rows/columns all True, grid pairs by ``pair_rule(q_coord, k_coord)``."""
-    n, start = grid.num_tokens, grid.extra_before
-    coords = grid.coords().tolist()
-    allowed = torch.ones(n, n, dtype=torch.bool)
-    for i, qc in enumerate(coords):
-        for j, kc in enumerate(coords):
-            allowed[start + i, start + j] = pair_rule(qc, kc)
-    return allowed
-
-
-def _natten_axis(q: int, k: int, length: int, kernel: int, stride: int, dilation: int) -> bool:
-    """NATTEN's non-causal rule along one axis, written from shared/reference/diffusion.md §5.1."""
-    if q % dilation != k % dilation:
-        return False
-    group_len = len(range(q % dilation, length, dilation))
-    qg, kg = q // dilation, k // dilation
-    left, right = kernel // 2, kernel // 2 + kernel % 2 - 1
-    leader = min((qg // stride) * stride + stride // 2, group_len - 1)
-    center = min(max(leader, left), group_len - 1 - right)
-    return center - left <= kg <= center + right
 
 
 def _check_forward_backward(name, out, ref, tensors):
@@ -75,13 +47,10 @@ def test_local_neighborhood_matches_masked_dense(shape, before, after, kernel, s
     grid = TokenGrid(shape, extra_before=before, extra_after=after)
     method = LocalAttention(kernel_size=kernel, stride=stride, dilation=dilation, backend="reference")
     ks, st, dil = method._window(shape)
-    allowed = _grid_allowed(
-        grid,
-        lambda qc, kc: all(_natten_axis(a, b, n, *p) for a, b, n, *p in zip(qc, kc, shape, ks, st, dil)),
-    )
+    allowed = natten_allowed(grid, ks, st, dil)
     q, k, v = _qkv(grid, gen)
     out, density = method(q, k, v, grid, DiffusionState())
-    _check_forward_backward("local", out, _masked_softmax(q, k, v, allowed), (q, k, v))
+    _check_forward_backward("local", out, masked_softmax(q, k, v, allowed), (q, k, v))
     assert density == pytest.approx(float(allowed.double().mean()), rel=0.2)
 
 
@@ -89,28 +58,23 @@ def test_local_neighborhood_matches_masked_dense(shape, before, after, kernel, s
 def test_local_circle_matches_masked_dense(shape, before, radius):
     gen = torch.Generator().manual_seed(1)
     grid = TokenGrid(shape, extra_before=before)
-    allowed = _grid_allowed(grid, lambda qc, kc: sum((a - b) ** 2 for a, b in zip(qc, kc)) < radius**2)
+    allowed = circle_allowed(grid, radius)
     q, k, v = _qkv(grid, gen)
     method = LocalAttention(window="circle", radius=radius, tile=(2,) * len(shape), backend="reference")
     out, _ = method(q, k, v, grid, DiffusionState())
-    _check_forward_backward("circle", out, _masked_softmax(q, k, v, allowed), (q, k, v))
+    _check_forward_backward("circle", out, masked_softmax(q, k, v, allowed), (q, k, v))
 
 
 @pytest.mark.parametrize("before, after, sink", [(0, 0, True), (0, 5, False), (5, 0, False)], ids=str)
 def test_radial_matches_masked_dense(before, after, sink):
     gen = torch.Generator().manual_seed(2)
     grid = TokenGrid((6, 4, 5), extra_before=before, extra_after=after)
-    text = before + after
-    mask = radial_block_mask(6, 20, block_size=8, decay_factor=0.5, sink=sink, extra_tokens=text).to_dense()[0, 0]
-    # the mask lists text after the video; text that precedes the grid is the same token set, rotated
-    order = torch.roll(torch.arange(grid.num_tokens), -before)
-    allowed = torch.empty_like(mask)
-    allowed[order[:, None], order[None, :]] = mask
+    allowed = radial_allowed(grid, block_size=8, decay_factor=0.5, sink=sink)
     q, k, v = _qkv(grid, gen)
     method = RadialAttention(decay_factor=0.5, block_size=8, sink=sink, backend="reference")
     out, density = method(q, k, v, grid, DiffusionState())
     assert 0 < density < 1
-    _check_forward_backward("radial", out, _masked_softmax(q, k, v, allowed), (q, k, v))
+    _check_forward_backward("radial", out, masked_softmax(q, k, v, allowed), (q, k, v))
 
 
 def _linfusion(q, k, v, method: LinearAttention):
@@ -155,7 +119,7 @@ def test_sparse_linear_matches_masked_dense_plus_linear(feature_map):
     out, density = method(q, k, v, grid, DiffusionState())
     critical = topk_ratio_block_mask(q.detach(), k.detach(), 8, 8, 0.4).to_dense()
     phi = (lambda x: x.softmax(-1)) if feature_map == "softmax" else (lambda x: torch.nn.functional.elu(x) + 1)
-    sparse = _masked_softmax(q, k, v, critical)
+    sparse = masked_softmax(q, k, v, critical)
     weights = (phi(q) @ phi(k).transpose(-1, -2)) * ~critical
     linear = (weights @ v) / (weights.sum(-1, keepdim=True) + 1e-6)  # the op's default eps
     proj = method.attention.proj
