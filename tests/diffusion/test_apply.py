@@ -184,6 +184,8 @@ def test_apply_rejects_radial_on_image_models():
         (dict(method="local", kernel_size=3, dense_steps=-1), ValueError, "dense_steps"),
         (dict(method="local", kernel_size=3, dense_layers=1.5), ValueError, "dense_layers"),
         (dict(method="agent", agent_ratio=1.0), ValueError, "agent_ratio"),
+        (dict(method="agent", early_steps=-1), ValueError, "early_steps"),
+        (dict(method="agent", early_sx=0), ValueError, "early_sx"),
         (dict(method="radial", block_size=0), ValueError, "block_size"),
     ],
 )

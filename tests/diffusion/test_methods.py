@@ -167,6 +167,18 @@ def test_agent_matches_agentsd_formula():
     _check_forward_backward("agent", out, ref, (q, k, v))
 
 
+def test_agent_uses_early_settings_in_early_steps():
+    grid = TokenGrid((8, 8))
+    q, k, v = _qkv(grid, torch.Generator().manual_seed(7))
+    method = AgentAttention(early_steps=2, early_sx=4, early_sy=4, early_agent_ratio=0.95, backend="reference")
+    densities = []
+    for step in (0, 1, 2):
+        _, density = method(q, k, v, grid, DiffusionState(step=step))
+        densities.append(density)
+    # early: 4 destinations per 4 x 4 window grid, all 60 sources merged -> 4 agents; later 64 - 32 = 32 agents
+    assert densities == [2 * 4 / 64, 2 * 4 / 64, 1.0]
+
+
 def test_agent_keeps_dense_attention_with_few_merges():
     grid = TokenGrid((4, 4))
     q, k, v = _qkv(grid, torch.Generator().manual_seed(5))

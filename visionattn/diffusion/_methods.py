@@ -327,6 +327,8 @@ class AgentAttention(_AttentionMethod):
     them with ``W_q``, which is the same for a bias-free ``W_q`` and equal up to QK-norm/RoPE otherwise). Then
     ``O = σ(q Aᵀ s^κ) · σ(A kᵀ s) v + k_shortcut · v`` with ``s = D^-1/2`` and ``κ = k_scale2`` (a softer temperature
     for the query-to-agent step). As in AgentSD, layers with too few tokens (``2 n ≥ N``) keep dense attention.
+    AgentSD's recommended schedule uses fewer agents early: ``early_steps=20`` with ``early_sx = early_sy = 4``,
+    ``early_agent_ratio=0.95``, then ``sx = sy = 2``, ``agent_ratio=0.5``.
 
     Args:
         agent_ratio: fraction of grid tokens merged away (capped at the non-destination tokens).
@@ -334,6 +336,10 @@ class AgentAttention(_AttentionMethod):
         sy: window height of the destination grid.
         k_scale2: ``κ``.
         k_shortcut: weight of the value shortcut.
+        early_steps: denoising steps that use the ``early_*`` settings instead (0: none).
+        early_agent_ratio: ``agent_ratio`` of the early steps.
+        early_sx: ``sx`` of the early steps.
+        early_sy: ``sy`` of the early steps.
         backend: op backend.
     """
 
@@ -347,18 +353,26 @@ class AgentAttention(_AttentionMethod):
         sy: int = 2,
         k_scale2: float = 0.3,
         k_shortcut: float = 0.075,
+        early_steps: int = 0,
+        early_agent_ratio: float = 0.95,
+        early_sx: int = 4,
+        early_sy: int = 4,
         backend: str | None = None,
     ):
         super().__init__()
-        if isinstance(agent_ratio, bool) or not 0 <= agent_ratio < 1:
-            raise ValueError(f"agent_ratio must be in [0, 1); got {agent_ratio=}.")
-        _check_per_axis("sx", 1, sx)
-        _check_per_axis("sy", 1, sy)
-        self.agent_ratio, self.sx, self.sy = float(agent_ratio), sx, sy
+        for name, ratio in (("agent_ratio", agent_ratio), ("early_agent_ratio", early_agent_ratio)):
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+                raise ValueError(f"{name} must be in [0, 1); got {name}={ratio!r}.")
+        for name, size in (("sx", sx), ("sy", sy), ("early_sx", early_sx), ("early_sy", early_sy)):
+            _check_per_axis(name, 1, size)
+        self.early_steps = _check_per_axis("early_steps", 1, early_steps, minimum=0)[0]
+        self.settings = (float(agent_ratio), sx, sy)
+        self.early_settings = (float(early_agent_ratio), early_sx, early_sy)
         self.k_scale2, self.k_shortcut, self.backend = float(k_scale2), float(k_shortcut), backend
 
     def forward(self, q, k, v, grid: TokenGrid, state):
-        agents = agent_tokens(q, grid, self.agent_ratio, self.sx, self.sy, state)
+        ratio, sx, sy = self.early_settings if state.step < self.early_steps else self.settings
+        agents = agent_tokens(q, grid, ratio, sx, sy, state)
         if 2 * agents.shape[2] >= q.shape[2]:
             return None, 1.0
         scale = q.shape[-1] ** -0.5
