@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo showcase test gpu-test clean
+.PHONY: demo showcase test test-timm gpu-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 	$(PY) -m ruff check visionattn tools tests
 	$(PY) tools/check_file_length.py
 	$(PY) -m pytest -n $${PYTEST_WORKERS:-auto} -m "not gpu and not slow" tests
+
+# timm's own tests/test_models.py (from the installed version's sdist) for every visionattn model name.
+test-timm: $(STAMP)
+	VISIONATTN_TIMM_SUITE=1 $(PY) -m pytest -n $${PYTEST_WORKERS:-2} tests/backbones/test_timm_suite.py
 
 gpu-test: $(STAMP)
 	$(PY) -m pytest -m gpu tests

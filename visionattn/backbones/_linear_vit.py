@@ -32,7 +32,7 @@ from torch import nn
 from ..layout import TokenGrid
 from ..nn import LinearAttention2d, RoPE2d, SoftmaxAttention2d
 
-__all__ = ["LinearViT", "LinearViTBlock", "LinearViTStage", "checkpoint_filter_fn"]
+__all__ = ["LinearViT", "LinearViTBlock", "LinearViTStage", "checkpoint_filter_fn", "feature_map_grid"]
 
 _ATTN_TYPES = ("mala", "rala", "softmax")
 _ATTN_LAYOUTS = ("hybrid", "linear")
@@ -43,8 +43,10 @@ register_notrace_module(LinearAttention2d)
 register_notrace_module(SoftmaxAttention2d)
 
 
+# Public: torch.fx only auto-wraps global functions whose names do not start with "_".
 @register_notrace_function
-def _grid_of(x: torch.Tensor) -> TokenGrid:
+def feature_map_grid(x: torch.Tensor) -> TokenGrid:
+    """The ``TokenGrid((H, W))`` of an NCHW feature map (an FX leaf: shapes are runtime values)."""
     return TokenGrid((x.shape[-2], x.shape[-1]))
 
 
@@ -200,8 +202,8 @@ class LinearViTStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        grid = _grid_of(x)
-        rope = self.rope(grid, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        grid = feature_map_grid(x)
+        rope = self.rope(grid, x)
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x, grid, rope)
@@ -270,12 +272,13 @@ class LinearViT(nn.Module):
                 raise ValueError(f"attn_layout='linear' needs a linear stage in attn_types; got {attn_types=}.")
             attn_types = tuple(linear_kinds[0] if t == "softmax" else t for t in attn_types)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.attn_types = attn_types
         self.num_features = self.head_hidden_size = projection_dim
 
         self.patch_embed = _ConvStem(in_chans, embed_dims[0], **dd)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, self.feature_info = [], []
         for i in range(num_stages):
             stages.append(
@@ -332,7 +335,9 @@ class LinearViT(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
+        # From the stem's weight: the head has no parameters after reset_classifier(0).
+        like = self.patch_embed.proj[0].weight
+        self.head.reset(num_classes, pool_type=global_pool, device=like.device, dtype=like.dtype)
 
     def forward_intermediates(
         self,

@@ -87,7 +87,7 @@ class _GatedAttention2d(nn.Module):
                 f"x must be (B, N, C) with N = Y·X = {rows * cols} and C = {self.dim}; got x.shape={tuple(x.shape)}."
             )
         if rope is None:
-            rope = self.rope(grid, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            rope = self.rope(grid, x)
         qkvo = self.qkvo(x)
         q, k, v = (
             qkvo[..., i * channels : (i + 1) * channels].unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)

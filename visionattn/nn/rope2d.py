@@ -84,9 +84,16 @@ class RoPE2d(nn.Module):
         self.head_dim = _check_head_dim(head_dim)
         self.base = base
 
-    def forward(self, grid: TokenGrid, device=None, dtype: torch.dtype = torch.float32):
-        """``(cos, sin)``, each ``(Y·X, head_dim)``, for the 2D ``grid``."""
-        return rope2d_tables(grid, self.head_dim, base=self.base, device=device, dtype=dtype)
+    def forward(self, grid: TokenGrid, like: torch.Tensor | None = None):
+        """``(cos, sin)``, each ``(Y·X, head_dim)``, for the 2D ``grid``.
+
+        Tables are on ``like``'s device, in float64 when ``like`` is float64 and in float32 otherwise (low-precision
+        activations are rotated with fp32 tables, as the reference does under autocast).
+        """
+        if like is None:
+            return rope2d_tables(grid, self.head_dim, base=self.base)
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return rope2d_tables(grid, self.head_dim, base=self.base, device=like.device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}"

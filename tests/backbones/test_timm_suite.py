@@ -1,0 +1,127 @@
+"""timm's own ``tests/test_models.py`` run against the visionattn model names (the timm conformance check).
+
+The test file comes from the sdist of the installed timm version (``pip download --no-deps --no-binary :all:
+timm==<installed>``, cached under ``.cache/timm-sdist/``): it must match the installed package exactly. It runs in a
+subprocess with ``TORCH_BACKEND=visionattn`` (test_models.py imports that module before it lists the models, so
+ours are registered), selected by model name, with ``-k "not pretrained"`` (those tests download weights).
+
+When it runs:
+
+- ``VISIONATTN_TIMM_SUITE=1`` (``make test-timm``): every visionattn model name, or the comma-separated names in
+  ``VISIONATTN_TIMM_SUITE_MODELS``;
+- in CI (env ``CI`` set): only :data:`CI_MODEL_NAMES` (about 35 s per name on 2 cores);
+- otherwise skipped.
+
+Each family adds its names to :data:`CI_MODEL_NAMES` (its ``*_tiny`` and one larger variant where CI time allows).
+"""
+
+import fnmatch
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import timm
+
+import visionattn  # noqa: F401  (registers the models)
+
+#: Model names the CI machine runs timm's suite for.
+CI_MODEL_NAMES = [
+    "agent_deit_tiny",
+    "agent_pvt_tiny",
+    "agent_swin_tiny",
+    "biformer_tiny",
+    "mavit_tiny",
+    "ravlt_tiny",
+    "vig_h_tiny",
+    "vig_tiny",
+]
+
+#: timm tests deselected for every visionattn model, each with its reason.
+DESELECTED = {
+    "pretrained": "downloads weights from the hub (no network in tests)",
+    "torchscript": "TokenGrid (a frozen dataclass) and the ops' Python backend dispatch are not TorchScript-compatible",
+}
+
+#: timm tests deselected for some visionattn models only: model-name pattern -> {test name: reason}.
+DESELECTED_FOR = {
+    "agent_deit_*": {
+        "test_model_default_cfgs": "ViT-style token output with a cls token, which timm checks with "
+        "test_model_default_cfgs_non_std, selected only by timm's own name list (deit*)",
+    },
+}
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_CACHE_DIR = _REPO_ROOT / ".cache" / "timm-sdist"
+
+
+def _visionattn_model_names() -> list[str]:
+    return sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("visionattn."))
+
+
+def _selected_names() -> list[str]:
+    if os.environ.get("VISIONATTN_TIMM_SUITE") == "1":
+        requested = os.environ.get("VISIONATTN_TIMM_SUITE_MODELS", "")
+        return [n.strip() for n in requested.split(",") if n.strip()] or _visionattn_model_names()
+    if os.environ.get("CI"):
+        return list(CI_MODEL_NAMES)
+    return []
+
+
+def _timm_test_file() -> Path:
+    """``tests/test_models.py`` of the installed timm version, downloaded once into the cache."""
+    version = importlib.metadata.version("timm")
+    root = _CACHE_DIR / f"timm-{version}"
+    test_file = root / "tests" / "test_models.py"
+    if test_file.exists():
+        return test_file
+    _CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    archive = _CACHE_DIR / f"timm-{version}.tar.gz"
+    if not archive.exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+            + [f"timm=={version}", "-d", str(_CACHE_DIR)],
+            check=True,
+        )
+    with tarfile.open(archive) as tar:
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.name.startswith(f"timm-{version}/tests/") or m.name.endswith("pyproject.toml")
+        ]
+        tar.extractall(_CACHE_DIR, members=members, filter="data")
+    return test_file
+
+
+_NAMES = _selected_names()
+
+
+@pytest.mark.skipif(not _NAMES, reason="timm's suite runs with VISIONATTN_TIMM_SUITE=1 (make test-timm) or in CI")
+@pytest.mark.parametrize("model_name", _NAMES or ["none"])
+def test_timm_suite_passes(model_name):
+    assert model_name in _visionattn_model_names(), f"{model_name} is not a visionattn model"
+    test_file = _timm_test_file()
+    root = test_file.parents[1]
+    keys = list(DESELECTED)
+    keys += [
+        test for pattern, tests in DESELECTED_FOR.items() if fnmatch.fnmatch(model_name, pattern) for test in tests
+    ]
+    deselect = " and ".join(f"not {key}" for key in keys)
+    env = dict(os.environ, TORCH_BACKEND="visionattn", PYTHONPATH=str(_REPO_ROOT))
+    # A user's CPU: no Triton interpreter (our conftest sets it), no GitHub-runner exclusions.
+    for key in ("GITHUB_ACTIONS", "TRITON_INTERPRET"):
+        env.pop(key, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider", "--rootdir", str(root)]
+        + ["-c", str(root / "pyproject.toml"), "-k", f"{model_name} and {deselect}", "-W", "ignore"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    summary = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, f"timm test_models.py failed for {model_name}:\n{summary}"
+    assert " passed" in result.stdout, f"no timm test selected for {model_name}:\n{summary}"
