@@ -208,3 +208,41 @@ def test_linear_attention_kernel_is_deterministic_gpu(rng):
         out = linear_attention(**inputs, **kwargs, backend="triton")
         outs.append((out, *torch.autograd.grad(out, list(inputs.values()), torch.ones_like(out))))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("config_index", range(12))
+def test_linear_attention_kernel_every_config_gpu(monkeypatch, rng, d, config_index):
+    """Each autotune config of the chunked kernels, forced one at a time (autotune alone would test only winners)."""
+    import triton
+
+    from visionattn.kernels import linear as fwd
+    from visionattn.kernels import linear_bwd as bwd
+
+    kernels = [
+        fwd._linear_fwd_kernel_state,
+        fwd._linear_fwd_kernel_apply,
+        bwd._linear_bwd_kernel_apply,
+        bwd._linear_bwd_kernel_state,
+    ]
+    config = kernels[0].configs[config_index]
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+    inputs, kwargs = _inputs(
+        rng,
+        ("softmax", "additive", "rala", True),
+        b=2,
+        h=2,
+        nq=1000,
+        nk=1000,
+        d=d,
+        dv=d,
+        dtype=torch.bfloat16,
+        device="cuda",
+    )
+    try:
+        _check_against_reference(rng, inputs, kwargs, torch.bfloat16)
+    except triton.runtime.errors.OutOfResources as exc:
+        pytest.skip(f"{config} does not fit at D={d} (autotune skips it too): {exc}")

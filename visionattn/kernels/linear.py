@@ -253,8 +253,8 @@ def _linear_fwd_kernel_state(
             p_k, p_kn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_K_NORM, HAS_ROPE, BLOCK_N, BLOCK_D
         )
         p_v = v_ptr + i_b * stride_v_b + i_h * stride_v_h + o_n[:, None] * stride_v_n + o_e[None, :] * stride_v_d
-        # [BLOCK_N, BLOCK_DV]
-        b_v = _load_rows(p_v, m_n, m_e)
+        # [BLOCK_N, BLOCK_DV], in v's dtype: the dot takes 16-bit operands (half the registers and shared memory)
+        b_v = tl.load(p_v, mask=m_n[:, None] & m_e[None, :], other=0.0)
         if WEIGHT == 2:
             b_s = tl.where(m_n, scale * tl.sum(b_phin * b_qm[None, :], axis=1), _NEG_INF)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0))
@@ -269,9 +269,10 @@ def _linear_fwd_kernel_state(
             b_u = tl.load(p_w, mask=m_n, other=0.0).to(tl.float32)
         else:
             b_u = tl.where(m_n, 1.0, 0.0)
-        b_kv += tl.dot(tl.trans(b_phir * b_u[:, None]), b_v, input_precision=DOT_PRECISION)
+        b_uk = (b_phir * b_u[:, None]).to(b_v.dtype)
+        b_kv += tl.dot(tl.trans(b_uk), b_v, input_precision=DOT_PRECISION)
         b_ks += tl.sum(b_phin * b_u[:, None], axis=0)
-        b_vs += tl.sum(b_v, axis=0)
+        b_vs += tl.sum(b_v.to(tl.float32), axis=0)
     i_part = i_c * tl.num_programs(1) + i_bh
     p_kv = kv_part_ptr + i_part * D * DV + o_d[:, None] * DV + o_e[None, :]
     tl.store(p_kv, b_kv, mask=m_d[:, None] & m_e[None, :])

@@ -48,6 +48,14 @@ def _rope_bwd(g, b_cos, b_sin, HAS_ROPE: tl.constexpr, ROWS: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _operand(x, BF16_STATE: tl.constexpr):
+    """A ``tl.dot`` operand: fp32 (tf32/ieee), or bf16 when a 128-wide fp32 state would not fit in shared memory."""
+    if BF16_STATE:
+        x = x.to(tl.bfloat16)
+    return x
+
+
+@triton.jit
 def _store_rows(p, x, m_n, m_d):
     tl.store(p, x.to(p.dtype.element_ty), mask=m_n[:, None] & m_d[None, :])
 
@@ -150,6 +158,7 @@ def _linear_bwd_kernel_apply(
     HAS_Q_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BF16_STATE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -162,6 +171,7 @@ def _linear_bwd_kernel_apply(
     b_kv = tl.load(
         kv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :], mask=m_d[:, None] & m_e[None, :], other=0.0
     )
+    b_kv = _operand(b_kv, BF16_STATE)
     b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
     b_vm = tl.load(vm_ptr + i_bh * DV + o_e, mask=m_e, other=0.0)
     b_dkv = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
@@ -182,7 +192,7 @@ def _linear_bwd_kernel_apply(
         p_do = do_ptr + i_b * stride_do_b + i_h * stride_do_h + o_n[:, None] * stride_do_n + o_e[None, :] * stride_do_d
         # [BLOCK_N, BLOCK_DV]
         b_do = _load_rows(p_do, m_n, m_e)
-        b_num = num_scale * tl.dot(b_phir, b_kv, input_precision=DOT_PRECISION)
+        b_num = num_scale * tl.dot(_operand(b_phir, BF16_STATE), b_kv, input_precision=DOT_PRECISION)
         if NORMALIZE == 0:
             b_den = tl.sum(b_phin * b_ks[None, :], axis=1) + eps
             b_dnum = b_do / b_den[:, None]
@@ -196,9 +206,10 @@ def _linear_bwd_kernel_apply(
         else:
             b_dnum = b_do
             b_dt = tl.sum(b_do * 0.0, axis=1)
-        b_dkv += num_scale * tl.dot(tl.trans(b_phir), b_dnum, input_precision=DOT_PRECISION)
+        b_dnum_op = _operand(b_dnum, BF16_STATE)
+        b_dkv += num_scale * tl.dot(tl.trans(_operand(b_phir, BF16_STATE)), b_dnum_op, input_precision=DOT_PRECISION)
         b_dks += tl.sum(b_dt[:, None] * b_phin, axis=0)
-        b_dphir = num_scale * tl.dot(b_dnum, tl.trans(b_kv), input_precision=DOT_PRECISION)
+        b_dphir = num_scale * tl.dot(b_dnum_op, tl.trans(b_kv), input_precision=DOT_PRECISION)
         b_dphi = _rope_bwd(b_dphir, b_cos, b_sin, HAS_ROPE, BLOCK_N, BLOCK_D)
         b_dphin = b_dt[:, None] * b_ks[None, :]
         p_dq = dq_ptr + i_b * stride_dq_b + i_h * stride_dq_h + o_n[:, None] * stride_dq_n + o_d[None, :] * stride_dq_d
@@ -236,8 +247,7 @@ def _linear_bwd_kernel_state(
     qm_ptr,
     cos_ptr,
     sin_ptr,
-    kv_ptr,
-    ks_ptr,
+    c0_ptr,
     lse_ptr,
     dkv_ptr,
     dks_ptr,
@@ -292,6 +302,7 @@ def _linear_bwd_kernel_state(
     HAS_K_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BF16_STATE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -305,10 +316,9 @@ def _linear_bwd_kernel_state(
     b_dkv = tl.load(dkv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :], mask=m_de, other=0.0)
     b_dks = tl.load(dks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
     b_dvm = tl.load(dvm_ptr + i_bh * DV + o_e, mask=m_e, other=0.0)
+    b_dkv = _operand(b_dkv, BF16_STATE)
     if WEIGHT == 2:
-        b_kv = tl.load(kv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :], mask=m_de, other=0.0)
-        b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
-        b_c0 = tl.sum(tl.sum(b_kv * b_dkv, axis=1), axis=0) + tl.sum(b_ks * b_dks, axis=0)
+        b_c0 = tl.load(c0_ptr + i_bh)
         b_qm = tl.load(qm_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
         b_lse = tl.load(lse_ptr + i_bh)
     b_dqm = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -336,9 +346,10 @@ def _linear_bwd_kernel_state(
         else:
             b_w = tl.where(m_n, 1.0, 0.0)
         # [BLOCK_N, BLOCK_D]: dS̄ v_j, the gradient on R_jφ(k_j) before its weight
-        b_sv = tl.dot(b_v, tl.trans(b_dkv), input_precision=DOT_PRECISION)
+        b_sv = tl.dot(_operand(b_v, BF16_STATE), tl.trans(b_dkv), input_precision=DOT_PRECISION)
         b_wn = b_w / N
-        b_dv = b_wn[:, None] * tl.dot(b_phir, b_dkv, input_precision=DOT_PRECISION) + b_dvm[None, :] / N
+        b_dv = b_wn[:, None] * tl.dot(_operand(b_phir, BF16_STATE), b_dkv, input_precision=DOT_PRECISION)
+        b_dv += b_dvm[None, :] / N
         p_dv = dv_ptr + i_b * stride_dv_b + i_h * stride_dv_h + o_n[:, None] * stride_dv_n + o_e[None, :] * stride_dv_d
         _store_rows(p_dv, b_dv, m_n, m_e)
         b_dphi = _rope_bwd(b_wn[:, None] * b_sv, b_cos, b_sin, HAS_ROPE, BLOCK_N, BLOCK_D)
@@ -369,6 +380,14 @@ def _linear_bwd_kernel_state(
 
 
 # ------------------------------------------------------------------------------------------------ host launchers
+def bf16_state(dtype: torch.dtype, d: int, dv: int) -> bool:
+    """128x128 fp32 state operands (and their transposes) overflow shared memory: use bf16 (fp32 range) for them.
+
+    Only for 16-bit inputs; fp32 inputs keep fp32 operands (and need the smaller tiles).
+    """
+    return dtype != torch.float32 and head_tile(d) * head_tile(dv) > 64 * 128
+
+
 def linear_query_mean_bwd(q: torch.Tensor, d_mean: torch.Tensor, feature_map: str) -> torch.Tensor:
     """``dq_i = J_φ(q_i)ᵀ d_mean / Nq``. Grid ``(cdiv(Nq, BLOCK_M), B·H)``."""
     b, h, n, d = q.shape
@@ -449,6 +468,7 @@ def linear_apply_bwd(
         HAS_Q_NORM=q_norm is not None,
         HAS_ROPE=cos is not None,
         DOT_PRECISION=dot_precision(q.dtype),
+        BF16_STATE=bf16_state(q.dtype, d, dv),
     )
     return dq, dqn, dkv_part.sum(dim=0), dks_part.sum(dim=0), dvm_part.sum(dim=0)
 
@@ -489,8 +509,8 @@ def linear_state_bwd(
         f32(query_mean) if rala else k,
         k if cos is None else cos,
         k if sin is None else sin,
-        f32(kv),
-        f32(k_sum),
+        # RALA's softmax backward needs Σ_l α_l g_l = ⟨S̄, dS̄⟩ + z̄·dz̄, one scalar per (batch, head)
+        ((kv * d_kv).sum(dim=(-2, -1)) + (k_sum * d_k_sum).sum(dim=-1)).float().contiguous() if rala else k,
         f32(lse),
         f32(d_kv),
         f32(d_k_sum),
@@ -522,5 +542,6 @@ def linear_state_bwd(
         HAS_K_NORM=k_norm is not None,
         HAS_ROPE=cos is not None,
         DOT_PRECISION=dot_precision(k.dtype),
+        BF16_STATE=bf16_state(k.dtype, d, dvd),
     )
     return dk, dv, dkn, dw, dqm_part.sum(dim=0) if rala else None
