@@ -72,23 +72,27 @@ class DiffusionState:
         self.step, self.timestep = 0, None
         self._density_sum, self._density_count = 0.0, 0
 
-    def grid_for(self, num_tokens: int, multi_level: bool) -> tuple[int, ...]:
-        """The grid of a sequence of ``num_tokens`` grid tokens.
-
-        DiTs see the latent grid itself. A UNet sees it at every level, downsampled by stride-2 convolutions
-        (``ceil(size / 2)`` per level), so with ``multi_level`` the grid is halved until it has ``num_tokens`` tokens.
-        """
+    def latent_grid(self) -> tuple[int, ...]:
+        """The latent token grid of the current call; raises when no hooked model call has set it."""
         if self.grid is None:
             raise RuntimeError(
                 "the token grid is unknown: call the model (transformer/UNet) that apply() was given, not a submodule."
             )
-        grid = self.grid
-        while multi_level and math.prod(grid) > num_tokens and any(s > 1 for s in grid):
+        return self.grid
+
+    def level_grid(self, num_tokens: int) -> tuple[int, ...]:
+        """The grid of a UNet level holding ``num_tokens`` tokens.
+
+        A UNet sees the latent grid at every level, downsampled by stride-2 convolutions (``ceil(size / 2)`` per
+        level), so the grid is halved until it has ``num_tokens`` tokens.
+        """
+        grid = self.latent_grid()
+        while math.prod(grid) > num_tokens and any(s > 1 for s in grid):
             grid = tuple(-(-s // 2) for s in grid)
         if math.prod(grid) != num_tokens:
             raise RuntimeError(
-                f"the attention input has {num_tokens} grid tokens, which do not form the latent grid {self.grid}"
-                + (" at any UNet level." if multi_level else ".")
+                f"the attention input has {num_tokens} grid tokens, which is no UNet level of the latent grid "
+                f"{self.grid}."
             )
         return grid
 

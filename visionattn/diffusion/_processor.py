@@ -86,8 +86,8 @@ class _MethodAttnProcessor(nn.Module):
 
     def _grid(self, num_tokens: int) -> TokenGrid:
         if self.spec.multi_level:
-            return TokenGrid(self.state.grid_for(num_tokens, multi_level=True))
-        shape = self.state.grid_for(math.prod(self.state.grid or (0,)), multi_level=False)
+            return TokenGrid(self.state.level_grid(num_tokens))
+        shape = self.state.latent_grid()
         text = num_tokens - math.prod(shape)
         if text < 0 or (text and self.spec.text_position is None):
             raise RuntimeError(
