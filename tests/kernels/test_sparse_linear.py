@@ -64,6 +64,33 @@ def test_sparse_linear_kernel_matches_reference_fp16(kernel_device, rng, poison_
     _check(kernel_device, torch.float16, rng, n=64, d=16, dv=16, block_q=32, block_k=16, topk_ratio=0.5)
 
 
+def test_sparse_linear_kernel_traces_with_compile_and_counts_flops(kernel_device, rng):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=rng).to(kernel_device).requires_grad_(True) for _ in range(3))
+    mask = topk_ratio_block_mask(q, k, 16, 16, 0.5)
+    fn = lambda q, k, v: sparse_linear_attention(q, k, v, block_mask=mask, backend="triton")
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert_close("out", fn(q, k, v), out)
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    pairs = 2 * 2 * 16 * 16  # one critical 16 x 16 block per query block, 2 query blocks, 2 heads
+    linear = 2 * 2 * (32 + 32) * 16 * 16  # per-block states and φ(q)S over all keys and queries
+    assert counter.get_total_flops() == 2 * pairs * (3 * 16 + 2 * 16) + 3 * linear
+
+
+@pytest.mark.gpu
+def test_sparse_linear_kernel_gpu_compile_fullgraph(rng):
+    q, k, v = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    w = torch.randn(64, 64, device="cuda", requires_grad=True)
+    mask = topk_ratio_block_mask(q, k, 128, 64, 0.1)
+    fn = lambda q, k, v, w: sparse_linear_attention(q, k, v, w, block_mask=mask)
+    out = torch.compile(fn, fullgraph=True)(q, k, v, w)
+    out.float().square().sum().backward()
+    assert_close("out", fn(*(t.detach() for t in (q, k, v, w))), out, tol=TOLERANCES[torch.bfloat16])
+    assert w.grad is not None and q.grad is not None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(

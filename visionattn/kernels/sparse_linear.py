@@ -5,9 +5,9 @@ Layout: q ``(B, H, Nq, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)`` with arbi
 per (batch, head, query block) in ``BlockMask`` form (``indptr (Bm, Hm, Mq + 1)``, ``indices (nnz,)``): the
 critical blocks (softmax) and the negligible blocks (skipped). Every other key block is marginal.
 
-Pass 1 (``_sparse_linear_fwd_kernel_state``, grid ``(Mk, B·H)``) reduces each logical key block ``j`` to fp32
-``h_j = φ(K_j)ᵀV_j`` ``(D, Dv)`` and ``z_j = Σ φ(K_j)`` ``(D,)``; the host sums them over ``j`` (deterministic
-``torch.sum``). Pass 2 (``_sparse_linear_fwd_kernel``, grid ``(Mq · Q_SUB, B·H)``) runs the block-sparse flash loop
+Pass 1 (``_sparse_linear_fwd_kernel_state``, grid ``(Mk, B·H)``) reduces each logical key block ``j`` to
+``h_j = φ(K_j)ᵀV_j`` ``(D, Dv)`` and ``z_j = Σ φ(K_j)`` ``(D,)`` (fp32 accumulation, stored as ``state_dtype``); the
+host sums them over ``j`` in fp32 (deterministic ``torch.sum``). Pass 2 (``_sparse_linear_fwd_kernel``, grid ``(Mq · Q_SUB, B·H)``) runs the block-sparse flash loop
 of ``block_sparse.py`` over the critical blocks, then forms the marginal state as the total minus the critical and
 negligible blocks' states (SLA-1's "sum minus selected" trick) and applies ``φ(q)`` to it. The backward's
 per-query-block pre-pass sits here too, beside the reduction it mirrors; its other kernels live in
@@ -35,7 +35,7 @@ from .block_sparse import (
 )
 from .linear import _phi
 
-__all__ = ["sparse_linear_fwd", "sparse_linear_state"]
+__all__ = ["sparse_linear_fwd", "sparse_linear_state", "state_dtype"]
 
 _NEG_INF = tl.constexpr(NEG_INF)
 _NEG_INF_LSE = tl.constexpr(float("-inf"))
@@ -57,14 +57,28 @@ _STATE_KEY = ["block", "HEAD_DIM", "HEAD_DIM_V", "FEATURE"]
 
 # ---------------------------------------------------------------------------------------------- shared helpers
 @triton.jit
-def _sla_subtract_blocks(s, z, s_base, z_base, indices_ptr, start, end, o_d, o_dv, m_d, m_dv, HEAD_DIM, HEAD_DIM_V):
+def _sla_subtract_blocks(
+    s,
+    z,
+    s_base,
+    z_base,
+    indices_ptr,
+    start,
+    end,
+    o_d,
+    o_dv,
+    m_d,
+    m_dv,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+):
     """Subtract the per-block states ``s_base[j]`` ``(D, Dv)`` and ``z_base[j]`` ``(D,)`` of the CSR entries
-    ``indices[start:end]`` from the running state ``(s, z)``."""
+    ``indices[start:end]`` from the fp32 running state ``(s, z)``."""
     for i in range(start, end):
         j = tl.load(indices_ptr + i).to(tl.int64)
         p_s = s_base + j * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
-        s -= tl.load(p_s, mask=m_d[:, None] & m_dv[None, :], other=0.0)
-        z -= tl.load(z_base + j * HEAD_DIM + o_d, mask=m_d, other=0.0)
+        s -= tl.load(p_s, mask=m_d[:, None] & m_dv[None, :], other=0.0).to(tl.float32)
+        z -= tl.load(z_base + j * HEAD_DIM + o_d, mask=m_d, other=0.0).to(tl.float32)
     return s, z
 
 
@@ -173,8 +187,8 @@ def _sparse_linear_fwd_kernel_state(
         b_z += tl.sum(b_phi, axis=0)
     i_state = i_bh.to(tl.int64) * tl.num_programs(0) + i_n
     p_h = h_ptr + i_state * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
-    tl.store(p_h, b_h, mask=m_d[:, None] & m_dv[None, :])
-    tl.store(z_ptr + i_state * HEAD_DIM + o_d, b_z, mask=m_d)
+    tl.store(p_h, b_h.to(h_ptr.dtype.element_ty), mask=m_d[:, None] & m_dv[None, :])
+    tl.store(z_ptr + i_state * HEAD_DIM + o_d, b_z.to(z_ptr.dtype.element_ty), mask=m_d)
 
 
 @triton.autotune(
@@ -417,24 +431,32 @@ def _sparse_linear_bwd_kernel_state(
         b_dz += tl.sum(b_phq * b_dden[:, None], axis=0)
     i_state = i_bh.to(tl.int64) * tl.num_programs(0) + i_m
     p_ds = ds_ptr + i_state * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
-    tl.store(p_ds, b_ds, mask=m_d[:, None] & m_dv[None, :])
-    tl.store(dz_ptr + i_state * HEAD_DIM + o_d, b_dz, mask=m_d)
+    tl.store(p_ds, b_ds.to(ds_ptr.dtype.element_ty), mask=m_d[:, None] & m_dv[None, :])
+    tl.store(dz_ptr + i_state * HEAD_DIM + o_d, b_dz.to(dz_ptr.dtype.element_ty), mask=m_d)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of the per-block states: bf16 for bf16 inputs (as SLA-1 stores them in the input dtype), which halves
+    the bytes the fused kernels re-read per selected block; fp32 otherwise (fp16's range is too narrow for the
+    backward's ``dS_b``, and fp32 inputs are the exact test path). Running sums are always fp32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def sparse_linear_state(
     k: torch.Tensor, v: torch.Tensor, block_k: int, feature: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grid ``(Mk, B * H)``: per logical key block ``j`` of ``block_k`` rows, ``h_j = φ(K_j)ᵀV_j``, ``z_j = Σ φ(K_j)``.
 
-    Returns fp32 ``h (B·H, Mk, D, Dv)``, ``z (B·H, Mk, D)`` and their sums over blocks ``(B·H, D, Dv)``,
-    ``(B·H, D)`` (``torch.sum``: a fixed reduction order, deterministic).
+    Returns ``h (B·H, Mk, D, Dv)``, ``z (B·H, Mk, D)`` in ``state_dtype(k.dtype)`` and their fp32 sums over blocks
+    ``(B·H, D, Dv)``, ``(B·H, D)`` (``torch.sum``: a fixed reduction order, deterministic). The sums add the stored
+    (rounded) blocks, so "total minus selected" is exactly the sum of the other stored blocks up to fp32 rounding.
     """
     b, h, n, d = k.shape
     dv = v.shape[-1]
     blocks = triton.cdiv(n, block_k)
-    h_blocks = torch.empty(b * h, blocks, d, dv, device=k.device, dtype=torch.float32)
-    z_blocks = torch.empty(b * h, blocks, d, device=k.device, dtype=torch.float32)
+    h_blocks = torch.empty(b * h, blocks, d, dv, device=k.device, dtype=state_dtype(k.dtype))
+    z_blocks = torch.empty(b * h, blocks, d, device=k.device, dtype=state_dtype(k.dtype))
     _sparse_linear_fwd_kernel_state[(blocks, b * h)](
         k,
         v,
@@ -452,7 +474,7 @@ def sparse_linear_state(
         FEATURE=feature,
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
     )
-    return h_blocks, z_blocks, h_blocks.sum(1), z_blocks.sum(1)
+    return h_blocks, z_blocks, h_blocks.sum(1, dtype=torch.float32), z_blocks.sum(1, dtype=torch.float32)
 
 
 def sparse_linear_fwd(
@@ -517,6 +539,6 @@ def sparse_linear_fwd(
         eps,
         tuple(NO_MASK_PARAMS),
         FEATURE=feature,
-        **launch_constexprs(q, v, MASK_NONE),
+        **launch_constexprs(q, v, MASK_NONE, NO_MASK_PARAMS),
     )
     return o_sparse, o_linear, lse, rden

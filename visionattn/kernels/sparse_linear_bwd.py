@@ -34,7 +34,7 @@ from .block_sparse import (
 )
 from .block_sparse_bwd import _block_sparse_bwd_dkdv_inner, _block_sparse_bwd_dq_inner, transpose_csr
 from .linear import _phi, _phi_bwd
-from .sparse_linear import _sla_marginal_state, _sparse_linear_bwd_kernel_state, sparse_linear_state
+from .sparse_linear import _sla_marginal_state, _sparse_linear_bwd_kernel_state, sparse_linear_state, state_dtype
 
 __all__ = ["sparse_linear_bwd"]
 
@@ -421,8 +421,8 @@ def sparse_linear_bwd(
     h_blocks, z_blocks, h_tot, z_tot = sparse_linear_state(k, v, block_k, feature)
     delta = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
     dden = torch.empty_like(delta)
-    ds_blocks = torch.empty(b * h, mq, d, dv_dim, device=q.device, dtype=torch.float32)
-    dz_blocks = torch.empty(b * h, mq, d, device=q.device, dtype=torch.float32)
+    ds_blocks = torch.empty(b * h, mq, d, dv_dim, device=q.device, dtype=state_dtype(q.dtype))
+    dz_blocks = torch.empty(b * h, mq, d, device=q.device, dtype=state_dtype(q.dtype))
     _sparse_linear_bwd_kernel_state[(mq, b * h)](
         q,
         o_sparse,
@@ -448,11 +448,11 @@ def sparse_linear_bwd(
         FEATURE=feature,
         DOT_PRECISION=dot_precision,
     )
-    ds_tot, dz_tot = ds_blocks.sum(1), dz_blocks.sum(1)
+    ds_tot, dz_tot = ds_blocks.sum(1, dtype=torch.float32), dz_blocks.sum(1, dtype=torch.float32)
     dq = empty_like_layout(q, d)
     dk = empty_like_layout(k, d)
     dv = empty_like_layout(v, dv_dim)
-    constexprs = dict(FEATURE=feature, **launch_constexprs(q, v, MASK_NONE))
+    constexprs = dict(FEATURE=feature, **launch_constexprs(q, v, MASK_NONE, NO_MASK_PARAMS))
     mp = tuple(NO_MASK_PARAMS)
     grid_dq = lambda meta: (mq * meta["Q_SUB"], b * h)
     _sparse_linear_bwd_kernel_dq[grid_dq](

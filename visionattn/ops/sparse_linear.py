@@ -35,26 +35,18 @@ def _check_ratio(name: str, value) -> float:
     return float(value)
 
 
-def _empty_block_mask(q_len: int, kv_len: int, block_q: int, block_k: int, device) -> BlockMask:
-    """A mask keeping no block, broadcast over batch and heads (built without a device sync)."""
+def _empty_csr(q_len: int, block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indptr, indices)`` of a block set keeping no block, broadcast over batch and heads."""
     mq = -(-q_len // block_q)
-    return BlockMask(
-        indptr=torch.zeros(1, 1, mq + 1, dtype=torch.int32, device=device),
-        indices=torch.zeros(0, dtype=torch.int32, device=device),
-        partial=torch.zeros(0, dtype=torch.bool, device=device),
-        q_len=q_len,
-        kv_len=kv_len,
-        block_q=block_q,
-        block_k=block_k,
-    )
+    return torch.zeros(1, 1, mq + 1, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.int32, device=device)
 
 
 def _select_blocks(q, k, topk_ratio: float, skip_ratio: float, block_q: int, block_k: int):
     """``(critical, negligible)`` BlockMasks: top ``int(topk_ratio·Mk)`` and bottom ``int(skip_ratio·Mk)`` blocks
-    of each query block's pooled scores (the bottom count is capped so that the two sets never overlap)."""
+    of each query block's pooled scores (the bottom count is capped so that the two sets never overlap);
+    ``negligible`` is None for ``skip_ratio == 0``."""
     if skip_ratio == 0:
-        critical = topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio)
-        return critical, _empty_block_mask(q.shape[2], k.shape[2], block_q, block_k, q.device)
+        return topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio), None
     critical, scores = topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio, return_scores=True)
     keep, _ = critical.to_block_matrix()
     num_k = scores.shape[-1]
@@ -69,12 +61,14 @@ def _select_blocks(q, k, topk_ratio: float, skip_ratio: float, block_q: int, blo
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def _reference_branches(q, k, v, critical: BlockMask, negligible: BlockMask, *, feature_map: str, scale, eps):
+def _reference_branches(q, k, v, critical: BlockMask, negligible: BlockMask | None, *, feature_map: str, scale, eps):
     """``(o_sparse, o_linear)`` from the dense equations (fp16/bf16 compute in fp32)."""
     compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     o_sparse = block_sparse_attention_reference(q, k, v, critical, scale=scale)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-    marginal = ~critical.to_dense().to(q.device) & ~negligible.to_dense().to(q.device)
+    marginal = ~critical.to_dense().to(q.device)
+    if negligible is not None:
+        marginal = marginal & ~negligible.to_dense().to(q.device)
     kernel = torch.einsum("bhqd,bhkd->bhqk", _feature_map(qc, feature_map), _feature_map(kc, feature_map))
     kernel = kernel * marginal
     has_marginal = marginal.any(-1, keepdim=True)
@@ -111,8 +105,6 @@ def sparse_linear_attention_reference(
     with ``m_ij = 1`` iff key ``j`` lies in a marginal block of query ``i``'s block; ``o_l,i = 0`` without one.
     """
     scale = _check_scale(scale, q.shape[-1])
-    if negligible is None:
-        negligible = _empty_block_mask(q.shape[2], k.shape[2], critical.block_q, critical.block_k, q.device)
     branches = _reference_branches(q, k, v, critical, negligible, feature_map=feature_map, scale=scale, eps=eps)
     return _combine(*branches, proj_weight, proj_bias)
 
@@ -292,9 +284,13 @@ def _bwd_flops(do_s_shape, do_l_shape, q_shape, k_shape, v_shape, o_s_shape, o_l
         _triton_supports_blocks,
     ],
 )
-def _sparse_linear_triton(q, k, v, critical: BlockMask, negligible: BlockMask, *, feature_map: str, scale, eps):
+def _sparse_linear_triton(q, k, v, critical: BlockMask, negligible: BlockMask | None, *, feature_map: str, scale, eps):
     from ..kernels.linear import FEATURE_CODES
 
+    if negligible is None:
+        neg_indptr, neg_indices = _empty_csr(q.shape[2], critical.block_q, q.device)
+    else:
+        neg_indptr, neg_indices = negligible.indptr, negligible.indices
     o_sparse, o_linear, _, _ = _sla_fwd_op(
         q,
         k,
@@ -302,8 +298,8 @@ def _sparse_linear_triton(q, k, v, critical: BlockMask, negligible: BlockMask, *
         critical.indptr,
         critical.indices,
         critical.partial,
-        negligible.indptr,
-        negligible.indices,
+        neg_indptr,
+        neg_indices,
         scale,
         critical.block_q,
         critical.block_k,
@@ -334,7 +330,8 @@ def _check_critical_mask(block_mask, q, k, skip_ratio: float) -> None:
     _check_block_mask(block_mask, q, k)
     if skip_ratio:
         raise ValueError(f"skip_ratio must be 0 when block_mask is given (it needs pooled scores); got {skip_ratio=}.")
-    if bool(block_mask.partial.any()):
+    # a mask without token predicate has no partial block (BlockMask enforces it): no device sync on that path
+    if block_mask.token_mask is not None and bool(block_mask.partial.any()):
         raise ValueError(
             "block_mask must have no partial blocks (the linear branch works on whole blocks); "
             f"got {int(block_mask.partial.sum())} partial blocks."
@@ -427,8 +424,7 @@ def sparse_linear_attention(
         critical, negligible = _select_blocks(q, k, topk_ratio, skip_ratio, block_q, block_k)
     else:
         _check_critical_mask(block_mask, q, k, skip_ratio)
-        critical = block_mask
-        negligible = _empty_block_mask(q.shape[2], k.shape[2], block_mask.block_q, block_mask.block_k, q.device)
+        critical, negligible = block_mask, None
     args = {"q": q, "k": k, "v": v, "critical": critical}
     fn = _REGISTRY.select(backend, args)
     o_sparse, o_linear = fn(q, k, v, critical, negligible, feature_map=feature_map, scale=scale, eps=eps)
