@@ -96,7 +96,7 @@ def _gated_bwd_kernel(
     scale,
     N,
     NT,
-    H: tl.constexpr,
+    H,
     DK: tl.constexpr,
     DV: tl.constexpr,
     BT: tl.constexpr,
