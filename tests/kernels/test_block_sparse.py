@@ -169,6 +169,22 @@ def test_block_sparse_kernel_traces_with_compile_and_counts_flops(kernel_device,
     assert counter.get_total_flops() == 2 * kept_pairs * (16 + 16) + 2 * kept_pairs * (3 * 16 + 2 * 16)
 
 
+def test_block_sparse_transpose_csr_matches_block_mask(rng):
+    from visionattn.kernels.block_sparse_bwd import transpose_csr
+
+    keep = torch.rand(2, 3, 7, 5, generator=rng) < 0.4
+    partial = torch.rand(2, 3, 7, 5, generator=rng) < 0.5
+    mask = BlockMask.from_block_matrix(
+        keep, partial=partial, q_len=70, kv_len=45, block_q=10, block_k=9, token_mask=lambda q, k: q >= k
+    )
+    expected = mask.transpose()
+    got = transpose_csr(mask.indptr, mask.indices, mask.partial, mask.num_kv_blocks)
+    for name, ref, out in zip(
+        ("indptr", "indices", "partial"), (expected.indptr, expected.indices, expected.partial), got
+    ):
+        assert torch.equal(ref, out), name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -29,6 +29,7 @@ __all__ = [
     "empty_like_layout",
     "launch_constexprs",
     "next_block",
+    "pack_mask_kind",
     "prune_configs",
 ]
 
@@ -51,6 +52,20 @@ MASK_PARAMS = (
 )
 #: Parameters for ``MASK_NONE``: a one-token layout, so the (unused) predicate arithmetic never divides by zero.
 NO_MASK_PARAMS = [1] * len(MASK_PARAMS)
+
+
+def pack_mask_kind(kind: int, mask_params: list[int]) -> int:
+    """The ``MASK_KIND`` constexpr: ``kind | 4 * axes | 32 * dilated``, so the kernels compile only the tests a
+    predicate needs. ``axes`` has bit 0/1/2 for X/Y/T; an axis of grid size 1 without tiling (the padding of 1D/2D
+    grids to 3 axes) is always allowed and left out. ``dilated``: some axis has dilation > 1."""
+    if kind == MASK_NONE:
+        return MASK_NONE
+    p = dict(zip(MASK_PARAMS, mask_params))
+    axes = 1 + sum(bit for bit, a in ((2, "y"), (4, "t")) if (p[f"grid_{a}"], p[f"tile_{a}"]) != (1, 1))
+    dilated = any(p[f"na_dilation_{a}"] > 1 for a in "tyx")
+    return kind + 4 * axes + 32 * dilated
+
+
 #: Score of a masked (query, key) pair: exp2(-inf - m) = 0 for any finite running max m.
 _MASKED = tl.constexpr(float("-inf"))
 _NEIGHBORHOOD = tl.constexpr(MASK_NEIGHBORHOOD)
@@ -155,38 +170,55 @@ def _bsa_window(c, mp, AXIS: tl.constexpr, IS_QUERY: tl.constexpr):
 def _bsa_side(pos, mp, IS_QUERY: tl.constexpr, MASK_KIND: tl.constexpr, AS_ROWS: tl.constexpr):
     """Per-token half of the predicate, shaped ``[n, 1]`` (``AS_ROWS``) or ``[1, n]`` for the score tile.
 
-    Returns (is_global, valid, then (group, lo, hi) per axis, see ``_bsa_window``); for ``MASK_CIRCULAR`` each
-    axis carries its coordinate three times.
+    Returns (is_global, valid, then (group, lo, hi) per axis T, Y, X, see ``_bsa_window``); circular windows and
+    axes the predicate skips (``pack_mask_kind``) carry the coordinate three times.
     """
     if AS_ROWS:
         pos = pos[:, None]
     else:
         pos = pos[None, :]
     is_global, valid, t, y, x = _bsa_coords(pos, mp)
-    if MASK_KIND == _NEIGHBORHOOD:
-        gt, lt, ht = _bsa_window(t, mp, 0, IS_QUERY)
-        gy, ly, hy = _bsa_window(y, mp, 1, IS_QUERY)
+    gt, lt, ht = t, t, t
+    gy, ly, hy = y, y, y
+    gx, lx, hx = x, x, x
+    if MASK_KIND % 4 == _NEIGHBORHOOD:
         gx, lx, hx = _bsa_window(x, mp, 2, IS_QUERY)
-    else:
-        gt, lt, ht = t, t, t
-        gy, ly, hy = y, y, y
-        gx, lx, hx = x, x, x
+        if (MASK_KIND // 8) % 2 == 1:
+            gy, ly, hy = _bsa_window(y, mp, 1, IS_QUERY)
+        if (MASK_KIND // 16) % 2 == 1:
+            gt, lt, ht = _bsa_window(t, mp, 0, IS_QUERY)
     return is_global, valid, gt, lt, ht, gy, ly, hy, gx, lx, hx
+
+
+@triton.jit
+def _bsa_axis(qs, ks, AXIS: tl.constexpr, MASK_KIND: tl.constexpr):
+    """One axis of the predicate: neighborhood, ``lo <= k <= hi`` (and the same dilation group); circular, the
+    squared distance along the axis."""
+    if MASK_KIND % 4 == _NEIGHBORHOOD:
+        out = (ks[3 + 3 * AXIS] >= qs[3 + 3 * AXIS]) & (ks[3 + 3 * AXIS] <= qs[4 + 3 * AXIS])
+        if MASK_KIND // 32 == 1:
+            out = out & (qs[2 + 3 * AXIS] == ks[2 + 3 * AXIS])
+    else:
+        d = qs[2 + 3 * AXIS] - ks[2 + 3 * AXIS]
+        out = d * d
+    return out
 
 
 @triton.jit
 def _bsa_allowed(qs, ks, radius2, MASK_KIND: tl.constexpr):
     """The exact token predicate on a score tile from the query-side and key-side ``_bsa_side`` tuples."""
-    if MASK_KIND == _NEIGHBORHOOD:
-        # per axis: same dilation group and lo <= k <= hi
-        local = (qs[2] == ks[2]) & (ks[3] >= qs[3]) & (ks[3] <= qs[4])
-        local = local & (qs[5] == ks[5]) & (ks[6] >= qs[6]) & (ks[6] <= qs[7])
-        local = local & (qs[8] == ks[8]) & (ks[9] >= qs[9]) & (ks[9] <= qs[10])
+    local = _bsa_axis(qs, ks, 2, MASK_KIND)
+    if MASK_KIND % 4 == _NEIGHBORHOOD:
+        if (MASK_KIND // 8) % 2 == 1:
+            local = local & _bsa_axis(qs, ks, 1, MASK_KIND)
+        if (MASK_KIND // 16) % 2 == 1:
+            local = local & _bsa_axis(qs, ks, 0, MASK_KIND)
     else:
-        dt = qs[2] - ks[2]
-        dy = qs[5] - ks[5]
-        dx = qs[8] - ks[8]
-        local = (dt * dt + dy * dy + dx * dx).to(tl.float32) < radius2
+        if (MASK_KIND // 8) % 2 == 1:
+            local = local + _bsa_axis(qs, ks, 1, MASK_KIND)
+        if (MASK_KIND // 16) % 2 == 1:
+            local = local + _bsa_axis(qs, ks, 0, MASK_KIND)
+        local = local.to(tl.float32) < radius2
     return ks[1] & (qs[0] | ks[0] | local)
 
 
@@ -451,14 +483,14 @@ def csr_strides(indptr: torch.Tensor) -> tuple[int, int]:
     return tuple(indptr.stride(i) if indptr.shape[i] > 1 else 0 for i in range(2))
 
 
-def launch_constexprs(q: torch.Tensor, v: torch.Tensor, mask_kind: int) -> dict:
+def launch_constexprs(q: torch.Tensor, v: torch.Tensor, mask_kind: int, mask_params: list[int]) -> dict:
     """Compile-time switches shared by the attention kernels (tiles come from ``TILE_HEURISTICS``)."""
     return {
         "BLOCK_D": next_block(q.shape[-1]),
         "BLOCK_DV": next_block(v.shape[-1]),
         "HEAD_DIM": q.shape[-1],
         "HEAD_DIM_V": v.shape[-1],
-        "MASK_KIND": mask_kind,
+        "MASK_KIND": pack_mask_kind(mask_kind, mask_params),
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
 
@@ -509,6 +541,6 @@ def block_sparse_fwd(
         scale * LOG2E,
         tuple(mask_params),
         radius2,
-        **launch_constexprs(q, v, mask_kind),
+        **launch_constexprs(q, v, mask_kind, mask_params),
     )
     return out, lse

@@ -471,9 +471,9 @@ def transpose_csr(
     head, q_block = row_id // mq, row_id % mq
     col_id = head * mk + indices.long()
     order = torch.argsort(col_id * mq + q_block)
-    col_counts = torch.zeros(bm * hm * mk, dtype=torch.long, device=indptr.device)
-    col_counts.index_add_(0, col_id, torch.ones_like(col_id))
-    starts = torch.cat([col_counts.new_zeros(1), torch.cumsum(col_counts, 0)])
+    # Row starts of the key-major CSR by binary search in the sorted column ids (no atomics, no host sync).
+    boundaries = torch.arange(bm * hm * mk + 1, device=indptr.device)
+    starts = torch.searchsorted(col_id[order], boundaries)
     gather = torch.arange(bm * hm, device=indptr.device)[:, None] * mk + torch.arange(mk + 1, device=indptr.device)
     indptr_t = starts[gather].view(bm, hm, mk + 1).to(torch.int32)
     return indptr_t, q_block[order].to(torch.int32), partial[order]
@@ -525,7 +525,7 @@ def block_sparse_bwd(
     dq = empty_like_layout(q, q.shape[-1])
     dk = empty_like_layout(k, k.shape[-1])
     dv = empty_like_layout(v, v.shape[-1])
-    constexprs = launch_constexprs(q, v, mask_kind)
+    constexprs = launch_constexprs(q, v, mask_kind, mask_params)
     shared = (h, q_len, kv_len, block_q, block_k, scale, tuple(mask_params), radius2)
     grid_dq = lambda meta: (triton.cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
     _block_sparse_bwd_kernel_dq[grid_dq](
