@@ -8,11 +8,11 @@ import torch
 from tests._numerics import assert_close
 from tests.diffusion._brute import circle_allowed, masked_softmax, natten_allowed, radial_allowed
 from visionattn.diffusion import (
-    AgentAttention,
+    AgentMethod,
     DiffusionState,
-    LinearAttention,
-    LocalAttention,
-    RadialAttention,
+    LinearMethod,
+    LocalMethod,
+    RadialMethod,
     SparseLinearMethod,
 )
 from visionattn.layout import TokenGrid, topk_ratio_block_mask
@@ -45,7 +45,7 @@ def _check_forward_backward(name, out, ref, tensors):
 def test_local_neighborhood_matches_masked_dense(shape, before, after, kernel, stride, dilation):
     gen = torch.Generator().manual_seed(0)
     grid = TokenGrid(shape, extra_before=before, extra_after=after)
-    method = LocalAttention(kernel_size=kernel, stride=stride, dilation=dilation, backend="reference")
+    method = LocalMethod(kernel_size=kernel, stride=stride, dilation=dilation, backend="reference")
     ks, st, dil = method._window(shape)
     allowed = natten_allowed(grid, ks, st, dil)
     q, k, v = _qkv(grid, gen)
@@ -60,7 +60,7 @@ def test_local_circle_matches_masked_dense(shape, before, radius):
     grid = TokenGrid(shape, extra_before=before)
     allowed = circle_allowed(grid, radius)
     q, k, v = _qkv(grid, gen)
-    method = LocalAttention(window="circle", radius=radius, tile=(2,) * len(shape), backend="reference")
+    method = LocalMethod(window="circle", radius=radius, tile=(2,) * len(shape), backend="reference")
     out, _ = method(q, k, v, grid, DiffusionState())
     _check_forward_backward("circle", out, masked_softmax(q, k, v, allowed), (q, k, v))
 
@@ -71,13 +71,13 @@ def test_radial_matches_masked_dense(before, after, sink):
     grid = TokenGrid((6, 4, 5), extra_before=before, extra_after=after)
     allowed = radial_allowed(grid, block_size=8, decay_factor=0.5, sink=sink)
     q, k, v = _qkv(grid, gen)
-    method = RadialAttention(decay_factor=0.5, block_size=8, sink=sink, backend="reference")
+    method = RadialMethod(decay_factor=0.5, block_size=8, sink=sink, backend="reference")
     out, density = method(q, k, v, grid, DiffusionState())
     assert 0 < density < 1
     _check_forward_backward("radial", out, masked_softmax(q, k, v, allowed), (q, k, v))
 
 
-def _linfusion(q, k, v, method: LinearAttention):
+def _linfusion(q, k, v, method: LinearMethod):
     """LinFusion's formula (shared/reference/diffusion.md §4.2) with the projections on q and k."""
     q = q + method.q_proj(q)
     k = k + method.k_proj(k)
@@ -91,7 +91,7 @@ def _linfusion(q, k, v, method: LinearAttention):
 def test_linear_matches_linfusion_formula():
     gen = torch.Generator().manual_seed(3)
     grid = TokenGrid((4, 5), extra_before=3)
-    method = LinearAttention(8, dtype=torch.float64)
+    method = LinearMethod(8, dtype=torch.float64)
     with torch.no_grad():
         for proj in (method.q_proj, method.k_proj):
             proj.fc2.weight.normal_(generator=gen)
@@ -151,7 +151,7 @@ def _tome_agents(tokens: torch.Tensor, shape, sx: int, sy: int, ratio: float) ->
 def test_agent_matches_agentsd_formula():
     gen = torch.Generator().manual_seed(4)
     grid = TokenGrid((6, 8), extra_after=4)
-    method = AgentAttention(agent_ratio=0.7, sx=2, sy=2, k_scale2=0.3, k_shortcut=0.075, backend="reference")
+    method = AgentMethod(agent_ratio=0.7, sx=2, sy=2, k_scale2=0.3, k_shortcut=0.075, backend="reference")
     q, k, v = _qkv(grid, gen)
     out, density = method(q, k, v, grid, DiffusionState())
     b, h, _, d = q.shape
@@ -170,7 +170,7 @@ def test_agent_matches_agentsd_formula():
 def test_agent_uses_early_settings_in_early_steps():
     grid = TokenGrid((8, 8))
     q, k, v = _qkv(grid, torch.Generator().manual_seed(7))
-    method = AgentAttention(early_steps=2, early_sx=4, early_sy=4, early_agent_ratio=0.95, backend="reference")
+    method = AgentMethod(early_steps=2, early_sx=4, early_sy=4, early_agent_ratio=0.95, backend="reference")
     densities = []
     for step in (0, 1, 2):
         _, density = method(q, k, v, grid, DiffusionState(step=step))
@@ -182,6 +182,6 @@ def test_agent_uses_early_settings_in_early_steps():
 def test_agent_keeps_dense_attention_with_few_merges():
     grid = TokenGrid((4, 4))
     q, k, v = _qkv(grid, torch.Generator().manual_seed(5))
-    out, density = AgentAttention(agent_ratio=0.25)(q, k, v, grid, DiffusionState())
+    out, density = AgentMethod(agent_ratio=0.25)(q, k, v, grid, DiffusionState())
     assert out is None and density == 1.0
     assert math.isfinite(density)

@@ -1,7 +1,7 @@
 """diffusers integration: processors for visionattn's attention methods, the grid/step hook, ``apply``/``remove``."""
 
 from ._hooks import DiffusionState
-from ._methods import AgentAttention, LinearAttention, LocalAttention, RadialAttention, SparseLinearMethod
+from ._methods import AgentMethod, LinearMethod, LocalMethod, RadialMethod, SparseLinearMethod
 from .apply import AttentionHandle, apply, remove
 from .cogvideox import CogVideoXMethodAttnProcessor
 from .flux import FluxMethodAttnProcessor
@@ -12,16 +12,16 @@ from .unet import UNetMethodAttnProcessor
 from .wan import WanMethodAttnProcessor
 
 __all__ = [
-    "AgentAttention",
+    "AgentMethod",
     "AttentionHandle",
     "CogVideoXMethodAttnProcessor",
     "DiffusionState",
     "FluxMethodAttnProcessor",
     "HunyuanVideoMethodAttnProcessor",
     "LTXVideoMethodAttnProcessor",
-    "LinearAttention",
-    "LocalAttention",
-    "RadialAttention",
+    "LinearMethod",
+    "LocalMethod",
+    "RadialMethod",
     "SD3MethodAttnProcessor",
     "SparseLinearMethod",
     "UNetMethodAttnProcessor",

@@ -24,7 +24,7 @@ from ..ops._checks import _check_choice, _check_per_axis
 from ..ops.neighborhood import default_neighborhood_tile
 from ._agent import agent_tokens
 
-__all__ = ["AgentAttention", "LinearAttention", "LocalAttention", "RadialAttention", "SparseLinearMethod"]
+__all__ = ["AgentMethod", "LinearMethod", "LocalMethod", "RadialMethod", "SparseLinearMethod"]
 
 
 def _rotate_text_last(grid: TokenGrid, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -54,7 +54,7 @@ class _AttentionMethod(nn.Module):
         """Raise ``ValueError`` saying why this method does not fit the model; default: fits every model."""
 
 
-class LocalAttention(_AttentionMethod):
+class LocalMethod(_AttentionMethod):
     """Local attention on the latent grid; text tokens stay global (they attend to all and all attend to them).
 
     Two windows: NATTEN/GNA neighborhood attention (``window="neighborhood"``, Hassani et al., arXiv 2504.16922:
@@ -145,7 +145,7 @@ def _tile_order(layout: TokenLayout, device) -> tuple[torch.Tensor, torch.Tensor
     return index.clamp_min(0).to(device), (index >= 0)[:, None].to(device), out_slot.to(device)
 
 
-class RadialAttention(_AttentionMethod):
+class RadialMethod(_AttentionMethod):
     """Radial Attention's static O(n log n) spatiotemporal mask (Li et al., arXiv 2506.19852), for video DiTs.
 
     The mask is ``visionattn.layout.radial_block_mask`` (the reference's ``gen_log_mask_shrinked``): frame pairs at
@@ -279,7 +279,7 @@ class _FeatureProjection(nn.Module):
         return self.fc2(self.act(self.norm(self.fc1(x))))
 
 
-class LinearAttention(_AttentionMethod):
+class LinearMethod(_AttentionMethod):
     """LinFusion's generalized linear attention (Liu et al., arXiv 2409.02097), mean-normalised and non-causal.
 
     ``q̂ = q + f_q(q)``, ``k̂ = k + f_k(k)``, ``O = φ(q̂)·((1/N) Σ_j φ(k̂_j) v_jᵀ) / (φ(q̂)·(1/N) Σ_j φ(k̂_j) + ε)`` with
@@ -319,7 +319,7 @@ class LinearAttention(_AttentionMethod):
         return out, None
 
 
-class AgentAttention(_AttentionMethod):
+class AgentMethod(_AttentionMethod):
     """AgentSD's agent attention (Han et al., ECCV 2024, arXiv 2312.08874, §5), diffusers-compatible.
 
     Agents ``A`` are the queries after ToMe's bipartite soft matching merges ``agent_ratio·N`` grid tokens into one
@@ -382,6 +382,4 @@ class AgentAttention(_AttentionMethod):
         return out + self.k_shortcut * v, 2 * agents.shape[2] / n
 
 
-_METHODS = {
-    cls.name: cls for cls in (AgentAttention, LinearAttention, LocalAttention, RadialAttention, SparseLinearMethod)
-}
+_METHODS = {cls.name: cls for cls in (AgentMethod, LinearMethod, LocalMethod, RadialMethod, SparseLinearMethod)}

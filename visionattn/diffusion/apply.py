@@ -136,8 +136,8 @@ def apply(
         method: ``"local"``, ``"radial"``, ``"sparse_linear"``, ``"linear"`` or ``"agent"``.
         dense_layers: the first ``dense_layers`` self-attention layers keep dense attention (radial default 1).
         dense_steps: the first ``dense_steps`` denoising steps keep dense attention (radial default 12).
-        **options: the method's options (see ``LocalAttention``, ``RadialAttention``, ``SparseLinearMethod``,
-            ``LinearAttention``, ``AgentAttention``).
+        **options: the method's options (see ``LocalMethod``, ``RadialMethod``, ``SparseLinearMethod``,
+            ``LinearMethod``, ``AgentMethod``).
 
     Returns:
         An ``AttentionHandle`` for ``remove`` and for statistics (``handle.density()``).
