@@ -154,8 +154,36 @@ def _sparse_linear_bwd_kernel_dq(
     row = indptr_ptr + i_b * stride_indptr_b + i_h * stride_indptr_h + i_m
     crit_start = tl.load(row)
     crit_end = tl.load(row + 1)
+    # -- linear part first: its D x Dv state is dead before the loop's tiles are live
+    # dφ(q) = dn Sᵀ + dden z, through φ
+    neg_row = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_m
+    b_s, b_z, _ = _sla_marginal_state(
+        h_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
+        z_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
+        h_ptr + i_bh.to(tl.int64) * num_kv_blocks * (HEAD_DIM * HEAD_DIM_V),
+        z_ptr + i_bh.to(tl.int64) * num_kv_blocks * HEAD_DIM,
+        indices_ptr,
+        crit_start,
+        crit_end,
+        neg_indices_ptr,
+        tl.load(neg_row),
+        tl.load(neg_row + 1),
+        num_kv_blocks,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        BLOCK_D,
+        BLOCK_DV,
+    )
+    b_rden = tl.load(rden_ptr + p_row, mask=m_m, other=0.0)
+    b_dden = tl.load(dden_ptr + p_row, mask=m_m, other=0.0)
+    # [BLOCK_M, BLOCK_DV]
+    b_dn = _bsa_load(p_dol, m_m, o_dv < HEAD_DIM_V, EVEN_M, HEAD_DIM_V == BLOCK_DV).to(tl.float32) * b_rden[:, None]
+    b_qf = b_q.to(tl.float32)
+    b_phq = _phi(b_qf, m_d, FEATURE)
+    b_dphq = tl.dot(b_dn, tl.trans(b_s), input_precision=DOT_PRECISION) + b_dden[:, None] * b_z[None, :]
+    # the sparse loop accumulates unscaled and the sum is scaled once at the end
+    dq = _phi_bwd(b_qf, b_phq, b_dphq, FEATURE) / scale
     # -- sparse part
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _block_sparse_bwd_dq_inner(
         dq,
         b_q,
@@ -189,33 +217,6 @@ def _sparse_linear_bwd_kernel_dq(
         DOT_PRECISION,
     )
     dq = dq * scale
-    # -- linear part: dφ(q) = dn Sᵀ + dden z, through φ
-    neg_row = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_m
-    b_s, b_z, _ = _sla_marginal_state(
-        h_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
-        z_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
-        h_ptr + i_bh.to(tl.int64) * num_kv_blocks * (HEAD_DIM * HEAD_DIM_V),
-        z_ptr + i_bh.to(tl.int64) * num_kv_blocks * HEAD_DIM,
-        indices_ptr,
-        crit_start,
-        crit_end,
-        neg_indices_ptr,
-        tl.load(neg_row),
-        tl.load(neg_row + 1),
-        num_kv_blocks,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        BLOCK_D,
-        BLOCK_DV,
-    )
-    b_rden = tl.load(rden_ptr + p_row, mask=m_m, other=0.0)
-    b_dden = tl.load(dden_ptr + p_row, mask=m_m, other=0.0)
-    # [BLOCK_M, BLOCK_DV]
-    b_dn = _bsa_load(p_dol, m_m, o_dv < HEAD_DIM_V, EVEN_M, HEAD_DIM_V == BLOCK_DV).to(tl.float32) * b_rden[:, None]
-    b_qf = b_q.to(tl.float32)
-    b_phq = _phi(b_qf, m_d, FEATURE)
-    b_dphq = tl.dot(b_dn, tl.trans(b_s), input_precision=DOT_PRECISION) + b_dden[:, None] * b_z[None, :]
-    dq += _phi_bwd(b_qf, b_phq, b_dphq, FEATURE)
     p_dq = dq_ptr + i_b * stride_dq_b + i_h * stride_dq_h + rows * stride_dq_n + o_d[None, :] * stride_dq_d
     tl.store(p_dq, dq.to(dq_ptr.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
@@ -318,9 +319,35 @@ def _sparse_linear_bwd_kernel_dkdv(
     col = indptr_ptr + i_b * stride_indptr_b + i_h * stride_indptr_h + i_n
     crit_start = tl.load(col)
     crit_end = tl.load(col + 1)
+    # -- linear part first (its D x Dv state dies before the loop):
+    # A = Σ of dS_b over the query blocks for which this key block is marginal
+    neg_col = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_n
+    b_a, b_az, has_marginal = _sla_marginal_state(
+        ds_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
+        dz_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
+        ds_ptr + i_bh.to(tl.int64) * num_q_blocks * (HEAD_DIM * HEAD_DIM_V),
+        dz_ptr + i_bh.to(tl.int64) * num_q_blocks * HEAD_DIM,
+        indices_ptr,
+        crit_start,
+        crit_end,
+        neg_indices_ptr,
+        tl.load(neg_col),
+        tl.load(neg_col + 1),
+        num_q_blocks,
+        HEAD_DIM,
+        HEAD_DIM_V,
+        BLOCK_D,
+        BLOCK_DV,
+    )
+    b_a = tl.where(has_marginal, b_a, 0.0)
+    b_az = tl.where(has_marginal, b_az, 0.0)
+    b_kf = b_k.to(tl.float32)
+    b_phk = _phi(b_kf, m_d, FEATURE)
+    dv = tl.dot(b_phk, b_a, input_precision=DOT_PRECISION)
+    b_dphk = tl.dot(b_v.to(tl.float32), tl.trans(b_a), input_precision=DOT_PRECISION) + b_az[None, :]
+    # the sparse loop accumulates dk unscaled and the sum is scaled once at the end
+    dk = _phi_bwd(b_kf, b_phk, b_dphk, FEATURE) / scale
     # -- sparse part over the query blocks for which this key block is critical
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     dk, dv = _block_sparse_bwd_dkdv_inner(
         dk,
         dv,
@@ -355,32 +382,6 @@ def _sparse_linear_bwd_kernel_dkdv(
         DOT_PRECISION,
     )
     dk = dk * scale
-    # -- linear part: A = Σ of dS_b over the query blocks for which this key block is marginal
-    neg_col = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_n
-    b_a, b_az, has_marginal = _sla_marginal_state(
-        ds_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
-        dz_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
-        ds_ptr + i_bh.to(tl.int64) * num_q_blocks * (HEAD_DIM * HEAD_DIM_V),
-        dz_ptr + i_bh.to(tl.int64) * num_q_blocks * HEAD_DIM,
-        indices_ptr,
-        crit_start,
-        crit_end,
-        neg_indices_ptr,
-        tl.load(neg_col),
-        tl.load(neg_col + 1),
-        num_q_blocks,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        BLOCK_D,
-        BLOCK_DV,
-    )
-    b_a = tl.where(has_marginal, b_a, 0.0)
-    b_az = tl.where(has_marginal, b_az, 0.0)
-    b_kf = b_k.to(tl.float32)
-    b_phk = _phi(b_kf, m_d, FEATURE)
-    dv += tl.dot(b_phk, b_a, input_precision=DOT_PRECISION)
-    b_dphk = tl.dot(b_v.to(tl.float32), tl.trans(b_a), input_precision=DOT_PRECISION) + b_az[None, :]
-    dk += _phi_bwd(b_kf, b_phk, b_dphk, FEATURE)
     p_dk = dk_ptr + i_b * stride_dk_b + i_h * stride_dk_h + rows * stride_dk_n + o_d[None, :] * stride_dk_d
     p_dv = dv_ptr + i_b * stride_dv_b + i_h * stride_dv_h + rows * stride_dv_n + o_dv[None, :] * stride_dv_d
     tl.store(p_dk, dk.to(dk_ptr.dtype.element_ty), mask=m_n[:, None] & m_d[None, :])
