@@ -11,11 +11,12 @@ Chunked algorithm (both directions in each launch):
    direction, and in backward also the gradient scan of a direction (the adjoint recurrence, run against scan
    order with q and dO in place of k and v).
 2. ``_gated_fwd_kernel_output``: one program per (chunk, batch·head) runs both directions over the chunk in
-   sub-blocks of ``BC`` tokens with the state in registers: ``o = (q ⊙ exp(g_cum)) S + tril(A) v`` and
-   ``S <- diag(exp(g_tot)) S + (k ⊙ exp(g_tot - g_cum))ᵀ v``, where the diagonal block ``A_ij = Σ_d q_id k_jd
-   exp(g_cum,id - g_cum,jd)`` is evaluated element-wise in log space. Every exponent is a sum of gates over a
-   token range (<= 0), so no factor overflows however strong the gates are. The second direction adds its half of
-   the output to the first one's (same program, after a barrier).
+   sub-blocks of ``BC`` tokens with the state in registers: ``o = (q ⊙ exp(g_cum)) S + A v`` and
+   ``S <- diag(exp(g_tot)) S + (k ⊙ exp(g_tot - g_cum))ᵀ v``. The intra-block scores ``A_ij = Σ_d q_id k_jd
+   exp(g_cum,id - g_cum,jd)`` (``j <= i``) are two matmuls whose row and column factors are taken relative to
+   reference tokens inside the sub-block (``_gated_intra_factors``), so with clamped gates no factor overflows
+   however strong the gates are. The second direction adds its half of the output to the first one's (same
+   program, after a barrier).
 
 Layout: q, k ``(B, H, N, Dk)``, v ``(B, H, N, Dv)``, gates ``(B, H, N, Dk)``, any strides with a unit last stride.
 """

@@ -1,10 +1,10 @@
 """Chunked gated linear attention (GLA), backward kernel and launcher; the forward and shared helpers are in gated.py.
 
-Per direction, in scan order, with scaled queries q̃ = q · scale / directions, the state S_t (inclusive) and the
-gradient state dH_s = Σ_{t>s} (q̃_t ⊙ exp(G_t - G_s))ᵀ dO_t (G = cumulative log gate):
+Per direction, in scan order, with scaled queries q̃ = q · scale / directions, G the cumulative log gate, the state
+S_t (token t included) and its adjoint, the gradient state dH_s = Σ_{t>=s} (q̃_t ⊙ exp(G_t - G_s))ᵀ dO_t:
 
-    dq̃_t = exp-decayed S dO_t + intra-block terms,   dk_s = (dH_s + q̃_s ᵀ dO_s) v_s,   dv_s = (dH_s + q̃_s ᵀ dO_s)ᵀ k_s
-    dG_t = q̃_t ⊙ dq̃_t - k_t ⊙ dk_t,                  d log_gate_r = Σ_{t >= r} dG_t   (GLA's reversed cumsum)
+    dq̃_t = S_t dO_t,        dk_s = dH_s v_s,        dv_s = dH_sᵀ k_s
+    dG_t = q̃_t ⊙ dq̃_t - k_t ⊙ dk_t,        d log_gate_r = Σ_{t >= r} dG_t        (GLA's reversed cumsum)
 
 One launch of ``_gated_kernel_state`` stores the chunk-entry states of all 2 x directions passes (state and gradient
 state); one program of ``_gated_bwd_kernel`` per (chunk, batch·head) then walks the chunk's sub-blocks forwards
