@@ -111,7 +111,7 @@ def test_apply_follows_resolution_and_batch_changes():
     handle = apply(model, "local", **_FULL_DENSITY["local"])
     for (b, s), ref in zip(((1, 1), (3, 2)), stock):
         assert_close(f"wan B{b} scale{s}", ref, _run(model, tiny.inputs(batch=b, scale=s)))
-    assert handle.states[0].grid == (3, 8, 6)
+    assert handle.state.grid == (3, 8, 6)
     remove(handle)
 
 
@@ -131,7 +131,7 @@ def test_dense_schedule_counts_steps_per_timestep():
     model, inputs = tiny.build(), tiny.inputs(batch=1)
     stock_out = _run(model, inputs)
     handle = apply(model, "local", kernel_size=1, dense_steps=2, backend="reference")
-    state = handle.states[0]
+    state = handle.state
     steps = []
     for t in (900, 900, 700, 500, 950):  # cond/uncond at 900, then two steps, then a new generation
         out = _run(model, dict(inputs, timestep=torch.tensor([t])))
@@ -248,3 +248,19 @@ def test_triton_backends_match_reference_in_models(name, method, options):
         outs[backend] = _run(model, inputs).float()
         remove(handle)
     assert_close(f"{name} {method} triton vs reference", outs["reference"], outs[None], tol=2e-2)
+
+
+def test_pipeline_experts_share_one_step_count():
+    """Wan 2.2 hands the late steps to ``transformer_2``: its first call is the next step, not step 0."""
+    tiny = TINY_MODELS["wan"]
+
+    class _Pipe:
+        transformer, transformer_2 = tiny.build(), tiny.build(seed=1)
+
+    pipe, inputs = _Pipe(), tiny.inputs(batch=1)
+    handle = apply(pipe, "local", kernel_size=3, backend="reference")
+    assert len(handle.processors) == 4
+    for model, t in ((pipe.transformer, 900), (pipe.transformer, 800), (pipe.transformer_2, 700)):
+        _run(model, dict(inputs, timestep=torch.tensor([t])))
+    assert handle.state.step == 2
+    remove(handle)

@@ -39,11 +39,12 @@ class AttentionHandle:
 
     Attributes:
         method: the method name.
-        states: one ``DiffusionState`` per patched model (grid, step, density statistics, mask cache).
+        state: the ``DiffusionState`` of the patched models (grid, step, density statistics, mask cache); the
+            experts of Wan 2.2 (``transformer`` and ``transformer_2``) share it, so steps count across both.
     """
 
     method: str
-    states: list[DiffusionState] = field(default_factory=list)
+    state: DiffusionState
     _originals: list[tuple[nn.Module, object]] = field(default_factory=list, repr=False)
     _hooks: list = field(default_factory=list, repr=False)
 
@@ -54,13 +55,11 @@ class AttentionHandle:
 
     def density(self) -> float | None:
         """Mean attention density over the calls since the last ``reset`` (dense calls count 1.0)."""
-        values = [d for d in (s.mean_density() for s in self.states) if d is not None]
-        return sum(values) / len(values) if values else None
+        return self.state.mean_density()
 
     def reset(self) -> None:
         """Start counting steps and density afresh (``apply`` detects new generations by a rising timestep)."""
-        for state in self.states:
-            state.reset()
+        self.state.reset()
 
 
 def _denoisers(pipe_or_model) -> list[nn.Module]:
@@ -152,7 +151,8 @@ def apply(
         >>> video = pipe(prompt, num_frames=81).frames; remove(handle)   # doctest: +SKIP
     """
     schedule = _schedule(method, dense_layers, dense_steps)
-    handle = AttentionHandle(method=method)
+    state = DiffusionState(dense_layers=schedule[0], dense_steps=schedule[1])
+    handle = AttentionHandle(method=method, state=state)
     for model in _denoisers(pipe_or_model):
         spec = _spec_of(model)
         build = _method_factory(method, options, spec)
@@ -161,7 +161,6 @@ def apply(
             remove(handle)
             raise ValueError("apply() was already called on this model; call remove(handle) first.")
         param = next(model.parameters())
-        state = DiffusionState(dense_layers=schedule[0], dense_steps=schedule[1])
         processors = []
         for layer_idx, module in enumerate(modules):
             head_dim = module.to_q.out_features // module.heads
@@ -171,7 +170,6 @@ def apply(
             module.set_processor(processor)
         hook = _GridStepHook(model, state, spec.read_grid)
         handle._hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
-        handle.states.append(state)
     return handle
 
 
