@@ -183,6 +183,18 @@ def test_gated_kernel_opcheck(kernel_device):
     torch.library.opcheck(torch.ops.visionattn.gated_linear_attention_fwd, (q, k, v, a, b, 0.25, 16))
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_gated_kernel_reports_flops(bidirectional, kernel_device):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = _to(_inputs(1, 2, 9, 16, 32, bidirectional=bidirectional), kernel_device, torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        out = gated_linear_attention(*inputs, backend="triton")
+        out.sum().backward()
+    per_direction = 2 * 9 * 16 * 32
+    assert counter.get_total_flops() == (4 + 8) * per_direction * (2 if bidirectional else 1)
+
+
 def test_gated_kernel_rejects_unsupported_input(kernel_device):
     q, k, v, a, b = (t.float().to(kernel_device) for t in _inputs(1, 1, 5, 8, 16))
     with pytest.raises(NotImplementedError, match="head dim"):

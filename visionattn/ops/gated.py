@@ -17,6 +17,7 @@ log gates (ViG: ``logsigmoid(x) / 16``).
 """
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from ..kernels._config import is_interpreter
 from ._checks import _check_attention_inputs, _check_scale, _check_tensor
@@ -31,7 +32,7 @@ from ._registry import (
 __all__ = ["gated_linear_attention", "gated_linear_attention_reference"]
 
 #: Tokens per chunk of the Triton kernels (one stored state per chunk and scan); 32 under the interpreter so that tiny
-#: tests cross several chunks. ``torch.ops.visionattn.gated_linear_attention_fwd`` takes others (multiples of 16).
+#: tests cross several chunks. ``torch.ops.visionattn.gated_linear_attention_fwd`` takes others (powers of two >= 16).
 _TRITON_CHUNK = 32 if is_interpreter() else 64
 #: Head dims (Dk and Dv) the Triton kernels are compiled for.
 _TRITON_HEAD_DIMS = (16, 32, 64)
@@ -142,6 +143,24 @@ def _backward(ctx, do):
 
 
 _gated_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _recurrence_flops(q_shape, v_shape, log_gate_bwd_shape, per_token: int) -> int:
+    batch, heads, length, dk = q_shape
+    directions = 1 if log_gate_bwd_shape is None else 2
+    return per_token * batch * heads * length * dk * v_shape[-1] * directions
+
+
+@register_flop_formula(torch.ops.visionattn.gated_linear_attention_fwd)
+def _fwd_flops(q_shape, k_shape, v_shape, log_gate_fwd_shape, log_gate_bwd_shape, *_, **__):
+    """The recurrence's work: state update and readout, 2 · 2·Dk·Dv per token and direction."""
+    return _recurrence_flops(q_shape, v_shape, log_gate_bwd_shape, 4)
+
+
+@register_flop_formula(torch.ops.visionattn.gated_linear_attention_bwd)
+def _bwd_flops(do_shape, q_shape, k_shape, v_shape, log_gate_fwd_shape, log_gate_bwd_shape, *_, **__):
+    """dq, dk, dv and the gradient-state update, 4 · 2·Dk·Dv per token and direction (recompute not counted)."""
+    return _recurrence_flops(q_shape, v_shape, log_gate_bwd_shape, 8)
 
 
 def _requires_gate_dtypes(args: dict, raise_error: bool) -> bool:
