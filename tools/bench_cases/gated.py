@@ -67,6 +67,9 @@ def _timed(fn, inputs, mode: str):
 
 def cases(args) -> list[BenchCase]:
     on_gpu = args.device == "cuda"
+    if args.dtype == torch.float32:
+        # fla's kernels run float32 matmuls in TF32; ours follow torch's switch, so compare like with like
+        torch.set_float32_matmul_precision("high")
     fla = _fla_bidirectional() if on_gpu else None
     peers = {
         "ours": lambda q, k, v, a, b: gated_linear_attention(q, k, v, a, b),
