@@ -89,7 +89,7 @@ def _wan(tiny: bool, device, dtype):
 
     config = dict(_WAN_13B, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=2, text_dim=16)
     with torch.device(device), _default_dtype(dtype):
-        model = WanTransformer3DModel(**(config if tiny else _WAN_13B)).to(dtype).eval()
+        model = _keep_fp32(WanTransformer3DModel(**(config if tiny else _WAN_13B)).to(dtype).eval())
     frames, height, width = (3, 8, 8) if tiny else (21, 60, 104)  # 480 x 832 x 81 frames after the VAE
     gen = torch.Generator(device="cpu").manual_seed(0)
     inputs = dict(
@@ -107,7 +107,7 @@ def _flux(tiny: bool, device, dtype):
     config = dict(_FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)
     config.update(joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)) if tiny else None
     with torch.device(device), _default_dtype(dtype):
-        model = FluxTransformer2DModel(**(config if tiny else _FLUX_DEV)).to(dtype).eval()
+        model = _keep_fp32(FluxTransformer2DModel(**(config if tiny else _FLUX_DEV)).to(dtype).eval())
     side, text = (8, 8) if tiny else (128, 512)  # 2048 px: VAE /8, 2x2 packing
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -122,6 +122,15 @@ def _flux(tiny: bool, device, dtype):
     )
     grid = TokenGrid((side, side), extra_before=text)
     return model, _to(inputs, device, dtype), grid, model.config.num_attention_heads, model.config.attention_head_dim
+
+
+def _keep_fp32(model):
+    """Return ``model`` with its ``_keep_in_fp32_modules`` in float32, as ``from_pretrained(torch_dtype=...)`` keeps them."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if keep & set(name.split(".")):
+            module.float()
+    return model
 
 
 def _to(inputs: dict, device, dtype) -> dict:
