@@ -34,7 +34,13 @@ from .block_sparse import (
 )
 from .block_sparse_bwd import _block_sparse_bwd_dkdv_inner, _block_sparse_bwd_dq_inner, transpose_csr
 from .linear import _phi, _phi_bwd
-from .sparse_linear import _sla_marginal_state, _sparse_linear_bwd_kernel_state, sparse_linear_state, state_dtype
+from .sparse_linear import (
+    _sla_marginal_state,
+    _sparse_linear_bwd_kernel_state,
+    blocks_per_program,
+    sparse_linear_state,
+    state_dtype,
+)
 
 __all__ = ["sparse_linear_bwd"]
 
@@ -410,7 +416,7 @@ def sparse_linear_bwd(
     block_k: int,
     feature: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Four launches: key-block states ``(Mk, B·H)``, query-block pre-pass ``(Mq, B·H)``, dQ per query sub-tile,
+    """Four launches: key-block states, query-block pre-pass (``c`` blocks per program), dQ per query sub-tile,
     dK/dV per key sub-tile (transposed CSRs, built on device without a host sync).
 
     Returns ``dq``, ``dk``, ``dv`` stored like ``q``, ``k``, ``v``.
@@ -424,7 +430,11 @@ def sparse_linear_bwd(
     dden = torch.empty_like(delta)
     ds_blocks = torch.empty(b * h, mq, d, dv_dim, device=q.device, dtype=state_dtype(q.dtype))
     dz_blocks = torch.empty(b * h, mq, d, device=q.device, dtype=state_dtype(q.dtype))
-    _sparse_linear_bwd_kernel_state[(mq, b * h)](
+    chunk = blocks_per_program(mq, b * h)
+    chunks = triton.cdiv(mq, chunk)
+    ds_part = torch.empty(b * h, chunks, d, dv_dim, device=q.device, dtype=torch.float32)
+    dz_part = torch.empty(b * h, chunks, d, device=q.device, dtype=torch.float32)
+    _sparse_linear_bwd_kernel_state[(chunks, b * h)](
         q,
         o_sparse,
         o_linear,
@@ -435,6 +445,8 @@ def sparse_linear_bwd(
         dden,
         ds_blocks,
         dz_blocks,
+        ds_part,
+        dz_part,
         *q.stride(),
         *o_sparse.stride(),
         *do_sparse.stride(),
@@ -442,6 +454,8 @@ def sparse_linear_bwd(
         h,
         q_len,
         block_q,
+        mq,
+        chunk,
         BLOCK_D=next_block(d),
         BLOCK_DV=next_block(dv_dim),
         HEAD_DIM=d,
@@ -449,7 +463,7 @@ def sparse_linear_bwd(
         FEATURE=feature,
         DOT_PRECISION=dot_precision,
     )
-    ds_tot, dz_tot = ds_blocks.sum(1, dtype=torch.float32), dz_blocks.sum(1, dtype=torch.float32)
+    ds_tot, dz_tot = ds_part.sum(1), dz_part.sum(1)
     dq = empty_like_layout(q, d)
     dk = empty_like_layout(k, d)
     dv = empty_like_layout(v, dv_dim)
