@@ -50,7 +50,7 @@ def _check(device, dtype, gen, *, n, d, dv, block_q, block_k, topk_ratio, skip_r
         ("softmax", 80, 16, 16, 32, 16, 0.4, 0.0, False),
         ("elu1", 72, 32, 16, 16, 32, 0.34, 0.34, True),
         ("relu", 48, 16, 16, 16, 16, 0.0, 0.0, False),
-        ("softmax", 48, 16, 16, 16, 16, 1.0, 0.0, False),
+        ("softmax", 50, 16, 16, 12, 10, 1.0, 0.0, False),
     ],
     ids=lambda x: str(x),
 )
@@ -106,6 +106,28 @@ def test_sparse_linear_kernel_gpu_compile_fullgraph(rng):
 def test_sparse_linear_kernel_real_sizes(rng, dtype, n, d, block_q, block_k, topk_ratio, skip_ratio, feature_map):
     _check(torch.device("cuda"), dtype, rng, n=n, d=d, dv=d, block_q=block_q, block_k=block_k,
            topk_ratio=topk_ratio, skip_ratio=skip_ratio, feature_map=feature_map, heads=3, bnhd=d == 128)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(5))
+def test_sparse_linear_kernel_gpu_every_config(monkeypatch, rng, config):
+    """Each autotune config of the five kernels on its own (autotune would hide a broken one)."""
+    from visionattn.kernels import sparse_linear, sparse_linear_bwd
+
+    kernels = [
+        (sparse_linear._sparse_linear_fwd_kernel_state, sparse_linear._STATE_CONFIGS),
+        (sparse_linear._sparse_linear_bwd_kernel_state, sparse_linear._STATE_CONFIGS),
+        (sparse_linear._sparse_linear_fwd_kernel, sparse_linear._FWD_CONFIGS),
+        (sparse_linear_bwd._sparse_linear_bwd_kernel_dq, sparse_linear_bwd._BWD_CONFIGS),
+        (sparse_linear_bwd._sparse_linear_bwd_kernel_dkdv, sparse_linear_bwd._BWD_CONFIGS),
+    ]
+    for kernel, configs in kernels:
+        monkeypatch.setattr(kernel, "configs", [configs[config % len(configs)]])
+        monkeypatch.setattr(kernel, "cache", {})
+    for d, (block_q, block_k) in ((64, (128, 64)), (128, (64, 64))):
+        _check(torch.device("cuda"), torch.bfloat16, rng, n=1500, d=d, dv=d, block_q=block_q, block_k=block_k,
+               topk_ratio=0.2, skip_ratio=0.1)  # fmt: skip
+    _check(torch.device("cuda"), torch.float16, rng, n=700, d=32, dv=16, block_q=100, block_k=48, topk_ratio=0.3)
 
 
 @pytest.mark.gpu

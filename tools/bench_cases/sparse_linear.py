@@ -64,7 +64,8 @@ def cases(args) -> list[BenchCase]:
     rows = []
     for label, batch, heads, n, dim in SHAPES if on_gpu else CPU_SHAPES:
         gen = torch.Generator().manual_seed(1)
-        proj_weight = (torch.randn(dim, dim, generator=gen) / dim**0.5).to(args.device)
+        # in the activation dtype, as SLA runs proj_l under autocast (an fp32 weight would make F.linear fp32)
+        proj_weight = (torch.randn(dim, dim, generator=gen) / dim**0.5).to(args.device, args.dtype)
         for mode in ("fwd", "fwd+bwd"):
             if args.mode not in ("both", mode):
                 continue
