@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--output", type=Path, default=Path("output.png"), help=".png for images, .mp4 or a folder")
+    parser.add_argument("--fps", type=int, default=16, help="frames per second of an .mp4 output (Wan: 16, LTX: 24)")
     parser.add_argument("--no-progress", action="store_true", help="hide the pipeline's progress bar")
     args = parser.parse_args(argv)
     if not args.model_dir.is_dir():
@@ -93,6 +94,9 @@ def _call_kwargs(pipe, args: argparse.Namespace) -> dict:
     """Pipeline call arguments, keeping only those its ``__call__`` accepts."""
     accepted = inspect.signature(pipe.__call__).parameters
     kwargs = {k: v for k, v in args.settings["call"].items() if k in accepted}
+    ignored = sorted(set(args.settings["call"]) - set(kwargs))
+    if ignored:
+        print(f"{type(pipe).__name__} takes no {ignored}; ignoring them.", file=sys.stderr)
     if "prompt" in accepted:
         kwargs["prompt"] = args.prompt
     elif "class_labels" in accepted:
@@ -102,13 +106,13 @@ def _call_kwargs(pipe, args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def _save(result, path: Path) -> Path:
+def _save(result, path: Path, fps: int) -> Path:
     if getattr(result, "frames", None) is not None:
         frames = result.frames[0]
         if path.suffix == ".mp4":
             from diffusers.utils import export_to_video
 
-            export_to_video(frames, str(path), fps=16)
+            export_to_video(frames, str(path), fps=fps)
             return path
         path.mkdir(parents=True, exist_ok=True)
         from PIL import Image
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     density = handle.density() if handle is not None else 1.0
-    saved = _save(result, args.output)
+    saved = _save(result, args.output, args.fps)
     print(f"method={settings['method']} time={seconds:.2f}s", end=" ")
     print(f"attention density={density:.4f}" if density is not None else "attention density=n/a (linear)", end=" ")
     print(f"output={saved}")

@@ -95,8 +95,9 @@ def test_shipped_configs_are_valid(config):
 def test_generate_runs_a_tiny_pipeline(tiny_pipeline, tmp_path, capsys):
     output = tmp_path / "out.png"
     argv = ["--model-dir", str(tiny_pipeline), "--method", "local", "--option", "kernel_size=3"]
-    argv += ["--option", "backend=reference", "--prompt", "3", "--steps", "2", "--no-progress", "--output", str(output)]
-    assert main(argv) == 0
+    argv += ["--option", "backend=reference", "--prompt", "3", "--steps", "2", "--height", "64", "--no-progress"]
+    assert main([*argv, "--output", str(output)]) == 0
     assert output.is_file()
-    printed = capsys.readouterr().out
-    assert "attention density=0.5625" in printed and "time=" in printed
+    printed = capsys.readouterr()
+    assert "attention density=0.5625" in printed.out and "time=" in printed.out
+    assert "['height']" in printed.err, "call arguments the pipeline does not take are reported"
