@@ -27,7 +27,7 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pretrained", action="store_true", help="load the model's pretrained cfg weights")
     group.add_argument("--initial-checkpoint", default="", help="weights (.safetensors/.pth) to start from")
     group.add_argument(
-        "--dataset", default="digits", help="'digits' (embedded) or 'folder' (ImageFolder at --data-dir)"
+        "--dataset", default=None, help="'digits' (embedded) or 'folder' (ImageFolder); default: folder if --data-dir"
     )
     group.add_argument("--data-dir", default=None, help="root with train/ and val/ class folders")
     group.add_argument("--img-size", type=int, default=None, help="input image size (default: the model's cfg)")
@@ -105,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if pre.config:
         _apply_config(parser, pre.config)
     args = parser.parse_args(argv)
+    args.dataset = args.dataset or ("folder" if args.data_dir else "digits")
     if args.dataset not in ("digits", "folder"):
         parser.error(f"--dataset must be 'digits' or 'folder'; got {args.dataset!r}.")
     if args.dataset == "folder" and not args.data_dir:
@@ -127,6 +128,7 @@ def parse_validate_args(argv=None) -> argparse.Namespace:
     _add_model_and_data(parser)
     parser.set_defaults(model=None)
     args = parser.parse_args(argv)
+    args.dataset = args.dataset or ("folder" if args.data_dir else "digits")
     if not pathlib.Path(args.checkpoint).is_file():
         parser.error(f"checkpoint {args.checkpoint} does not exist.")
     args.model_kwargs = dict(args.model_kwargs)
