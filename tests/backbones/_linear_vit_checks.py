@@ -103,6 +103,15 @@ def test_converter_unwraps_and_passes_native(family, rng):
     assert _convert(family, native, model) is native
 
 
+def test_pretrained_loads_official_file(family, rng, tmp_path):
+    sd = ref.random_official_state_dict(family.official_shapes("tiny"), rng, dtype=torch.float32)
+    path = tmp_path / "official.pth"
+    torch.save({"model": sd, "epoch": 299}, path)
+    model = _create(family, "tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(model.stages[1].downsample.reduction.weight, sd["layers.0.downsample.reduction.weight"])
+    assert torch.equal(model.head.fc.weight, sd["head.weight"].flatten(1))
+
+
 def test_pretrained_cfgs_point_at_official_hub(family):
     for size, file_name in zip(SIZES, family.files):
         model = _create(family, size, device="meta")

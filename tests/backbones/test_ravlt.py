@@ -15,6 +15,7 @@ from ._linear_vit_checks import (  # noqa: F401  (collected here, with this file
     test_matches_official_forward,
     test_param_counts_match_official,
     test_pretrained_cfgs_point_at_official_hub,
+    test_pretrained_loads_official_file,
     test_timm_head_api,
 )
 
