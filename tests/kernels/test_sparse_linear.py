@@ -112,11 +112,11 @@ def test_sparse_linear_kernel_real_sizes(rng, dtype, n, d, block_q, block_k, top
 @pytest.mark.parametrize("config", range(5))
 def test_sparse_linear_kernel_gpu_every_config(monkeypatch, rng, config):
     """Each autotune config of the five kernels on its own (autotune would hide a broken one)."""
-    from visionattn.kernels import sparse_linear, sparse_linear_bwd
+    from visionattn.kernels import sparse_linear, sparse_linear_bwd, sparse_linear_state
 
     kernels = [
-        (sparse_linear._sparse_linear_fwd_kernel_state, sparse_linear._STATE_CONFIGS),
-        (sparse_linear._sparse_linear_bwd_kernel_state, sparse_linear._STATE_CONFIGS),
+        (sparse_linear_state._sparse_linear_fwd_kernel_state, sparse_linear_state._STATE_CONFIGS),
+        (sparse_linear_state._sparse_linear_bwd_kernel_state, sparse_linear_state._STATE_CONFIGS),
         (sparse_linear._sparse_linear_fwd_kernel, sparse_linear._FWD_CONFIGS),
         (sparse_linear_bwd._sparse_linear_bwd_kernel_dq, sparse_linear_bwd._BWD_CONFIGS),
         (sparse_linear_bwd._sparse_linear_bwd_kernel_dkdv, sparse_linear_bwd._BWD_CONFIGS),

@@ -34,8 +34,9 @@ from .block_sparse import (
 )
 from .block_sparse_bwd import _block_sparse_bwd_dkdv_inner, _block_sparse_bwd_dq_inner, transpose_csr
 from .linear import _phi, _phi_bwd
-from .sparse_linear import (
-    _sla_marginal_state,
+from .sparse_linear import _sla_marginal_state
+from .sparse_linear_state import (
+    _sla_dot,
     _sparse_linear_bwd_kernel_state,
     blocks_per_program,
     sparse_linear_state,
@@ -134,6 +135,7 @@ def _sparse_linear_bwd_kernel_dq(
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
     FEATURE: tl.constexpr,
+    STATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     i_bh = tl.program_id(1)
@@ -186,7 +188,7 @@ def _sparse_linear_bwd_kernel_dq(
     b_dn = _bsa_load(p_dol, m_m, o_dv < HEAD_DIM_V, EVEN_M, HEAD_DIM_V == BLOCK_DV).to(tl.float32) * b_rden[:, None]
     b_qf = b_q.to(tl.float32)
     b_phq = _phi(b_qf, m_d, FEATURE)
-    b_dphq = tl.dot(b_dn, tl.trans(b_s), input_precision=DOT_PRECISION) + b_dden[:, None] * b_z[None, :]
+    b_dphq = _sla_dot(b_dn, tl.trans(b_s), STATE_BF16, DOT_PRECISION) + b_dden[:, None] * b_z[None, :]
     # the sparse loop accumulates unscaled and the sum is scaled once at the end
     dq = _phi_bwd(b_qf, b_phq, b_dphq, FEATURE) / scale
     # -- sparse part
@@ -303,6 +305,7 @@ def _sparse_linear_bwd_kernel_dkdv(
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
     FEATURE: tl.constexpr,
+    STATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     i_bh = tl.program_id(1)
@@ -349,8 +352,8 @@ def _sparse_linear_bwd_kernel_dkdv(
     b_az = tl.where(has_marginal, b_az, 0.0)
     b_kf = b_k.to(tl.float32)
     b_phk = _phi(b_kf, m_d, FEATURE)
-    dv = tl.dot(b_phk, b_a, input_precision=DOT_PRECISION)
-    b_dphk = tl.dot(b_v.to(tl.float32), tl.trans(b_a), input_precision=DOT_PRECISION) + b_az[None, :]
+    dv = _sla_dot(b_phk, b_a, STATE_BF16, DOT_PRECISION)
+    b_dphk = _sla_dot(b_v.to(tl.float32), tl.trans(b_a), STATE_BF16, DOT_PRECISION) + b_az[None, :]
     # the sparse loop accumulates dk unscaled and the sum is scaled once at the end
     dk = _phi_bwd(b_kf, b_phk, b_dphk, FEATURE) / scale
     # -- sparse part over the query blocks for which this key block is critical
@@ -461,13 +464,18 @@ def sparse_linear_bwd(
         HEAD_DIM=d,
         HEAD_DIM_V=dv_dim,
         FEATURE=feature,
+        STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
         DOT_PRECISION=dot_precision,
     )
     ds_tot, dz_tot = ds_part.sum(1), dz_part.sum(1)
     dq = empty_like_layout(q, d)
     dk = empty_like_layout(k, d)
     dv = empty_like_layout(v, dv_dim)
-    constexprs = dict(FEATURE=feature, **launch_constexprs(q, v, MASK_NONE, NO_MASK_PARAMS))
+    constexprs = dict(
+        FEATURE=feature,
+        STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
+        **launch_constexprs(q, v, MASK_NONE, NO_MASK_PARAMS),
+    )
     mp = tuple(NO_MASK_PARAMS)
     grid_dq = lambda meta: (mq * meta["Q_SUB"], b * h)
     _sparse_linear_bwd_kernel_dq[grid_dq](
