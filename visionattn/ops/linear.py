@@ -285,15 +285,23 @@ _REGISTRY = _BackendRegistry("linear_attention")
 _REGISTRY.register("reference")(_LinearBackend(_query_mean_reference, _state_reference, _apply_reference))
 
 
+def _rope_operands(rope, like: torch.Tensor):
+    """RoPE tables in the 16-bit input dtype: every (batch, head) re-reads them, so halving them halves that traffic."""
+    if rope is None:
+        return None, None
+    dtype = like.dtype if like.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return tuple(t.to(dtype) for t in rope)
+
+
 def _triton_state(k, v, *, feature_map, k_norm, key_weight, query_mean, rope, scale) -> "LinearAttentionState":
-    cos, sin = (None, None) if rope is None else rope
+    cos, sin = _rope_operands(rope, k)
     weight = key_weight if isinstance(key_weight, torch.Tensor) else None
     kv, k_sum, v_mean, lse = _linear_triton.state_op(k, v, k_norm, weight, query_mean, cos, sin, feature_map, scale)
     return LinearAttentionState(kv, k_sum, v_mean, lse, k.shape[2])
 
 
 def _triton_apply(q, state, *, feature_map, normalize, q_norm, rope, scale, eps) -> torch.Tensor:
-    cos, sin = (None, None) if rope is None else rope
+    cos, sin = _rope_operands(rope, q)
     return _linear_triton.apply_op(
         q, q_norm, cos, sin, state.kv, state.k_sum, state.v_mean, feature_map, normalize, scale, eps, state.length
     )
