@@ -115,3 +115,31 @@ def test_block_sparse_attention_rejects_bad_arguments(rng):
         block_sparse_attention(q, k, v, mask, scale=-1.0)
     with pytest.raises(ValueError, match="backend"):
         block_sparse_attention(q, k, v, mask, backend="nope")
+
+
+def test_block_sparse_attention_triton_rejects_unsupported_input(rng):
+    pytest.importorskip("triton")
+    from visionattn.kernels._config import is_interpreter
+
+    if not (is_interpreter() or torch.cuda.is_available()):
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mask = _random_mask(rng, 1, 1, 32, 32, 16, 16).to(device)
+    q, k, v = (t.detach().to(device) for t in _inputs(rng, 1, 1, 32, 32, 16, 16, dtype=torch.float32))
+    with pytest.raises(NotImplementedError, match="q.dtype"):
+        block_sparse_attention(q.double(), k.double(), v.double(), mask, backend="triton")
+    with pytest.raises(NotImplementedError, match="head dim"):
+        block_sparse_attention(q[..., :8], k[..., :8], v, mask, backend="triton")
+    with pytest.raises(NotImplementedError, match="head dim"):
+        block_sparse_attention(q, k, v[..., :12], mask, backend="triton")
+    custom = BlockMask.from_block_matrix(
+        torch.ones(1, 1, 2, 2, dtype=torch.bool), partial=torch.ones(1, 1, 2, 2, dtype=torch.bool),
+        q_len=32, kv_len=32, block_q=16, block_k=16, token_mask=lambda qi, ki: qi >= ki,
+    ).to(device)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="token_mask"):
+        block_sparse_attention(q, k, v, custom, backend="triton")
+    big = _random_mask(rng, 1, 1, 512, 512, 256, 256, p=1.0).to(device)
+    q, k, v = (t.detach().to(device) for t in _inputs(rng, 1, 1, 512, 512, 16, 16, dtype=torch.float32))
+    with pytest.raises(NotImplementedError, match="block_mask blocks"):
+        block_sparse_attention(q, k, v, big, backend="triton")
+    assert block_sparse_attention(q, k, v, big).shape == (1, 1, 512, 16)  # backend=None falls back to the reference
