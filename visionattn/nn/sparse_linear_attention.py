@@ -13,7 +13,7 @@ from torch import nn
 
 from ..ops import sparse_linear_attention
 from ..ops._checks import _check_choice
-from ..ops.sparse_linear import FEATURE_MAPS, _check_ratio
+from ..ops.sparse_linear import _FEATURE_MAPS, _check_ratio
 
 __all__ = ["SparseLinearAttention"]
 
@@ -61,7 +61,7 @@ class SparseLinearAttention(nn.Module):
             raise ValueError(f"head_dim must be a positive int; got {head_dim=}.")
         self.head_dim = head_dim
         self.topk = _check_ratio("topk", topk)
-        self.feature_map = _check_choice("feature_map", feature_map, FEATURE_MAPS)
+        self.feature_map = _check_choice("feature_map", feature_map, _FEATURE_MAPS)
         self.block_q = block_q
         self.block_k = block_k
         self.skip_ratio = _check_ratio("skip_ratio", skip_ratio)

@@ -22,7 +22,7 @@ from .linear import _check_eps, _feature_map
 
 __all__ = ["sparse_linear_attention", "sparse_linear_attention_reference"]
 
-FEATURE_MAPS = ("softmax", "elu1", "relu")
+_FEATURE_MAPS = ("softmax", "elu1", "relu")
 _REGISTRY = _BackendRegistry("sparse_linear_attention")
 #: Default guard of the linear branch's normaliser (SLA-1 uses none, SLA's main branch 1e-5); keeps relu finite.
 _DEFAULT_EPS = 1e-6
@@ -410,7 +410,7 @@ def sparse_linear_attention(
     """
     _check_attention_inputs(q, k, v)
     _check_proj(proj_weight, proj_bias, v)
-    feature_map = _check_choice("feature_map", feature_map, FEATURE_MAPS)
+    feature_map = _check_choice("feature_map", feature_map, _FEATURE_MAPS)
     scale = _check_scale(scale, q.shape[-1])
     eps = _check_eps(eps)
     skip_ratio = _check_ratio("skip_ratio", skip_ratio)
