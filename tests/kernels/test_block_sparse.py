@@ -106,7 +106,7 @@ def _check(mask, device, dtype, gen, *, batch=1, heads=2, d=32, dv=16, bnhd=Fals
 
 @pytest.mark.parametrize(
     "heads,q_len,kv_len,bq,bk,d,dv",
-    [(2, 70, 45, 16, 16, 32, 16), (1, 40, 64, 32, 16, 16, 32), (2, 37, 37, 7, 12, 16, 16)],
+    [(2, 70, 45, 16, 16, 32, 16), (1, 40, 64, 32, 16, 16, 32), (2, 37, 37, 7, 12, 16, 16), (1, 50, 70, 24, 40, 16, 16)],
     ids=lambda x: str(x),
 )
 def test_block_sparse_kernel_random_masks(kernel_device, poison_empty, rng, heads, q_len, kv_len, bq, bk, d, dv):
