@@ -64,8 +64,10 @@ def test_method_weights_round_trip_through_safetensors(method, tmp_path):
         assert torch.equal(_output(fresh, inputs), _output(trained, inputs))
 
 
-def test_compiled_transformer_matches_eager():
-    """dynamo through the processors: masks are built eagerly (outside the graph) and handed to the op.
+@pytest.mark.parametrize("regional", [False, True], ids=["whole-model", "regional-fullgraph"])
+def test_compiled_transformer_matches_eager(regional):
+    """dynamo through the processors: masks are built eagerly (outside the graph, on the first call) and handed to
+    the op; diffusers' regional compilation of the repeated blocks then traces each block as one graph.
 
     CPU CI uses the ``eager`` backend (no C++ toolchain, tracing only); the GPU test compiles with inductor.
     """
@@ -74,7 +76,11 @@ def test_compiled_transformer_matches_eager():
     apply(model, "radial", block_size=16, dense_steps=0, backend="reference")
     with torch.no_grad():
         eager = _output(model, inputs)
-        compiled = torch.compile(model, backend="eager")
+        if regional:
+            model.compile_repeated_blocks(fullgraph=True, backend="eager")
+            compiled = model
+        else:
+            compiled = torch.compile(model, backend="eager")
         assert_close("compiled radial", eager, _output(compiled, inputs))
 
 

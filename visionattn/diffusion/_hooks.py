@@ -49,11 +49,14 @@ class DiffusionState:
         """Whether layer ``layer_idx`` runs dense attention in the current call (the schedule of Radial Attention)."""
         return layer_idx < self.dense_layers or self.step < self.dense_steps
 
-    @torch.compiler.disable
     def cached(self, key: Hashable, build: Callable[[], object]):
         """``cache[key]``, built on first use (outside ``torch.compile`` graphs: masks are built eagerly, once)."""
-        if key not in self.cache:
-            self.cache[key] = build()
+        value = self.cache.get(key)
+        return self._build(key, build) if value is None else value
+
+    @torch.compiler.disable
+    def _build(self, key: Hashable, build: Callable[[], object]):
+        self.cache[key] = build()
         return self.cache[key]
 
     def record_density(self, density) -> None:
