@@ -37,25 +37,30 @@ NORMALIZE_CODES = {"divisive": 0, "additive": 1, None: 2}
 #: ``WEIGHT`` constexpr: no key weights, a (B, H, Nk) tensor, RALA's softmax weights.
 _WEIGHT_NONE, _WEIGHT_TENSOR, _WEIGHT_RALA = 0, 1, 2
 _NEG_INF = tl.constexpr(NEG_INF)
-_FEATURE_SOFTMAX = tl.constexpr(FEATURE_CODES["softmax"])
 
-# Row tiles of the reductions; the head-dim tiles are fixed by D and Dv. Chunks are multiples of the largest tile.
+# Row tiles of the chunked kernels; head-dim tiles are fixed by D and Dv. Chunks are multiples of the largest tile.
 _ROW_TILES = (32, 64, 128)
+#: (BLOCK_N, num_warps, num_stages): three deep-pipelined configs for states up to 64x128, three shallow ones for
+#: 128x128 states. Offline sm90 compiles (``triton.compile`` + ptxas -v) showed that 3-stage pipelines of 128-wide
+#: fp32 tiles need more than the 227 KB of shared memory and that 4 warps spill at 128 rows.
+_SMALL_STATE_CONFIGS = ((64, 4, 3), (64, 8, 3), (128, 8, 3))
+_BIG_STATE_CONFIGS = ((32, 4, 2), (32, 8, 2), (64, 8, 2))
 _REDUCE_CONFIGS = [
-    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in _ROW_TILES for w in (4, 8) for s in (2, 3)
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS
 ]
 _REDUCE_DEFAULT = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
-_BLOCK_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in _ROW_TILES for w in (4, 8)]
+_QUERY_MEAN_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=4, num_stages=3) for n in (64, 128)]
+_BLOCK_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (64, 128) for w in (4, 8)]
 _BLOCK_DEFAULT = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
-#: Aim for this many reduction programs per streaming multiprocessor, so short or few-head inputs still fill the GPU.
+#: Aim for this many programs per streaming multiprocessor, so short or few-head inputs still fill the GPU.
 _PROGRAMS_PER_SM = 4
 
 
 def _prune_reduce_configs(configs, nargs, **kwargs):
-    """A 128-wide state (D·Dv fp32 accumulator) plus 128-row tiles spills with 4 warps; drop those configs."""
+    """Keep the config family of the state size (see ``_SMALL_STATE_CONFIGS``): autotuning compiles every config."""
     args = {**nargs, **kwargs}
-    big = args["BLOCK_D"] * args["BLOCK_DV"] >= 128 * 128
-    kept = [c for c in configs if not (big and c.kwargs.get("BLOCK_N", 0) >= 128 and c.num_warps < 8)]
+    family = _BIG_STATE_CONFIGS if args["BLOCK_D"] * args["BLOCK_DV"] > 64 * 128 else _SMALL_STATE_CONFIGS
+    kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in family]
     return kept or configs[:1]
 
 
@@ -139,7 +144,7 @@ def _features(
 
 # ------------------------------------------------------------------------------------------------ forward kernels
 @triton.autotune(
-    configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
+    configs=autotune_configs(_QUERY_MEAN_CONFIGS, _REDUCE_DEFAULT),
     key=["D", "FEATURE"],
     **autotune_kwargs(),
 )
