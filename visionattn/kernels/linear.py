@@ -1,16 +1,14 @@
 """Non-causal linear attention, forward: a split-N key/value reduction, a fixed-order merge, a per-query apply.
 
-Layout: q ``(B, H, Nq, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)``, optional normaliser inputs ``q_norm``/``k_norm``
-of the shape of q/k, key weights ``(B, H, Nk)`` and RoPE tables ``cos``/``sin`` ``(N, D)``, all with arbitrary
-strides (``(B, N, H, D)`` storage is read in place). Head dims sit in power-of-two tiles (>= 16), masked.
-
-Pass 1 (``_linear_fwd_kernel_state``, grid ``(chunks, B·H)``) reduces one chunk of keys to fp32 partials
-``Σ u_j R_jφ(k_j) v_jᵀ``, ``Σ u_j φ(k̃_j)``, ``Σ v_j``; for RALA weights ``u_j = exp(s_j − m)`` with the chunk's
-running max ``m`` rescaled online (flash-attention style), and the chunk's ``l = Σ u_j``. Pass 1b
-(``_linear_fwd_kernel_state_merge``, grid ``(B·H,)``) sums the partials in chunk order (deterministic, no atomics),
-rescaled by ``exp(m_c − max m)``, into the mean-normalised state ``S̄, z̄, v̄`` and ``lse``. Pass 2
-(``_linear_fwd_kernel_apply``, grid ``(chunks, B·H)``) maps a chunk of query rows through the state. RALA's global query mean comes from
-``_linear_fwd_kernel_query_mean`` first. The backward kernels live in ``linear_bwd.py`` and share the helpers here.
+Layout: q ``(B, H, Nq, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)``, optional ``q_norm``/``k_norm`` shaped like q/k,
+key weights ``(B, H, Nk)``, RoPE tables ``cos``/``sin`` ``(N, D)``; any strides (``(B, N, H, D)`` storage is read in
+place). Head dims sit in power-of-two tiles (>= 16), masked. Pass 1 (``_linear_fwd_kernel_state``, grid
+``(chunks, B·H)``) reduces a chunk of keys to fp32 partials ``Σ u_j R_jφ(k_j) v_jᵀ``, ``Σ u_j φ(k̃_j)``, ``Σ v_j``; for
+RALA ``u_j = exp(s_j − m)`` with the chunk's running max ``m`` rescaled online (flash style) and ``l = Σ u_j``.
+Pass 1b (``_linear_fwd_kernel_state_merge``, grid ``(B·H,)``) sums the partials in chunk order (deterministic, no
+atomics), rescaled by ``exp(m_c − max m)``, into the mean-normalised ``S̄, z̄, v̄`` and ``lse``. Pass 2
+(``_linear_fwd_kernel_apply``, grid ``(chunks, B·H)``) maps chunks of query rows through the state. RALA's ``q̄``
+comes from ``_linear_fwd_kernel_query_mean`` first. Backward kernels: ``linear_bwd.py`` (sharing the helpers here).
 """
 
 import functools
@@ -21,13 +19,19 @@ import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from ._constants import NEG_INF
+from .block_sparse import empty_like_layout, next_block
 
 __all__ = [
     "FEATURE_CODES",
     "NORMALIZE_CODES",
+    "chunking",
+    "dot_precision",
+    "linear_apply_fwd",
     "linear_query_mean_fwd",
     "linear_state_fwd",
-    "linear_apply_fwd",
+    "numerator_scale",
+    "rope_strides",
+    "strides4",
 ]
 
 #: ``FEATURE`` constexpr: elu(x)+1, relu, identity, softmax over the head dim.
@@ -429,11 +433,6 @@ def _linear_fwd_kernel_apply(
 
 
 # ------------------------------------------------------------------------------------------------ host launchers
-def head_tile(d: int) -> int:
-    """Power-of-two head-dim tile, at least 16 (the smallest ``tl.dot`` operand)."""
-    return max(16, triton.next_power_of_2(d))
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 products; fp16/bf16 values are exact in tf32 (10-bit mantissa) and fp32 sums."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -475,7 +474,7 @@ def linear_query_mean_fwd(q: torch.Tensor, feature_map: str) -> torch.Tensor:
     chunk_len, chunks = chunking(n, b * h, q.device)
     part = torch.empty(chunks, b, h, d, device=q.device, dtype=torch.float32)
     _linear_fwd_kernel_query_mean[(chunks, b * h)](
-        q, part, *q.stride(), h, n, chunk_len, D=d, BLOCK_D=head_tile(d), FEATURE=FEATURE_CODES[feature_map]
+        q, part, *q.stride(), h, n, chunk_len, D=d, BLOCK_D=next_block(d), FEATURE=FEATURE_CODES[feature_map]
     )
     return part.sum(dim=0) / n
 
@@ -506,7 +505,7 @@ def linear_state_fwd(
     rala = query_mean is not None
     weight = _WEIGHT_RALA if rala else _WEIGHT_TENSOR if key_weight is not None else _WEIGHT_NONE
     qm = query_mean.float().contiguous() if rala else kv_part
-    tiles = dict(D=d, DV=dv, BLOCK_D=head_tile(d), BLOCK_DV=head_tile(dv))
+    tiles = dict(D=d, DV=dv, BLOCK_D=next_block(d), BLOCK_DV=next_block(dv))
     _linear_fwd_kernel_state[(chunks, b * h)](
         k,
         v,
@@ -545,14 +544,6 @@ def linear_state_fwd(
     return kv, ks, vm, lse
 
 
-def output_like(q: torch.Tensor, dv: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, H, N, Dv)`` output laid out like q: a ``(B, N, H, D)``-strided q gets a ``(B, N, H, Dv)``-contiguous o."""
-    b, h, n, _ = q.shape
-    if q.stride(1) < q.stride(2):
-        return torch.empty(b, n, h, dv, device=q.device, dtype=dtype).transpose(1, 2)
-    return torch.empty(b, h, n, dv, device=q.device, dtype=dtype)
-
-
 def linear_apply_fwd(
     q: torch.Tensor,
     q_norm: torch.Tensor | None,
@@ -570,7 +561,7 @@ def linear_apply_fwd(
     """``o (B, H, Nq, Dv)`` in q's dtype. Grid ``(chunks, B·H)``: one chunk of query rows per program."""
     b, h, n, d = q.shape
     dv = kv.shape[-1]
-    o = output_like(q, dv, q.dtype)
+    o = empty_like_layout(q, dv)
     chunk_len, chunks = chunking(n, b * h, q.device)
     _linear_fwd_kernel_apply[(chunks, b * h)](
         q,
@@ -593,8 +584,8 @@ def linear_apply_fwd(
         eps,
         D=d,
         DV=dv,
-        BLOCK_D=head_tile(d),
-        BLOCK_DV=head_tile(dv),
+        BLOCK_D=next_block(d),
+        BLOCK_DV=next_block(dv),
         FEATURE=FEATURE_CODES[feature_map],
         NORMALIZE=NORMALIZE_CODES[normalize],
         HAS_Q_NORM=q_norm is not None,

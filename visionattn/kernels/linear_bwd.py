@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
+from .block_sparse import next_block
 from .linear import (
     _BLOCK_CONFIGS,
     _BLOCK_DEFAULT,
@@ -30,7 +31,6 @@ from .linear import (
     _rotate_every_two,
     chunking,
     dot_precision,
-    head_tile,
     numerator_scale,
     rope_strides,
     strides4,
@@ -385,7 +385,7 @@ def bf16_state(dtype: torch.dtype, d: int, dv: int) -> bool:
 
     Only for 16-bit inputs; fp32 inputs keep fp32 operands (and need the smaller tiles).
     """
-    return dtype != torch.float32 and head_tile(d) * head_tile(dv) > 64 * 128
+    return dtype != torch.float32 and next_block(d) * next_block(dv) > 64 * 128
 
 
 def linear_query_mean_bwd(q: torch.Tensor, d_mean: torch.Tensor, feature_map: str) -> torch.Tensor:
@@ -402,7 +402,7 @@ def linear_query_mean_bwd(q: torch.Tensor, d_mean: torch.Tensor, feature_map: st
         h,
         n,
         D=d,
-        BLOCK_D=head_tile(d),
+        BLOCK_D=next_block(d),
         FEATURE=FEATURE_CODES[feature_map],
     )
     return dq
@@ -461,8 +461,8 @@ def linear_apply_bwd(
         eps,
         D=d,
         DV=dv,
-        BLOCK_D=head_tile(d),
-        BLOCK_DV=head_tile(dv),
+        BLOCK_D=next_block(d),
+        BLOCK_DV=next_block(dv),
         FEATURE=FEATURE_CODES[feature_map],
         NORMALIZE=NORMALIZE_CODES[normalize],
         HAS_Q_NORM=q_norm is not None,
@@ -535,8 +535,8 @@ def linear_state_bwd(
         scale,
         D=d,
         DV=dvd,
-        BLOCK_D=head_tile(d),
-        BLOCK_DV=head_tile(dvd),
+        BLOCK_D=next_block(d),
+        BLOCK_DV=next_block(dvd),
         FEATURE=FEATURE_CODES[feature_map],
         WEIGHT=weight,
         HAS_K_NORM=k_norm is not None,

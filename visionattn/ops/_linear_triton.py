@@ -183,9 +183,9 @@ def apply_op(
 
 @apply_op.register_fake
 def _(q, q_norm, cos, sin, kv, k_sum, v_mean, feature_map, normalize, scale, eps, length):
-    from ..kernels.linear import output_like
+    from ..kernels.block_sparse import empty_like_layout
 
-    return output_like(q, kv.shape[-1], q.dtype)
+    return empty_like_layout(q, kv.shape[-1])
 
 
 @torch.library.custom_op("visionattn::linear_apply_bwd", mutates_args=())
