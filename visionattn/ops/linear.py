@@ -518,8 +518,6 @@ def linear_attention(
         torch.Size([2, 4, 49, 32])
     """
     _check_attention_inputs(q, k, v)
-    if q_norm is not None:
-        _check_same_as("q_norm", q_norm, q, "q")
     if rope is not None and q.shape[2] != k.shape[2]:
         raise ValueError(f"rope needs Nq == Nk (one table for queries and keys); got {q.shape[2]=}, {k.shape[2]=}.")
     key_args = _parse_key_args(k, feature_map, k_norm, key_weight, rope)
