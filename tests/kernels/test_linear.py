@@ -147,6 +147,17 @@ def test_linear_attention_kernel_traces_with_fullgraph(kernel_device, rng):
     assert all(t.grad is not None for t in inputs.values())
 
 
+def test_linear_attention_kernel_reports_flops(kernel_device, rng):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs, kwargs = _inputs(rng, ("elu1", "divisive", None, False), device=kernel_device, nq=20, nk=20, d=16, dv=16)
+    with FlopCounterMode(display=False) as counter:
+        out = linear_attention(**inputs, **kwargs, backend="triton")
+        out.sum().backward()
+    # state and apply: 2·B·H·N·D·Dv each forward, twice that backward
+    assert counter.get_total_flops() == 6 * (2 * 1 * 2 * 20 * 16 * 16)
+
+
 def test_linear_attention_triton_rejects_unsupported_inputs(kernel_device):
     q = torch.randn(1, 1, 8, 8, device=kernel_device)
     with pytest.raises(NotImplementedError, match="head dim"):
