@@ -24,6 +24,12 @@ PUBLISHED = {
 }
 NAMES = list(PUBLISHED)
 TINY = ["agent_deit_tiny", "agent_pvt_tiny", "agent_swin_tiny"]
+#: shallower tiny models for the CPU tests of behaviour (every block type kept: Swin keeps a shifted window block)
+SHALLOW = {
+    "agent_deit_tiny": dict(depth=2, agent_depth=1),
+    "agent_pvt_tiny": dict(depths=(1, 1, 1, 1)),
+    "agent_swin_tiny": dict(depths=(1, 1, 2, 2), agent_blocks=(1, 1, 1, 0)),
+}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -164,7 +170,7 @@ def test_agent_checkpoint_filter_loads_official_layout_strict(name, tmp_path, rn
 @pytest.mark.parametrize("name", TINY)
 def test_agent_any_resolution_channels_last_and_amp(name, rng):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10).eval()
+    model = timm.create_model(name, num_classes=10, **SHALLOW[name]).eval()
     for size in [(64, 64), (80, 112)]:
         x = torch.randn(2, 3, *size, generator=rng)
         out = model(x)
@@ -180,7 +186,7 @@ def test_agent_any_resolution_channels_last_and_amp(name, rng):
 @pytest.mark.parametrize("name", TINY)
 def test_agent_grad_checkpointing_and_intermediates(name, rng):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5, drop_path_rate=0.0)
+    model = timm.create_model(name, num_classes=5, drop_path_rate=0.0, **SHALLOW[name])
     x = torch.randn(2, 3, 64, 64, generator=rng)
     ref = model(x)
     ref.sum().backward()
@@ -193,8 +199,8 @@ def test_agent_grad_checkpointing_and_intermediates(name, rng):
     for n, p in model.named_parameters():
         assert_close(f"d{n}", grads[n], p.grad, tol=1e-4)
     model.eval()
-    final, inter = model.forward_intermediates(x, indices=3)
+    final, inter = model.forward_intermediates(x, indices=2)
     assert_close("final", model.forward_features(x), final)
-    assert len(inter) == 3 and all(t.ndim == 4 for t in inter)
-    features = timm.create_model(name, features_only=True).eval()
+    assert len(inter) == 2 and all(t.ndim == 4 for t in inter)
+    features = timm.create_model(name, features_only=True, out_indices=2, **SHALLOW[name]).eval()
     assert [f.shape[1] for f in features(x)] == features.feature_info.channels()

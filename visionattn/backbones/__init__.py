@@ -3,6 +3,7 @@
 from .agent_deit import AgentVisionTransformer
 from .agent_pvt import AgentPvt
 from .agent_swin import AgentSwinTransformer
+from .biformer import BiFormer
 from .mavit import MAViT
 from .ravlt import RAVLT
 from .vig import ViG
@@ -12,6 +13,7 @@ __all__ = [
     "AgentPvt",
     "AgentSwinTransformer",
     "AgentVisionTransformer",
+    "BiFormer",
     "HierViG",
     "MAViT",
     "RAVLT",
