@@ -21,6 +21,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ..kernels._config import is_interpreter
 from ._checks import _check_attention_inputs, _check_scale, _check_tensor
+from ._gated_torch import gated_linear_attention_chunked, requires_torch_dtype
 from ._registry import (
     _BackendRegistry,
     _fail,
@@ -190,6 +191,11 @@ def _triton_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale):
     return _gated_fwd_op(q, k, v, log_gate_fwd, log_gate_bwd, scale, _TRITON_CHUNK)
 
 
+@_registry.register("torch", constraints=[requires_torch_dtype])
+def _torch_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale):
+    return gated_linear_attention_chunked(q, k, v, log_gate_fwd, log_gate_bwd, scale)
+
+
 def _check_gate(name: str, gate, k: torch.Tensor) -> None:
     _check_tensor(name, gate, ndim=4)
     if gate.shape != k.shape:
@@ -232,8 +238,10 @@ def gated_linear_attention(
     Other Parameters:
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, Dk and Dv in
             ``(16, 32, 64)``, fp32 state; float32 matmuls use TF32 when
-            ``torch.get_float32_matmul_precision() != "highest"``), ``"reference"`` (the token loop, any float dtype)
-            or None for the first that supports the input.
+            ``torch.get_float32_matmul_precision() != "highest"``), ``"torch"`` (chunked in plain PyTorch, any device,
+            fp16/bf16/fp32 computed in fp32, exact for any gates), ``"reference"`` (the token loop, any float dtype)
+            or None for the first that supports the input: Triton where it applies, else ``"torch"``, and the
+            reference for float64.
 
     Returns:
         ``(B, H, N, Dv)`` in the dtype of ``q``.
@@ -241,7 +249,7 @@ def gated_linear_attention(
     Raises:
         TypeError: a non-tensor input or a non-float dtype; q, k, v of different dtypes.
         ValueError: mismatched shapes or devices, a bad ``scale`` or an unknown ``backend``.
-        NotImplementedError: ``backend="triton"`` on input it does not support.
+        NotImplementedError: ``backend="triton"`` or ``"torch"`` on input it does not support.
 
     Example:
         >>> q, k = torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 16)
