@@ -46,6 +46,21 @@ class Family:
         return ref.official_shapes(**ref.OFFICIAL_VARIANTS[size], projection=projection, num_classes=num_classes)
 
 
+#: A narrow version of the released layout (same stem, stages, attention kinds, head) for CPU-cheap model tests;
+#: the released widths are checked on the meta device (parameter counts, key layout, MACs).
+_NARROW = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4), projection_dim=96)
+
+
+def _create_narrow(family, **kwargs):
+    return _create(family, "tiny", **_NARROW, **kwargs)
+
+
+def _narrow_official_state_dict(family, rng, num_classes: int = 1000, dtype=torch.float64) -> dict:
+    dims = {k: _NARROW[k] for k in ("embed_dims", "depths", "num_heads")}
+    shapes = ref.official_shapes(**dims, projection=_NARROW["projection_dim"], num_classes=num_classes)
+    return ref.random_official_state_dict(shapes, rng, dtype=dtype)
+
+
 def _convert(family: Family, sd: dict, model) -> dict:
     module = __import__(f"visionattn.backbones.{family.prefix}", fromlist=["checkpoint_filter_fn"])
     return module.checkpoint_filter_fn(sd, model)
@@ -74,12 +89,12 @@ def test_macs_match_official_code(family):
 @pytest.mark.parametrize("attn_layout", ["hybrid", "linear"])
 @pytest.mark.parametrize("shape", [(64, 64), (72, 56)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_matches_official_forward(family, rng, attn_layout, shape):
-    sd = ref.random_official_state_dict(family.official_shapes("tiny", num_classes=10), rng)
-    model = _create(family, "tiny", num_classes=10, attn_layout=attn_layout).double().eval()
+    sd = _narrow_official_state_dict(family, rng, num_classes=10)
+    model = _create_narrow(family, num_classes=10, attn_layout=attn_layout).double().eval()
     model.load_state_dict(_convert(family, sd, model), strict=True)
     x = torch.randn(2, 3, *shape, generator=rng, dtype=torch.float64)
     attn_types = (family.kind,) * 4 if attn_layout == "linear" else None
-    expected = ref.forward(sd, x, linear_kind=family.kind, num_heads=(1, 2, 4, 8), attn_types=attn_types)
+    expected = ref.forward(sd, x, linear_kind=family.kind, num_heads=_NARROW["num_heads"], attn_types=attn_types)
     with torch.no_grad():
         assert_close("logits", expected, model(x))
 
@@ -94,8 +109,8 @@ def test_converter_key_layout_all_variants(family):
 
 
 def test_converter_unwraps_and_passes_native(family, rng):
-    model = _create(family, "tiny", num_classes=10)
-    sd = ref.random_official_state_dict(family.official_shapes("tiny", num_classes=10), rng, dtype=torch.float32)
+    model = _create_narrow(family, num_classes=10)
+    sd = _narrow_official_state_dict(family, rng, num_classes=10, dtype=torch.float32)
     wrapped = {"model": sd, "optimizer": {}, "epoch": 299}
     converted = _convert(family, wrapped, model)
     model.load_state_dict(converted, strict=True)
@@ -104,10 +119,10 @@ def test_converter_unwraps_and_passes_native(family, rng):
 
 
 def test_pretrained_loads_official_file(family, rng, tmp_path):
-    sd = ref.random_official_state_dict(family.official_shapes("tiny"), rng, dtype=torch.float32)
+    sd = _narrow_official_state_dict(family, rng, dtype=torch.float32)
     path = tmp_path / "official.pth"
     torch.save({"model": sd, "epoch": 299}, path)
-    model = _create(family, "tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = _create_narrow(family, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert torch.equal(model.stages[1].downsample.reduction.weight, sd["layers.0.downsample.reduction.weight"])
     assert torch.equal(model.head.fc.weight, sd["head.weight"].flatten(1))
 
@@ -123,9 +138,9 @@ def test_pretrained_cfgs_point_at_official_hub(family):
 
 
 def test_timm_head_api(family, rng):
-    model = _create(family, "tiny", num_classes=7).eval()
+    model = _create_narrow(family, num_classes=7).eval()
     x = torch.randn(2, 3, 64, 64, generator=rng)
-    projection = family.projections[0]
+    projection = _NARROW["projection_dim"]
     with torch.no_grad():
         features = model.forward_features(x)
         assert features.shape == (2, projection, 2, 2)
@@ -142,7 +157,7 @@ def test_timm_head_api(family, rng):
 
 
 def test_grad_checkpointing_keeps_output_and_gradients(family, rng):
-    model = _create(family, "tiny", num_classes=5).double().train()
+    model = _create_narrow(family, num_classes=5).double().train()
     x = torch.randn(2, 3, 64, 48, generator=rng, dtype=torch.float64)
     torch.manual_seed(0)
     out = model(x)
@@ -161,25 +176,25 @@ def test_grad_checkpointing_keeps_output_and_gradients(family, rng):
 def test_features_only_and_intermediates(family, rng):
     x = torch.randn(1, 3, 96, 64, generator=rng)
     torch.manual_seed(0)
-    features = _create(family, "tiny", features_only=True, out_indices=(1, 3)).eval()
+    features = _create_narrow(family, features_only=True, out_indices=(1, 3)).eval()
     torch.manual_seed(0)
-    model = _create(family, "tiny").eval()
+    model = _create_narrow(family).eval()
     with torch.no_grad():
         outs = features(x)
-        assert [tuple(o.shape) for o in outs] == [(1, 128, 12, 8), (1, 512, 3, 2)]
-        assert features.feature_info.channels() == [128, 512]
+        assert [tuple(o.shape) for o in outs] == [(1, 32, 12, 8), (1, 64, 3, 2)]
+        assert features.feature_info.channels() == [32, 64]
         final, intermediates = model.forward_intermediates(x)
         assert_close("final", model.forward_features(x), final)
-        assert [i.shape[1] for i in intermediates] == [64, 128, 256, 512]
+        assert [i.shape[1] for i in intermediates] == [16, 32, 48, 64]
         assert_close("stage1", intermediates[1], outs[0])
         assert len(model.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
     assert model.prune_intermediate_layers(indices=(0, 2)) == [0, 2]
     assert len(model.stages) == 3 and model.num_classes == 0
 
 
-@pytest.mark.parametrize("shape", [(128, 96), (97, 61), (33, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(224, 224), (97, 61), (33, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_any_resolution_channels_last_and_amp(family, rng, shape):
-    model = _create(family, "tiny").eval()
+    model = _create_narrow(family).eval()
     x = torch.randn(1, 3, *shape, generator=rng)
     with torch.no_grad():
         out = model(x)
@@ -215,7 +230,8 @@ def test_gpu_triton_bf16_and_compile_match_reference(family):
     x = torch.randn(8, 3, 224, 224, device="cuda")
     with torch.no_grad():
         expected = reference(x)
-        assert_close("fp32 triton", expected, model(x), tol=1e-4)
+        # fp32 convolutions may run in TF32 on the GPU (cuDNN default), in both models alike.
+        assert_close("fp32 triton", expected, model(x), tol=5e-3)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             eager = model(x)
             compiled = torch.compile(model)(x)
