@@ -30,6 +30,8 @@ _CONVNEXT = ("convnext_tiny", "convnext_tiny")
 _DEIT_TINY = ("deit_tiny", "deit_tiny_patch16_224")
 _DEIT_SMALL = ("deit_small", "deit_small_patch16_224")
 
+#: Groups that also time ``torch.compile``d models (ours and the peers alike).
+_COMPILED_GROUPS = ("infer 224px tiny vs swin_tiny",)
 #: (group, mode, img, batch, model kwargs, ours, [(impl, timm name, is_baseline)])
 _GPU_ROWS = [
     (
@@ -148,14 +150,21 @@ def cases(args) -> list[BenchCase]:
         images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 1000, (batch,), generator=gen).to(args.device)
         common = dict(group=f"{group} B{batch}", mode=mode, items=batch)
+        compiled = on_gpu and group in _COMPILED_GROUPS
         for name in ours:
             model = _build(name, img, mode, args, **model_kwargs, **ours_kwargs)
             rows.append(BenchCase(impl=f"{name} (ours)", fn=_timed(model, images, labels, mode), **common))
             fn = _timed(model, images, labels, mode, reference_style=True)
             rows.append(BenchCase(impl=f"{name} reference-style attention", fn=fn, **common))
+            if compiled:
+                fn = _timed(torch.compile(model), images, labels, mode)
+                rows.append(BenchCase(impl=f"{name} (ours, torch.compile)", fn=fn, **common))
         for impl, name, baseline in peers:
             model = _build(name, img, mode, args)
             rows.append(
                 BenchCase(impl=f"{impl} (timm)", fn=_timed(model, images, labels, mode), baseline=baseline, **common)
             )
+            if compiled:
+                fn = _timed(torch.compile(model), images, labels, mode)
+                rows.append(BenchCase(impl=f"{impl} (timm, torch.compile)", fn=fn, **common))
     return rows

@@ -180,6 +180,21 @@ class LinearViTStage(nn.Module):
         device=None,
         dtype=None,
     ):
+        """
+        Args:
+            in_dim: channels of the input (of the previous stage).
+            dim: channels of this stage.
+            depth: blocks.
+            num_heads: attention heads.
+            attn_type: ``"mala"``, ``"rala"`` or ``"softmax"``.
+            downsample: start with a Conv3x3-s2 + BatchNorm from ``in_dim`` to ``dim`` (all stages but the first).
+            mlp_ratio: FFN hidden width over ``dim``.
+            layer_scale_init_value: initial layer-scale value of every block.
+            drop_path: stochastic depth rate per block (empty: none).
+            attn_backend: ``visionattn.ops.linear_attention`` backend of the linear-attention blocks.
+            device: parameter device.
+            dtype: parameter dtype.
+        """
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.grad_checkpointing = False
