@@ -204,3 +204,21 @@ def test_agent_grad_checkpointing_and_intermediates(name, rng):
     assert len(inter) == 2 and all(t.ndim == 4 for t in inter)
     features = timm.create_model(name, features_only=True, out_indices=2, **SHALLOW[name]).eval()
     assert [f.shape[1] for f in features(x)] == features.feature_info.channels()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NAMES)
+def test_agent_gpu_bf16_train_step_any_size_and_compile(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name).cuda().train()
+    for size in ((224, 224), (256, 320), (512, 512)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(torch.randn(2, 3, *size, device="cuda")).float().logsumexp(-1).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        model.zero_grad()
+    model.eval()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        assert_close("compiled", model(x), torch.compile(model)(x), tol=1e-4)

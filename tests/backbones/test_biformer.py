@@ -134,3 +134,37 @@ def test_biformer_any_resolution_channels_last_amp_and_grad_checkpointing(rng):
     assert [t.shape[-2:] for t in inter] == [(16, 24), (8, 12), (4, 6), (2, 3)]
     features = timm.create_model("biformer_tiny", features_only=True, out_indices=(1, 3), n_win=8, **SHALLOW).eval()
     assert [f.shape[1] for f in features(x)] == [128, 512]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_biformer_gpu_triton_matches_reference_and_trains_in_bf16(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name).cuda().eval()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        out = model(x)
+        for m in model.modules():
+            if isinstance(m, BiLevelRoutingAttention):
+                m.backend = "reference"
+        ref = model(x)
+        for m in model.modules():
+            if isinstance(m, BiLevelRoutingAttention):
+                m.backend = None
+    assert_close("logits fp32", ref, out, tol=2e-3)
+    model.train()
+    for size in (224, 320, 1024):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(torch.randn(2, 3, size, size, device="cuda")).float().logsumexp(-1).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        model.zero_grad()
+
+
+@pytest.mark.gpu
+def test_biformer_gpu_torch_compile_matches_eager():
+    model = timm.create_model("biformer_tiny").cuda().eval()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        assert_close("compiled", model(x), torch.compile(model)(x), tol=1e-4)

@@ -87,3 +87,17 @@ def test_agent_attention_rejects_bad_arguments(rng):
         agent_attention(q, k, v, a, scale=-1.0)
     with pytest.raises(ValueError, match="backend"):
         agent_attention(q, k, v, a, backend="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_agent_attention_gpu_sdpa_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(0)
+    inputs = _inputs(gen, batch=4, heads=6, n_q=3136, n_kv=3136, n_agents=49, dim=64, dim_v=64)
+    ref = agent_attention_reference(**inputs)
+    cuda = {k: t.to("cuda", dtype).requires_grad_(True) for k, t in inputs.items()}
+    out = agent_attention(**cuda)
+    assert out.dtype == dtype
+    assert_close("out", ref, out.double(), dtype=dtype)
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in cuda.values())
