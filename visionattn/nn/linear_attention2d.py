@@ -94,7 +94,7 @@ class _GatedAttention2d(nn.Module):
             for i in range(3)
         )
         gate = qkvo[..., 3 * channels :]
-        # LePE on the (B, C, Y, X) view of v (channels-last strides: no copy).
+        # LePE on a (B, C, Y, X) channels-last view of v (the conv may copy the strided slice).
         v_map = qkvo[..., 2 * channels : 3 * channels].unflatten(1, (rows, cols)).permute(0, 3, 1, 2)
         lepe = self.lepe(v_map).permute(0, 2, 3, 1).reshape(batch, length, channels)
         out = self._attend(q, k, v, rope).transpose(1, 2).reshape(batch, length, channels)
