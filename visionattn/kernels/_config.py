@@ -3,6 +3,9 @@
 ``TRITON_INTERPRET`` is read once at import (the env var -> module flag -> accessor pattern of
 ``timm.layers.config``). Under the interpreter every program runs sequentially in numpy, so autotuning
 collapses to one fixed config; on CUDA the full config list is benchmarked once per ``key``.
+
+``VISIONATTN_AUTOTUNE=0`` keeps only the first config of each list (the tuned default for Hopper) on CUDA: test
+suites that launch many shapes then compile one kernel per shape instead of one per config.
 """
 
 import os
@@ -10,6 +13,7 @@ import os
 __all__ = ["autotune_configs", "autotune_kwargs", "is_interpreter"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_AUTOTUNE = os.environ.get("VISIONATTN_AUTOTUNE", "1") != "0"
 
 
 def is_interpreter() -> bool:
@@ -18,8 +22,11 @@ def is_interpreter() -> bool:
 
 
 def autotune_configs(full: list, default) -> list:
-    """The configs ``triton.autotune`` should try: ``[default]`` under the interpreter, else ``full``."""
-    return [default] if _INTERPRET else list(full)
+    """The configs ``triton.autotune`` should try: ``[default]`` under the interpreter, else ``full``
+    (only its first entry with ``VISIONATTN_AUTOTUNE=0``)."""
+    if _INTERPRET:
+        return [default]
+    return list(full) if _AUTOTUNE else [full[0]]
 
 
 def autotune_kwargs() -> dict:
