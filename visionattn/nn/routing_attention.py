@@ -5,11 +5,13 @@ Zhu, Wang, Ke, Zhang, Lau, "BiFormer: Vision Transformer with Bi-Level Routing A
 the version of the released checkpoints) and ``models/_common.py`` (``AttentionLePE``).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import TokenGrid, TokenLayout, topk_routing_block_mask
+from ..layout import BlockMask, TokenGrid, TokenLayout, topk_routing_block_mask
 from ..ops import block_sparse_attention
 
 __all__ = ["BiLevelRoutingAttention", "LePEAttention"]
@@ -29,6 +31,19 @@ def _from_regions(x: torch.Tensor, regions: int, height: int, width: int) -> tor
     batch, _, channels = x.shape
     x = x.view(batch, regions, regions, height // regions, width // regions, channels)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, channels)
+
+
+def _heads_from_regions(x: torch.Tensor, regions: int, height: int, width: int) -> torch.Tensor:
+    """``(B, heads, Y*X, D)`` in region order -> ``(B, Y, X, heads*D)`` raster map, in one copy."""
+    batch, heads, _, dim = x.shape
+    x = x.view(batch, heads, regions, regions, height // regions, width // regions, dim)
+    return x.permute(0, 2, 4, 3, 5, 1, 6).reshape(batch, height, width, heads * dim)
+
+
+@functools.lru_cache(maxsize=8)
+def _region_grid(n_win: int) -> TokenLayout:
+    """The ``n_win x n_win`` grid of regions, one token (one block) per region."""
+    return TokenLayout(TokenGrid((n_win, n_win)), tile=(1, 1))
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -93,23 +108,37 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"grid must be the (Y, X) grid of x's {num_tokens} tokens; got {grid=}.")
         s = self.n_win
         pad_y, pad_x = (-height) % s, (-width) % s
-        x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, pad_x, 0, pad_y))
+        x = x.view(batch, height, width, channels)
+        if pad_y or pad_x:
+            x = F.pad(x, (0, 0, 0, pad_x, 0, pad_y))
         padded_h, padded_w = height + pad_y, width + pad_x
-        layout = TokenLayout(TokenGrid((padded_h, padded_w)), tile=(padded_h // s, padded_w // s))
 
         q, k, v = self.qkv(_to_regions(x, s)).chunk(3, dim=-1)  # (B, N, C) each, region order
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, N, D) view
         if q.device.type == "meta":
             # shapes only: the routing is a data-dependent top-k that meta tensors cannot evaluate
-            out = torch.empty_like(q)
+            out = torch.empty_like(heads(q))
         else:
-            mask = topk_routing_block_mask(q, k, layout, self.topk)
+            mask = self._routing_mask(q, k, padded_h * padded_w)
             out = block_sparse_attention(heads(q), heads(k), heads(v), mask, scale=self.scale, backend=self.backend)
-            out = out.transpose(1, 2).reshape(batch, -1, channels)
         v_map = _from_regions(v, s, padded_h, padded_w).permute(0, 3, 1, 2)
-        out = _from_regions(out, s, padded_h, padded_w) + self.lepe(v_map).permute(0, 2, 3, 1)
+        out = _heads_from_regions(out, s, padded_h, padded_w) + self.lepe(v_map).permute(0, 2, 3, 1)
         out = self.proj(out)[:, :height, :width]
         return out.reshape(batch, num_tokens, channels)
+
+    def _routing_mask(self, q: torch.Tensor, k: torch.Tensor, num_tokens: int) -> BlockMask:
+        """Region-level top-k routing as a token-level ``BlockMask`` with one block per region.
+
+        The region means are taken here with one fp32 reduction each and routed by ``topk_routing_block_mask`` on a
+        grid of one-token regions; the resulting CSR (block ``r`` = region ``r``) is then re-declared with
+        region-sized blocks. Same mask as routing ``q``/``k`` on the region layout directly, without the builder's
+        full-size fp32 copies of ``q`` and ``k``.
+        """
+        regions = self.n_win**2
+        means = [t.detach().unflatten(1, (regions, -1)).mean(2, dtype=torch.float32) for t in (q, k)]
+        routed = topk_routing_block_mask(*means, _region_grid(self.n_win), self.topk)
+        block = num_tokens // regions
+        return BlockMask(routed.indptr, routed.indices, routed.partial, num_tokens, num_tokens, block, block)
 
 
 class LePEAttention(nn.Module):
