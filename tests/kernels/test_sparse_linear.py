@@ -48,7 +48,7 @@ def _check(device, dtype, gen, *, n, d, dv, block_q, block_k, topk_ratio, skip_r
     "feature_map, n, d, dv, block_q, block_k, topk_ratio, skip_ratio, bnhd",
     [
         ("softmax", 80, 16, 16, 32, 16, 0.4, 0.0, False),
-        ("elu1", 72, 32, 16, 16, 32, 0.34, 0.34, True),
+        ("elu1", 72, 16, 32, 16, 32, 0.34, 0.34, True),
         ("relu", 48, 16, 16, 16, 16, 0.0, 0.0, False),
         ("softmax", 50, 16, 16, 12, 10, 1.0, 0.0, False),
     ],

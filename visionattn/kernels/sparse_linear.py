@@ -31,7 +31,7 @@ from .block_sparse import (
     prune_configs,
 )
 from .linear import _phi
-from .sparse_linear_state import _sla_dot, sparse_linear_state, state_dtype
+from .sparse_linear_state import _sla_dot, dv_chunk, sparse_linear_state, state_dtype
 
 __all__ = ["sparse_linear_fwd"]
 
@@ -39,10 +39,11 @@ _NEG_INF = tl.constexpr(NEG_INF)
 _NEG_INF_LSE = tl.constexpr(float("-inf"))
 _LN2 = tl.constexpr(LN2)
 
-# The linear epilogue holds a D x Dv fp32 state next to the query tile, so 8 warps are listed for every tile.
+# The linear epilogue holds a D x 64 slice of the fp32 state next to the query tile: 8 warps only (ptxas for sm_90a
+# at D = 128: 4 warps spill 0.2-3.5 KB per thread, 8 warps at most 36 bytes).
 _FWD_CONFIGS = [
-    triton.Config({"TILE_M": m, "TILE_N": n}, num_warps=w, num_stages=s)
-    for m, n, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3)]
+    triton.Config({"TILE_M": m, "TILE_N": n}, num_warps=8, num_stages=s)
+    for m, n, s in [(128, 64, 3), (128, 128, 2), (128, 64, 2), (64, 64, 3), (64, 128, 2)]
 ]
 # Under the interpreter: 16-row tiles, so tests with 32-token blocks also exercise the sub-tile walk.
 _DEFAULT_CONFIG = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_stages=2)
@@ -88,21 +89,23 @@ def _sla_marginal_state(
     neg_start,
     neg_end,
     num_blocks,
+    col0,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    COLS: tl.constexpr,
 ):
-    """``(S, z, has_marginal)``: the total state minus the critical and negligible blocks' states, fp32.
+    """``(S[:, col0:col0 + COLS], z, has_marginal)``: the total state minus the critical and negligible blocks'
+    states, fp32, for one run of value columns (callers walk Dv in chunks to bound the registers a state takes).
 
     ``has_marginal`` is False when the two sets cover all ``num_blocks`` blocks (the state is then exactly 0, so
     callers zero the linear branch instead of trusting the cancellation residual).
     """
     o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
+    o_dv = col0 + tl.arange(0, COLS)
     m_d = o_d < HEAD_DIM
     m_dv = o_dv < HEAD_DIM_V
-    # [BLOCK_D, BLOCK_DV]
+    # [BLOCK_D, COLS]
     s = tl.load(tot_s_ptr + o_d[:, None] * HEAD_DIM_V + o_dv[None, :], mask=m_d[:, None] & m_dv[None, :], other=0.0)
     z = tl.load(tot_z_ptr + o_d, mask=m_d, other=0.0)
     s, z = _sla_subtract_blocks(
@@ -185,6 +188,7 @@ def _sparse_linear_fwd_kernel(
     MASK_KIND: tl.constexpr,
     FEATURE: tl.constexpr,
     STATE_BF16: tl.constexpr,
+    DV_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     i_bh = tl.program_id(1)
@@ -248,28 +252,35 @@ def _sparse_linear_fwd_kernel(
     tl.store(lse_ptr + p_row, b_lse, mask=m_m)
     # -- linear part: marginal state = total - critical - negligible, applied to φ(q)
     neg_row = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_m
-    b_s, b_z, has_marginal = _sla_marginal_state(
-        h_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
-        z_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
-        h_ptr + i_bh.to(tl.int64) * num_kv_blocks * (HEAD_DIM * HEAD_DIM_V),
-        z_ptr + i_bh.to(tl.int64) * num_kv_blocks * HEAD_DIM,
-        indices_ptr,
-        crit_start,
-        crit_end,
-        neg_indices_ptr,
-        tl.load(neg_row),
-        tl.load(neg_row + 1),
-        num_kv_blocks,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        BLOCK_D,
-        BLOCK_DV,
-    )
+    neg_start = tl.load(neg_row)
+    neg_end = tl.load(neg_row + 1)
     b_phq = _phi(b_q.to(tl.float32), m_d, FEATURE)
-    b_num = _sla_dot(b_phq, b_s, STATE_BF16, DOT_PRECISION)
-    b_rden = tl.where(has_marginal, 1.0 / (tl.sum(b_phq * b_z[None, :], axis=1) + eps), 0.0)
-    b_ol = b_num * b_rden[:, None]
-    tl.store(ol_ptr + i_b * stride_o_b + i_h * stride_o_h + o_row, b_ol.to(ol_ptr.dtype.element_ty), mask=m_o)
+    for c in tl.static_range(0, BLOCK_DV, DV_CHUNK):
+        # [BLOCK_D, DV_CHUNK]
+        b_s, b_z, has_marginal = _sla_marginal_state(
+            h_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
+            z_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
+            h_ptr + i_bh.to(tl.int64) * num_kv_blocks * (HEAD_DIM * HEAD_DIM_V),
+            z_ptr + i_bh.to(tl.int64) * num_kv_blocks * HEAD_DIM,
+            indices_ptr,
+            crit_start,
+            crit_end,
+            neg_indices_ptr,
+            neg_start,
+            neg_end,
+            num_kv_blocks,
+            c,
+            HEAD_DIM,
+            HEAD_DIM_V,
+            BLOCK_D,
+            DV_CHUNK,
+        )
+        b_rden = tl.where(has_marginal, 1.0 / (tl.sum(b_phq * b_z[None, :], axis=1) + eps), 0.0)
+        b_ol = _sla_dot(b_phq, b_s, STATE_BF16, DOT_PRECISION) * b_rden[:, None]
+        o_c = c + tl.arange(0, DV_CHUNK)
+        p_ol = ol_ptr + i_b * stride_o_b + i_h * stride_o_h + (start_m + o_m)[:, None] * stride_o_n
+        p_ol += o_c[None, :] * stride_o_d
+        tl.store(p_ol, b_ol.to(ol_ptr.dtype.element_ty), mask=m_m[:, None] & (o_c < HEAD_DIM_V)[None, :])
     tl.store(rden_ptr + p_row, b_rden, mask=m_m)
 
 
@@ -337,6 +348,7 @@ def sparse_linear_fwd(
         tuple(NO_MASK_PARAMS),
         FEATURE=feature,
         STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
+        DV_CHUNK=dv_chunk(v.shape[-1]),
         **launch_constexprs(q, v, MASK_NONE, NO_MASK_PARAMS),
     )
     return o_sparse, o_linear, lse, rden

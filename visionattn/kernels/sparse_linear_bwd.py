@@ -39,6 +39,7 @@ from .sparse_linear_state import (
     _sla_dot,
     _sparse_linear_bwd_kernel_state,
     blocks_per_program,
+    dv_chunk,
     sparse_linear_state,
     state_dtype,
 )
@@ -49,9 +50,10 @@ _LOG2E = tl.constexpr(LOG2E)
 _INF = tl.constexpr(float("inf"))
 
 # TILE_M / TILE_N cap the query / key tiles of both kernels (dQ owns query rows, dK/dV key rows).
+# 8 warps only: with the linear branch's state slice, 4-warp tiles spill (ptxas for sm_90a at D = 128).
 _BWD_CONFIGS = [
-    triton.Config({"TILE_M": m, "TILE_N": n}, num_warps=w, num_stages=s)
-    for m, n, w, s in [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 3), (128, 128, 8, 1)]
+    triton.Config({"TILE_M": m, "TILE_N": n}, num_warps=8, num_stages=s)
+    for m, n, s in [(64, 128, 2), (128, 64, 2), (64, 64, 3), (64, 64, 2), (128, 128, 1)]
 ]
 _BWD_DEFAULT = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_stages=2)
 _BWD_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "FEATURE"]
@@ -136,6 +138,7 @@ def _sparse_linear_bwd_kernel_dq(
     MASK_KIND: tl.constexpr,
     FEATURE: tl.constexpr,
     STATE_BF16: tl.constexpr,
+    DV_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     i_bh = tl.program_id(1)
@@ -150,7 +153,6 @@ def _sparse_linear_bwd_kernel_dq(
     rows = (start_m + o_m)[:, None]
     p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + rows * stride_q_n + o_d[None, :] * stride_q_d
     p_dos = dos_ptr + i_b * stride_dos_b + i_h * stride_dos_h + rows * stride_dos_n + o_dv[None, :] * stride_dos_d
-    p_dol = dol_ptr + i_b * stride_dol_b + i_h * stride_dol_h + rows * stride_dol_n + o_dv[None, :] * stride_dol_d
     # [BLOCK_M, BLOCK_D]
     b_q = _bsa_load(p_q, m_m, m_d, EVEN_M, HEAD_DIM == BLOCK_D)
     # [BLOCK_M, BLOCK_DV]
@@ -165,30 +167,39 @@ def _sparse_linear_bwd_kernel_dq(
     # -- linear part first: its D x Dv state is dead before the loop's tiles are live
     # dφ(q) = dn Sᵀ + dden z, through φ
     neg_row = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_m
-    b_s, b_z, _ = _sla_marginal_state(
-        h_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
-        z_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
-        h_ptr + i_bh.to(tl.int64) * num_kv_blocks * (HEAD_DIM * HEAD_DIM_V),
-        z_ptr + i_bh.to(tl.int64) * num_kv_blocks * HEAD_DIM,
-        indices_ptr,
-        crit_start,
-        crit_end,
-        neg_indices_ptr,
-        tl.load(neg_row),
-        tl.load(neg_row + 1),
-        num_kv_blocks,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        BLOCK_D,
-        BLOCK_DV,
-    )
+    neg_start = tl.load(neg_row)
+    neg_end = tl.load(neg_row + 1)
     b_rden = tl.load(rden_ptr + p_row, mask=m_m, other=0.0)
     b_dden = tl.load(dden_ptr + p_row, mask=m_m, other=0.0)
-    # [BLOCK_M, BLOCK_DV]
-    b_dn = _bsa_load(p_dol, m_m, o_dv < HEAD_DIM_V, EVEN_M, HEAD_DIM_V == BLOCK_DV).to(tl.float32) * b_rden[:, None]
+    b_dphq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for c in tl.static_range(0, BLOCK_DV, DV_CHUNK):
+        # [BLOCK_D, DV_CHUNK]
+        b_s, b_z, _ = _sla_marginal_state(
+            h_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
+            z_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
+            h_ptr + i_bh.to(tl.int64) * num_kv_blocks * (HEAD_DIM * HEAD_DIM_V),
+            z_ptr + i_bh.to(tl.int64) * num_kv_blocks * HEAD_DIM,
+            indices_ptr,
+            crit_start,
+            crit_end,
+            neg_indices_ptr,
+            neg_start,
+            neg_end,
+            num_kv_blocks,
+            c,
+            HEAD_DIM,
+            HEAD_DIM_V,
+            BLOCK_D,
+            DV_CHUNK,
+        )
+        o_c = c + tl.arange(0, DV_CHUNK)
+        p_dol = dol_ptr + i_b * stride_dol_b + i_h * stride_dol_h + rows * stride_dol_n + o_c[None, :] * stride_dol_d
+        # [BLOCK_M, DV_CHUNK]
+        b_dn = tl.load(p_dol, mask=m_m[:, None] & (o_c < HEAD_DIM_V)[None, :], other=0.0).to(tl.float32)
+        b_dphq += _sla_dot(b_dn * b_rden[:, None], tl.trans(b_s), STATE_BF16, DOT_PRECISION)
+    b_dphq += b_dden[:, None] * b_z[None, :]
     b_qf = b_q.to(tl.float32)
     b_phq = _phi(b_qf, m_d, FEATURE)
-    b_dphq = _sla_dot(b_dn, tl.trans(b_s), STATE_BF16, DOT_PRECISION) + b_dden[:, None] * b_z[None, :]
     # the sparse loop accumulates unscaled and the sum is scaled once at the end
     dq = _phi_bwd(b_qf, b_phq, b_dphq, FEATURE) / scale
     # -- sparse part
@@ -343,6 +354,7 @@ def _sparse_linear_bwd_kernel_dkdv(
         tl.load(neg_col),
         tl.load(neg_col + 1),
         num_q_blocks,
+        0,
         HEAD_DIM,
         HEAD_DIM_V,
         BLOCK_D,
@@ -476,6 +488,7 @@ def sparse_linear_bwd(
         STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
         **launch_constexprs(q, v, MASK_NONE, NO_MASK_PARAMS),
     )
+    dq_constexprs = dict(constexprs, DV_CHUNK=dv_chunk(dv_dim))
     mp = tuple(NO_MASK_PARAMS)
     grid_dq = lambda meta: (mq * meta["Q_SUB"], b * h)
     _sparse_linear_bwd_kernel_dq[grid_dq](
@@ -514,7 +527,7 @@ def sparse_linear_bwd(
         mk,
         scale,
         mp,
-        **constexprs,
+        **dq_constexprs,
     )
     indptr_t, indices_t, partial_t = transpose_csr(indptr, indices, partial, mk)
     neg_partial = torch.zeros(neg_indices.shape, dtype=torch.bool, device=q.device)

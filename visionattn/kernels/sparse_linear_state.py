@@ -15,7 +15,7 @@ from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from .block_sparse import next_block
 from .linear import _phi
 
-__all__ = ["blocks_per_program", "sparse_linear_state", "state_dtype"]
+__all__ = ["blocks_per_program", "dv_chunk", "sparse_linear_state", "state_dtype"]
 
 # Row tiles of the per-block state reductions (one program walks a run of logical blocks).
 _STATE_CONFIGS = [triton.Config({"BLOCK_ROWS": r}, num_warps=w) for r in (32, 64) for w in (4, 8)]
@@ -239,6 +239,12 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     the bytes the fused kernels re-read per selected block; fp32 otherwise (fp16's range is too narrow for the
     backward's ``dS_b``, and fp32 inputs are the exact test path). Running sums are always fp32."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def dv_chunk(dv: int) -> int:
+    """Value columns of the marginal state a fused kernel holds at once: 64 (a 128 x 64 fp32 slice of a 128-wide
+    state, half the registers), 16 under the interpreter so small CPU tests walk several chunks."""
+    return min(next_block(dv), 16 if is_interpreter() else 64)
 
 
 def blocks_per_program(num_blocks: int, batch_heads: int) -> int:
