@@ -65,8 +65,8 @@ def _check_against_reference(gen, inputs, kwargs, dtype, tol=None, run=None):
     ref = linear_attention_reference(**ref64, **kw64)
     assert out.dtype == inputs["q"].dtype
     assert_close("out", ref, out, dtype=dtype, tol=tol)
-    do = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad(out, list(inputs.values()), do.to(device=out.device, dtype=out.dtype))
+    do = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(ref.device)
+    grads = torch.autograd.grad(out, list(inputs.values()), do.to(dtype=out.dtype))
     ref_grads = torch.autograd.grad(ref, list(ref64.values()), do)
     for name, g, r in zip(inputs, grads, ref_grads):
         assert_close(f"d{name}", r, g, dtype=dtype, tol=tol)
