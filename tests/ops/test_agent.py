@@ -49,8 +49,9 @@ def test_agent_attention_matches_brute_force(rng, backend, bias_batch, bias_head
         assert_close(f"d{name}", r, o)
 
 
-def test_agent_attention_sdpa_fp32_matches_reference(rng):
-    inputs = _inputs(rng)
+@pytest.mark.parametrize("n_agents", [6, 130], ids=["explicit-aggregation", "sdpa-aggregation"])
+def test_agent_attention_sdpa_fp32_matches_reference(rng, n_agents):
+    inputs = _inputs(rng, n_q=140, n_kv=150, n_agents=n_agents)
     ref = agent_attention_reference(**inputs)
     out = agent_attention(**{k: t.float() for k, t in inputs.items()})
     assert out.dtype == torch.float32
@@ -90,10 +91,11 @@ def test_agent_attention_rejects_bad_arguments(rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n_agents", [49, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_agent_attention_gpu_sdpa_matches_reference(dtype):
+def test_agent_attention_gpu_sdpa_matches_reference(dtype, n_agents):
     gen = torch.Generator().manual_seed(0)
-    inputs = _inputs(gen, batch=4, heads=6, n_q=3136, n_kv=3136, n_agents=49, dim=64, dim_v=64)
+    inputs = _inputs(gen, batch=4, heads=6, n_q=3136, n_kv=3136, n_agents=n_agents, dim=64, dim_v=64)
     ref = agent_attention_reference(**inputs)
     cuda = {k: t.to("cuda", dtype).requires_grad_(True) for k, t in inputs.items()}
     out = agent_attention(**cuda)

@@ -11,7 +11,9 @@ then broadcasts the aggregated agent values back to every query with a softmax o
 
 ``B₁`` (``bias_agent``) and ``B₂`` (``bias_query``) are the paper's agent biases. Both attentions are ordinary
 softmax attentions with an additive bias, so the ``"sdpa"`` backend runs them through
-``F.scaled_dot_product_attention`` (fp32 softmax statistics on every backend of it); the cost is ``O(N n D)``.
+``F.scaled_dot_product_attention`` (fp32 softmax statistics on every backend of it), except that with few agents
+the aggregation is an explicit product with an fp32 softmax (SDPA would run one program per batch x head there);
+the cost is ``O(N n D)``.
 """
 
 import torch
@@ -78,8 +80,8 @@ def agent_attention(
         scale: logit scale ``s``; None means ``D ** -0.5``.
 
     Other Parameters:
-        backend: ``"sdpa"`` (two ``F.scaled_dot_product_attention`` calls) or ``"reference"`` (explicit softmax,
-            any dtype incl. float64); None picks ``"sdpa"``.
+        backend: ``"sdpa"`` (``F.scaled_dot_product_attention``; the aggregation over at most 128 agents as
+            explicit products) or ``"reference"`` (explicit softmax, any dtype incl. float64); None picks ``"sdpa"``.
 
     Returns:
         ``(B, H, N, Dv)`` in the dtype of ``q``.
@@ -125,11 +127,25 @@ def _no_float64_on_cuda(args: dict, raise_error: bool) -> bool:
     return True
 
 
+#: Up to this many agents the aggregation runs as explicit products (see ``_agent_attention_sdpa``).
+_EXPLICIT_AGGREGATION_MAX_AGENTS = 128
+
+
 @_REGISTRY.register("sdpa", constraints=[_no_float64_on_cuda])
 def _agent_attention_sdpa(q, k, v, agents, bias_agent, bias_query, scale):
-    bias_agent = bias_agent.to(q.dtype) if bias_agent is not None else None
     bias_query = bias_query.to(q.dtype) if bias_query is not None else None
-    agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=bias_agent, scale=scale)
+    if agents.shape[2] <= _EXPLICIT_AGGREGATION_MAX_AGENTS:
+        # SDPA's kernels parallelise over blocks of queries: with a few agents as the queries that is one program
+        # per (batch, head) streaming all M keys. The (n x M) logits are small, so explicit products (parallel
+        # over the keys) with an fp32 softmax do the aggregation instead.
+        compute = torch.promote_types(q.dtype, torch.float32)
+        logits = (agents @ k.transpose(-1, -2)).to(compute) * scale
+        if bias_agent is not None:
+            logits = logits + bias_agent.to(compute)
+        agent_v = logits.softmax(-1).to(v.dtype) @ v
+    else:
+        bias_agent = bias_agent.to(q.dtype) if bias_agent is not None else None
+        agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=bias_agent, scale=scale)
     return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=bias_query, scale=scale)
 
 
