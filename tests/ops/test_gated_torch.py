@@ -85,6 +85,13 @@ def test_gated_linear_attention_torch_empty_sequence():
     assert gated_linear_attention(q, k, v, a, b, backend="torch").shape == (2, 3, 0, 8)
 
 
+def test_gated_linear_attention_torch_meta_tensors():
+    """Shape inference on the meta device (timm's tests run models there)."""
+    q, k, v, a, b = (t.float().to("meta") for t in _inputs(2, 3, 70, 4, 8))
+    out = gated_linear_attention(q, k, v, a, b, backend="torch")
+    assert out.device.type == "meta" and out.shape == (2, 3, 70, 8)
+
+
 def test_gated_linear_attention_default_backend_choice():
     """Without Triton (head dim 8 here), float32 runs on "torch"; float64 stays on the reference (the oracle)."""
     q, k, v, a, b = _inputs(1, 2, 5, 8, 8)

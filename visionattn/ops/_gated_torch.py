@@ -55,15 +55,25 @@ def requires_torch_dtype(args: dict, raise_error: bool) -> bool:
     )
 
 
-def _exact_strict_scores(q: torch.Tensor, k: torch.Tensor, log_gate: torch.Tensor) -> torch.Tensor:
-    """``Σ_{s<t} q_t exp(D_ts) k_s`` for single channels: ``(Z, C)`` inputs, ``(Z, C, C)`` scores (``[t, s]``)."""
+def _add_exact_scores(
+    scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor, log_gate: torch.Tensor, factored: torch.Tensor
+) -> torch.Tensor:
+    """``scores`` plus ``Σ_{s<t} q_t exp(D_ts) k_s`` of the (chunk, channel) pairs that are not ``factored``.
+
+    ``scores`` ``[..., M, C, C]``; q, k, log_gate ``[..., M, C, Dk]``; ``factored`` ``[..., M, 1, Dk]``.
+    """
+    exact = (~factored).nonzero()  # [Z, len(batch) + 3]: batch..., chunk, 0, channel
+    if not len(exact):
+        return scores
+    pairs, channel = tuple(exact[:, :-2].unbind(1)), exact[:, -1]
+    q, k, log_gate = (t[(*pairs, slice(None), channel)] for t in (q, k, log_gate))  # [Z, C]
     chunk = q.shape[-1]
     strict = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)  # [t, s]: s < t
     zero = q.new_zeros(())
     # D_ts = Σ_{t' <= t} (a_t' if s < t' else 0): masked before the sum, so an -inf gate never meets another
     steps = torch.where(strict, log_gate[:, :, None], zero)
     decay = torch.where(strict, steps.cumsum(-2).exp(), zero)
-    return q[:, :, None] * decay * k[:, None, :]
+    return scores.index_put(pairs, q[:, :, None] * decay * k[:, None, :], accumulate=True)
 
 
 def _chunked_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor) -> torch.Tensor:
@@ -84,12 +94,9 @@ def _chunked_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: t
     zero = q.new_zeros(())
     k_grown = torch.where(factored, k * torch.where(factored, -prefix, zero).exp(), zero)
     scores = (q_decayed @ k_grown.transpose(-1, -2)).tril(-1)  # [..., M, C(t), C(s)]
-    scores = scores + torch.diag_embed((q * k).sum(-1))
-    exact = (~factored).nonzero()  # [Z, len(batch) + 3]: batch..., chunk, 0, channel
-    if len(exact):
-        pairs, channel = tuple(exact[:, :-2].unbind(1)), exact[:, -1]
-        picked = (t[(*pairs, slice(None), channel)] for t in (q, k, log_gate))  # [Z, C] each
-        scores = scores.index_put(pairs, _exact_strict_scores(*picked), accumulate=True)
+    scores.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1))
+    if q.device.type != "meta":  # which pairs need the exact path is data; meta tensors carry only shapes
+        scores = _add_exact_scores(scores, q, k, log_gate, factored)
     out = scores @ v
 
     chunk_decay = prefix[..., -1, :, None].exp()  # [..., M, Dk, 1]
