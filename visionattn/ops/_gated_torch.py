@@ -37,8 +37,6 @@ _MAX_CHUNK = 64
 #: ``exp(16) ~ 9e6`` (the masked upper triangle below ``exp(32)`` for positive gates), and float32 rounding of
 #: ``P`` moves ``exp(P_t - P_s)`` by ``~16 · 2^-24 · sqrt(C) ~ 1e-6`` relative at worst.
 _FACTOR_BOUND = 16.0
-
-
 #: Input dtypes of the ``"torch"`` backend; float64 stays with the token-loop reference, the tests' oracle.
 _TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -70,7 +68,7 @@ def _add_exact_scores(
     chunk = q.shape[-1]
     strict = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)  # [t, s]: s < t
     zero = q.new_zeros(())
-    # D_ts = Σ_{t' <= t} (a_t' if s < t' else 0): masked before the sum, so an -inf gate never meets another
+    # D_ts = Σ_{t' <= t} (a_t' if s < t' else 0): a sum of the gates in (s, t] only, never P_t - P_s
     steps = torch.where(strict, log_gate[:, :, None], zero)
     decay = torch.where(strict, steps.cumsum(-2).exp(), zero)
     return scores.index_put(pairs, q[:, :, None] * decay * k[:, None, :], accumulate=True)
@@ -122,9 +120,9 @@ def gated_linear_attention_chunked(
 
     Half-precision inputs are computed in float32 and cast back, like the reference.
     """
-    out_dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
     if q.shape[2] == 0:
         return v.new_zeros(v.shape)
+    out_dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, k, v = q.to(compute) * scale, k.to(compute), v.to(compute)
     if log_gate_bwd is None:
         return _chunked_scan(q, k, v, log_gate_fwd.to(compute)).to(out_dtype)
