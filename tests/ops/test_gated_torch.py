@@ -105,3 +105,25 @@ def test_gated_linear_attention_torch_rejects_float64():
     q, k, v, a, b = _inputs(1, 2, 5, 8, 8)
     with pytest.raises(NotImplementedError, match="q.dtype"):
         gated_linear_attention(q, k, v, a, b, backend="torch")
+
+
+@pytest.mark.gpu
+def test_gated_linear_attention_torch_gpu_matches_reference():
+    """On CUDA (the backend for head dims Triton lacks), ViG-T head dims, exact float32 matmuls, strong gates too."""
+    q, k, v, a, b = _inputs(2, 3, 1000, 32, 64, gate_scale=1 / 16)
+    a[..., 500:510, :4] = -1e4
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, a, b)]
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        ref = gated_linear_attention_reference(*inputs)
+        cuda = [t.detach().float().cuda().requires_grad_() for t in inputs]
+        out = gated_linear_attention(*cuda, backend="torch")
+        grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+        grads = torch.autograd.grad(out, cuda, grad_out.float().cuda())
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert_close("o", ref, out.cpu())
+    for name, g_ref, g in zip(_NAMES[1:], ref_grads, grads):
+        assert_close(name, g_ref, g.cpu())
