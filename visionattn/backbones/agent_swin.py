@@ -41,6 +41,7 @@ class AgentSwinBlock(AgentBlock):
         return out.reshape(batch, height, width, channels)
 
 
+@register_notrace_module  # timm's shifted-window blocks build their masks from the input shape (dynamic_mask)
 class AgentSwinStage(nn.Module):
     """Optional patch merging, then ``agent_blocks`` agent blocks and Swin window blocks; ``NHWC`` in and out."""
 
