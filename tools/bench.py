@@ -21,11 +21,11 @@ import statistics
 import sys
 import time
 
-# Kernels run under the Triton interpreter on CPU; it must be chosen before anything imports triton.
-if "cpu" in sys.argv or not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (importing torch does not import triton)
 
-import torch  # noqa: E402
+# Kernels run under the Triton interpreter on CPU; it must be chosen before anything imports triton.
+if "cpu" in sys.argv or not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -133,7 +133,9 @@ def _add_speedups(rows: list[dict]) -> None:
             row["fraction_of_ideal"] = round(row["speedup"] * row["density"], 3)
 
 
-def run_cases(args) -> list[dict]:
+def run_cases(args, on_row=None) -> list[dict]:
+    """Time every selected row; ``on_row(rows)`` runs after each one (the CLI rewrites its outputs there, so a run
+    stopped by a time limit keeps what it measured)."""
     rows = []
     modes = ("fwd", "fwd+bwd") if args.mode == "both" else (args.mode,)
     for name in args.case_names:
@@ -155,6 +157,8 @@ def run_cases(args) -> list[dict]:
             finally:
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
+            if on_row is not None:
+                on_row(rows)
     _add_speedups(rows)
     return rows
 
@@ -224,17 +228,25 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = _parse_args(argv)
-    rows = run_cases(args)
-    env = environment()
+def _write(rows: list[dict], env: dict, out: pathlib.Path | None) -> str:
+    rows = [dict(r) for r in rows]
+    _add_speedups(rows)
     text = to_markdown(rows, env)
-    print(text)
-    if args.out:
-        out = pathlib.Path(args.out)
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
         out.with_suffix(".md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    env = environment()
+    out = pathlib.Path(args.out) if args.out else None
+    rows = run_cases(args, on_row=lambda partial: _write(partial, env, out))
+    text = _write(rows, env, out)
+    print(text)
+    if out is not None:
         plot(rows, out.with_suffix(".png"))
     return 1 if rows and all("error" in r for r in rows) else 0
 
