@@ -95,7 +95,7 @@ def test_agent_attention_rejects_bad_arguments(rng):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_agent_attention_gpu_sdpa_matches_reference(dtype, n_agents):
     gen = torch.Generator().manual_seed(0)
-    inputs = _inputs(gen, batch=4, heads=6, n_q=3136, n_kv=3136, n_agents=n_agents, dim=64, dim_v=64)
+    inputs = _inputs(gen, batch=4, heads=6, n_q=3136, n_kv=3136, n_agents=n_agents, dim=64, dim_v=64, bias_heads=6)
     ref = agent_attention_reference(**inputs)
     cuda = {k: t.to("cuda", dtype).requires_grad_(True) for k, t in inputs.items()}
     out = agent_attention(**cuda)
