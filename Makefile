@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/showcase.py
+	rm -rf output/quickstart
+	$(PY) tools/train.py -c configs/train/quickstart.yaml
+	$(PY) tools/validate.py output/quickstart/mavit_digits/model_best.safetensors
 
 showcase: $(STAMP)
 	$(PY) tools/showcase.py

@@ -19,6 +19,13 @@ def _model_kwargs(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _as_model_kwargs(value) -> dict:
+    """``--model-kwargs`` from the command line (parsed pairs), or from YAML (a mapping or ``key=value`` strings)."""
+    if isinstance(value, dict):
+        return dict(value)
+    return dict(_model_kwargs(v) if isinstance(v, str) else v for v in value)
+
+
 def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and data")
     group.add_argument("--model", default="mavit_tiny", help="timm model name (visionattn models are registered)")
@@ -117,7 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model not in timm.list_models():
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:8]
         parser.error(f"--model {args.model!r} is not a registered timm model; similar names: {close}.")
-    args.model_kwargs = dict(args.model_kwargs)
+    args.model_kwargs = _as_model_kwargs(args.model_kwargs)
     args.experiment = args.experiment or args.model
     return args
 
@@ -131,5 +138,5 @@ def parse_validate_args(argv=None) -> argparse.Namespace:
     args.dataset = args.dataset or ("folder" if args.data_dir else "digits")
     if not pathlib.Path(args.checkpoint).is_file():
         parser.error(f"checkpoint {args.checkpoint} does not exist.")
-    args.model_kwargs = dict(args.model_kwargs)
+    args.model_kwargs = _as_model_kwargs(args.model_kwargs)
     return args

@@ -47,7 +47,9 @@ class TokenGrid:
     def __post_init__(self):
         shape = tuple(self.shape) if not isinstance(self.shape, int) else (self.shape,)
         if not 1 <= len(shape) <= 3 or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
-            raise ValueError(f"shape must be a tuple of 1 to 3 ints (X,), (Y, X) or (T, Y, X); got shape={self.shape!r}.")
+            raise ValueError(
+                f"shape must be a tuple of 1 to 3 ints (X,), (Y, X) or (T, Y, X); got shape={self.shape!r}."
+            )
         if any(s < 1 for s in shape):
             raise ValueError(f"shape must be positive on every axis; got shape={self.shape!r}.")
         for name in ("extra_before", "extra_after"):
