@@ -24,15 +24,24 @@ weight decay to them exactly as the reference training (DeiT codebase, no ``no_w
 import re
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, register_notrace_function, register_notrace_module
-from timm.models import checkpoint
+from timm.models import build_model_with_cfg, checkpoint
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..layout import TokenGrid
 from ..nn import LinearAttention2d, RoPE2d, SoftmaxAttention2d
 
-__all__ = ["LinearViT", "LinearViTBlock", "LinearViTStage", "checkpoint_filter_fn", "feature_map_grid"]
+__all__ = [
+    "LinearViT",
+    "LinearViTBlock",
+    "LinearViTStage",
+    "checkpoint_filter_fn",
+    "create_linear_vit",
+    "feature_map_grid",
+    "linear_vit_cfg",
+]
 
 _ATTN_TYPES = ("mala", "rala", "softmax")
 _ATTN_LAYOUTS = ("hybrid", "linear")
@@ -459,3 +468,33 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
                 value = value.flatten(1)
             out[key] = value
     return out
+
+
+def create_linear_vit(model_cls: type, variant: str, pretrained: bool = False, **kwargs) -> LinearViT:
+    """Build a MAViT/RAVLT variant with timm's builder (official checkpoints go through ``checkpoint_filter_fn``)."""
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def linear_vit_cfg(hf_hub_id: str, file_name: str, **kwargs) -> dict:
+    """Pretrained cfg shared by the MAViT/RAVLT releases (224 px, ImageNet mean/std, bicubic, crop 0.875)."""
+    return {
+        "hf_hub_id": hf_hub_id,
+        "hf_hub_filename": file_name,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj.0",
+        "classifier": "head.fc",
+        **kwargs,
+    }

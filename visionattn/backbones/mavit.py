@@ -16,10 +16,9 @@ visionattn on the shared MAViT/RAVLT skeleton (``_linear_vit.py``, which lists t
 models keep softmax attention in stages 3-4 (``attn_types``), ``attn_layout="linear"`` makes every stage MALA.
 """
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._linear_vit import LinearViT, checkpoint_filter_fn
+from ._linear_vit import LinearViT, checkpoint_filter_fn, create_linear_vit, linear_vit_cfg
 
 __all__ = ["MAViT", "checkpoint_filter_fn"]
 
@@ -29,34 +28,18 @@ class MAViT(LinearViT):
 
 
 def _create_mavit(variant: str, pretrained: bool = False, **kwargs) -> MAViT:
-    return build_model_with_cfg(
-        MAViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
-    )
+    return create_linear_vit(MAViT, variant, pretrained, **kwargs)
 
 
 def _cfg(file_name: str, **kwargs) -> dict:
-    return {
-        "hf_hub_id": "aldjalkdf/MAViT",
-        "hf_hub_filename": file_name,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.0",
-        "classifier": "head.fc",
-        "paper_ids": "arXiv:2507.00698",
-        "paper_name": "Rectifying Magnitude Neglect in Linear Attention",
-        "origin_url": "https://github.com/qhfan/MALA",
+    return linear_vit_cfg(
+        "aldjalkdf/MAViT",
+        file_name,
+        paper_ids="arXiv:2507.00698",
+        paper_name="Rectifying Magnitude Neglect in Linear Attention",
+        origin_url="https://github.com/qhfan/MALA",
         **kwargs,
-    }
+    )
 
 
 # File names follow the RAVLT release (RAVLT_T.pth, ...); not verified against the MAViT hub listing.

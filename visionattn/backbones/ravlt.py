@@ -17,10 +17,9 @@ lists the layout changes); the released models keep softmax attention in stages 
 the authors in qhfan/RALA issue #9), ``attn_layout="linear"`` makes every stage RALA.
 """
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._linear_vit import LinearViT, checkpoint_filter_fn
+from ._linear_vit import LinearViT, checkpoint_filter_fn, create_linear_vit, linear_vit_cfg
 
 __all__ = ["RAVLT", "checkpoint_filter_fn"]
 
@@ -30,34 +29,18 @@ class RAVLT(LinearViT):
 
 
 def _create_ravlt(variant: str, pretrained: bool = False, **kwargs) -> RAVLT:
-    return build_model_with_cfg(
-        RAVLT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
-    )
+    return create_linear_vit(RAVLT, variant, pretrained, **kwargs)
 
 
 def _cfg(file_name: str, **kwargs) -> dict:
-    return {
-        "hf_hub_id": "aldjalkdf/RAVLT",
-        "hf_hub_filename": file_name,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.0",
-        "classifier": "head.fc",
-        "paper_ids": "arXiv:2411.07635",
-        "paper_name": "Breaking the Low-Rank Dilemma of Linear Attention",
-        "origin_url": "https://github.com/qhfan/RALA",
+    return linear_vit_cfg(
+        "aldjalkdf/RAVLT",
+        file_name,
+        paper_ids="arXiv:2411.07635",
+        paper_name="Breaking the Low-Rank Dilemma of Linear Attention",
+        origin_url="https://github.com/qhfan/RALA",
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs(
