@@ -5,13 +5,18 @@
     python tools/bench.py diffusion
     python tools/bench.py attention --device cpu          # tiny shapes: checks that everything runs
 
-Each case module in ``tools/bench_cases`` returns ``BenchCase`` rows (see ``_common.py``). Every row is warmed up,
-timed with CUDA events (median of ``--iters``), and its peak memory recorded; rows that fail (e.g. out of memory,
-a peer that is not installed) are reported with the error instead of stopping the run.
+Each case module in ``tools/bench_cases`` describes ``BenchCase`` rows (see ``_common.py``) without building them.
+``--mode``, ``--filter`` (group substring) and ``--impl`` (impl substrings) select rows first; then each selected
+row is built (its ``make`` allocates inputs, models), warmed up (compilation, autotuning: ``warmup_s``), timed with
+CUDA events (median of ``--iters``), its peak memory recorded, and freed before the next. Rows that fail (e.g. out
+of memory, a peer that is not installed) are reported with the error instead of stopping the run.
+
+    python tools/bench.py attention --cases block_sparse --filter FLUX --impl ours,flex --mode fwd
 """
 
 import argparse
 import datetime
+import gc
 import importlib
 import json
 import os
@@ -49,6 +54,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per row (default 5 on CUDA, 1 on CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20 on CUDA, 2 on CPU)")
     parser.add_argument("--filter", default=None, help="only rows whose group contains this substring")
+    parser.add_argument(
+        "--impl", default=None, help="only rows whose impl contains one of these comma-separated substrings"
+    )
     parser.add_argument("--out", default=None, help="output path prefix for .json/.md/.png (default: print only)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -71,46 +79,53 @@ def _available_cases() -> list[str]:
 
 
 def _time_row(case: BenchCase, args) -> dict:
-    """Median milliseconds and peak memory of ``case.fn``."""
-    if case.setup is not None:
-        case.setup()
+    """Build the row (``case.make``), warm it up, then its median milliseconds and peak memory. The callable and its
+    inputs are local to this frame, so they are freed when it returns."""
     on_gpu = args.device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else lambda: None
+    t0 = time.perf_counter()
+    fn = case.make()
+    sync()
+    t1 = time.perf_counter()
     for _ in range(args.warmup):
-        case.fn()
+        fn()
+    sync()
+    t2 = time.perf_counter()
+    times = []
     if on_gpu:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        times = []
         for _ in range(args.iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            case.fn()
+            fn()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        times = []
         for _ in range(args.iters):
-            t0 = time.perf_counter()
-            case.fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
         peak_mb = None
-    return {"ms": statistics.median(times), "peak_mb": peak_mb}
+    return {"ms": statistics.median(times), "peak_mb": peak_mb, "build_s": t1 - t0, "warmup_s": t2 - t1}
 
 
 def _row_metrics(case: BenchCase, timing: dict) -> dict:
     ms = timing["ms"]
+    density = case.density() if callable(case.density) else case.density
     row = {
         "group": case.group,
         "impl": case.impl,
         "mode": case.mode,
         "ms": round(ms, 4),
         "peak_mb": None if timing["peak_mb"] is None else round(timing["peak_mb"], 1),
-        "density": case.density,
+        "density": density,
         "note": case.note,
         "baseline": case.baseline,
+        "build_s": round(timing["build_s"], 3),
+        "warmup_s": round(timing["warmup_s"], 3),
     }
     if case.flops:
         row["tflops_dense_equiv"] = round(case.flops / (ms * 1e-3) / 1e12, 2)
@@ -133,32 +148,51 @@ def _add_speedups(rows: list[dict]) -> None:
             row["fraction_of_ideal"] = round(row["speedup"] * row["density"], 3)
 
 
+def _selected(case: BenchCase, args) -> bool:
+    """``--mode``, ``--filter`` and ``--impl`` decide from the row's description alone, before anything is built."""
+    if args.mode not in ("both", case.mode) or (args.filter and args.filter not in case.group):
+        return False
+    return not args.impl or any(part in case.impl for part in args.impl.split(",") if part)
+
+
+def _run_row(case: BenchCase, args) -> dict:
+    print(f"[bench] {case.group} | {case.impl} | {case.mode}", flush=True)
+    try:
+        row = _row_metrics(case, _time_row(case, args))
+        print(f"[bench]   {row['ms']} ms (build {row['build_s']:.1f} s, warm-up {row['warmup_s']:.1f} s)", flush=True)
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        print(f"[bench]   error: {msg}", flush=True)
+        row = {"group": case.group, "impl": case.impl, "mode": case.mode, "error": msg}
+    # a failed row's traceback can hold its tensors in reference cycles: collect them before the next row
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _run_module(name: str, args, rows: list[dict], on_row) -> None:
+    """The rows of one case module; its case list (and any group memo it holds) is freed on return."""
+    module = importlib.import_module(f"tools.bench_cases.{name}")
+    t0 = time.perf_counter()
+    try:
+        cases = [case for case in module.cases(args) if _selected(case, args)]
+    except Exception as exc:  # a case module whose peers are missing still lets the others run
+        rows.append({"group": name, "impl": "-", "mode": "-", "error": f"{type(exc).__name__}: {exc}"})
+        return
+    print(f"[bench] {name}: {len(cases)} rows selected ({time.perf_counter() - t0:.2f} s to describe)", flush=True)
+    for case in cases:
+        rows.append(_run_row(case, args))
+        if on_row is not None:
+            on_row(rows)
+
+
 def run_cases(args, on_row=None) -> list[dict]:
     """Time every selected row; ``on_row(rows)`` runs after each one (the CLI rewrites its outputs there, so a run
     stopped by a time limit keeps what it measured)."""
     rows = []
-    modes = ("fwd", "fwd+bwd") if args.mode == "both" else (args.mode,)
     for name in args.case_names:
-        module = importlib.import_module(f"tools.bench_cases.{name}")
-        try:
-            cases = module.cases(args)
-        except Exception as exc:  # a case module whose peers are missing still lets the others run
-            rows.append({"group": name, "impl": "-", "mode": "-", "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        for case in cases:
-            if case.mode not in modes or (args.filter and args.filter not in case.group):
-                continue
-            print(f"[bench] {case.group} | {case.impl} | {case.mode}", flush=True)
-            try:
-                rows.append(_row_metrics(case, _time_row(case, args)))
-            except Exception as exc:
-                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                rows.append({"group": case.group, "impl": case.impl, "mode": case.mode, "error": msg})
-            finally:
-                if args.device == "cuda":
-                    torch.cuda.empty_cache()
-            if on_row is not None:
-                on_row(rows)
+        _run_module(name, args, rows, on_row)
     _add_speedups(rows)
     return rows
 
@@ -187,6 +221,7 @@ _COLUMNS = (
     ("gb_per_s", "GB/s"),
     ("items_per_s", "items/s"),
     ("peak_mb", "peak MB"),
+    ("warmup_s", "warm-up s"),
     ("note", "note"),
 )
 

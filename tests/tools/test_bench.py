@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from tools.bench import main as bench_main
 
 
@@ -25,3 +27,61 @@ def test_bench_rejects_unknown_case_module():
 
     with pytest.raises(SystemExit):
         bench_main(["attention", "--cases", "not_a_case", "--device", "cpu"])
+
+
+def test_bench_builds_only_the_selected_rows(monkeypatch, tmp_path):
+    """``--filter``, ``--impl`` and ``--mode`` select rows before any ``make`` runs; each row reports its warm-up."""
+    import sys
+    import types
+
+    from tools.bench import _parse_args, run_cases
+    from tools.bench_cases._common import BenchCase, timed
+
+    built = []
+
+    def row(group, impl, mode):
+        def make():
+            built.append((group, impl, mode))
+            x = torch.ones(4, requires_grad=mode != "fwd")
+            return timed(lambda t: (t * 2).sum(), (x,), mode)
+
+        return BenchCase(group=group, impl=impl, mode=mode, make=make, baseline=impl == "sdpa")
+
+    rows = [row(g, i, m) for g in ("keep A", "drop B") for m in ("fwd", "fwd+bwd") for i in ("ours", "sdpa", "flex")]
+    monkeypatch.setitem(sys.modules, "tools.bench_cases._fake", types.SimpleNamespace(cases=lambda args: rows))
+    argv = ["attention", "--device", "cpu", "--iters", "1", "--warmup", "1", "--filter", "keep", "--impl", "ours,fl"]
+    args = _parse_args([*argv, "--mode", "fwd+bwd"])
+    args.case_names = ["_fake"]
+    report = run_cases(args)
+    assert built == [("keep A", "ours", "fwd+bwd"), ("keep A", "flex", "fwd+bwd")]
+    assert [(r["group"], r["impl"], r["mode"]) for r in report] == built
+    assert all(r["ms"] > 0 and r["warmup_s"] >= 0 and r["build_s"] >= 0 for r in report)
+
+
+def test_bench_case_modules_describe_rows_without_running_anything():
+    """``cases(args)`` of every module allocates and computes nothing: all work is in the rows' ``make``."""
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tools.bench import SUITES, _parse_args
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for suite, names in SUITES.items():
+        args = _parse_args([suite, "--device", "cpu"])
+        for name in names:
+            module = importlib.import_module(f"tools.bench_cases.{name}")
+            with RecordOps() as record:
+                cases = module.cases(args)
+            assert cases and record.ops == [], f"{name}: cases() ran {record.ops[:5]}"
+    with RecordOps() as record:  # the recorder does see a row's work
+        cases[0].make()
+    assert record.ops

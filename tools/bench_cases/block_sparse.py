@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tools.bench_cases._common import BenchCase, attention_flops, random_qkv
+from tools.bench_cases._common import BenchCase, attention_flops, compiled_flex_attention, random_qkv, timed
 from visionattn.layout import BlockMask, TokenGrid, TokenLayout, neighborhood_block_mask
 from visionattn.ops import block_sparse_attention
 
@@ -47,32 +47,39 @@ def _random_mask(heads: int, n: int, block: int, device) -> BlockMask:
     return BlockMask.from_block_matrix(keep, q_len=n, kv_len=n, block_q=block, block_k=block).to(device)
 
 
-def _masks(label, heads, shape, extra, window, stride, device, block):
-    """``[(group label, mask, density)]`` for one shape: dense and random masks on the raw ``N`` tokens, the
+def _mask_groups(label, heads, shape, extra, window, stride, device, block):
+    """``[(group label, build, density)]`` for one shape, nothing built yet: ``build()`` (cached) returns the
+    ``(BlockMask, flex BlockMask or None)`` pair. Dense and random masks are on the raw ``N`` tokens, the
     neighborhood mask on the tile-order layout (its padding slots are part of its cost)."""
     grid = TokenGrid(shape, extra_before=extra)
     n = grid.num_tokens
     m = -(-n // block)
-    dense = BlockMask.from_block_matrix(
-        torch.ones(1, 1, m, m, dtype=torch.bool), q_len=n, kv_len=n, block_q=block, block_k=block
-    )
-    rand = _random_mask(heads, n, block, device)
     tile = _TILES[len(shape)] if block == 128 else tuple(min(4, s) for s in shape)
-    layout = TokenLayout(grid, tile=tile)
     pairs = lambda w: math.prod(w) * math.prod(shape) + 2 * extra * n - extra * extra
-    rows = [(f"{label} dense", dense.to(device), 1.0), (f"{label} random", rand, rand.density())]
+    dense = lambda: BlockMask.from_block_matrix(
+        torch.ones(1, 1, m, m, dtype=torch.bool), q_len=n, kv_len=n, block_q=block, block_k=block
+    ).to(device)
+    nbhd = lambda w, st: neighborhood_block_mask(TokenLayout(grid, tile=tile), w, st).to(device)
+    random = _cached_with_flex(functools.partial(_random_mask, heads, n, block, device))
+    groups = [
+        (f"{label} dense", _cached_with_flex(dense), 1.0),
+        (f"{label} random", random, lambda: random()[0].density()),
+    ]
     windows = [(window, stride)] + ([GNA_ROW[1:]] if label == GNA_ROW[0] else [])
     for w, st in windows:
-        rows.append((f"{label} nbhd w{w} s{st}", neighborhood_block_mask(layout, w, st).to(device), pairs(w) / n**2))
-    return rows
+        groups.append((f"{label} nbhd w{w} s{st}", _cached_with_flex(functools.partial(nbhd, w, st)), pairs(w) / n**2))
+    return groups
 
 
-def _timed(fn, inputs, mode: str):
-    """A no-argument callable: forward only, or forward + ``autograd.grad`` of every input."""
-    if mode == "fwd":
-        return lambda: fn(*inputs)
-    grad = torch.randn_like(fn(*inputs))
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
+def _cached_with_flex(build):
+    """``build()`` memoised, paired with its FlexAttention mask on CUDA (block masks are small: kept once built)."""
+
+    @functools.cache
+    def masks():
+        mask = build()
+        return mask, mask.to_flex() if mask.device.type == "cuda" else None
+
+    return masks
 
 
 def _sdpa(backend):
@@ -83,46 +90,47 @@ def _sdpa(backend):
     return run
 
 
+def _row(masks, impl: str, peer, shape_args: tuple, mode: str, args):
+    """``BenchCase.make`` of one row: the group's mask, then fresh q, k, v (tile-order length for ours and flex)."""
+    batch, heads, n, dim = shape_args
+
+    def make():
+        mask, flex_mask = masks()
+        length = n if impl.startswith("sdpa") else mask.q_len  # neighborhood rows: tile-order (padded) sequence
+        grad = mode != "fwd"
+        inputs = random_qkv(batch, heads, length, dim, device=args.device, dtype=args.dtype, requires_grad=grad)
+        return timed(peer(mask, flex_mask), inputs, mode)
+
+    return make
+
+
 def cases(args) -> list[BenchCase]:
     on_gpu = args.device == "cuda"
-    flex_attention = None
-    if on_gpu:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        flex_attention = torch.compile(flex_attention, dynamic=False)
     block = 128 if on_gpu else 16
     dense_peers = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
     if not on_gpu:
         dense_peers = {"sdpa-math": SDPBackend.MATH}
     baseline = next(iter(dense_peers))
+    peers = {"ours": lambda mask, _: functools.partial(block_sparse_attention, block_mask=mask)}
+    peers.update({name: lambda *_, b=backend: _sdpa(b) for name, backend in dense_peers.items()})
+    if on_gpu:
+        peers["flex"] = lambda _, flex_mask: functools.partial(compiled_flex_attention(), block_mask=flex_mask)
     rows = []
     for label, batch, heads, dim, shape, extra, window, stride in SHAPES if on_gpu else CPU_SHAPES:
         n = math.prod(shape) + extra
-        for group, mask, density in _masks(label, heads, shape, extra, window, stride, args.device, block):
-            flex_mask = mask.to_flex() if flex_attention is not None else None
+        for group, masks, density in _mask_groups(label, heads, shape, extra, window, stride, args.device, block):
             for mode in ("fwd", "fwd+bwd"):
-                if args.mode not in ("both", mode):
-                    continue
-                grad = mode != "fwd"
-                raw = random_qkv(batch, heads, n, dim, device=args.device, dtype=args.dtype, requires_grad=grad)
-                ours = raw
-                if mask.q_len != n:  # neighborhood rows run on the tile-order (padded) sequence
-                    ours = random_qkv(
-                        batch, heads, mask.q_len, dim, device=args.device, dtype=args.dtype, requires_grad=grad
-                    )
-                common = dict(group=group, mode=mode, flops=attention_flops(batch, heads, n, n, dim, mode))
-                peers = {"ours": (functools.partial(block_sparse_attention, block_mask=mask), ours)}
-                peers.update({name: (_sdpa(backend), raw) for name, backend in dense_peers.items()})
-                if flex_mask is not None:
-                    peers["flex"] = (functools.partial(flex_attention, block_mask=flex_mask), ours)
-                for impl, (fn, inputs) in peers.items():
+                flops = attention_flops(batch, heads, n, n, dim, mode)
+                for impl, peer in peers.items():
                     rows.append(
                         BenchCase(
+                            group=group,
                             impl=impl,
-                            fn=_timed(fn, inputs, mode),
+                            mode=mode,
+                            make=_row(masks, impl, peer, (batch, heads, n, dim), mode, args),
+                            flops=flops,
                             baseline=impl == baseline,
                             density=1.0 if impl.startswith("sdpa") else density,
-                            **common,
                         )
                     )
     return rows

@@ -11,12 +11,14 @@ is the fraction of query-key pairs the method computes with softmax (None for li
 
 import contextlib
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tools.bench_cases._common import BenchCase, attention_flops, random_qkv
+from tools.bench_cases._common import BenchCase, LatestOnly, attention_flops, random_qkv
 from visionattn.diffusion import apply, remove
 from visionattn.diffusion._hooks import DiffusionState
 from visionattn.diffusion._methods import _METHODS
@@ -84,44 +86,64 @@ def _default_dtype(dtype):
         torch.set_default_dtype(previous)
 
 
-def _wan(tiny: bool, device, dtype):
-    from diffusers import WanTransformer3DModel
+class _Model(NamedTuple):
+    """A transformer described without building it: ``build(device, dtype) -> (model, inputs of one step)``."""
 
+    build: Callable
+    class_name: str
+    grid: TokenGrid
+    heads: int
+    head_dim: int
+
+
+def _wan(tiny: bool) -> _Model:
     config = dict(_WAN_13B, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=2, text_dim=16)
-    with torch.device(device), _default_dtype(dtype):
-        model = _keep_fp32(WanTransformer3DModel(**(config if tiny else _WAN_13B)).to(dtype).eval())
+    config = config if tiny else _WAN_13B
     frames, height, width = (3, 8, 8) if tiny else (21, 60, 104)  # 480 x 832 x 81 frames after the VAE
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, frames, height, width, generator=gen),
-        timestep=torch.tensor([500]),
-        encoder_hidden_states=torch.randn(1, 8 if tiny else 512, model.config.text_dim, generator=gen),
-    )
+
+    def build(device, dtype):
+        from diffusers import WanTransformer3DModel
+
+        with torch.device(device), _default_dtype(dtype):
+            model = _keep_fp32(WanTransformer3DModel(**config).to(dtype).eval())
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        inputs = dict(
+            hidden_states=torch.randn(1, 16, frames, height, width, generator=gen),
+            timestep=torch.tensor([500]),
+            encoder_hidden_states=torch.randn(1, 8 if tiny else 512, config["text_dim"], generator=gen),
+        )
+        return model, _to(inputs, device, dtype)
+
     grid = TokenGrid((frames, height // 2, width // 2))
-    return model, _to(inputs, device, dtype), grid, model.config.num_attention_heads, model.config.attention_head_dim
+    return _Model(build, "WanTransformer3DModel", grid, config["num_attention_heads"], config["attention_head_dim"])
 
 
-def _flux(tiny: bool, device, dtype):
-    from diffusers import FluxTransformer2DModel
-
+def _flux(tiny: bool) -> _Model:
     config = dict(_FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)
-    config.update(joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)) if tiny else None
-    with torch.device(device), _default_dtype(dtype):
-        model = _keep_fp32(FluxTransformer2DModel(**(config if tiny else _FLUX_DEV)).to(dtype).eval())
+    config.update(joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+    config = config if tiny else _FLUX_DEV
     side, text = (8, 8) if tiny else (128, 512)  # 2048 px: VAE /8, 2x2 packing
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, side * side, model.config.in_channels, generator=gen),
-        encoder_hidden_states=torch.randn(1, text, model.config.joint_attention_dim, generator=gen),
-        pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=gen),
-        img_ids=torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float(),
-        txt_ids=torch.zeros(text, 3),
-        timestep=torch.tensor([0.5]),
-        guidance=torch.tensor([3.5]),
-    )
+
+    def build(device, dtype):
+        from diffusers import FluxTransformer2DModel
+
+        with torch.device(device), _default_dtype(dtype):
+            model = _keep_fp32(FluxTransformer2DModel(**config).to(dtype).eval())
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        inputs = dict(
+            hidden_states=torch.randn(1, side * side, config["in_channels"], generator=gen),
+            encoder_hidden_states=torch.randn(1, text, config["joint_attention_dim"], generator=gen),
+            pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=gen),
+            img_ids=torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float(),
+            txt_ids=torch.zeros(text, 3),
+            timestep=torch.tensor([0.5]),
+            guidance=torch.tensor([3.5]),
+        )
+        return model, _to(inputs, device, dtype)
+
     grid = TokenGrid((side, side), extra_before=text)
-    return model, _to(inputs, device, dtype), grid, model.config.num_attention_heads, model.config.attention_head_dim
+    return _Model(build, "FluxTransformer2DModel", grid, config["num_attention_heads"], config["attention_head_dim"])
 
 
 def _keep_fp32(model):
@@ -139,7 +161,7 @@ def _to(inputs: dict, device, dtype) -> dict:
 
 
 class _Installer:
-    """Switches one model between stock attention and a method, in each row's setup."""
+    """Switches one model between stock attention and a method, in each step row's ``make``."""
 
     def __init__(self, model):
         self.model, self.handle = model, None
@@ -158,56 +180,70 @@ def _inference(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _model_rows(name: str, build, methods, args) -> list[BenchCase]:
-    tiny = args.device != "cuda"
-    model, inputs, grid, heads, dim = build(tiny, args.device, args.dtype)
-    installer = _Installer(model)
-    n = grid.num_tokens
-    step = functools.partial(_inference, model, return_dict=False, **inputs)
+def _method_layer(method: str, options: dict, spec: _Model, args):
+    """The method's attention module for ``spec``'s heads, in the activation dtype as ``apply`` builds it."""
+    shaped = {"head_dim": spec.head_dim, "device": args.device, "dtype": args.dtype}
+    layer = _METHODS[method](**options, **(shaped if method in ("linear", "sparse_linear") else {})).to(args.device)
+    layer.check_model(spec.class_name, spec.grid.ndim, spec.grid.ndim == 3)
+    return layer
+
+
+def _model_rows(name: str, spec: _Model, methods, models: LatestOnly, args) -> list[BenchCase]:
+    """Step rows (the transformer, from ``models(name)``, shared by the group) and attention rows of one model."""
+    n = spec.grid.num_tokens
+    densities = {}
+
+    def step(method, options):
+        def make():
+            model, inputs, installer = models(name)
+            installer.use(method, options)
+            return functools.partial(_inference, model, return_dict=False, **inputs)
+
+        return make
+
+    def attention(method, options):
+        def make():
+            q, k, v = random_qkv(1, spec.heads, n, spec.head_dim, device=args.device, dtype=args.dtype)
+            if method is None:
+                return functools.partial(_inference, F.scaled_dot_product_attention, q, k, v)
+            layer, state = _method_layer(method, options, spec, args), DiffusionState()
+            with torch.no_grad():
+                _, density = layer(q, k, v, spec.grid, state)  # the density is a result of running the method
+            densities[_label(method, options)] = None if density is None else float(density)
+            return functools.partial(_inference, layer, q, k, v, spec.grid, state)
+
+        return make
+
+    def density(method, options):
+        if _label(method, options) not in densities:
+            attention(method, options)()
+        return densities[_label(method, options)]
+
+    attn_flops = attention_flops(1, spec.heads, n, n, spec.head_dim, "fwd")
+    dense = dict(mode="fwd", density=1.0, baseline=True)
     rows = [
-        BenchCase(
-            group=f"{name} step",
-            impl="dense sdpa-cudnn",
-            mode="fwd",
-            fn=step,
-            density=1.0,
-            baseline=True,
-            setup=functools.partial(installer.use, None, {}),
-        )
+        BenchCase(f"{name} step", "dense sdpa-cudnn", make=step(None, {}), **dense),
+        BenchCase(f"{name} attention", "dense sdpa-cudnn", make=attention(None, {}), flops=attn_flops, **dense),
     ]
-    q, k, v = random_qkv(1, heads, n, dim, device=args.device, dtype=args.dtype)
-    dense = functools.partial(_inference, F.scaled_dot_product_attention, q, k, v)
-    attn_flops = attention_flops(1, heads, n, n, dim, "fwd")
-    rows.append(
-        BenchCase(f"{name} attention", "dense sdpa-cudnn", "fwd", dense, attn_flops, density=1.0, baseline=True)
-    )
     for method, options in methods:
         if method not in _METHODS:
             continue
-        label = _label(method, options)
-        layer = _METHODS[method](**options, **({"head_dim": dim} if method in ("linear", "sparse_linear") else {}))
-        layer = layer.to(args.device)
-        layer.check_model(type(model).__name__, grid.ndim, grid.ndim == 3)
-        state = DiffusionState()
-        with torch.no_grad():
-            _, density = layer(q, k, v, grid, state)
-        density = None if density is None else float(density)
-        call = functools.partial(_inference, layer, q, k, v, grid, state)
-        rows.append(BenchCase(f"{name} attention", label, "fwd", call, attn_flops, density=density))
-        rows.append(
-            BenchCase(
-                group=f"{name} step",
-                impl=label,
-                mode="fwd",
-                fn=step,
-                density=density,
-                setup=functools.partial(installer.use, method, options),
-            )
-        )
+        label, measured = _label(method, options), functools.partial(density, method, options)
+        make = attention(method, options)
+        rows.append(BenchCase(f"{name} attention", label, "fwd", make, attn_flops, density=measured))
+        rows.append(BenchCase(f"{name} step", label, "fwd", step(method, options), density=measured))
     return rows
 
 
+def _built(spec: _Model, args):
+    """``(model, inputs, installer)`` of ``spec`` on the benchmark's device and dtype."""
+    model, inputs = spec.build(args.device, args.dtype)
+    return model, inputs, _Installer(model)
+
+
 def cases(args) -> list[BenchCase]:
-    return _model_rows("Wan2.1-1.3B 480p x 81", _wan, _WAN_METHODS, args) + _model_rows(
-        "FLUX.1 2048px", _flux, _FLUX_METHODS, args
-    )
+    tiny = args.device != "cuda"
+    specs = {"Wan2.1-1.3B 480p x 81": (_wan(tiny), _WAN_METHODS), "FLUX.1 2048px": (_flux(tiny), _FLUX_METHODS)}
+    # one transformer alive at a time: the FLUX.1 step rows build theirs after Wan's is dropped
+    models = LatestOnly(lambda name: _built(specs[name][0], args))
+    return [row for name, (spec, methods) in specs.items() for row in _model_rows(name, spec, methods, models, args)]

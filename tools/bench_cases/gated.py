@@ -14,7 +14,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from tools.bench_cases._common import BenchCase, random_qkv
+from tools.bench_cases._common import BenchCase, random_qkv, timed
 from visionattn.ops import gated_linear_attention, gated_linear_attention_reference
 
 __all__ = ["cases"]
@@ -57,12 +57,20 @@ def _fla_bidirectional():
     return run
 
 
-def _timed(fn, inputs, mode: str):
-    """A no-argument callable: forward only, or forward + ``autograd.grad`` of every input it uses."""
-    if mode == "fwd":
-        return lambda: fn(*inputs)
-    grad = torch.randn_like(fn(*inputs))
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad, allow_unused=True)
+def _row(fn, shape_args: tuple, mode: str, args, cut: int | None = None):
+    """``BenchCase.make`` of one row: fresh q, k, v and both gates; ``cut``: only the first ``cut`` tokens, in float32
+    (the PyTorch recurrence)."""
+    batch, heads, length, dk, dv = shape_args
+
+    def make():
+        grad = mode != "fwd" and cut is None
+        dd = dict(device=args.device, dtype=args.dtype, requires_grad=grad)
+        inputs = (*random_qkv(batch, heads, length, dk, value_dim=dv, **dd), *_gates(batch, heads, length, dk, **dd))
+        if cut is not None:
+            inputs = [t[:, :, :cut].float().requires_grad_(mode != "fwd") for t in inputs]
+        return timed(fn, inputs, mode)
+
+    return make
 
 
 def cases(args) -> list[BenchCase]:
@@ -88,31 +96,15 @@ def cases(args) -> list[BenchCase]:
         mode_bytes = {"fwd": elt * tokens * (4 * dk + 2 * dv), "fwd+bwd": elt * tokens * (12 * dk + 5 * dv)}
         # the recurrence's own work: state update and readout, 4·Dk·Dv per token and direction; backward 2x
         mode_flops = {"fwd": 8.0 * tokens * dk * dv, "fwd+bwd": 24.0 * tokens * dk * dv}
+        shape_args = (batch, heads, length, dk, dv)
         for mode in ("fwd", "fwd+bwd"):
-            grad = mode != "fwd"
-            q, k, v = random_qkv(
-                batch, heads, length, dk, value_dim=dv, device=args.device, dtype=args.dtype, requires_grad=grad
-            )
-            inputs = (
-                q,
-                k,
-                v,
-                *_gates(batch, heads, length, dk, device=args.device, dtype=args.dtype, requires_grad=grad),
-            )
             common = dict(group=label, mode=mode, bytes=mode_bytes[mode], flops=mode_flops[mode])
             for impl, fn in peers.items():
-                rows.append(
-                    BenchCase(impl=impl, fn=_timed(fn, inputs, mode), baseline=impl.startswith("fla"), **common)
-                )
+                make = _row(fn, shape_args, mode, args)
+                rows.append(BenchCase(impl=impl, make=make, baseline=impl.startswith("fla"), **common))
             cut = min(length, RECURRENCE_MAX_TOKENS)
-            short = [t[:, :, :cut].detach().float().requires_grad_(grad) for t in inputs]
             impl = "torch-recurrence-fp32" + ("" if cut == length else f" (first {cut} of {length} tokens)")
             scaled = {key: value * cut / length for key, value in common.items() if key in ("bytes", "flops")}
-            rows.append(
-                BenchCase(
-                    impl=impl,
-                    fn=_timed(gated_linear_attention_reference, short, mode),
-                    **{**common, **scaled},
-                )
-            )
+            make = _row(gated_linear_attention_reference, shape_args, mode, args, cut=cut)
+            rows.append(BenchCase(impl=impl, make=make, **{**common, **scaled}))
     return rows

@@ -11,7 +11,7 @@ the forward byte count (half read, half written): ours' GB/s over its GB/s is th
 import torch
 import torch.nn.functional as F
 
-from tools.bench_cases._common import BenchCase, random_qkv
+from tools.bench_cases._common import BenchCase, random_qkv, timed
 from visionattn.ops import linear_attention
 
 __all__ = ["cases"]
@@ -40,29 +40,21 @@ def naive_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ep
     return (q @ kv) / (z + eps)
 
 
-def _variants(rope) -> dict:
-    """Our rows: the plain kernel and each variant the issue asks to keep within 1.3x of it."""
+def _variants() -> dict:
+    """Our rows: the plain kernel and each variant the issue asks to keep within 1.3x of it (``rope=True``: the
+    row's RoPE tables)."""
     return {
         "ours-plain": dict(normalize="divisive"),
         "ours-mala": dict(normalize="additive"),
         "ours-rala": dict(normalize="divisive", key_weight="rala"),
-        "ours-rope": dict(normalize="divisive", rope=rope),
-        "ours-mala-rope": dict(normalize="additive", rope=rope),
-        "ours-rala-rope": dict(normalize="divisive", key_weight="rala", rope=rope),
+        "ours-rope": dict(normalize="divisive", rope=True),
+        "ours-mala-rope": dict(normalize="additive", rope=True),
+        "ours-rala-rope": dict(normalize="divisive", key_weight="rala", rope=True),
     }
 
 
-def _timed(fn, inputs, mode: str):
-    """A no-argument callable: forward only, or forward + ``autograd.grad`` (no .grad accumulation)."""
-    if mode == "fwd":
-        return lambda: fn(*inputs)
-    grad = torch.randn_like(fn(*inputs))
-
-    def step():
-        out = fn(*inputs)
-        return torch.autograd.grad(out, inputs, grad)
-
-    return step
+def _with_rope(kwargs: dict, rope) -> dict:
+    return {**kwargs, "rope": rope} if kwargs.get("rope") else kwargs
 
 
 def _fla():
@@ -74,36 +66,58 @@ def _fla():
     return lambda q, k, v: chunk_linear_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), normalize=True)[0]
 
 
+def _row(fn, shape_args: tuple, mode: str, args):
+    """``BenchCase.make`` of one row: fresh q, k, v and ``timed(fn(q, k, v, rope))``."""
+    b, h, n, d = shape_args
+
+    def make():
+        inputs = random_qkv(b, h, n, d, device=args.device, dtype=args.dtype, requires_grad=mode != "fwd")
+        rope = _rope(n, d, args.device)
+        return timed(lambda q, k, v: fn(q, k, v, rope), inputs, mode)
+
+    return make
+
+
+def _copy_row(num_bytes: int, device):
+    """``BenchCase.make`` of the HBM-copy row: a buffer of ``num_bytes`` copied into another."""
+
+    def make():
+        src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+
+    return make
+
+
 def cases(args) -> list[BenchCase]:
     on_gpu = args.device == "cuda"
     compiled = torch.compile(naive_linear_attention) if on_gpu else naive_linear_attention
     fla = _fla()
     # on CPU the kernels would run in the (slow) interpreter: time the reference there, the kernels on CUDA
     backend = "triton" if on_gpu else "reference"
+    peers = {
+        "naive": naive_linear_attention,
+        "compiled": compiled,
+        "sdpa-dense": F.scaled_dot_product_attention,
+    }
+    if fla is not None:
+        peers["fla-causal-chunk"] = fla
+    impls = {impl: lambda q, k, v, rope, fn=fn: fn(q, k, v) for impl, fn in peers.items()}
+    for impl, kwargs in _variants().items():
+        impls[impl] = lambda q, k, v, rope, kw=kwargs: linear_attention(
+            q, k, v, **_with_rope(kw, rope), backend=backend
+        )
     rows = []
     for label, b, h, n, d in SHAPES if on_gpu else CPU_SHAPES:
         elt = torch.finfo(args.dtype).bits // 8
         fwd_bytes = elt * b * h * n * 4 * d
         mode_bytes = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + elt * b * h * n * 7 * d}
         mode_flops = {"fwd": 4.0 * b * h * n * d * d, "fwd+bwd": 12.0 * b * h * n * d * d}
-        rope = _rope(n, d, args.device)
         for mode in ("fwd", "fwd+bwd"):
-            inputs = random_qkv(b, h, n, d, device=args.device, dtype=args.dtype, requires_grad=mode != "fwd")
             common = dict(group=label, mode=mode, bytes=mode_bytes[mode], flops=mode_flops[mode])
-            peers = {
-                "naive": naive_linear_attention,
-                "compiled": compiled,
-                "sdpa-dense": F.scaled_dot_product_attention,
-            }
-            if fla is not None:
-                peers["fla-causal-chunk"] = fla
-            for impl, fn in peers.items():
-                rows.append(BenchCase(impl=impl, fn=_timed(fn, inputs, mode), baseline=impl == "naive", **common))
-            for impl, kwargs in _variants(rope).items():
-                fn = lambda q, k, v, kw=kwargs: linear_attention(q, k, v, **kw, backend=backend)
-                rows.append(BenchCase(impl=impl, fn=_timed(fn, inputs, mode), **common))
+            for impl, fn in impls.items():
+                make = _row(fn, (b, h, n, d), mode, args)
+                rows.append(BenchCase(impl=impl, make=make, baseline=impl == "naive", **common))
             if mode == "fwd":
-                src = torch.empty(fwd_bytes // 2, dtype=torch.uint8, device=args.device)
-                dst = torch.empty_like(src)
-                rows.append(BenchCase(impl="hbm-copy", fn=lambda s=src, t=dst: t.copy_(s), **common))
+                rows.append(BenchCase(impl="hbm-copy", make=_copy_row(fwd_bytes // 2, args.device), **common))
     return rows

@@ -15,14 +15,14 @@ its logits against ours is printed (routing near-ties may pick other regions in 
 """
 
 import copy
+import functools
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import visionattn  # noqa: F401  (registers the models)
 from tests.nn.test_routing_attention import GatherBiLevelRoutingAttention
-from tools.bench_cases._common import BenchCase
+from tools.bench_cases._common import BenchCase, image_batch, model_step
 from visionattn.nn import BiLevelRoutingAttention
 
 __all__ = ["cases"]
@@ -54,31 +54,10 @@ def _with_gather_attention(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _timed(model, images, labels, mode: str):
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return model(images)
-
-        return run
-
-    def step():
-        with torch.autocast(images.device.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(images).float(), labels)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    return step
-
-
-def _report_agreement(ours, reference, images, label: str):
-    def check():
-        with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16):
-            a, b = ours(images[:2]).float(), reference(images[:2]).float()
-        print(f"[models_biformer] {label}: gather-reference logits rel. error {float((a - b).norm() / b.norm()):.2e}")
-
-    return check
+def _report_agreement(ours, reference, images, label: str) -> None:
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16):
+        a, b = ours(images[:2]).float(), reference(images[:2]).float()
+    print(f"[models_biformer] {label}: gather-reference logits rel. error {float((a - b).norm() / b.norm()):.2e}")
 
 
 def _build(name: str, img: int, mode: str, args):
@@ -89,25 +68,32 @@ def _build(name: str, img: int, mode: str, args):
     return model.eval().to(args.dtype) if mode == "fwd" else model.train()
 
 
+def _row(name: str, img: int, batch: int, mode: str, args, gather_of: str | None = None):
+    """``BenchCase.make`` of one row: model ``name`` and a batch, built when timed. ``gather_of``: the row times a
+    gather-attention copy of ``name`` (same weights), after printing its agreement with ours."""
+
+    def make():
+        dtype = args.dtype if mode == "fwd" else torch.float32
+        images, labels = image_batch(batch, img, device=args.device, dtype=dtype)
+        model = _build(name, img, mode, args)
+        if gather_of is not None:
+            ours, model = model, _with_gather_attention(model)
+            _report_agreement(ours, model, images, gather_of)
+        return model_step(model, images, labels, mode)
+
+    return make
+
+
 def cases(args) -> list[BenchCase]:
     rows = []
     for group, mode, img, batch, ours_name, peers in _GPU_ROWS if args.device == "cuda" else _CPU_ROWS:
-        if args.mode not in ("both", mode):
-            continue
-        dtype = args.dtype if mode == "fwd" else torch.float32
-        gen = torch.Generator().manual_seed(0)
-        images = torch.randn(batch, 3, img, img, generator=gen).to(args.device, dtype)
-        labels = torch.randint(0, 1000, (batch,), generator=gen).to(args.device)
         common = dict(group=f"{group} B{batch}", mode=mode, items=batch)
-        ours = _build(ours_name, img, mode, args)
-        rows.append(BenchCase(impl=f"{ours_name} (ours)", fn=_timed(ours, images, labels, mode), **common))
+        row = functools.partial(_row, img=img, batch=batch, mode=mode, args=args)
+        rows.append(BenchCase(impl=f"{ours_name} (ours)", make=row(ours_name), **common))
         for impl, name, baseline in peers:
             if name is None:
-                peer = _with_gather_attention(ours)
-                setup = _report_agreement(ours, peer, images, group)
-                label = f"{ours_name} gather reference"
+                label, make = f"{ours_name} gather reference", row(ours_name, gather_of=group)
             else:
-                peer, setup, label = _build(name, img, mode, args), None, f"{impl} (timm)"
-            fn = _timed(peer, images, labels, mode)
-            rows.append(BenchCase(impl=label, fn=fn, baseline=baseline, setup=setup, **common))
+                label, make = f"{impl} (timm)", row(name)
+            rows.append(BenchCase(impl=label, make=make, baseline=baseline, **common))
     return rows

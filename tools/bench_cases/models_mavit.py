@@ -13,6 +13,7 @@ N x N score matrix), re-implemented here from the official modules' equations.
 """
 
 import contextlib
+import functools
 
 import timm
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 import visionattn  # noqa: F401  (registers the models)
 import visionattn.nn.linear_attention2d as linear_attention2d
-from tools.bench_cases._common import BenchCase
+from tools.bench_cases._common import BenchCase, image_batch, model_step
 from visionattn.nn import SoftmaxAttention2d, apply_rope2d
 
 __all__ = ["cases"]
@@ -109,26 +110,6 @@ def _reference_style_attention():
         linear_attention2d.linear_attention, SoftmaxAttention2d._attend = linear, softmax
 
 
-def _timed(model, images, labels, mode: str, reference_style: bool = False):
-    context = _reference_style_attention if reference_style else contextlib.nullcontext
-
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad(), context():
-                return model(images)
-
-        return run
-
-    def step():
-        with torch.autocast(images.device.type, dtype=torch.bfloat16), context():
-            loss = F.cross_entropy(model(images).float(), labels)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    return step
-
-
 def _build(name: str, img: int, mode: str, args, **kwargs):
     if name.startswith("deit") or name.startswith("swin"):
         kwargs["img_size"] = img
@@ -138,33 +119,38 @@ def _build(name: str, img: int, mode: str, args, **kwargs):
     return model.train()
 
 
+def _row(name: str, img: int, batch: int, mode: str, args, *, compiled=False, reference_style=False, **kwargs):
+    """``BenchCase.make`` of one row: the model (``torch.compile``d if asked) and a batch, built when timed."""
+
+    def make():
+        dtype = args.dtype if mode == "fwd" else torch.float32
+        images, labels = image_batch(batch, img, device=args.device, dtype=dtype, channels_last=True)
+        model = _build(name, img, mode, args, **kwargs)
+        context = _reference_style_attention if reference_style else contextlib.nullcontext
+        return model_step(torch.compile(model) if compiled else model, images, labels, mode, context)
+
+    return make
+
+
 def cases(args) -> list[BenchCase]:
     on_gpu = args.device == "cuda"
     # On CPU the Triton interpreter would be picked for fp32; the reference op is the CPU path.
     ours_kwargs = {} if on_gpu else {"attn_backend": "reference"}
     rows = []
     for group, mode, img, batch, model_kwargs, ours, peers in _GPU_ROWS if on_gpu else _CPU_ROWS:
-        dtype = args.dtype if mode == "fwd" else torch.float32
-        gen = torch.Generator().manual_seed(0)
-        images = torch.randn(batch, 3, img, img, generator=gen).to(args.device, dtype)
-        images = images.contiguous(memory_format=torch.channels_last)
-        labels = torch.randint(0, 1000, (batch,), generator=gen).to(args.device)
         common = dict(group=f"{group} B{batch}", mode=mode, items=batch)
         compiled = on_gpu and group in _COMPILED_GROUPS
+        row = functools.partial(_row, img=img, batch=batch, mode=mode, args=args)
         for name in ours:
-            model = _build(name, img, mode, args, **model_kwargs, **ours_kwargs)
-            rows.append(BenchCase(impl=f"{name} (ours)", fn=_timed(model, images, labels, mode), **common))
-            fn = _timed(model, images, labels, mode, reference_style=True)
-            rows.append(BenchCase(impl=f"{name} reference-style attention", fn=fn, **common))
+            kwargs = {**model_kwargs, **ours_kwargs}
+            rows.append(BenchCase(impl=f"{name} (ours)", make=row(name, **kwargs), **common))
+            make = row(name, reference_style=True, **kwargs)
+            rows.append(BenchCase(impl=f"{name} reference-style attention", make=make, **common))
             if compiled:
-                fn = _timed(torch.compile(model), images, labels, mode)
-                rows.append(BenchCase(impl=f"{name} (ours, torch.compile)", fn=fn, **common))
+                make = row(name, compiled=True, **kwargs)
+                rows.append(BenchCase(impl=f"{name} (ours, torch.compile)", make=make, **common))
         for impl, name, baseline in peers:
-            model = _build(name, img, mode, args)
-            rows.append(
-                BenchCase(impl=f"{impl} (timm)", fn=_timed(model, images, labels, mode), baseline=baseline, **common)
-            )
+            rows.append(BenchCase(impl=f"{impl} (timm)", make=row(name), baseline=baseline, **common))
             if compiled:
-                fn = _timed(torch.compile(model), images, labels, mode)
-                rows.append(BenchCase(impl=f"{impl} (timm, torch.compile)", fn=fn, **common))
+                rows.append(BenchCase(impl=f"{impl} (timm, torch.compile)", make=row(name, compiled=True), **common))
     return rows

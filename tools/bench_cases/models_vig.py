@@ -13,14 +13,14 @@ kernel and, when fla is installed, through fla's ``chunk_gla`` (ViG's own kernel
 """
 
 import contextlib
+import functools
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import visionattn  # noqa: F401  (registers the models)
 import visionattn.nn.gated_attention2d as gated_attention2d
-from tools.bench_cases._common import BenchCase
+from tools.bench_cases._common import BenchCase, image_batch, model_step
 from tools.bench_cases.gated import _fla_bidirectional
 from visionattn.ops import gated_linear_attention
 
@@ -102,26 +102,6 @@ def _attention_computed_by(fn):
         gated_attention2d.gated_linear_attention = original
 
 
-def _timed(model, images, labels, mode: str, attention=None):
-    context = (lambda: _attention_computed_by(attention)) if attention is not None else contextlib.nullcontext
-
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad(), context():
-                return model(images)
-
-        return run
-
-    def step():
-        with torch.autocast(images.device.type, dtype=torch.bfloat16), context():
-            loss = F.cross_entropy(model(images).float(), labels)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    return step
-
-
 def _build(name: str, img: int, mode: str, args, **kwargs):
     if name.startswith("deit"):
         kwargs["img_size"] = img
@@ -129,6 +109,20 @@ def _build(name: str, img: int, mode: str, args, **kwargs):
     if mode == "fwd":
         return model.eval().to(args.dtype)
     return model.train()
+
+
+def _row(name: str, img: int, batch: int, mode: str, args, attention=None, **kwargs):
+    """``BenchCase.make`` of one row: model ``name`` and a batch, built when timed; ``attention``: the bidirectional
+    GLA computation its attention is routed to."""
+
+    def make():
+        dtype = args.dtype if mode == "fwd" else torch.float32
+        images, labels = image_batch(batch, img, device=args.device, dtype=dtype)
+        model = _build(name, img, mode, args, **kwargs)
+        context = (lambda: _attention_computed_by(attention)) if attention is not None else contextlib.nullcontext
+        return model_step(model, images, labels, mode, context)
+
+    return make
 
 
 def cases(args) -> list[BenchCase]:
@@ -139,20 +133,13 @@ def cases(args) -> list[BenchCase]:
     train_baseline = list(references)[-1]
     rows = []
     for group, mode, img, batch, peers, vig_name in _GPU_ROWS if on_gpu else _CPU_ROWS:
-        dtype = args.dtype if mode == "fwd" else torch.float32
-        gen = torch.Generator().manual_seed(0)
-        images = torch.randn(batch, 3, img, img, generator=gen).to(args.device, dtype)
-        labels = torch.randint(0, 1000, (batch,), generator=gen).to(args.device)
         common = dict(group=f"{group} B{batch}", mode=mode, items=batch)
-        vig = _build(vig_name, img, mode, args, **vig_kwargs)
-        rows.append(BenchCase(impl=f"{vig_name} (ours)", fn=_timed(vig, images, labels, mode), **common))
+        row = functools.partial(_row, img=img, batch=batch, mode=mode, args=args)
+        rows.append(BenchCase(impl=f"{vig_name} (ours)", make=row(vig_name, **vig_kwargs), **common))
         for impl, fn in references.items():
             baseline = mode == "fwd+bwd" and impl == train_baseline
-            fn = _timed(vig, images, labels, mode, fn)
-            rows.append(BenchCase(impl=f"{vig_name} {impl}", fn=fn, baseline=baseline, **common))
+            make = row(vig_name, attention=fn, **vig_kwargs)
+            rows.append(BenchCase(impl=f"{vig_name} {impl}", make=make, baseline=baseline, **common))
         for impl, name, baseline in peers:
-            model = _build(name, img, mode, args)
-            rows.append(
-                BenchCase(impl=f"{impl} (timm)", fn=_timed(model, images, labels, mode), baseline=baseline, **common)
-            )
+            rows.append(BenchCase(impl=f"{impl} (timm)", make=row(name), baseline=baseline, **common))
     return rows

@@ -12,10 +12,9 @@ the exact fraction of (query, key) pairs a neighborhood needs, so "fraction of i
 import functools
 import math
 
-import torch
 import torch.nn.functional as F
 
-from tools.bench_cases._common import BenchCase, attention_flops, random_qkv
+from tools.bench_cases._common import BenchCase, attention_flops, compiled_flex_attention, random_qkv, timed
 from visionattn.layout import TokenGrid, TokenLayout, neighborhood_block_mask
 from visionattn.ops import block_sparse_attention, default_neighborhood_tile, neighborhood_attention
 
@@ -32,44 +31,57 @@ SHAPES = [
 CPU_SHAPES = [("tiny (8,12) w(3,5) B1 H2 d16", 1, 2, 16, (8, 12), (3, 5), (1, 1))]
 
 
-def _timed(fn, inputs, mode: str):
-    """A no-argument callable: forward only, or forward + ``autograd.grad`` of every input."""
-    if mode == "fwd":
-        return lambda: fn(*inputs)
-    grad = torch.randn_like(fn(*inputs))
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
+def _shape_masks(grid: TokenGrid, shape, kernel, stride, device):
+    """Cached builder of one shape's ``(layout, mask, flex mask or None)``; block masks are small: kept once built."""
+
+    @functools.cache
+    def build():
+        layout = TokenLayout(grid, tile=default_neighborhood_tile(shape))
+        mask = neighborhood_block_mask(layout, kernel, stride).to(device)
+        return layout, mask, mask.to_flex() if mask.device.type == "cuda" else None
+
+    return build
+
+
+def _peer(impl: str, grid: TokenGrid, kernel, stride, mask, flex_mask):
+    """The callable of ``impl``, and whether it takes tile-ordered tensors."""
+    if impl == "ours":
+        return functools.partial(neighborhood_attention, grid=grid, kernel_size=kernel, stride=stride), False
+    if impl == "ours-kernel":
+        return functools.partial(block_sparse_attention, block_mask=mask), True
+    if impl == "flex":
+        return functools.partial(compiled_flex_attention(), block_mask=flex_mask), True
+    return F.scaled_dot_product_attention, False
+
+
+def _row(impl: str, grid: TokenGrid, kernel, stride, masks, shape_args: tuple, mode: str, args):
+    """``BenchCase.make`` of one row: fresh q, k, v (in tile order for the kernel-level rows)."""
+    batch, heads, n, dim = shape_args
+
+    def make():
+        layout, mask, flex_mask = masks()
+        fn, tiled = _peer(impl, grid, kernel, stride, mask, flex_mask)
+        grad = mode != "fwd"
+        inputs = random_qkv(batch, heads, n, dim, device=args.device, dtype=args.dtype, requires_grad=grad)
+        if tiled:
+            inputs = [layout.to_layout(t.detach()).requires_grad_(grad) for t in inputs]
+        return timed(fn, inputs, mode)
+
+    return make
 
 
 def cases(args) -> list[BenchCase]:
     on_gpu = args.device == "cuda"
-    flex_attention = None
-    if on_gpu:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        flex_attention = torch.compile(flex_attention, dynamic=False)
+    impls = ("ours", "ours-kernel", "sdpa") + (("flex",) if on_gpu else ())
     rows = []
     for label, batch, heads, dim, shape, kernel, stride in SHAPES if on_gpu else CPU_SHAPES:
         grid = TokenGrid(shape)
-        layout = TokenLayout(grid, tile=default_neighborhood_tile(shape))
-        mask = neighborhood_block_mask(layout, kernel, stride).to(args.device)
-        flex_mask = mask.to_flex() if flex_attention is not None else None
+        masks = _shape_masks(grid, shape, kernel, stride, args.device)
         density = math.prod(kernel) / grid.num_tokens
         n = grid.num_tokens
         for mode in ("fwd", "fwd+bwd"):
-            grad = mode != "fwd"
-            q, k, v = random_qkv(batch, heads, n, dim, device=args.device, dtype=args.dtype, requires_grad=grad)
-            tiled = [layout.to_layout(t.detach()).requires_grad_(grad) for t in (q, k, v)]
             common = dict(group=label, mode=mode, flops=attention_flops(batch, heads, n, n, dim, mode), density=density)
-            peers = {
-                "ours": (
-                    functools.partial(neighborhood_attention, grid=grid, kernel_size=kernel, stride=stride),
-                    (q, k, v),
-                ),
-                "ours-kernel": (functools.partial(block_sparse_attention, block_mask=mask), tiled),
-                "sdpa": (F.scaled_dot_product_attention, (q, k, v)),
-            }
-            if flex_mask is not None:
-                peers["flex"] = (functools.partial(flex_attention, block_mask=flex_mask), tiled)
-            for impl, (fn, inputs) in peers.items():
-                rows.append(BenchCase(impl=impl, fn=_timed(fn, inputs, mode), baseline=impl == "sdpa", **common))
+            for impl in impls:
+                make = _row(impl, grid, kernel, stride, masks, (batch, heads, n, dim), mode, args)
+                rows.append(BenchCase(impl=impl, make=make, baseline=impl == "sdpa", **common))
     return rows

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tools.bench_cases._common import BenchCase, attention_flops, random_qkv
+from tools.bench_cases._common import BenchCase, attention_flops, compiled_flex_attention, random_qkv, timed
 from visionattn.layout import topk_ratio_block_mask
 from visionattn.ops import block_sparse_attention, sparse_linear_attention
 
@@ -33,14 +33,6 @@ CPU_SHAPES = [("tiny B1 H1 N320 d16", 1, 1, 320, 16)]
 TOPK_RATIOS = (0.05, 0.10)
 
 
-def _timed(fn, inputs, mode: str):
-    """A no-argument callable: forward only, or forward + ``autograd.grad`` of every input."""
-    if mode == "fwd":
-        return lambda: fn(*inputs)
-    grad = torch.randn_like(fn(*inputs))
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
-
-
 def _sdpa(backend):
     def run(q, k, v):
         with sdpa_kernel([backend]):
@@ -49,61 +41,79 @@ def _sdpa(backend):
     return run
 
 
+def _critical_mask(shape_args: tuple, blocks: tuple[int, int], ratio: float, device, dtype):
+    """Cached builder of one group's ``(critical-block mask, flex mask or None)``, selected on the rows' q, k (the
+    same seeded values every row draws); the mask is small and kept, q and k are not."""
+    batch, heads, n, dim = shape_args
+
+    @functools.cache
+    def build():
+        q, k, _ = random_qkv(batch, heads, n, dim, device=device, dtype=dtype)
+        mask = topk_ratio_block_mask(q, k, *blocks, ratio)
+        return mask, mask.to_flex() if mask.device.type == "cuda" else None
+
+    return build
+
+
+def _peer(impl: str, weight, mask, flex_mask, blocks: tuple[int, int], ratio: float, dense_peers: dict):
+    """The callable of ``impl`` on ``(q, k, v)``."""
+    sla = dict(feature_map="softmax", proj_weight=weight)
+    if impl == "ours-sla":
+        return functools.partial(sparse_linear_attention, block_mask=mask, **sla)
+    if impl == "ours-sla+select":
+        return functools.partial(sparse_linear_attention, topk_ratio=ratio, block_q=blocks[0], block_k=blocks[1], **sla)
+    if impl == "ours-block-sparse":
+        return functools.partial(block_sparse_attention, block_mask=mask)
+    if impl == "flex":
+        return functools.partial(compiled_flex_attention(), block_mask=flex_mask)
+    return _sdpa(dense_peers[impl])
+
+
+def _row(impl: str, masks, shape_args: tuple, blocks, ratio: float, dense_peers: dict, mode: str, args):
+    """``BenchCase.make`` of one row: fresh q, k, v and projection weight (requiring grad in fwd+bwd rows, as a trained layer's does)."""
+    batch, heads, n, dim = shape_args
+
+    def make():
+        grad = mode != "fwd"
+        q, k, v = random_qkv(batch, heads, n, dim, device=args.device, dtype=args.dtype, requires_grad=grad)
+        gen = torch.Generator().manual_seed(1)
+        # in the activation dtype, as SLA runs proj_l under autocast (an fp32 weight would make F.linear fp32)
+        weight = (torch.randn(dim, dim, generator=gen) / dim**0.5).to(args.device, args.dtype).requires_grad_(grad)
+        mask, flex_mask = masks()
+        fn = _peer(impl, weight, mask, flex_mask, blocks, ratio, dense_peers)
+        return timed(fn, (q, k, v), mode)
+
+    return make
+
+
 def cases(args) -> list[BenchCase]:
     on_gpu = args.device == "cuda"
-    flex_attention = None
-    if on_gpu:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        flex_attention = torch.compile(flex_attention, dynamic=False)
-    block_q, block_k = (128, 64) if on_gpu else (32, 16)
+    blocks = (128, 64) if on_gpu else (32, 16)
     dense_peers = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
     if not on_gpu:
         dense_peers = {"sdpa-math": SDPBackend.MATH}
     baseline = next(iter(dense_peers))
+    impls = ("ours-sla", "ours-sla+select", "ours-block-sparse", *dense_peers) + (("flex",) if on_gpu else ())
     rows = []
     for label, batch, heads, n, dim in SHAPES if on_gpu else CPU_SHAPES:
-        gen = torch.Generator().manual_seed(1)
-        # in the activation dtype, as SLA runs proj_l under autocast (an fp32 weight would make F.linear fp32)
-        proj_weight = (torch.randn(dim, dim, generator=gen) / dim**0.5).to(args.device, args.dtype)
+        shape_args = (batch, heads, n, dim)
+        masks = {ratio: _critical_mask(shape_args, blocks, ratio, args.device, args.dtype) for ratio in TOPK_RATIOS}
         for mode in ("fwd", "fwd+bwd"):
-            if args.mode not in ("both", mode):
-                continue
-            grad = mode != "fwd"
-            q, k, v = random_qkv(batch, heads, n, dim, device=args.device, dtype=args.dtype, requires_grad=grad)
-            weight = proj_weight.clone().requires_grad_(grad)
             for ratio in TOPK_RATIOS:
-                mask = topk_ratio_block_mask(q, k, block_q, block_k, ratio)
-                density = mask.density()
-                sla = dict(feature_map="softmax")
-                peers = {
-                    "ours-sla": functools.partial(sparse_linear_attention, proj_weight=weight, block_mask=mask, **sla),
-                    "ours-sla+select": functools.partial(
-                        sparse_linear_attention,
-                        proj_weight=weight,
-                        topk_ratio=ratio,
-                        block_q=block_q,
-                        block_k=block_k,
-                        **sla,
-                    ),
-                    "ours-block-sparse": functools.partial(block_sparse_attention, block_mask=mask),
-                }
-                peers.update({name: _sdpa(backend) for name, backend in dense_peers.items()})
-                if flex_attention is not None:
-                    peers["flex"] = functools.partial(flex_attention, block_mask=mask.to_flex())
+                density = lambda m=masks[ratio]: m()[0].density()
                 common = dict(
                     group=f"{label} topk {ratio:.0%}",
                     mode=mode,
                     flops=attention_flops(batch, heads, n, n, dim, mode),
                 )
-                for impl, fn in peers.items():
+                for impl in impls:
                     rows.append(
                         BenchCase(
                             impl=impl,
-                            fn=_timed(fn, (q, k, v), mode),
+                            make=_row(impl, masks[ratio], shape_args, blocks, ratio, dense_peers, mode, args),
                             baseline=impl == baseline,
                             density=1.0 if impl.startswith("sdpa") else density,
-                            note=f"blocks {block_q}x{block_k}" if impl.startswith(("ours", "flex")) else "",
+                            note=f"blocks {blocks[0]}x{blocks[1]}" if impl.startswith(("ours", "flex")) else "",
                             **common,
                         )
                     )
