@@ -12,7 +12,7 @@ TOLERANCES = {
 
 
 def relative_error(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref64, out64 = ref.detach().double(), out.detach().double()
+    ref64, out64 = ref.detach().double(), out.detach().double().to(ref.device)
     denom = ref64.norm().clamp_min(1e-30)
     return float((out64 - ref64).norm() / denom)
 
@@ -28,6 +28,6 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, dtype: torch.d
         raise AssertionError(f"{name}: output has {int((~torch.isfinite(out)).sum())} non-finite values")
     tol = TOLERANCES[dtype or out.dtype] if tol is None else tol
     err = relative_error(ref, out)
-    max_abs = float((out.detach().double() - ref.detach().double()).abs().max()) if ref.numel() else 0.0
+    max_abs = float((out.detach().double().to(ref.device) - ref.detach().double()).abs().max()) if ref.numel() else 0.0
     if not err <= tol:
         raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e} (max abs diff {max_abs:.3e})")

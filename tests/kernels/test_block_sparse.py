@@ -106,7 +106,13 @@ def _check(mask, device, dtype, gen, *, batch=1, heads=2, d=32, dv=16, bnhd=Fals
 
 @pytest.mark.parametrize(
     "heads,q_len,kv_len,bq,bk,d,dv",
-    [(2, 70, 45, 16, 16, 32, 16), (1, 40, 64, 32, 16, 16, 32), (2, 37, 37, 7, 12, 16, 16), (1, 50, 70, 24, 40, 16, 16)],
+    [
+        (2, 70, 45, 16, 16, 32, 16),
+        (1, 40, 64, 32, 16, 16, 32),
+        (2, 37, 37, 7, 12, 16, 16),
+        (1, 50, 70, 24, 40, 16, 16),
+        (1, 300, 290, 150, 140, 16, 16),
+    ],  # blocks above 128 tokens: walked in sub-tiles
     ids=lambda x: str(x),
 )
 def test_block_sparse_kernel_random_masks(kernel_device, poison_empty, rng, heads, q_len, kv_len, bq, bk, d, dv):
@@ -192,6 +198,8 @@ def test_block_sparse_kernel_gpu_random_and_dense(rng, d, dtype):
     for p in (1.0, 0.1):
         mask = _random_mask(rng, 4, 4096, 4096, 128, 128, p=p)
         _check(mask, "cuda", dtype, rng, batch=2, heads=4, d=d, dv=d)
+    # BiFormer at 256 px with 7 x 7 regions: 1369-token logical blocks
+    _check(_random_mask(rng, 2, 9583, 9583, 1369, 1369, p=0.3), "cuda", dtype, rng, heads=2, d=d, dv=d)
 
 
 @pytest.mark.gpu

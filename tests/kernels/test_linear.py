@@ -222,10 +222,12 @@ def test_linear_attention_kernel_other_head_dims_gpu(monkeypatch, rng, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("normalize, magnitude", [("divisive", 300.0), ("additive", 20.0)])
 def test_linear_attention_kernel_fp16_large_magnitude_gpu(monkeypatch, rng, normalize, magnitude):
+    # no RALA key weights here: their softmax logits reach ~1e6 at this magnitude, where one fp32 rounding of a
+    # logit already moves a weight by percents (ill-conditioned in any fp32 implementation, not an overflow test)
     _pin_config(monkeypatch, _config_for(64))
     inputs, kwargs = _inputs(
         rng,
-        ("elu1", normalize, "rala", True),
+        ("elu1", normalize, None, True),
         b=2,
         h=4,
         nq=4096,

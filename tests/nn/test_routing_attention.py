@@ -135,15 +135,20 @@ def test_bi_level_routing_attention_gpu_triton_matches_references(grid_shape, n_
     grid = TokenGrid(grid_shape)
     x = torch.randn(4, grid.num_tokens, dim, device="cuda", requires_grad=True)
     # fp32: same routing as the gather reference (fp32 region means on both sides)
-    assert_close("fp32", gather(x, grid), ours(x, grid), tol=2e-3)
+    out32, ref32 = ours(x, grid), gather(x, grid)
+    assert_close("fp32", ref32, out32, tol=2e-3)
+    grad = torch.randn_like(out32)
+    assert_close("dx fp32", *(torch.autograd.grad(o, x, grad)[0] for o in (ref32, out32)), tol=2e-3)
+    if grid.num_tokens > 16384:
+        return  # the reference backend is dense (N x N scores): the bf16 comparison needs a smaller grid
     # bf16: the Triton kernel against the reference backend on the same bf16 q/k (hence the same routing)
     ours_bf16 = ours.to(torch.bfloat16)
     xb = x.detach().to(torch.bfloat16).requires_grad_(True)
     out = ours_bf16(xb, grid)
     ours_bf16.backend = "reference"
     ref = ours_bf16(xb, grid)
-    assert_close("bf16", ref.float(), out.float())
+    assert_close("bf16", ref.float(), out.float(), dtype=torch.bfloat16)
     grad = torch.randn_like(out)
     (d_out,) = torch.autograd.grad(out, xb, grad)
     (d_ref,) = torch.autograd.grad(ref, xb, grad)
-    assert_close("dx bf16", d_ref.float(), d_out.float())
+    assert_close("dx bf16", d_ref.float(), d_out.float(), dtype=torch.bfloat16)

@@ -73,8 +73,6 @@ def block_sparse_attention_reference(
 
 
 # ---------------------------------------------------------------------------------------------- triton backend
-#: Largest logical block the kernels tile (one 128 x 128 score tile per step).
-_MAX_BLOCK = 128
 _TRITON_HEAD_DIMS = (16, 32, 64, 96, 128)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -108,13 +106,6 @@ def _triton_supports_mask(args: dict, raise_error: bool) -> bool:
             NotImplementedError,
             "block_mask.token_mask must be None, a NeighborhoodWindow or a CircularWindow for backend='triton' "
             f"(the kernels evaluate those in-kernel); got {type(mask.token_mask).__name__}. Use backend='reference'.",
-        )
-    if max(mask.block_q, mask.block_k) > _MAX_BLOCK:
-        return _fail(
-            raise_error,
-            NotImplementedError,
-            f"block_mask blocks must be at most {_MAX_BLOCK} tokens for backend='triton'; "
-            f"got block_mask.block_q={mask.block_q}, block_mask.block_k={mask.block_k}.",
         )
     return True
 
