@@ -113,7 +113,7 @@ def test_sparse_linear_kernel_real_sizes(rng, dtype, n, d, block_q, block_k, top
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", range(5))
+@pytest.mark.parametrize("config", range(6))
 def test_sparse_linear_kernel_gpu_every_config(monkeypatch, rng, config):
     """Each autotune config of the five kernels on its own (autotune would hide a broken one)."""
     from visionattn.kernels import sparse_linear, sparse_linear_bwd, sparse_linear_state
