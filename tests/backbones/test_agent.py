@@ -221,4 +221,5 @@ def test_agent_gpu_bf16_train_step_any_size_and_compile(name):
     model.eval()
     x = torch.randn(2, 3, 224, 224, device="cuda")
     with torch.no_grad():
-        assert_close("compiled", model(x), torch.compile(model)(x), tol=1e-4)
+        # fp32, but inductor fuses and reorders reductions (and may pick another SDPA kernel): ~2e-4 apart
+        assert_close("compiled", model(x), torch.compile(model)(x), tol=1e-3)
