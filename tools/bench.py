@@ -57,6 +57,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--impl", default=None, help="only rows whose impl contains one of these comma-separated substrings"
     )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time each row replayed from a CUDA graph (GPU time without Python/launch overhead): graph_ms",
+    )
     parser.add_argument("--out", default=None, help="output path prefix for .json/.md/.png (default: print only)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -103,13 +108,43 @@ def _time_row(case: BenchCase, args) -> dict:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        graph = _time_graph(fn, args.iters) if args.cuda_graph else {}
     else:
         for _ in range(args.iters):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
         peak_mb = None
-    return {"ms": statistics.median(times), "peak_mb": peak_mb, "build_s": t1 - t0, "warmup_s": t2 - t1}
+        graph = {}
+    return {"ms": statistics.median(times), "peak_mb": peak_mb, "build_s": t1 - t0, "warmup_s": t2 - t1, **graph}
+
+
+def _time_graph(fn, iters: int) -> dict:
+    """Median milliseconds of ``fn`` captured once into a CUDA graph and replayed: the GPU time of the row without
+    the host's Python and launch overhead (what ``torch.compile(mode="reduce-overhead")`` users see). A row that
+    cannot be captured (a host sync, an allocation it cannot replay) reports why instead."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as exc:  # reported in the row, the eager timing stands
+        return {"graph_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"graph_ms": statistics.median(times)}
 
 
 def _row_metrics(case: BenchCase, timing: dict) -> dict:
@@ -127,6 +162,12 @@ def _row_metrics(case: BenchCase, timing: dict) -> dict:
         "build_s": round(timing["build_s"], 3),
         "warmup_s": round(timing["warmup_s"], 3),
     }
+    if "graph_ms" in timing:
+        row["graph_ms"] = round(timing["graph_ms"], 4)
+        if case.bytes:
+            row["graph_gb_per_s"] = round(case.bytes / (timing["graph_ms"] * 1e-3) / 1e9, 1)
+    if "graph_error" in timing:
+        row["note"] = (row["note"] + "; " if row["note"] else "") + "no CUDA graph: " + timing["graph_error"]
     if case.flops:
         row["tflops_dense_equiv"] = round(case.flops / (ms * 1e-3) / 1e12, 2)
     if case.bytes:
@@ -214,11 +255,13 @@ def environment() -> dict:
 _COLUMNS = (
     ("impl", "impl"),
     ("ms", "ms"),
+    ("graph_ms", "CUDA-graph ms"),
     ("speedup", "speedup"),
     ("density", "density"),
     ("fraction_of_ideal", "of ideal"),
     ("tflops_dense_equiv", "TFLOP/s (dense-eq)"),
     ("gb_per_s", "GB/s"),
+    ("graph_gb_per_s", "GB/s (graph)"),
     ("items_per_s", "items/s"),
     ("peak_mb", "peak MB"),
     ("warmup_s", "warm-up s"),
