@@ -25,6 +25,7 @@ __all__ = [
     "NO_MASK_PARAMS",
     "TILE_HEURISTICS",
     "block_sparse_fwd",
+    "cdiv",
     "csr_strides",
     "empty_like_layout",
     "launch_constexprs",
@@ -85,17 +86,24 @@ _DEFAULT_CONFIG = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_s
 _AUTOTUNE_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND"]
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on the host. ``triton.cdiv`` is a constexpr function in Triton 3.9: a host call through it
+    costs microseconds, and the launchers and tile heuristics make dozens per op call."""
+    return -(-a // b)
+
+
 def next_block(size: int) -> int:
-    """Power-of-two tile (>= 16, the smallest ``tl.dot`` dimension) holding ``size`` rows."""
-    return max(16, triton.next_power_of_2(size))
+    """Power-of-two tile (>= 16, the smallest ``tl.dot`` dimension) holding ``size`` rows (plain integer math, not
+    ``triton.next_power_of_2``, for the reason of ``cdiv``)."""
+    return max(16, 1 << (size - 1).bit_length()) if size > 1 else 16
 
 
 #: Tile shapes from the logical blocks and the config's caps (applied in order, each sees the previous).
 TILE_HEURISTICS = {
     "BLOCK_M": lambda a: min(next_block(a["block_q"]), a["TILE_M"]),
     "BLOCK_N": lambda a: min(next_block(a["block_k"]), a["TILE_N"]),
-    "Q_SUB": lambda a: triton.cdiv(a["block_q"], a["BLOCK_M"]),
-    "K_SUB": lambda a: triton.cdiv(a["block_k"], a["BLOCK_N"]),
+    "Q_SUB": lambda a: cdiv(a["block_q"], a["BLOCK_M"]),
+    "K_SUB": lambda a: cdiv(a["block_k"], a["BLOCK_N"]),
     "EVEN_M": lambda a: a["block_q"] % a["BLOCK_M"] == 0 and a["q_len"] % a["block_q"] == 0,
     "EVEN_N": lambda a: a["block_k"] % a["BLOCK_N"] == 0 and a["kv_len"] % a["block_k"] == 0,
 }
@@ -518,7 +526,7 @@ def block_sparse_fwd(
     b, h, q_len, _ = q.shape
     out = empty_like_layout(q, v.shape[-1])
     lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
+    grid = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
     _block_sparse_fwd_kernel[grid](
         q,
         k,

@@ -18,6 +18,7 @@ from .block_sparse import (
     _bsa_loop_tile,
     _bsa_mask_scores,
     _bsa_program_tile,
+    cdiv,
     csr_strides,
     empty_like_layout,
     launch_constexprs,
@@ -507,7 +508,7 @@ def block_sparse_bwd(
     kv_len = k.shape[2]
     delta = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
     has_dlse = dlse is not None
-    _block_sparse_bwd_kernel_delta[(triton.cdiv(q_len, _DELTA_BLOCK), b * h)](
+    _block_sparse_bwd_kernel_delta[(cdiv(q_len, _DELTA_BLOCK), b * h)](
         out,
         do,
         dlse if has_dlse else delta,
@@ -527,7 +528,7 @@ def block_sparse_bwd(
     dv = empty_like_layout(v, v.shape[-1])
     constexprs = launch_constexprs(q, v, mask_kind, mask_params)
     shared = (h, q_len, kv_len, block_q, block_k, scale, tuple(mask_params), radius2)
-    grid_dq = lambda meta: (triton.cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
+    grid_dq = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
     _block_sparse_bwd_kernel_dq[grid_dq](
         q,
         k,
@@ -548,8 +549,8 @@ def block_sparse_bwd(
         *shared,
         **constexprs,
     )
-    indptr_t, indices_t, partial_t = transpose_csr(indptr, indices, partial, triton.cdiv(kv_len, block_k))
-    grid_dkdv = lambda meta: (triton.cdiv(kv_len, block_k) * meta["K_SUB"], b * h)
+    indptr_t, indices_t, partial_t = transpose_csr(indptr, indices, partial, cdiv(kv_len, block_k))
+    grid_dkdv = lambda meta: (cdiv(kv_len, block_k) * meta["K_SUB"], b * h)
     _block_sparse_bwd_kernel_dkdv[grid_dkdv](
         q,
         k,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
-from .block_sparse import empty_like_layout
+from .block_sparse import cdiv, empty_like_layout
 
 __all__ = ["GATED_SUB_BLOCK", "gated_fwd", "gated_states"]
 
@@ -329,13 +329,13 @@ def gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: i
     dv = v.shape[-1]
     num_dir = 1 if log_gate_bwd is None else 2
     num_pass = num_dir * (1 if do is None else 2)
-    num_chunks = triton.cdiv(length, chunk)
+    num_chunks = cdiv(length, chunk)
     states = torch.empty(batch * heads, num_pass, num_chunks, dk, dv, device=k.device, dtype=torch.float32)
     g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
     q, do = (k, v) if do is None else (q, do)
 
     def grid(meta):
-        return triton.cdiv(dv, meta["BV"]), batch * heads, num_pass
+        return cdiv(dv, meta["BV"]), batch * heads, num_pass
 
     _gated_kernel_state[grid](
         k,
@@ -390,7 +390,7 @@ def gated_fwd(
         return out
     states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, None, scale, chunk)
     g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
-    num_chunks = triton.cdiv(length, chunk)
+    num_chunks = cdiv(length, chunk)
     _gated_fwd_kernel_output[(num_chunks, batch * heads)](
         q,
         k,

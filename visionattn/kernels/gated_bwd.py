@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
-from .block_sparse import empty_like_layout
+from .block_sparse import cdiv, empty_like_layout
 from .gated import (
     _LOG_GATE_MIN,
     GATED_SUB_BLOCK,
@@ -247,7 +247,7 @@ def gated_bwd(
     states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale, chunk)
     g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
     dg_bwd_arg = dg_fwd if dg_bwd is None else dg_bwd
-    num_chunks = triton.cdiv(length, chunk)
+    num_chunks = cdiv(length, chunk)
     _gated_bwd_kernel[(num_chunks, batch * heads)](
         q,
         k,

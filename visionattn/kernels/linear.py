@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from ._constants import NEG_INF
-from .block_sparse import empty_like_layout, next_block
+from .block_sparse import cdiv, empty_like_layout, next_block
 
 __all__ = [
     "FEATURE_CODES",
@@ -443,16 +443,19 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)
 def chunking(n: int, bh: int, device: torch.device) -> tuple[int, int]:
-    """(chunk length, number of chunks) of a split-N pass: enough programs to fill the GPU, whole row tiles."""
+    """(chunk length, number of chunks) of a split-N pass: enough programs to fill the GPU, whole row tiles.
+
+    Cached: every launch of a split-N pass asks, with a handful of distinct shapes per model."""
     tile = _REDUCE_DEFAULT.kwargs["BLOCK_N"] if is_interpreter() else max(_ROW_TILES)
     if device.type == "cuda":
         programs = _PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None else 0)
-        chunks = max(1, min(triton.cdiv(n, tile), programs // max(bh, 1)))
+        chunks = max(1, min(cdiv(n, tile), programs // max(bh, 1)))
     else:
-        chunks = triton.cdiv(n, tile)
-    chunk_len = triton.cdiv(triton.cdiv(n, chunks), tile) * tile
-    return chunk_len, triton.cdiv(n, chunk_len)
+        chunks = cdiv(n, tile)
+    chunk_len = cdiv(cdiv(n, chunks), tile) * tile
+    return chunk_len, cdiv(n, chunk_len)
 
 
 def numerator_scale(normalize: str | None, scale: float, length: int) -> float:

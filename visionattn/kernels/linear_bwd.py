@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
-from .block_sparse import next_block
+from .block_sparse import cdiv, next_block
 from .linear import (
     _BLOCK_CONFIGS,
     _BLOCK_DEFAULT,
@@ -392,7 +392,7 @@ def linear_query_mean_bwd(q: torch.Tensor, d_mean: torch.Tensor, feature_map: st
     """``dq_i = J_φ(q_i)ᵀ d_mean / Nq``. Grid ``(cdiv(Nq, BLOCK_M), B·H)``."""
     b, h, n, d = q.shape
     dq = torch.empty_like(q)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)
+    grid = lambda meta: (cdiv(n, meta["BLOCK_M"]), b * h)
     _linear_bwd_kernel_query_mean[grid](
         q,
         d_mean.float().contiguous(),

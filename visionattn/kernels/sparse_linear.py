@@ -25,6 +25,7 @@ from .block_sparse import (
     _block_sparse_fwd_inner,
     _bsa_load,
     _bsa_program_tile,
+    cdiv,
     csr_strides,
     empty_like_layout,
     launch_constexprs,
@@ -314,7 +315,7 @@ def sparse_linear_fwd(
     o_linear = empty_like_layout(q, v.shape[-1])
     lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
     rden = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
+    grid = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
     _sparse_linear_fwd_kernel[grid](
         q,
         k,

@@ -26,6 +26,7 @@ from .block_sparse import (
     TILE_HEURISTICS,
     _bsa_load,
     _bsa_program_tile,
+    cdiv,
     csr_strides,
     empty_like_layout,
     launch_constexprs,
@@ -441,7 +442,7 @@ def sparse_linear_bwd(
     """
     b, h, q_len, d = q.shape
     kv_len, dv_dim = k.shape[2], v.shape[-1]
-    mq, mk = triton.cdiv(q_len, block_q), triton.cdiv(kv_len, block_k)
+    mq, mk = cdiv(q_len, block_q), cdiv(kv_len, block_k)
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     h_blocks, z_blocks, h_tot, z_tot = sparse_linear_state(k, v, block_k, feature)
     delta = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
@@ -449,7 +450,7 @@ def sparse_linear_bwd(
     ds_blocks = torch.empty(b * h, mq, d, dv_dim, device=q.device, dtype=state_dtype(q.dtype))
     dz_blocks = torch.empty(b * h, mq, d, device=q.device, dtype=state_dtype(q.dtype))
     chunk = blocks_per_program(mq, b * h)
-    chunks = triton.cdiv(mq, chunk)
+    chunks = cdiv(mq, chunk)
     ds_part = torch.empty(b * h, chunks, d, dv_dim, device=q.device, dtype=torch.float32)
     dz_part = torch.empty(b * h, chunks, d, device=q.device, dtype=torch.float32)
     _sparse_linear_bwd_kernel_state[(chunks, b * h)](

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
-from .block_sparse import next_block
+from .block_sparse import cdiv, next_block
 from .linear import _phi
 
 __all__ = ["blocks_per_program", "dv_chunk", "sparse_linear_state", "state_dtype"]
@@ -266,9 +266,9 @@ def sparse_linear_state(
     """
     b, h, n, d = k.shape
     dv = v.shape[-1]
-    blocks = triton.cdiv(n, block_k)
+    blocks = cdiv(n, block_k)
     chunk = blocks_per_program(blocks, b * h)
-    chunks = triton.cdiv(blocks, chunk)
+    chunks = cdiv(blocks, chunk)
     h_blocks = torch.empty(b * h, blocks, d, dv, device=k.device, dtype=state_dtype(k.dtype))
     z_blocks = torch.empty(b * h, blocks, d, device=k.device, dtype=state_dtype(k.dtype))
     h_part = torch.empty(b * h, chunks, d, dv, device=k.device, dtype=torch.float32)
