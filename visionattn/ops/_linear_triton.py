@@ -10,6 +10,8 @@ Kernels are imported lazily so that importing ``visionattn`` never needs Triton.
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from ._eager import custom_op
+
 __all__ = []
 
 _Opt = torch.Tensor | None
@@ -21,7 +23,7 @@ def _or_none(t: torch.Tensor) -> _Opt:
 
 
 # ------------------------------------------------------------------------------------------------ query mean
-@torch.library.custom_op("visionattn::linear_query_mean", mutates_args=())
+@custom_op("visionattn::linear_query_mean")
 def query_mean_op(q: torch.Tensor, feature_map: str) -> torch.Tensor:
     from ..kernels.linear import linear_query_mean_fwd
 
@@ -33,7 +35,7 @@ def _(q, feature_map):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[3], dtype=torch.float32)
 
 
-@torch.library.custom_op("visionattn::linear_query_mean_bwd", mutates_args=())
+@custom_op("visionattn::linear_query_mean_bwd")
 def _query_mean_bwd_op(q: torch.Tensor, d_mean: torch.Tensor, feature_map: str) -> torch.Tensor:
     from ..kernels.linear_bwd import linear_query_mean_bwd
 
@@ -60,7 +62,7 @@ query_mean_op.register_autograd(_query_mean_backward, setup_context=_query_mean_
 
 
 # ------------------------------------------------------------------------------------------------ state
-@torch.library.custom_op("visionattn::linear_state", mutates_args=())
+@custom_op("visionattn::linear_state")
 def state_op(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -90,7 +92,7 @@ def _(k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale):
     )
 
 
-@torch.library.custom_op("visionattn::linear_state_bwd", mutates_args=())
+@custom_op("visionattn::linear_state_bwd")
 def _state_bwd_op(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -158,7 +160,7 @@ state_op.register_autograd(_state_backward, setup_context=_state_setup)
 
 
 # ------------------------------------------------------------------------------------------------ apply
-@torch.library.custom_op("visionattn::linear_apply", mutates_args=())
+@custom_op("visionattn::linear_apply")
 def apply_op(
     q: torch.Tensor,
     q_norm: _Opt,
@@ -188,7 +190,7 @@ def _(q, q_norm, cos, sin, kv, k_sum, v_mean, feature_map, normalize, scale, eps
     return empty_like_layout(q, kv.shape[-1])
 
 
-@torch.library.custom_op("visionattn::linear_apply_bwd", mutates_args=())
+@custom_op("visionattn::linear_apply_bwd")
 def _apply_bwd_op(
     q: torch.Tensor,
     q_norm: _Opt,

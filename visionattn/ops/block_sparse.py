@@ -10,6 +10,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ..layout.block_mask import BlockMask
 from ..layout.predicates import CircularWindow, NeighborhoodWindow
 from ._checks import _check_attention_inputs, _check_scale
+from ._eager import custom_op
 from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim, _requires_triton_device
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
@@ -110,7 +111,7 @@ def _triton_supports_mask(args: dict, raise_error: bool) -> bool:
     return True
 
 
-@torch.library.custom_op("visionattn::block_sparse_attention_fwd", mutates_args=())
+@custom_op("visionattn::block_sparse_attention_fwd")
 def _block_sparse_fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -151,7 +152,7 @@ def _(q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mas
     return empty_like_layout(q, v.shape[-1]), lse
 
 
-@torch.library.custom_op("visionattn::block_sparse_attention_bwd", mutates_args=())
+@custom_op("visionattn::block_sparse_attention_bwd")
 def _block_sparse_bwd_op(
     do: torch.Tensor,
     dlse: torch.Tensor | None,

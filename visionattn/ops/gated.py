@@ -21,6 +21,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ..kernels._config import is_interpreter
 from ._checks import _check_attention_inputs, _check_scale, _check_tensor
+from ._eager import custom_op
 from ._gated_torch import gated_linear_attention_chunked, requires_torch_dtype
 from ._registry import (
     _BackendRegistry,
@@ -82,7 +83,7 @@ def _reference_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale):
     return gated_linear_attention_reference(q, k, v, log_gate_fwd, log_gate_bwd, scale=scale)
 
 
-@torch.library.custom_op("visionattn::gated_linear_attention_fwd", mutates_args=())
+@custom_op("visionattn::gated_linear_attention_fwd")
 def _gated_fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,7 +105,7 @@ def _(q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk):
     return empty_like_layout(v, v.shape[-1])
 
 
-@torch.library.custom_op("visionattn::gated_linear_attention_bwd", mutates_args=())
+@custom_op("visionattn::gated_linear_attention_bwd")
 def _gated_bwd_op(
     do: torch.Tensor,
     q: torch.Tensor,

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ..layout import topk_ratio_block_mask
 from ..layout.block_mask import BlockMask
 from ._checks import _check_attention_inputs, _check_choice, _check_scale, _check_tensor
+from ._eager import custom_op
 from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim, _requires_triton_device
 from .block_sparse import _check_block_mask, block_sparse_attention_reference
 from .linear import _check_eps, _feature_map
@@ -128,7 +129,7 @@ def _triton_supports_blocks(args: dict, raise_error: bool) -> bool:
     return True
 
 
-@torch.library.custom_op("visionattn::sparse_linear_attention_fwd", mutates_args=())
+@custom_op("visionattn::sparse_linear_attention_fwd")
 def _sla_fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -171,7 +172,7 @@ def _(q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q
     return empty_like_layout(q, v.shape[-1]), empty_like_layout(q, v.shape[-1]), rows, torch.empty_like(rows)
 
 
-@torch.library.custom_op("visionattn::sparse_linear_attention_bwd", mutates_args=())
+@custom_op("visionattn::sparse_linear_attention_bwd")
 def _sla_bwd_op(
     do_sparse: torch.Tensor,
     do_linear: torch.Tensor,
