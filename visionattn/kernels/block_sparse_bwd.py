@@ -498,9 +498,10 @@ def block_sparse_bwd(
     mask_kind: int,
     mask_params: list[int],
     radius2: float,
+    key_major: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Three launches: delta ``(Nq / 64, B * H)``; dQ per query sub-tile over the rows; dK/dV per key sub-tile
-    over the transposed CSR.
+    over the transposed CSR ``key_major`` (``transpose_csr`` of the rows, computed here when None).
 
     Returns ``dq``, ``dk``, ``dv`` stored like ``q``, ``k``, ``v``.
     """
@@ -549,7 +550,9 @@ def block_sparse_bwd(
         *shared,
         **constexprs,
     )
-    indptr_t, indices_t, partial_t = transpose_csr(indptr, indices, partial, cdiv(kv_len, block_k))
+    if key_major is None:
+        key_major = transpose_csr(indptr, indices, partial, cdiv(kv_len, block_k))
+    indptr_t, indices_t, partial_t = key_major
     grid_dkdv = lambda meta: (cdiv(kv_len, block_k) * meta["K_SUB"], b * h)
     _block_sparse_bwd_kernel_dkdv[grid_dkdv](
         q,

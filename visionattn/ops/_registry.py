@@ -5,10 +5,13 @@ loudly with an error naming the argument; ``backend=None`` takes the first regis
 constraints pass and otherwise the reference. The mathematical function never changes with the backend.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from ..kernels._config import is_interpreter
 
 __all__ = []
 
@@ -61,6 +64,7 @@ def _fail(raise_error: bool, exc: type[Exception], message: str) -> bool:
     return False
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -77,8 +81,6 @@ def _requires_triton_device(*names: str) -> _Constraint:
     """
 
     def check(args: dict, raise_error: bool) -> bool:
-        from ..kernels._config import is_interpreter
-
         if not _triton_available():
             return _fail(raise_error, RuntimeError, "the triton backend needs Triton: pip install triton")
         interpreted_ok = raise_error and is_interpreter()

@@ -4,6 +4,8 @@ Shape legend: ``B`` batch, ``H`` heads, ``Nq``/``Nk`` query/key tokens (in the s
 to, e.g. a tile-order ``TokenLayout``), ``D`` query/key head dim, ``Dv`` value head dim.
 """
 
+import weakref
+
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
@@ -99,6 +101,31 @@ def _predicate_args(token_mask) -> tuple[int, list[int], float]:
     return MASK_CIRCULAR, params + [1] * 12, float(token_mask.radius) ** 2
 
 
+#: Per ``BlockMask`` (masks are immutable): its predicate arguments and, once a gradient was needed, its key-major CSR.
+_MASK_ARGS: "weakref.WeakKeyDictionary[BlockMask, list]" = weakref.WeakKeyDictionary()
+
+
+def _mask_launch_args(block_mask: BlockMask, needs_grad: bool) -> tuple[int, list[int], float, tuple]:
+    """``(mask_kind, mask_params, radius2, key_major)`` of ``block_mask``, computed once per mask in eager mode.
+
+    ``key_major`` is the ``(indptr_t, indices_t, partial_t)`` CSR the dK/dV pass walks (``transpose_csr``: about
+    ten small device ops); without a gradient the row CSR stands in (the backward never runs, nothing reads it).
+    Under ``torch.compile`` both are recomputed in the graph instead of being cached on a Python object.
+    """
+    from ..kernels.block_sparse_bwd import transpose_csr
+
+    csr = (block_mask.indptr, block_mask.indices, block_mask.partial)
+    if torch.compiler.is_compiling():
+        key_major = transpose_csr(*csr, block_mask.num_kv_blocks) if needs_grad else csr
+        return (*_predicate_args(block_mask.token_mask), key_major)
+    entry = _MASK_ARGS.get(block_mask)
+    if entry is None:
+        entry = _MASK_ARGS[block_mask] = [*_predicate_args(block_mask.token_mask), None]
+    if needs_grad and entry[3] is None:
+        entry[3] = transpose_csr(*csr, block_mask.num_kv_blocks)
+    return entry[0], entry[1], entry[2], entry[3] if needs_grad else csr
+
+
 def _triton_supports_mask(args: dict, raise_error: bool) -> bool:
     mask = args["block_mask"]
     if mask.token_mask is not None and type(mask.token_mask) not in (NeighborhoodWindow, CircularWindow):
@@ -125,7 +152,12 @@ def _block_sparse_fwd_op(
     mask_kind: int,
     mask_params: list[int],
     radius2: float,
+    indptr_t: torch.Tensor,
+    indices_t: torch.Tensor,
+    partial_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``indptr_t``/``indices_t``/``partial_t``: the key-major CSR of the dK/dV pass (``_key_major_csr``), only
+    saved for the backward."""
     from ..kernels.block_sparse import block_sparse_fwd
 
     return block_sparse_fwd(
@@ -145,7 +177,7 @@ def _block_sparse_fwd_op(
 
 
 @_block_sparse_fwd_op.register_fake
-def _(q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2):
+def _(q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2, *key_major):
     from ..kernels.block_sparse import empty_like_layout
 
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
@@ -170,6 +202,9 @@ def _block_sparse_bwd_op(
     mask_kind: int,
     mask_params: list[int],
     radius2: float,
+    indptr_t: torch.Tensor,
+    indices_t: torch.Tensor,
+    partial_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.block_sparse_bwd import block_sparse_bwd
 
@@ -190,6 +225,7 @@ def _block_sparse_bwd_op(
         mask_kind=mask_kind,
         mask_params=mask_params,
         radius2=radius2,
+        key_major=(indptr_t, indices_t, partial_t),
     )
 
 
@@ -201,15 +237,15 @@ def _(do, dlse, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2 = inputs
+    q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2, *key_major = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, indptr, indices, partial)
+    ctx.save_for_backward(q, k, v, out, lse, indptr, indices, partial, *key_major)
     ctx.scale, ctx.block_q, ctx.block_k = scale, block_q, block_k
     ctx.mask_kind, ctx.mask_params, ctx.radius2 = mask_kind, mask_params, radius2
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, indptr, indices, partial = ctx.saved_tensors
+    q, k, v, out, lse, indptr, indices, partial, *key_major = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dq, dk, dv = _block_sparse_bwd_op(
         dout,
@@ -228,9 +264,10 @@ def _backward(ctx, dout, dlse):
         ctx.mask_kind,
         ctx.mask_params,
         ctx.radius2,
+        *key_major,
     )
-    # q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    # q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2, *key_major
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _block_sparse_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -269,7 +306,8 @@ def _bwd_flops(do_shape, dlse_shape, q_shape, k_shape, v_shape, out_shape_, lse_
     ],
 )
 def _block_sparse_attention_triton(q, k, v, block_mask: BlockMask, *, scale: float, return_lse: bool = False):
-    mask_kind, mask_params, radius2 = _predicate_args(block_mask.token_mask)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    mask_kind, mask_params, radius2, key_major = _mask_launch_args(block_mask, needs_grad)
     out, lse = _block_sparse_fwd_op(
         q,
         k,
@@ -283,6 +321,7 @@ def _block_sparse_attention_triton(q, k, v, block_mask: BlockMask, *, scale: flo
         mask_kind,
         mask_params,
         radius2,
+        *key_major,
     )
     return (out, lse) if return_lse else out
 

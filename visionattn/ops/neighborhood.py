@@ -9,6 +9,7 @@ handful of dense blocks plus a thin rim of partial ones; the block mask is built
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,27 @@ def default_neighborhood_tile(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(min(t, 1 << (s - 1).bit_length()) for t, s in zip(_DEFAULT_TILES[len(shape)], shape))
 
 
+class _Plan(NamedTuple):
+    """Device tensors of one configuration: gather indices into the tile order and back, and the block mask.
+
+    ``q_index`` ``(q_len,)`` / ``kv_index`` ``(Nk_layout,)``: raster index of each query / key slot (padding slots
+    read token 0); ``q_valid`` / ``kv_valid``: ``(len, 1)`` bool, False on padding slots (zero-filled, as
+    ``TokenLayout.to_layout`` does), or None when there is no padding. ``out_slot`` ``(N,)``: slot of each raster token.
+    """
+
+    q_index: torch.Tensor
+    q_valid: torch.Tensor | None
+    kv_index: torch.Tensor
+    kv_valid: torch.Tensor | None
+    out_slot: torch.Tensor
+    mask: BlockMask
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    out = x.index_select(2, index)
+    return out if valid is None else out * valid.to(x.dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def _neighborhood_plan(
     grid: TokenGrid,
@@ -40,12 +62,11 @@ def _neighborhood_plan(
     canonical_args: tuple,
     tile: tuple[int, ...],
     device: torch.device,
-) -> tuple[TokenLayout, torch.Tensor, torch.Tensor, BlockMask]:
-    """Key layout, query gather index, output gather index and block mask of one configuration.
+) -> _Plan:
+    """The ``_Plan`` of one configuration, built once (per call it would cost host-to-device copies and small ops).
 
     The additional keys are trailing global tokens of the key layout only: the query sequence stops after
-    ``grid``'s own tokens, so the mask keeps its first ``q_len`` rows. ``q_source`` ``(q_len,)`` is the raster index
-    of each query slot (``-1``: padding); ``out_slot`` ``(N,)`` is the slot of each raster token.
+    ``grid``'s own tokens, so the mask keeps its first ``q_len`` rows.
     """
     key_grid = TokenGrid(grid.shape, extra_before=grid.extra_before, extra_after=grid.extra_after + num_extra_kv)
     layout = TokenLayout(key_grid, tile=tile)
@@ -67,7 +88,15 @@ def _neighborhood_plan(
             block_k=mask.block_k,
             token_mask=mask.token_mask,
         )
-    return layout, source[:q_len].to(device), out_slot[: grid.num_tokens].to(device), mask.to(device)
+    valid = lambda index: None if bool((index >= 0).all()) else (index >= 0)[:, None].to(device)
+    return _Plan(
+        q_index=source[:q_len].clamp_min(0).to(device),
+        q_valid=valid(source[:q_len]),
+        kv_index=source.clamp_min(0).to(device),
+        kv_valid=valid(source),
+        out_slot=out_slot[: grid.num_tokens].to(device),
+        mask=mask.to(device),
+    )
 
 
 def _check_extra_kv(extra_kv, q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -197,10 +226,11 @@ def neighborhood_attention(
     canonical = _check_neighborhood_args(grid, kernel_size, stride, dilation, causal)
     tile = default_neighborhood_tile(grid.shape) if tile is None else _check_per_axis("tile", grid.ndim, tile)
     num_extra = 0 if extra_kv is None else extra_kv[0].shape[2]
-    layout, q_source, out_slot, mask = _neighborhood_plan(grid, num_extra, canonical, tile, q.device)
+    plan = _neighborhood_plan(grid, num_extra, canonical, tile, q.device)
     if extra_kv is not None:
         k = torch.cat([k, extra_kv[0]], dim=2)
         v = torch.cat([v, extra_kv[1]], dim=2)
-    q_tiles = q.index_select(2, q_source.clamp_min(0)) * (q_source >= 0)[:, None].to(q.dtype)
-    out = block_sparse_attention(q_tiles, layout.to_layout(k), layout.to_layout(v), mask, scale=scale, backend=backend)
-    return out.index_select(2, out_slot)
+    q_tiles = _gather(q, plan.q_index, plan.q_valid)
+    k_tiles, v_tiles = (_gather(x, plan.kv_index, plan.kv_valid) for x in (k, v))
+    out = block_sparse_attention(q_tiles, k_tiles, v_tiles, plan.mask, scale=scale, backend=backend)
+    return out.index_select(2, plan.out_slot)
