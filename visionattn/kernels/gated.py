@@ -317,7 +317,7 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]
 
 
 def gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: int) -> torch.Tensor:
