@@ -7,10 +7,11 @@ Every Triton op is a ``torch.library.custom_op`` with a fake impl and autograd, 
 output aliasing check): more than the GPU time of many attention kernels, several times per forward and backward.
 
 :func:`custom_op` registers the op exactly as before and returns an :class:`EagerOp`. Called in plain eager mode
-(not tracing or compiling, no ``TorchDispatchMode`` such as ``FlopCounterMode`` or ``FakeTensorMode`` active, no
-functorch transform, only plain ``torch.Tensor`` arguments) it runs the same implementation directly, or, when an
-input requires grad, the same ``setup_context`` and ``backward`` through one ``torch.autograd.Function``
-(about 3 µs); in every other case it calls the registered op. Results and gradients are identical on both paths.
+(not compiling or ``torch.jit.trace``-ing, no ``TorchDispatchMode`` such as ``FlopCounterMode`` or
+``FakeTensorMode`` active, no functorch transform, only plain ``torch.Tensor`` arguments) it runs the same
+implementation directly, or, when an input requires grad, the same ``setup_context`` and ``backward`` through one
+``torch.autograd.Function`` (about 3 µs); in every other case it calls the registered op. Results and gradients are
+identical on both paths.
 """
 
 from collections.abc import Callable
@@ -24,6 +25,7 @@ def _dispatcher_needed(args: tuple) -> bool:
     """True unless the call is plain eager on plain tensors (the registered op must see everything else)."""
     if (
         torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._are_functorch_transforms_active()
     ):
