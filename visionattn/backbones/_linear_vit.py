@@ -24,14 +24,13 @@ weight decay to them exactly as the reference training (DeiT codebase, no ``no_w
 import re
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, register_notrace_function, register_notrace_module
-from timm.models import build_model_with_cfg, checkpoint
-from timm.models._features import feature_take_indices
+from timm.models import checkpoint
 from torch import nn
 
 from ..layout import TokenGrid
 from ..nn import LinearAttention2d, RoPE2d, SoftmaxAttention2d
+from ._timm_api import ClassifierHeadMixin, StagedBackbone, create_backbone, imagenet_cfg, stage_group_matcher
 
 __all__ = [
     "LinearViT",
@@ -236,8 +235,12 @@ class LinearViTStage(nn.Module):
         return x
 
 
-class LinearViT(nn.Module):
+class LinearViT(StagedBackbone, ClassifierHeadMixin, nn.Module):
     """MAViT / RAVLT backbone: conv stem, four attention stages, projection head (see the module docstring)."""
+
+    # ``norm`` is the projection's BatchNorm, part of the head: forward_intermediates(norm=True) leaves the stage
+    # outputs as they are, and prune_intermediate_layers drops it with the head (prune_head), not with prune_norm.
+    has_final_norm = False
 
     def __init__(
         self,
@@ -335,92 +338,20 @@ class LinearViT(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^patch_embed",
-            blocks=r"^stages\.(\d+)"
-            if coarse
-            else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^proj|^norm", (99999,)),
-            ],
-        )
+        return stage_group_matcher(coarse, stem=r"^patch_embed", final=r"^proj|^norm")
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        # From the stem's weight: the head has no parameters after reset_classifier(0).
-        like = self.patch_embed.proj[0].weight
-        self.head.reset(num_classes, pool_type=global_pool, device=like.device, dtype=like.dtype)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (stride 4, 8, 16, 32) and, unless ``intermediates_only``, the ``forward_features`` output.
-
-        Args:
-            x: images ``(B, C, H, W)``.
-            indices: stages to return: None for all, an int ``n`` for the last ``n``, or a list of indices.
-            norm: unused (the stages have no output norms; kept for timm's API).
-            stop_early: stop after the last requested stage (only with ``intermediates_only``).
-            output_fmt: only ``"NCHW"``.
-            intermediates_only: return only the list of stage outputs.
-
-        Returns:
-            ``intermediates`` or ``(features, intermediates)``.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt=}.")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return self._forward_projection(x), intermediates
-
-    def prune_intermediate_layers(
-        self,
-        indices: int | list[int] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the stages after the last of ``indices`` and, with ``prune_head``, the projection and classifier."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_head:
-            self.proj, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def _forward_projection(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.proj(x)))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward_projection(self.stages(self.patch_embed(x)))
+    def _prune_head(self) -> None:
+        self.proj, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
+        self.reset_classifier(0, "")
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_norm(self.stages(self.patch_embed(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -472,29 +403,16 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 
 def create_linear_vit(model_cls: type, variant: str, pretrained: bool = False, **kwargs) -> LinearViT:
     """Build a MAViT/RAVLT variant with timm's builder (official checkpoints go through ``checkpoint_filter_fn``)."""
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
-    )
+    return create_backbone(model_cls, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
 def linear_vit_cfg(hf_hub_id: str, file_name: str, **kwargs) -> dict:
     """Pretrained cfg shared by the MAViT/RAVLT releases (224 px, ImageNet mean/std, bicubic, crop 0.875)."""
-    return {
-        "hf_hub_id": hf_hub_id,
-        "hf_hub_filename": file_name,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.0",
-        "classifier": "head.fc",
+    return imagenet_cfg(
+        hf_hub_id=hf_hub_id,
+        hf_hub_filename=file_name,
+        pool_size=(7, 7),
+        first_conv="patch_embed.proj.0",
+        classifier="head.fc",
         **kwargs,
-    }
+    )

@@ -15,12 +15,12 @@ Hugging Face hub: load them with ``pretrained=True, pretrained_cfg_overlay=dict(
 """
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, register_notrace_module
 from torch import nn
 
 from ..layout import TokenGrid
 from ..nn import AgentAttention
+from ._timm_api import imagenet_cfg
 
 __all__ = ["AgentBlock"]
 
@@ -119,20 +119,14 @@ def _unwrap_state_dict(state_dict: dict) -> dict:
 
 def _agent_cfg(url: str = "", **kwargs) -> dict:
     """Pretrained cfg of the Agent Attention models (the reference evaluates at 224, resize 256 + center crop)."""
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2312.08874",
-        "paper_name": "Agent Attention: On the Integration of Softmax and Linear Attention",
-        "origin_url": "https://github.com/LeapLabTHU/Agent-Attention",
-        **kwargs,
-    }
+    defaults = imagenet_cfg(
+        url=url,
+        pool_size=(7, 7),
+        first_conv="patch_embed.proj",
+        classifier="head",
+        license="mit",
+        paper_ids="arXiv:2312.08874",
+        paper_name="Agent Attention: On the Integration of Softmax and Linear Attention",
+        origin_url="https://github.com/LeapLabTHU/Agent-Attention",
+    )
+    return {**defaults, **kwargs}  # a family overrides pool_size, first_conv or classifier

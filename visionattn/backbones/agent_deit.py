@@ -14,12 +14,13 @@ from functools import partial
 
 import torch
 from timm.layers import resample_abs_pos_embed, to_2tuple
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..layout import TokenGrid
+from ._timm_api import create_backbone
 from .agent import AgentBlock, _agent_bias_to_native, _agent_cfg, _unwrap_state_dict
 
 __all__ = ["AgentVisionTransformer"]
@@ -189,14 +190,7 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentVisionTransformer) -> dic
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        AgentVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_backbone(AgentVisionTransformer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

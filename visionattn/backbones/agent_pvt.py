@@ -16,12 +16,12 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, calculate_drop_path_rates, get_device_dtype, register_notrace_module, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import PatchEmbed, calculate_drop_path_rates, register_notrace_module, trunc_normal_
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from torch import nn
 
 from ..layout import TokenGrid
+from ._timm_api import LinearHeadMixin, StagedBackbone, check_global_pool, create_backbone, init_linear
 from .agent import AgentBlock, _agent_bias_to_native, _agent_cfg, _unwrap_state_dict
 
 __all__ = ["AgentPvt"]
@@ -113,8 +113,10 @@ class AgentPvtStage(nn.Module):
         return x.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
-class AgentPvt(nn.Module):
+class AgentPvt(StagedBackbone, LinearHeadMixin, nn.Module):
     """Agent-PVT: four ``AgentPvtStage`` (strides 4, 8, 16, 32), average pooling, linear head."""
+
+    has_final_norm = False  # like the reference: forward_intermediates ignores norm, prune_norm has nothing to drop
 
     def __init__(
         self,
@@ -154,8 +156,7 @@ class AgentPvt(nn.Module):
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool=}.")
+        check_global_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -188,14 +189,7 @@ class AgentPvt(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(partial(init_linear, weight_init=trunc_normal_))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -206,65 +200,14 @@ class AgentPvt(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^stages\.0\.patch_embed", blocks=r"^stages\.(\d+)")
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # each stage starts with its own patch embedding
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool=}.")
-            self.global_pool = global_pool
-        head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.head = head.train(self.training)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs in ``indices`` (``NCHW``) and the final feature map (there is no final norm)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt=}.")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[: max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
+    def _forward_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # no final norm: the head pools stage 4 directly
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool:
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -292,14 +235,7 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentPvt) -> dict:
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPvt:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        AgentPvt,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_backbone(AgentPvt, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

@@ -14,15 +14,16 @@ the patch size does not divide are padded (the reference asserted 224).
 """
 
 import re
+from functools import partial
 
 import torch
-from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates, get_device_dtype, register_notrace_module
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates, register_notrace_module
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from torch import nn
 
 from ..layout import TokenGrid
+from ._timm_api import ClassifierHeadMixin, StagedBackbone, create_backbone, init_linear, stage_group_matcher
 from .agent import AgentBlock, _agent_bias_to_native, _agent_cfg, _unwrap_state_dict
 
 __all__ = ["AgentSwinTransformer"]
@@ -110,8 +111,11 @@ class AgentSwinStage(nn.Module):
         return self.blocks(x)
 
 
-class AgentSwinTransformer(nn.Module):
+class AgentSwinTransformer(StagedBackbone, ClassifierHeadMixin, nn.Module):
     """Agent-Swin: patch embedding, four ``AgentSwinStage`` (strides 4-32), LayerNorm, pooled linear head."""
+
+    stages_attr = "layers"  # Swin's name, kept for the official checkpoints
+    output_fmt = "NHWC"
 
     def __init__(
         self,
@@ -162,7 +166,6 @@ class AgentSwinTransformer(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
-        self.output_fmt = "NHWC"
         dims = [embed_dim * 2**i for i in range(len(depths))]
         self.num_features = self.head_hidden_size = dims[-1]
         self.patch_embed = PatchEmbed(
@@ -207,14 +210,7 @@ class AgentSwinTransformer(nn.Module):
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC", **dd
         )
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(partial(init_linear, weight_init=nn.init.trunc_normal_))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -222,70 +218,13 @@ class AgentSwinTransformer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^patch_embed",
-            blocks=r"^layers\.(\d+)"
-            if coarse
-            else [(r"^layers\.(\d+)\.downsample", (0,)), (r"^layers\.(\d+)\.\w+\.(\d+)", None), (r"^norm", (99999,))],
-        )
+        return stage_group_matcher(coarse, stem=r"^patch_embed", final=r"^norm", stages="layers", blocks=r"\w+")
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
-        if global_pool is not None:
-            self.global_pool = global_pool
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs in ``indices`` as ``NCHW`` (the last normed if ``norm``) and the final ``NHWC`` features."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt=}.")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        last = len(self.layers) - 1
-        x = self.patch_embed(x)
-        stages = self.layers[: max_index + 1] if stop_early else self.layers
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.layers(self.patch_embed(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -308,14 +247,7 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentSwinTransformer) -> dict:
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        AgentSwinTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_backbone(AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

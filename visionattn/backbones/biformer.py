@@ -22,16 +22,24 @@ instead of rejected, and the layout follows timm (``stem``, ``stages[i].downsamp
 """
 
 import re
+from functools import partial
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates, get_device_dtype, register_notrace_module
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates, register_notrace_module
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
 from ..layout import TokenGrid
 from ..nn import BiLevelRoutingAttention, LePEAttention
+from ._timm_api import (
+    LinearHeadMixin,
+    StagedBackbone,
+    check_global_pool,
+    create_backbone,
+    imagenet_cfg,
+    init_linear,
+    stage_group_matcher,
+)
 
 __all__ = ["BiFormer"]
 
@@ -140,7 +148,7 @@ class BiFormerStage(nn.Module):
         return self.blocks(x)
 
 
-class BiFormer(nn.Module):
+class BiFormer(StagedBackbone, LinearHeadMixin, nn.Module):
     """BiFormer: stem (stride 4), four ``BiFormerStage`` (strides 4-32), BatchNorm, average pooling, linear head."""
 
     def __init__(
@@ -178,8 +186,7 @@ class BiFormer(nn.Module):
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool=}.")
+        check_global_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -215,14 +222,7 @@ class BiFormer(nn.Module):
         self.norm = nn.BatchNorm2d(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(partial(init_linear, weight_init=nn.init.trunc_normal_))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -231,80 +231,13 @@ class BiFormer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)"
-            if coarse
-            else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
+        return stage_group_matcher(coarse, stem=r"^stem", final=r"^norm")
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool=}.")
-            self.global_pool = global_pool
-        head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.head = head.train(self.training)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs in ``indices`` (``NCHW``; the last one BatchNormed if ``norm``) and the final features."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt=}.")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = len(self.stages) - 1
-        x = self.stem(x)
-        stages = self.stages[: max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == last else x)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool:
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -326,34 +259,21 @@ def checkpoint_filter_fn(state_dict: dict, model: BiFormer) -> dict:
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        BiFormer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_backbone(BiFormer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2303.08810",
-        "paper_name": "BiFormer: Vision Transformer with Bi-Level Routing Attention",
-        "origin_url": "https://github.com/rayleizhu/BiFormer",
+    return imagenet_cfg(
+        url=url,
+        pool_size=(7, 7),
+        first_conv="stem.0",
+        classifier="head",
+        license="mit",
+        paper_ids="arXiv:2303.08810",
+        paper_name="BiFormer: Vision Transformer with Bi-Level Routing Attention",
+        origin_url="https://github.com/rayleizhu/BiFormer",
         **kwargs,
-    }
+    )
 
 
 _ONEDRIVE = "https://api.onedrive.com/v1.0/shares/s!{}/root/content"

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     ClassifierHead,
     DropPath,
@@ -31,19 +30,19 @@ from timm.layers import (
     LayerNorm2d,
     RmsNorm,
     calculate_drop_path_rates,
-    get_device_dtype,
     register_notrace_function,
     resample_abs_pos_embed,
     to_2tuple,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
 
 from ..layout import TokenGrid
 from ..nn import GatedLinearAttention2d
+from ._timm_api import ClassifierHeadMixin, check_output_fmt, create_backbone, imagenet_cfg, init_linear
 
 # token_grid and add_pos_embed are public: torch.fx only autowraps (keeps as leaves) functions whose global name has
 # no leading underscore, and both build Python values from shapes.
@@ -53,6 +52,8 @@ __all__ = ["ViG", "ViGBlock", "ViGStem", "add_pos_embed", "token_grid"]
 _PATCH_SIZE = 16
 #: eps of every RMSNorm in plain ViG (``GLAConfig.rms_norm_eps``).
 _RMS_EPS = 1e-6
+#: ``output_fmt`` values of ``forward_intermediates`` (ViG and ViG-H).
+_INTERMEDIATE_FMTS = ("NCHW", "NHWC")
 
 
 @register_notrace_function
@@ -162,7 +163,7 @@ class ViGBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class ViG(nn.Module):
+class ViG(ClassifierHeadMixin, nn.Module):
     """Plain ViG: conv stem (stride 16), learned absolute position embedding, ``depth`` blocks, RMSNorm, avg pool.
 
     ``forward_features`` returns the normed ``(B, Y, X, C)`` token map (``output_fmt = 'NHWC'``).
@@ -247,7 +248,7 @@ class ViG(nn.Module):
     def init_weights(self) -> None:
         """The reference's init: N(0, 0.02) linears, zero biases, then ViG's own attention init; pos embed trunc-normal."""
         trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(_init_linear_normal)
+        self.apply(partial(init_linear, weight_init=nn.init.normal_))
         for module in self.modules():
             if isinstance(module, GatedLinearAttention2d):
                 module.reset_parameters()
@@ -266,16 +267,6 @@ class ViG(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
 
     def forward_intermediates(
         self,
@@ -300,7 +291,7 @@ class ViG(nn.Module):
             The list of ``(B, C, Y, X)`` (or ``(B, Y, X, C)``) features, preceded by ``forward_features(x)`` unless
             ``intermediates_only``.
         """
-        _check_output_fmt(output_fmt)
+        check_output_fmt(output_fmt, _INTERMEDIATE_FMTS)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x = self.pos_drop(add_pos_embed(self.stem(x), self.pos_embed, self.pos_grid))
         blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
@@ -334,23 +325,8 @@ class ViG(nn.Module):
             x = self.blocks(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _init_linear_normal(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-def _check_output_fmt(output_fmt: str) -> None:
-    if output_fmt not in ("NCHW", "NHWC"):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got output_fmt={output_fmt!r}.")
 
 
 def _rename(key: str, rules: tuple) -> str:
@@ -404,34 +380,22 @@ def checkpoint_filter_fn(state_dict: dict, model: ViG) -> dict:
 
 
 def _create_vig(variant: str, pretrained: bool = False, **kwargs) -> ViG:
-    return build_model_with_cfg(
-        ViG,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=3, feature_cls="getter"),
+    return create_backbone(ViG, variant, pretrained, checkpoint_filter_fn, 3, **kwargs)
+
+
+def _cfg(pool_size: tuple[int, int] = (14, 14), **kwargs) -> dict:
+    """Pretrained cfg of the hustvl/ViG releases (plain and, with ``pool_size=(7, 7)``, hierarchical)."""
+    return imagenet_cfg(
+        url="",
+        pool_size=pool_size,
+        first_conv="stem.conv1",
+        classifier="head.fc",
+        license="apache-2.0",
+        paper_ids="arXiv:2405.18425",
+        paper_name="ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention",
+        origin_url="https://github.com/hustvl/ViG",
         **kwargs,
     )
-
-
-def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (14, 14),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv1",
-        "classifier": "head.fc",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2405.18425",
-        "paper_name": "ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention",
-        "origin_url": "https://github.com/hustvl/ViG",
-        **kwargs,
-    }
 
 
 default_cfgs = generate_default_cfgs(

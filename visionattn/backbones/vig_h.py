@@ -16,14 +16,14 @@ import re
 from functools import partial
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, calculate_drop_path_rates, get_device_dtype, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import ClassifierHead, calculate_drop_path_rates, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from .vig import _ATTENTION_RENAMES, ViGBlock, ViGStem, _check_output_fmt, _rename, _swiglu_hidden_dim
+from ._timm_api import ClassifierHeadMixin, StagedBackbone, create_backbone, init_linear, stage_group_matcher
+from .vig import _ATTENTION_RENAMES, _INTERMEDIATE_FMTS, ViGBlock, ViGStem, _rename, _swiglu_hidden_dim
+from .vig import _cfg as _vig_cfg
 
 __all__ = ["HierViG", "HierViGDownsample", "HierViGStage"]
 
@@ -96,11 +96,14 @@ class HierViGStage(nn.Module):
         return self.blocks(x)
 
 
-class HierViG(nn.Module):
+class HierViG(StagedBackbone, ClassifierHeadMixin, nn.Module):
     """ViG-H: stride-4 conv stem, four stages of ViG blocks with conv downsampling, LayerNorm, avg pool.
 
     ``forward_features`` returns the normed ``(B, Y, X, C)`` map of the last stage (``output_fmt = 'NHWC'``).
     """
+
+    output_fmt = "NHWC"
+    intermediate_fmts = _INTERMEDIATE_FMTS
 
     def __init__(
         self,
@@ -140,7 +143,6 @@ class HierViG(nn.Module):
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = dims[-1]
-        self.output_fmt = "NHWC"
 
         self.stem = ViGStem(in_chans, dims[0], kernel_sizes=(3, 3), strides=(2, 2), act_layer=nn.GELU, **dd)
         rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per block, split by stage
@@ -158,7 +160,7 @@ class HierViG(nn.Module):
         )
         # The reference's init: truncated-normal linears (the attention's included) with zero bias; the attention's
         # depthwise conv keeps its xavier init and the stem/downsample convs PyTorch's default.
-        self.apply(_init_linear_trunc_normal)
+        self.apply(partial(init_linear, weight_init=trunc_normal_))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -166,96 +168,16 @@ class HierViG(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)"
-            if coarse
-            else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
+        return stage_group_matcher(coarse, stem=r"^stem", final=r"^norm")
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Outputs of the stages in ``indices``.
-
-        Args:
-            x: ``(B, in_chans, H_img, W_img)`` images.
-            indices: stage indices to take (None: all; int n: the last n).
-            norm: apply the final norm to the last stage's feature.
-            stop_early: skip the stages after the last taken one.
-            output_fmt: ``'NCHW'`` or ``'NHWC'`` for the taken features.
-            intermediates_only: return only the list of features.
-
-        Returns:
-            The list of per-stage features, preceded by ``forward_features(x)`` unless ``intermediates_only``.
-        """
-        _check_output_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_index = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-        x = self.stem(x)
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                feat = self.norm(x) if norm and i == last_index else x
-                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages after the last of ``indices`` (and optionally the final norm and the head)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(x)))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _init_linear_trunc_normal(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 def _downsample_of_next_stage(part: str):
@@ -294,34 +216,11 @@ def checkpoint_filter_fn(state_dict: dict, model: HierViG) -> dict:
 
 
 def _create_hier_vig(variant: str, pretrained: bool = False, **kwargs) -> HierViG:
-    return build_model_with_cfg(
-        HierViG,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
-    )
+    return create_backbone(HierViG, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv1",
-        "classifier": "head.fc",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2405.18425",
-        "paper_name": "ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention",
-        "origin_url": "https://github.com/hustvl/ViG",
-        **kwargs,
-    }
+    return _vig_cfg(pool_size=(7, 7), **kwargs)
 
 
 default_cfgs = generate_default_cfgs(
