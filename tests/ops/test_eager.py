@@ -31,6 +31,13 @@ def test_dispatcher_needed_only_outside_plain_eager():
         assert not _dispatcher_needed((x,))
 
 
+def test_dispatcher_used_when_torch_lacks_the_private_hooks(monkeypatch):
+    from visionattn.ops import _eager
+
+    monkeypatch.setattr(_eager, "_FUNCTORCH_ACTIVE", None)
+    assert _dispatcher_needed((torch.randn(2),))
+
+
 def _mask(rng) -> BlockMask:
     keep = torch.rand(1, 2, 2, 2, generator=rng) < 0.7
     keep[..., 0, 0] = True

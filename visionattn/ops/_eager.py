@@ -21,13 +21,20 @@ import torch
 __all__ = []
 
 
+# Private torch hooks the fast path needs; on a torch without them every call takes the registered op.
+_DISPATCH_STACK_LEN = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _dispatcher_needed(args: tuple) -> bool:
     """True unless the call is plain eager on plain tensors (the registered op must see everything else)."""
     if (
-        torch.compiler.is_compiling()
+        _DISPATCH_STACK_LEN is None
+        or _FUNCTORCH_ACTIVE is None
+        or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._are_functorch_transforms_active()
+        or _DISPATCH_STACK_LEN() > 0
+        or _FUNCTORCH_ACTIVE()
     ):
         return True
     return any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)
