@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout.predicates import KEY_GLOBAL, KEY_VALID
 from ._config import autotune_configs, autotune_kwargs
 from ._constants import LN2, LOG2E, NEG_INF
 
@@ -21,8 +22,6 @@ __all__ = [
     "MASK_CIRCULAR",
     "MASK_NEIGHBORHOOD",
     "MASK_NONE",
-    "MASK_PARAMS",
-    "NO_MASK_PARAMS",
     "TILE_HEURISTICS",
     "block_sparse_fwd",
     "cdiv",
@@ -31,40 +30,23 @@ __all__ = [
     "launch_constexprs",
     "next_block",
     "pack_mask_kind",
+    "predicate_args",
     "prune_configs",
 ]
 
 #: ``MASK_KIND`` values: no token predicate, ``NeighborhoodWindow``, ``CircularWindow``.
 MASK_NONE, MASK_NEIGHBORHOOD, MASK_CIRCULAR = 0, 1, 2
-#: Order of the integer predicate parameters the launchers take (grid axes padded to (T, Y, X) with size-1 axes).
-MASK_PARAMS = (
-    "lay_tokens",  # TokenLayout.num_tokens
-    "lay_before",  # real extra tokens before the grid
-    "lay_before_slots",  # their slots incl. padding (= grid offset)
-    "lay_grid_slots",  # grid slots incl. padding
-    "lay_after",  # real extra tokens after the grid
-    *("grid_t", "grid_y", "grid_x"),
-    *("tile_t", "tile_y", "tile_x"),  # the grid shape in raster order
-    *("tiles_y", "tiles_x"),  # tiles per axis (the T count is implied)
-    *("na_kernel_t", "na_kernel_y", "na_kernel_x"),
-    *("na_stride_t", "na_stride_y", "na_stride_x"),
-    *("na_dilation_t", "na_dilation_y", "na_dilation_x"),
-    *("na_causal_t", "na_causal_y", "na_causal_x"),
-)
-#: Parameters for ``MASK_NONE``: a one-token layout, so the (unused) predicate arithmetic never divides by zero.
-NO_MASK_PARAMS = [1] * len(MASK_PARAMS)
 
 
-def pack_mask_kind(kind: int, mask_params: list[int]) -> int:
-    """The ``MASK_KIND`` constexpr: ``kind | 4 * axes | 32 * dilated``, so the kernels compile only the tests a
-    predicate needs. ``axes`` has bit 0/1/2 for X/Y/T; an axis of grid size 1 without tiling (the padding of 1D/2D
-    grids to 3 axes) is always allowed and left out. ``dilated``: some axis has dilation > 1."""
+def pack_mask_kind(kind: int, grid_shape: tuple[int, ...]) -> int:
+    """The ``MASK_KIND`` constexpr: ``kind | 4 * axes``, so the kernels compile only the tests a predicate needs.
+    ``axes`` has bit 0/1/2 for X/Y/T; axes of size 1 (including the front padding of 1D/2D grids to 3 axes) admit
+    every pair and are left out."""
     if kind == MASK_NONE:
         return MASK_NONE
-    p = dict(zip(MASK_PARAMS, mask_params))
-    axes = 1 + sum(bit for bit, a in ((2, "y"), (4, "t")) if (p[f"grid_{a}"], p[f"tile_{a}"]) != (1, 1))
-    dilated = any(p[f"na_dilation_{a}"] > 1 for a in "tyx")
-    return kind + 4 * axes + 32 * dilated
+    shape = (1,) * (3 - len(grid_shape)) + tuple(grid_shape)
+    axes = sum(bit for bit, size in zip((4, 2, 1), shape) if size > 1)
+    return kind + 4 * axes
 
 
 #: Score of a masked (query, key) pair: exp2(-inf - m) = 0 for any finite running max m.
@@ -74,6 +56,8 @@ _NONE = tl.constexpr(MASK_NONE)
 _NEG_INF = tl.constexpr(NEG_INF)
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
+_KEY_VALID = tl.constexpr(KEY_VALID)
+_KEY_GLOBAL = tl.constexpr(KEY_GLOBAL)
 
 # Tiles are caps (TILE_M query rows, TILE_N key rows): a logical block larger than its tile is walked in
 # sub-tiles, a smaller one is padded to a power of two >= 16. Hopper: 128 x 64-128, 4-8 warps, 2-3 stages.
@@ -127,107 +111,46 @@ def prune_configs(configs, nargs, **kwargs):
 
 # ---------------------------------------------------------------------------------------------- predicate helpers
 @triton.jit
-def _bsa_coords(pos, mp):
-    """``TokenLayout.token_coords`` in-kernel: (is_global, valid, t, y, x) for int32 layout positions ``pos``."""
-    lay_tokens, lay_before, lay_before_slots, lay_grid_slots, lay_after = mp[0], mp[1], mp[2], mp[3], mp[4]
-    tile_t, tile_y, tile_x, tiles_y, tiles_x = mp[8], mp[9], mp[10], mp[11], mp[12]
-    safe = tl.minimum(tl.maximum(pos, 0), lay_tokens - 1)
-    g = safe - lay_before_slots
-    is_grid = (g >= 0) & (g < lay_grid_slots)
-    g = tl.minimum(tl.maximum(g, 0), lay_grid_slots - 1)
-    tile_size = tile_t * tile_y * tile_x
-    tile_id = g // tile_size
-    inner = g % tile_size
-    x = (tile_id % tiles_x) * tile_x + inner % tile_x
-    y = ((tile_id // tiles_x) % tiles_y) * tile_y + (inner // tile_x) % tile_y
-    t = (tile_id // (tiles_x * tiles_y)) * tile_t + inner // (tile_x * tile_y)
-    in_grid = (t < mp[5]) & (y < mp[6]) & (x < mp[7])
-    after = safe - lay_before_slots - lay_grid_slots
-    extra_ok = tl.where(safe < lay_before_slots, safe < lay_before, after < lay_after)
-    valid = (pos >= 0) & (pos < lay_tokens) & tl.where(is_grid, in_grid, extra_ok)
-    return ~is_grid, valid, t, y, x
-
-
-@triton.jit
-def _bsa_window(c, mp, AXIS: tl.constexpr, IS_QUERY: tl.constexpr):
-    """NATTEN/GNA rule on grid axis ``AXIS`` (``predicates._neighborhood_axis``), split by side.
-
-    Query side: (group, lo, hi), the window in dilation-group coordinates; key side: (group, kg, kg).
-    A key is allowed iff the groups match and ``lo <= kg <= hi``.
-    """
-    length, kernel, stride, dilation, causal = mp[5 + AXIS], mp[13 + AXIS], mp[16 + AXIS], mp[19 + AXIS], mp[22 + AXIS]
-    group = c % dilation
-    cg = c // dilation
-    if IS_QUERY:
-        group_len = (length - group + dilation - 1) // dilation
-        left = kernel // 2
-        right = kernel // 2 + kernel % 2 - 1
-        first = (cg // stride) * stride
-        leader_causal = tl.minimum(first + stride - 1, group_len - 1)
-        leader = tl.minimum(first + stride // 2, group_len - 1)
-        center = tl.maximum(tl.minimum(leader, group_len - 1 - right), left)
-        lo = tl.where(causal != 0, leader_causal - kernel + 1, center - left)
-        hi = tl.where(causal != 0, cg, center + right)
-    else:
-        lo = cg
-        hi = cg
-    return group, lo, hi
-
-
-@triton.jit
-def _bsa_side(pos, mp, IS_QUERY: tl.constexpr, MASK_KIND: tl.constexpr, AS_ROWS: tl.constexpr):
-    """Per-token half of the predicate, shaped ``[n, 1]`` (``AS_ROWS``) or ``[1, n]`` for the score tile.
-
-    Returns (is_global, valid, then (group, lo, hi) per axis T, Y, X, see ``_bsa_window``); circular windows and
-    axes the predicate skips (``pack_mask_kind``) carry the coordinate three times.
-    """
-    if AS_ROWS:
-        pos = pos[:, None]
-    else:
-        pos = pos[None, :]
-    is_global, valid, t, y, x = _bsa_coords(pos, mp)
-    gt, lt, ht = t, t, t
-    gy, ly, hy = y, y, y
-    gx, lx, hx = x, x, x
+def _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, AXIS: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Grid axis ``AXIS`` (0/1/2 = T/Y/X) of the predicate from the ``KernelTables`` rows: neighborhood, whether
+    ``0 <= code - lo <= span`` (one unsigned compare); circular, the squared distance (fp32: padding codes are
+    ``2^30``)."""
+    lo = tl.load(qtab_ptr + AXIS * tab_len + q_pos)
+    code = tl.load(ktab_ptr + AXIS * tab_len + k_pos)
     if MASK_KIND % 4 == _NEIGHBORHOOD:
-        gx, lx, hx = _bsa_window(x, mp, 2, IS_QUERY)
-        if (MASK_KIND // 8) % 2 == 1:
-            gy, ly, hy = _bsa_window(y, mp, 1, IS_QUERY)
-        if (MASK_KIND // 16) % 2 == 1:
-            gt, lt, ht = _bsa_window(t, mp, 0, IS_QUERY)
-    return is_global, valid, gt, lt, ht, gy, ly, hy, gx, lx, hx
-
-
-@triton.jit
-def _bsa_axis(qs, ks, AXIS: tl.constexpr, MASK_KIND: tl.constexpr):
-    """One axis of the predicate: neighborhood, ``lo <= k <= hi`` (and the same dilation group); circular, the
-    squared distance along the axis."""
-    if MASK_KIND % 4 == _NEIGHBORHOOD:
-        out = (ks[3 + 3 * AXIS] >= qs[3 + 3 * AXIS]) & (ks[3 + 3 * AXIS] <= qs[4 + 3 * AXIS])
-        if MASK_KIND // 32 == 1:
-            out = out & (qs[2 + 3 * AXIS] == ks[2 + 3 * AXIS])
+        span = tl.load(qtab_ptr + (3 + AXIS) * tab_len + q_pos)
+        out = (code - lo).to(tl.uint32, bitcast=True) <= span.to(tl.uint32, bitcast=True)
     else:
-        d = qs[2 + 3 * AXIS] - ks[2 + 3 * AXIS]
+        d = (code - lo).to(tl.float32)
         out = d * d
     return out
 
 
 @triton.jit
-def _bsa_allowed(qs, ks, radius2, MASK_KIND: tl.constexpr):
-    """The exact token predicate on a score tile from the query-side and key-side ``_bsa_side`` tuples."""
-    local = _bsa_axis(qs, ks, 2, MASK_KIND)
+def _bsa_allowed(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND: tl.constexpr):
+    """The exact token predicate on a score tile for query positions ``q_pos`` and key positions ``k_pos`` (a
+    ``[n, 1]`` and a ``[1, n]`` tensor, either way round), from the predicate's ``KernelTables``."""
+    q_pos = tl.minimum(q_pos, tab_len - 1)  # rows/columns past the sequence are masked by the caller
+    k_pos = tl.minimum(k_pos, tab_len - 1)
+    local = _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, 2, MASK_KIND)
     if MASK_KIND % 4 == _NEIGHBORHOOD:
         if (MASK_KIND // 8) % 2 == 1:
-            local = local & _bsa_axis(qs, ks, 1, MASK_KIND)
+            local = local & _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, 1, MASK_KIND)
         if (MASK_KIND // 16) % 2 == 1:
-            local = local & _bsa_axis(qs, ks, 0, MASK_KIND)
+            local = local & _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, 0, MASK_KIND)
     else:
         if (MASK_KIND // 8) % 2 == 1:
-            local = local + _bsa_axis(qs, ks, 1, MASK_KIND)
+            local = local + _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, 1, MASK_KIND)
         if (MASK_KIND // 16) % 2 == 1:
-            local = local + _bsa_axis(qs, ks, 0, MASK_KIND)
-        local = local.to(tl.float32) < radius2
-    return ks[1] & (qs[0] | ks[0] | local)
+            local = local + _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, 0, MASK_KIND)
+    key_flags = tl.load(ktab_ptr + 3 * tab_len + k_pos)
+    key_global = (key_flags & _KEY_GLOBAL) != 0
+    if MASK_KIND % 4 == _NEIGHBORHOOD:
+        out = local | key_global
+    else:
+        query_global = tl.load(qtab_ptr + 6 * tab_len + q_pos) != 0
+        out = ((key_flags & _KEY_VALID) != 0) & (query_global | key_global | (local < radius2))
+    return out
 
 
 @triton.jit
@@ -238,7 +161,9 @@ def _bsa_mask_scores(
     n_valid,
     partial_ptr,
     i,
-    mp,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
     radius2,
     BLOCK_LOOP: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -249,8 +174,7 @@ def _bsa_mask_scores(
 
     Rows are the program's own tokens at ``fixed_pos``; columns are the ``BLOCK_LOOP`` tokens of the visited tile
     at ``loop_pos``, ``n_valid`` of them inside its block. Tiles needing neither test skip it at run time (CSR
-    entry ``i`` says whether the block is partial). Both sides of the predicate are recomputed here rather than
-    kept live across the loop, which would cost registers on every tile.
+    entry ``i`` says whether the block is partial).
     """
     if MASK_KIND != _NONE or not EVEN_LOOP:
         need = n_valid < BLOCK_LOOP
@@ -261,12 +185,14 @@ def _bsa_mask_scores(
             ok = (tl.arange(0, BLOCK_LOOP) < n_valid)[None, :]
             if MASK_KIND != _NONE:
                 if ROWS_ARE_Q:
-                    qs = _bsa_side(fixed_pos, mp, True, MASK_KIND, True)
-                    ks = _bsa_side(loop_pos, mp, False, MASK_KIND, False)
+                    allowed = _bsa_allowed(
+                        fixed_pos[:, None], loop_pos[None, :], qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND
+                    )
                 else:
-                    qs = _bsa_side(loop_pos, mp, True, MASK_KIND, False)
-                    ks = _bsa_side(fixed_pos, mp, False, MASK_KIND, True)
-                ok = ok & (_bsa_allowed(qs, ks, radius2, MASK_KIND) | ~is_partial)
+                    allowed = _bsa_allowed(
+                        loop_pos[None, :], fixed_pos[:, None], qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND
+                    )
+                ok = ok & (allowed | ~is_partial)
             b_s = tl.where(ok, b_s, _MASKED)
     return b_s
 
@@ -323,7 +249,9 @@ def _block_sparse_fwd_inner(
     qk_scale,
     kv_len,
     block_k,
-    mp,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
     radius2,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -351,7 +279,20 @@ def _block_sparse_fwd_inner(
         # [BLOCK_M, BLOCK_N]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         b_s = _bsa_mask_scores(
-            b_s, q_pos, start_n + o_n, n_valid, partial_ptr, i, mp, radius2, BLOCK_N, MASK_KIND, EVEN_N, True
+            b_s,
+            q_pos,
+            start_n + o_n,
+            n_valid,
+            partial_ptr,
+            i,
+            qtab_ptr,
+            ktab_ptr,
+            tab_len,
+            radius2,
+            BLOCK_N,
+            MASK_KIND,
+            EVEN_N,
+            True,
         )
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         b_p = tl.math.exp2(b_s - m_new[:, None])
@@ -403,7 +344,9 @@ def _block_sparse_fwd_kernel(
     block_q,
     block_k,
     qk_scale,
-    mp,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
     radius2,
     TILE_M: tl.constexpr,
     TILE_N: tl.constexpr,
@@ -455,7 +398,9 @@ def _block_sparse_fwd_kernel(
         qk_scale,
         kv_len,
         block_k,
-        mp,
+        qtab_ptr,
+        ktab_ptr,
+        tab_len,
         radius2,
         BLOCK_N,
         BLOCK_D,
@@ -486,19 +431,30 @@ def empty_like_layout(x: torch.Tensor, last: int, dtype: torch.dtype | None = No
     return torch.empty(b, h, n, last, device=x.device, dtype=dtype)
 
 
+def predicate_args(
+    query_table: torch.Tensor | None, key_table: torch.Tensor | None, partial: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(qtab_ptr, ktab_ptr, tab_len)`` kernel arguments of a predicate's ``KernelTables``; without a predicate
+    (``MASK_NONE``, never read) ``partial`` stands in for both tables."""
+    if query_table is None or key_table is None:
+        return partial, partial, 1
+    return query_table, key_table, query_table.shape[1]
+
+
 def csr_strides(indptr: torch.Tensor) -> tuple[int, int]:
     """Strides of ``indptr``'s batch and head axes, 0 where the mask broadcasts (size 1)."""
     return tuple(indptr.stride(i) if indptr.shape[i] > 1 else 0 for i in range(2))
 
 
-def launch_constexprs(q: torch.Tensor, v: torch.Tensor, mask_kind: int, mask_params: list[int]) -> dict:
-    """Compile-time switches shared by the attention kernels (tiles come from ``TILE_HEURISTICS``)."""
+def launch_constexprs(q: torch.Tensor, v: torch.Tensor, mask_kind: int) -> dict:
+    """Compile-time switches shared by the attention kernels (tiles come from ``TILE_HEURISTICS``); ``mask_kind``
+    is the packed ``MASK_KIND`` (``pack_mask_kind``)."""
     return {
         "BLOCK_D": next_block(q.shape[-1]),
         "BLOCK_DV": next_block(v.shape[-1]),
         "HEAD_DIM": q.shape[-1],
         "HEAD_DIM_V": v.shape[-1],
-        "MASK_KIND": pack_mask_kind(mask_kind, mask_params),
+        "MASK_KIND": mask_kind,
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
 
@@ -515,10 +471,14 @@ def block_sparse_fwd(
     block_q: int,
     block_k: int,
     mask_kind: int,
-    mask_params: list[int],
+    query_table: torch.Tensor | None,
+    key_table: torch.Tensor | None,
     radius2: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid ``(Mq * Q_SUB, B * H)``: one program per query sub-tile x (batch, head) writes ``out`` and ``lse``.
+
+    ``mask_kind`` is the packed ``MASK_KIND``; ``query_table``/``key_table`` the ``KernelTables`` of the mask's
+    predicate (None without one) and ``radius2`` a circular window's squared radius.
 
     Returns ``out`` ``(B, H, Nq, Dv)`` stored like q, and ``lse`` ``(B, H, Nq)`` float32 (natural log, ``-inf``
     on rows with no allowed key).
@@ -547,8 +507,8 @@ def block_sparse_fwd(
         block_q,
         block_k,
         scale * LOG2E,
-        tuple(mask_params),
+        *predicate_args(query_table, key_table, partial),
         radius2,
-        **launch_constexprs(q, v, mask_kind, mask_params),
+        **launch_constexprs(q, v, mask_kind),
     )
     return out, lse

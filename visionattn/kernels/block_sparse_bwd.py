@@ -23,6 +23,7 @@ from .block_sparse import (
     empty_like_layout,
     launch_constexprs,
     next_block,
+    predicate_args,
     prune_configs,
 )
 
@@ -107,7 +108,9 @@ def _block_sparse_bwd_dq_inner(
     qk_scale,
     kv_len,
     block_k,
-    mp,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
     radius2,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -135,7 +138,20 @@ def _block_sparse_bwd_dq_inner(
         # [BLOCK_M, BLOCK_N]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         b_s = _bsa_mask_scores(
-            b_s, q_pos, start_n + o_n, n_valid, partial_ptr, i, mp, radius2, BLOCK_N, MASK_KIND, EVEN_N, True
+            b_s,
+            q_pos,
+            start_n + o_n,
+            n_valid,
+            partial_ptr,
+            i,
+            qtab_ptr,
+            ktab_ptr,
+            tab_len,
+            radius2,
+            BLOCK_N,
+            MASK_KIND,
+            EVEN_N,
+            True,
         )
         b_p = tl.math.exp2(b_s - b_lse2[:, None])
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
@@ -191,7 +207,9 @@ def _block_sparse_bwd_kernel_dq(
     block_q,
     block_k,
     scale,
-    mp,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
     radius2,
     TILE_M: tl.constexpr,
     TILE_N: tl.constexpr,
@@ -249,7 +267,9 @@ def _block_sparse_bwd_kernel_dq(
         scale * _LOG2E,
         kv_len,
         block_k,
-        mp,
+        qtab_ptr,
+        ktab_ptr,
+        tab_len,
         radius2,
         BLOCK_N,
         BLOCK_D,
@@ -287,7 +307,9 @@ def _block_sparse_bwd_dkdv_inner(
     qk_scale,
     q_len,
     block_q,
-    mp,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
     radius2,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -321,7 +343,20 @@ def _block_sparse_bwd_dkdv_inner(
         # [BLOCK_N, BLOCK_M]
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale
         b_st = _bsa_mask_scores(
-            b_st, k_pos, start_m + o_m, m_valid, partial_ptr, i, mp, radius2, BLOCK_M, MASK_KIND, EVEN_M, False
+            b_st,
+            k_pos,
+            start_m + o_m,
+            m_valid,
+            partial_ptr,
+            i,
+            qtab_ptr,
+            ktab_ptr,
+            tab_len,
+            radius2,
+            BLOCK_M,
+            MASK_KIND,
+            EVEN_M,
+            False,
         )
         b_pt = tl.math.exp2(b_st - b_lse2[None, :])
         dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
@@ -383,7 +418,9 @@ def _block_sparse_bwd_kernel_dkdv(
     block_q,
     block_k,
     scale,
-    mp,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
     radius2,
     TILE_M: tl.constexpr,
     TILE_N: tl.constexpr,
@@ -439,7 +476,9 @@ def _block_sparse_bwd_kernel_dkdv(
         scale * _LOG2E,
         q_len,
         block_q,
-        mp,
+        qtab_ptr,
+        ktab_ptr,
+        tab_len,
         radius2,
         BLOCK_M,
         BLOCK_D,
@@ -496,7 +535,8 @@ def block_sparse_bwd(
     block_q: int,
     block_k: int,
     mask_kind: int,
-    mask_params: list[int],
+    query_table: torch.Tensor | None,
+    key_table: torch.Tensor | None,
     radius2: float,
     key_major: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -527,8 +567,8 @@ def block_sparse_bwd(
     dq = empty_like_layout(q, q.shape[-1])
     dk = empty_like_layout(k, k.shape[-1])
     dv = empty_like_layout(v, v.shape[-1])
-    constexprs = launch_constexprs(q, v, mask_kind, mask_params)
-    shared = (h, q_len, kv_len, block_q, block_k, scale, tuple(mask_params), radius2)
+    constexprs = launch_constexprs(q, v, mask_kind)
+    shared = (h, q_len, kv_len, block_q, block_k, scale, *predicate_args(query_table, key_table, partial), radius2)
     grid_dq = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
     _block_sparse_bwd_kernel_dq[grid_dq](
         q,

@@ -20,7 +20,6 @@ from ._config import autotune_configs, autotune_kwargs
 from ._constants import LN2, LOG2E, NEG_INF
 from .block_sparse import (
     MASK_NONE,
-    NO_MASK_PARAMS,
     TILE_HEURISTICS,
     _block_sparse_fwd_inner,
     _bsa_load,
@@ -29,6 +28,7 @@ from .block_sparse import (
     csr_strides,
     empty_like_layout,
     launch_constexprs,
+    predicate_args,
     prune_configs,
 )
 from .linear import _phi
@@ -174,7 +174,9 @@ def _sparse_linear_fwd_kernel(
     num_kv_blocks,
     qk_scale,
     eps,
-    mp,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
     TILE_M: tl.constexpr,
     TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -232,7 +234,9 @@ def _sparse_linear_fwd_kernel(
         qk_scale,
         kv_len,
         block_k,
-        mp,
+        qtab_ptr,
+        ktab_ptr,
+        tab_len,
         0.0,
         BLOCK_N,
         BLOCK_D,
@@ -347,10 +351,10 @@ def sparse_linear_fwd(
         h_blocks.shape[1],
         scale * LOG2E,
         eps,
-        tuple(NO_MASK_PARAMS),
+        *predicate_args(None, None, partial),
         FEATURE=feature,
         STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
         DV_CHUNK=dv_chunk(v.shape[-1]),
-        **launch_constexprs(q, v, MASK_NONE, NO_MASK_PARAMS),
+        **launch_constexprs(q, v, MASK_NONE),
     )
     return o_sparse, o_linear, lse, rden

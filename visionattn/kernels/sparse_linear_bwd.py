@@ -22,7 +22,6 @@ from ._config import autotune_configs, autotune_kwargs
 from ._constants import LOG2E
 from .block_sparse import (
     MASK_NONE,
-    NO_MASK_PARAMS,
     TILE_HEURISTICS,
     _bsa_load,
     _bsa_program_tile,
@@ -31,6 +30,7 @@ from .block_sparse import (
     empty_like_layout,
     launch_constexprs,
     next_block,
+    predicate_args,
     prune_configs,
 )
 from .block_sparse_bwd import _block_sparse_bwd_dkdv_inner, _block_sparse_bwd_dq_inner, transpose_csr
@@ -126,7 +126,9 @@ def _sparse_linear_bwd_kernel_dq(
     block_k,
     num_kv_blocks,
     scale,
-    mp,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
     TILE_M: tl.constexpr,
     TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -227,7 +229,9 @@ def _sparse_linear_bwd_kernel_dq(
         scale * _LOG2E,
         kv_len,
         block_k,
-        mp,
+        qtab_ptr,
+        ktab_ptr,
+        tab_len,
         0.0,
         BLOCK_N,
         BLOCK_D,
@@ -305,7 +309,9 @@ def _sparse_linear_bwd_kernel_dkdv(
     block_k,
     num_q_blocks,
     scale,
-    mp,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
     TILE_M: tl.constexpr,
     TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -394,7 +400,9 @@ def _sparse_linear_bwd_kernel_dkdv(
         scale * _LOG2E,
         q_len,
         block_q,
-        mp,
+        qtab_ptr,
+        ktab_ptr,
+        tab_len,
         0.0,
         BLOCK_M,
         BLOCK_D,
@@ -490,10 +498,10 @@ def sparse_linear_bwd(
     constexprs = dict(
         FEATURE=feature,
         STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
-        **launch_constexprs(q, v, MASK_NONE, NO_MASK_PARAMS),
+        **launch_constexprs(q, v, MASK_NONE),
     )
     dq_constexprs = dict(constexprs, DV_CHUNK=dv_chunk(dv_dim))
-    mp = tuple(NO_MASK_PARAMS)
+    no_predicate = predicate_args(None, None, partial)
     grid_dq = lambda meta: (mq * meta["Q_SUB"], b * h)
     _sparse_linear_bwd_kernel_dq[grid_dq](
         q,
@@ -530,7 +538,7 @@ def sparse_linear_bwd(
         block_k,
         mk,
         scale,
-        mp,
+        *no_predicate,
         **dq_constexprs,
     )
     indptr_t, indices_t, partial_t = transpose_csr(indptr, indices, partial, mk)
@@ -570,7 +578,7 @@ def sparse_linear_bwd(
         block_k,
         mq,
         scale,
-        mp,
+        *no_predicate,
         **constexprs,
     )
     return dq, dk, dv

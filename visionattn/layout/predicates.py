@@ -7,13 +7,38 @@ flagged partial, so the rule is defined once, here.
 """
 
 import functools
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .grid import TokenLayout
 
-__all__ = ["CircularWindow", "NeighborhoodWindow"]
+__all__ = ["CircularWindow", "KernelTables", "NeighborhoodWindow"]
+
+
+def _neighborhood_bounds(
+    q: torch.Tensor, length: int, kernel_size: int, stride: int, dilation: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NATTEN/GNA window of queries ``q`` along one axis (NATTEN's ``get_na_flex_mask``): ``(group, lo, hi)``.
+
+    With dilation ``d`` the axis splits into ``d`` interleaved groups (``q % d``) of length ``ceil((length - g) / d)``;
+    a key ``k`` is in the window iff ``k % d == group`` and ``lo <= k // d <= hi``. Inside a group, a stride group of
+    queries shares its leader's window, which is shifted inward at the borders so it always holds ``kernel_size``
+    keys (causal: keys ``<= q`` within ``kernel_size`` of the leader, the last query of the stride group).
+    """
+    group = q % dilation
+    qg = q // dilation
+    group_len = (length - group + dilation - 1) // dilation
+    left = kernel_size // 2
+    right = kernel_size // 2 + (kernel_size % 2) - 1
+    if causal:
+        leader = torch.minimum((qg // stride) * stride + stride - 1, group_len - 1)
+        return group, leader - kernel_size + 1, qg
+    leader = torch.minimum((qg // stride) * stride + stride // 2, group_len - 1)
+    center = torch.maximum(torch.minimum(leader, group_len - 1 - right), torch.full_like(leader, left))
+    return group, center - left, center + right
 
 
 def _neighborhood_axis(
@@ -25,27 +50,10 @@ def _neighborhood_axis(
     dilation: int,
     causal: bool,
 ) -> torch.Tensor:
-    """NATTEN/GNA rule along one axis (NATTEN's ``get_na_flex_mask``).
-
-    With dilation ``d`` the axis splits into ``d`` interleaved groups (``q % d == k % d``) of length
-    ``ceil((length - g) / d)``; inside a group, a stride group of queries shares its leader's window, which is
-    shifted inward at the borders so it always holds ``kernel_size`` keys (causal: keys ``<= q`` within
-    ``kernel_size`` of the leader, the last query of the stride group).
-    """
-    group = q % dilation
-    same_group = group == (k % dilation)
-    qg, kg = q // dilation, k // dilation
-    group_len = (length - group + dilation - 1) // dilation
-    left = kernel_size // 2
-    right = kernel_size // 2 + (kernel_size % 2) - 1
-    if causal:
-        leader = torch.minimum((qg // stride) * stride + stride - 1, group_len - 1)
-        inside = (kg <= qg) & (leader - kg < kernel_size)
-    else:
-        leader = torch.minimum((qg // stride) * stride + stride // 2, group_len - 1)
-        center = torch.maximum(torch.minimum(leader, group_len - 1 - right), torch.full_like(leader, left))
-        inside = (kg >= center - left) & (kg <= center + right)
-    return same_group & inside
+    """Whether key ``k`` is in query ``q``'s window along one axis (``_neighborhood_bounds``)."""
+    group, lo, hi = _neighborhood_bounds(q, length, kernel_size, stride, dilation, causal)
+    kg = k // dilation
+    return (k % dilation == group) & (kg >= lo) & (kg <= hi)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,51 @@ def _position_tables(layout: TokenLayout, device: torch.device) -> _PositionTabl
     )
 
 
+#: ``KernelTables`` encoding: a global query's window spans every grid code; a padding or global key's code lies
+#: beyond every window, including that span (global keys are admitted by their flag instead).
+GLOBAL_SPAN = 1 << 29
+NO_KEY_CODE = 1 << 30
+#: ``KernelTables.key`` flag bits.
+KEY_VALID, KEY_GLOBAL = 1, 2
+
+
+class KernelTables(NamedTuple):
+    """Per-position halves of a grid predicate, as the Triton kernels evaluate it on partial blocks.
+
+    ``query`` ``(7, N)`` int32: window start ``lo`` per axis (T, Y, X), window width ``span`` per axis, and
+    ``is_global``; ``key`` ``(4, N)`` int32: ``code`` per axis and flags (``KEY_VALID``, ``KEY_GLOBAL``). Axes
+    are the grid's, padded in front with size-1 axes. A neighborhood admits key ``j`` for query ``i`` iff ``j`` is
+    global or ``0 <= code_j - lo_i <= span_i`` on every axis (one unsigned compare per axis; the dilation group
+    is folded into the codes); a circular window iff ``j`` is valid and ``i`` or ``j`` is global or
+    ``sum (code_j - lo_i)^2 < r^2``.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+
+
+def _layout_positions(layout: TokenLayout, device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``(is_global, valid, coords)`` of every position of ``layout`` by integer arithmetic (no lookup tables, so
+    ``torch.compile`` traces it); ``coords`` has one ``(N,)`` tensor per grid axis, padded in front to 3 axes.
+    Equal to ``layout.token_coords`` (tested)."""
+    grid, pad = layout.grid, (1,) * (3 - layout.grid.ndim)
+    shape, tiles = pad + grid.shape, pad + layout.tiles_per_axis
+    tile = pad + (layout.tile or grid.shape)
+    pos = torch.arange(layout.num_tokens, device=device)
+    rel = pos - layout.grid_offset
+    in_grid_slots = (rel >= 0) & (rel < layout.num_grid_slots)
+    rel = rel.clamp(0, layout.num_grid_slots - 1)
+    tile_id, inner = rel // math.prod(tile), rel % math.prod(tile)
+    coords = [
+        (tile_id // math.prod(tiles[a + 1 :])) % tiles[a] * tile[a] + (inner // math.prod(tile[a + 1 :])) % tile[a]
+        for a in range(3)
+    ]
+    in_grid = functools.reduce(torch.logical_and, [c < s for c, s in zip(coords, shape)])
+    after = pos - layout.grid_offset - layout.num_grid_slots
+    extra_ok = torch.where(pos < layout.grid_offset, pos < grid.extra_before, after < grid.extra_after)
+    return ~in_grid_slots, torch.where(in_grid_slots, in_grid, extra_ok), coords
+
+
 class _GridPredicate:
     """Shared evaluation of grid predicates: global tokens attend/are attended by all, padding never attended."""
 
@@ -92,6 +145,24 @@ class _GridPredicate:
 
     def _grid_rule(self, q_coords: list[torch.Tensor], k_coords: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def kernel_tables(self, device) -> KernelTables:
+        """The ``KernelTables`` of this predicate on ``device`` (a few elementwise ops over the layout's positions)."""
+        is_global, valid, coords = _layout_positions(self.layout, device)
+        lo, span, code = [], [], []
+        for axis, c in enumerate(coords):
+            axis_lo, axis_span, axis_code = self._axis_tables(axis - 3 + self.layout.grid.ndim, c)
+            lo.append(torch.where(is_global, 0, axis_lo))
+            span.append(torch.where(is_global, GLOBAL_SPAN, axis_span))
+            code.append(torch.where(valid & ~is_global, axis_code, NO_KEY_CODE))
+        flags = valid.int() * KEY_VALID + (valid & is_global).int() * KEY_GLOBAL
+        query = torch.stack([*lo, *span, is_global.int()]).to(torch.int32)
+        return KernelTables(query=query, key=torch.stack([*code, flags]).to(torch.int32))
+
+    def _axis_tables(self, axis: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lo, span, code)`` of grid coordinates ``c`` on grid axis ``axis`` (negative: a padding axis)."""
+        zero = torch.zeros_like(c)
+        return (zero, zero, zero) if axis < 0 else (c, zero, c)
 
 
 @dataclass(frozen=True)
@@ -126,6 +197,16 @@ class NeighborhoodWindow(_GridPredicate):
             )
             allowed = axis_allowed if allowed is None else allowed & axis_allowed
         return allowed
+
+    def _axis_tables(self, axis: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Window ``[lo, lo + span]`` and key code ``group * G + c // dilation`` with ``G = length + kernel + 1``,
+        so keys of another dilation group fall outside every window of the group (``lo >= -kernel``)."""
+        if axis < 0:
+            return super()._axis_tables(axis, c)
+        length, kernel, dilation = self.layout.grid.shape[axis], self.kernel_size[axis], self.dilation[axis]
+        group, lo, hi = _neighborhood_bounds(c, length, kernel, self.stride[axis], dilation, self.causal[axis])
+        stride = length + kernel + 1
+        return group * stride + lo, hi - lo, (c % dilation) * stride + c // dilation
 
 
 @dataclass(frozen=True)

@@ -80,50 +80,41 @@ _TRITON_HEAD_DIMS = (16, 32, 64, 96, 128)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _predicate_args(token_mask) -> tuple[int, list[int], float]:
-    """``(mask_kind, mask_params, radius2)`` the kernels evaluate for ``token_mask`` (order: ``MASK_PARAMS``).
-
-    Grid axes are padded to (T, Y, X) with size-1 axes; raster order is one tile the size of the grid.
-    """
-    from ..kernels.block_sparse import MASK_CIRCULAR, MASK_NEIGHBORHOOD, MASK_NONE, NO_MASK_PARAMS
+def _predicate_args(token_mask, device) -> tuple[int, torch.Tensor | None, torch.Tensor | None, float]:
+    """``(MASK_KIND, query_table, key_table, radius2)`` the kernels evaluate for ``token_mask`` (``KernelTables``)."""
+    from ..kernels.block_sparse import MASK_CIRCULAR, MASK_NEIGHBORHOOD, MASK_NONE, pack_mask_kind
 
     if token_mask is None:
-        return MASK_NONE, list(NO_MASK_PARAMS), 0.0
-    layout, grid = token_mask.layout, token_mask.layout.grid
-    pad = lambda values, fill=1: [fill] * (3 - grid.ndim) + [int(x) for x in values]
-    tiles = pad(layout.tiles_per_axis)
-    params = [layout.num_tokens, grid.extra_before, layout.extra_before_slots, layout.num_grid_slots]
-    params += [grid.extra_after, *pad(grid.shape), *pad(layout.tile or grid.shape), tiles[1], tiles[2]]
-    if isinstance(token_mask, NeighborhoodWindow):
-        window = (token_mask.kernel_size, token_mask.stride, token_mask.dilation)
-        params += [x for values in window for x in pad(values)] + pad(token_mask.causal, fill=0)
-        return MASK_NEIGHBORHOOD, params, 0.0
-    return MASK_CIRCULAR, params + [1] * 12, float(token_mask.radius) ** 2
+        return MASK_NONE, None, None, 0.0
+    tables = token_mask.kernel_tables(device)
+    kind = MASK_NEIGHBORHOOD if isinstance(token_mask, NeighborhoodWindow) else MASK_CIRCULAR
+    radius2 = float(token_mask.radius) ** 2 if kind == MASK_CIRCULAR else 0.0
+    return pack_mask_kind(kind, token_mask.layout.grid.shape), tables.query, tables.key, radius2
 
 
 #: Per ``BlockMask`` (masks are immutable): its predicate arguments and, once a gradient was needed, its key-major CSR.
 _MASK_ARGS: "weakref.WeakKeyDictionary[BlockMask, list]" = weakref.WeakKeyDictionary()
 
 
-def _mask_launch_args(block_mask: BlockMask, needs_grad: bool) -> tuple[int, list[int], float, tuple]:
-    """``(mask_kind, mask_params, radius2, key_major)`` of ``block_mask``, computed once per mask in eager mode.
-
-    ``key_major`` is the ``(indptr_t, indices_t, partial_t)`` CSR the dK/dV pass walks (``transpose_csr``: about
-    ten small device ops); without a gradient the row CSR stands in (the backward never runs, nothing reads it).
-    Under ``torch.compile`` both are recomputed in the graph instead of being cached on a Python object.
+def _mask_launch_args(block_mask: BlockMask, needs_grad: bool) -> tuple[tuple, tuple]:
+    """``(predicate, key_major)`` of ``block_mask``, computed once per mask in eager mode: ``predicate`` is
+    ``_predicate_args``; ``key_major`` the ``(indptr_t, indices_t, partial_t)`` CSR the dK/dV pass walks
+    (``transpose_csr``: about ten small device ops); without a gradient the row CSR stands in (the backward never
+    runs, nothing reads it). Under ``torch.compile`` both are recomputed in the graph instead of being cached on a
+    Python object.
     """
     from ..kernels.block_sparse_bwd import transpose_csr
 
     csr = (block_mask.indptr, block_mask.indices, block_mask.partial)
     if torch.compiler.is_compiling():
         key_major = transpose_csr(*csr, block_mask.num_kv_blocks) if needs_grad else csr
-        return (*_predicate_args(block_mask.token_mask), key_major)
+        return _predicate_args(block_mask.token_mask, block_mask.device), key_major
     entry = _MASK_ARGS.get(block_mask)
     if entry is None:
-        entry = _MASK_ARGS[block_mask] = [*_predicate_args(block_mask.token_mask), None]
-    if needs_grad and entry[3] is None:
-        entry[3] = transpose_csr(*csr, block_mask.num_kv_blocks)
-    return entry[0], entry[1], entry[2], entry[3] if needs_grad else csr
+        entry = _MASK_ARGS[block_mask] = [_predicate_args(block_mask.token_mask, block_mask.device), None]
+    if needs_grad and entry[1] is None:
+        entry[1] = transpose_csr(*csr, block_mask.num_kv_blocks)
+    return entry[0], entry[1] if needs_grad else csr
 
 
 def _triton_supports_mask(args: dict, raise_error: bool) -> bool:
@@ -150,7 +141,8 @@ def _block_sparse_fwd_op(
     block_q: int,
     block_k: int,
     mask_kind: int,
-    mask_params: list[int],
+    query_table: torch.Tensor | None,
+    key_table: torch.Tensor | None,
     radius2: float,
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
@@ -171,13 +163,16 @@ def _block_sparse_fwd_op(
         block_q=block_q,
         block_k=block_k,
         mask_kind=mask_kind,
-        mask_params=mask_params,
+        query_table=query_table,
+        key_table=key_table,
         radius2=radius2,
     )
 
 
 @_block_sparse_fwd_op.register_fake
-def _(q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2, *key_major):
+def _(
+    q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, query_table, key_table, radius2, *key_major
+):
     from ..kernels.block_sparse import empty_like_layout
 
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
@@ -200,7 +195,8 @@ def _block_sparse_bwd_op(
     block_q: int,
     block_k: int,
     mask_kind: int,
-    mask_params: list[int],
+    query_table: torch.Tensor | None,
+    key_table: torch.Tensor | None,
     radius2: float,
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
@@ -223,7 +219,8 @@ def _block_sparse_bwd_op(
         block_q=block_q,
         block_k=block_k,
         mask_kind=mask_kind,
-        mask_params=mask_params,
+        query_table=query_table,
+        key_table=key_table,
         radius2=radius2,
         key_major=(indptr_t, indices_t, partial_t),
     )
@@ -237,15 +234,30 @@ def _(do, dlse, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2, *key_major = inputs
+    (
+        q,
+        k,
+        v,
+        indptr,
+        indices,
+        partial,
+        scale,
+        block_q,
+        block_k,
+        mask_kind,
+        query_table,
+        key_table,
+        radius2,
+        *key_major,
+    ) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, indptr, indices, partial, *key_major)
+    ctx.save_for_backward(q, k, v, out, lse, indptr, indices, partial, query_table, key_table, *key_major)
     ctx.scale, ctx.block_q, ctx.block_k = scale, block_q, block_k
-    ctx.mask_kind, ctx.mask_params, ctx.radius2 = mask_kind, mask_params, radius2
+    ctx.mask_kind, ctx.radius2 = mask_kind, radius2
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, indptr, indices, partial, *key_major = ctx.saved_tensors
+    q, k, v, out, lse, indptr, indices, partial, query_table, key_table, *key_major = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dq, dk, dv = _block_sparse_bwd_op(
         dout,
@@ -262,12 +274,13 @@ def _backward(ctx, dout, dlse):
         ctx.block_q,
         ctx.block_k,
         ctx.mask_kind,
-        ctx.mask_params,
+        query_table,
+        key_table,
         ctx.radius2,
         *key_major,
     )
-    # q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, mask_params, radius2, *key_major
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+    # q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, query_table, key_table, radius2, *key_major
+    return dq, dk, dv, *(None,) * 13
 
 
 _block_sparse_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -307,7 +320,7 @@ def _bwd_flops(do_shape, dlse_shape, q_shape, k_shape, v_shape, out_shape_, lse_
 )
 def _block_sparse_attention_triton(q, k, v, block_mask: BlockMask, *, scale: float, return_lse: bool = False):
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    mask_kind, mask_params, radius2, key_major = _mask_launch_args(block_mask, needs_grad)
+    predicate, key_major = _mask_launch_args(block_mask, needs_grad)
     out, lse = _block_sparse_fwd_op(
         q,
         k,
@@ -318,9 +331,7 @@ def _block_sparse_attention_triton(q, k, v, block_mask: BlockMask, *, scale: flo
         scale,
         block_mask.block_q,
         block_mask.block_k,
-        mask_kind,
-        mask_params,
-        radius2,
+        *predicate,
         *key_major,
     )
     return (out, lse) if return_lse else out

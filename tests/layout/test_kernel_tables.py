@@ -1,0 +1,75 @@
+"""``KernelTables``: the per-position encoding the Triton kernels evaluate on partial blocks must reproduce the
+predicate exactly, for every (query, key) pair of small layouts (decoded here as its docstring states the rule)."""
+
+import pytest
+import torch
+
+from tests.layout.test_circular import CASES as CIRCULAR_CASES
+from tests.layout.test_neighborhood import CASES as NEIGHBORHOOD_CASES
+from visionattn.layout import TokenGrid, TokenLayout
+from visionattn.layout.neighborhood import _check_neighborhood_args
+from visionattn.layout.predicates import KEY_GLOBAL, KEY_VALID, CircularWindow, NeighborhoodWindow, _layout_positions
+
+
+def _decode(tables, radius2: float | None) -> torch.Tensor:
+    """``(N, N)`` allowed pairs from the tables: the rule of ``KernelTables`` written with int64/float64 math."""
+    query, key = tables.query.long(), tables.key.long()
+    lo, span, q_global = query[:3, :, None], query[3:6, :, None], query[6][:, None] != 0
+    code, flags = key[:3, None, :], key[3][None, :]
+    k_valid, k_global = (flags & KEY_VALID) != 0, (flags & KEY_GLOBAL) != 0
+    diff = code - lo
+    if radius2 is None:
+        return ((diff >= 0) & (diff <= span)).all(0) | k_global
+    return k_valid & (q_global | k_global | ((diff.double() ** 2).sum(0) < radius2))
+
+
+def _valid_keys(layout: TokenLayout) -> torch.Tensor:
+    return layout.token_coords(torch.arange(layout.num_tokens))[2]
+
+
+def _assert_tables_match(pred, radius2):
+    tables = pred.kernel_tables("cpu")
+    n = pred.layout.num_tokens
+    assert tables.query.shape == (7, n) and tables.key.shape == (4, n)
+    assert tables.query.dtype == tables.key.dtype == torch.int32
+    idx = torch.arange(n)
+    expected = pred(idx[:, None], idx[None, :])
+    got = _decode(tables, radius2)
+    # padding query rows are never stored; every real query row must match on every key
+    rows = _valid_keys(pred.layout)
+    assert torch.equal(got[rows], expected[rows])
+
+
+@pytest.mark.parametrize(
+    "shape,before,after,tile,block,kernel,stride,dilation,causal",
+    NEIGHBORHOOD_CASES,
+    ids=[f"grid{c[0]}-tile{c[3]}-k{c[5]}-s{c[6]}-d{c[7]}-c{c[8]}" for c in NEIGHBORHOOD_CASES],
+)
+def test_neighborhood_kernel_tables_reproduce_predicate(
+    shape, before, after, tile, block, kernel, stride, dilation, causal
+):
+    grid = TokenGrid(shape, extra_before=before, extra_after=after)
+    layout = TokenLayout(grid, tile=tile)
+    pred = NeighborhoodWindow(layout, *_check_neighborhood_args(grid, kernel, stride, dilation, causal))
+    _assert_tables_match(pred, None)
+
+
+@pytest.mark.parametrize("shape,before,after,tile,block,radius", CIRCULAR_CASES)
+def test_circular_kernel_tables_reproduce_predicate(shape, before, after, tile, block, radius):
+    layout = TokenLayout(TokenGrid(shape, extra_before=before, extra_after=after), tile=tile)
+    _assert_tables_match(CircularWindow(layout, radius), float(radius) ** 2)
+
+
+@pytest.mark.parametrize(
+    "shape,before,after,tile",
+    [((7, 9), 3, 2, (4, 4)), ((5, 6, 7), 0, 5, (2, 4, 4)), ((20,), 2, 0, None), ((5, 6, 7), 1, 1, None)],
+)
+def test_layout_positions_match_token_coords(shape, before, after, tile):
+    layout = TokenLayout(TokenGrid(shape, extra_before=before, extra_after=after), tile=tile)
+    is_global, valid, coords = _layout_positions(layout, "cpu")
+    kind, ref_coords, ref_valid = layout.token_coords(torch.arange(layout.num_tokens))
+    assert torch.equal(valid, ref_valid)
+    assert torch.equal(is_global, kind != 1)
+    grid_token = ref_valid & (kind == 1)
+    for axis in range(len(shape)):
+        assert torch.equal(coords[3 - len(shape) + axis][grid_token], ref_coords[grid_token, axis])
