@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tests._numerics import assert_close
 from visionattn.layout import BlockMask, topk_ratio_block_mask
 from visionattn.ops import block_sparse_attention, linear_attention, sparse_linear_attention
+from visionattn.ops.sparse_linear import _select_blocks
 
 _PHI = {"softmax": lambda x: x.softmax(-1), "elu1": lambda x: F.elu(x) + 1, "relu": F.relu}
 
@@ -105,6 +106,46 @@ def test_sparse_linear_proj_none_is_identity(rng):
     kw = dict(topk_ratio=0.5, block_q=8, block_k=8, backend="reference")
     out = sparse_linear_attention(q, k, v, **kw)
     assert_close("out", sparse_linear_attention(q, k, v, torch.eye(8, dtype=torch.float64), **kw), out)
+
+
+def _nonzero_masks(q, k, topk_ratio, skip_ratio, block_q, block_k):
+    """The selection as it was built before the static-shape CSRs: scattered block matrices, ``nonzero``."""
+    _, scores = topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio, return_scores=True)
+    mk = scores.shape[-1]
+    n_crit = min(mk, int(topk_ratio * mk))
+    n_skip = min(int(skip_ratio * mk), mk - n_crit)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(n_crit, dim=-1).indices, True)
+    lowest = scores.masked_fill(keep, float("inf")).topk(n_skip, dim=-1, largest=False).indices
+    skip = torch.zeros_like(keep).scatter_(-1, lowest, True)
+    kw = dict(q_len=q.shape[2], kv_len=k.shape[2], block_q=block_q, block_k=block_k)
+    return BlockMask.from_block_matrix(keep, **kw), BlockMask.from_block_matrix(skip, **kw)
+
+
+@pytest.mark.parametrize(
+    "nq, nk, block_q, block_k, topk_ratio, skip_ratio",
+    [(64, 80, 16, 16, 0.4, 0.0), (50, 70, 16, 8, 0.3, 0.5), (24, 40, 8, 8, 0.0, 0.2), (32, 32, 8, 8, 1.0, 0.3)],
+    ids=lambda x: str(x),
+)
+def test_sparse_linear_selection_csr_equals_nonzero_construction(rng, nq, nk, block_q, block_k, topk_ratio,
+                                                                 skip_ratio):  # fmt: skip
+    """The static-shape CSRs (no ``nonzero``, no partial check: no host sync) are the CSRs of the block matrices."""
+    q = torch.randn(2, nq, 3, 16, generator=rng, dtype=torch.float16).transpose(1, 2)
+    k = torch.randn(2, 3, nk, 16, generator=rng, dtype=torch.float16)
+    critical, negligible = _select_blocks(q, k, topk_ratio, skip_ratio, block_q, block_k)
+    expected = _nonzero_masks(q, k, topk_ratio, skip_ratio, block_q, block_k)
+    assert (negligible is None) == (skip_ratio == 0)
+    for got, ref in zip((critical, negligible), expected[: 2 if skip_ratio else 1]):
+        for name in ("indptr", "indices", "partial"):
+            a, b = getattr(got, name), getattr(ref, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_sparse_linear_topk_traces_with_compile_fullgraph(kernel_device, rng):
+    """Selection included: a ``nonzero`` or a ``bool(partial.any())`` check would break the graph."""
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=rng).to(kernel_device) for _ in range(3))
+    fn = lambda q, k, v: sparse_linear_attention(q, k, v, topk_ratio=0.4, skip_ratio=0.3, block_q=16, block_k=16)
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert_close("out", fn(q, k, v), out)
 
 
 def test_sparse_linear_rejects_bad_arguments(rng):

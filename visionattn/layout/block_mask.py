@@ -53,6 +53,8 @@ class BlockMask:
     block_k: int
     token_mask: _TokenPredicate | None = None
     _transposed: "BlockMask | None" = field(default=None, repr=False)
+    #: Set only by trusted builders whose ``partial`` is all False by construction: skips the device sync of the check.
+    _no_partial: bool = field(default=False, repr=False)
 
     def __post_init__(self):
         if self.indptr.ndim != 3 or self.indptr.shape[-1] != self.num_q_blocks + 1:
@@ -64,7 +66,7 @@ class BlockMask:
                 "indices and partial must be 1-D of equal length; "
                 f"got indices.shape={tuple(self.indices.shape)}, partial.shape={tuple(self.partial.shape)}."
             )
-        if self.token_mask is None and bool(self.partial.any()):
+        if self.token_mask is None and not self._no_partial and bool(self.partial.any()):
             raise ValueError("token_mask must be given when any block is partial.")
 
     # ------------------------------------------------------------------ construction
@@ -107,6 +109,20 @@ class BlockMask:
             block_k=block_k,
             token_mask=token_mask,
         )
+
+    @classmethod
+    def _from_row_topk(cls, cols: torch.Tensor, *, q_len: int, kv_len: int, block_q: int, block_k: int) -> "BlockMask":
+        """CSR of ``cols`` ``(B, H, Mq, K)``: the ``K`` distinct key blocks each query block keeps (any order).
+
+        Equals ``from_block_matrix`` of the matching block matrix, built with static shapes: no ``nonzero`` and
+        no partial check, so no host sync (and traceable by ``torch.compile(fullgraph=True)``).
+        """
+        b, h, mq, count = cols.shape
+        rows = torch.arange(b * h, dtype=torch.int32, device=cols.device).view(b, h, 1) * mq
+        indptr = (rows + torch.arange(mq + 1, dtype=torch.int32, device=cols.device)) * count
+        indices = cols.sort(-1).values.flatten().to(torch.int32)
+        partial = torch.zeros(indices.shape, dtype=torch.bool, device=cols.device)
+        return cls(indptr, indices, partial, q_len, kv_len, block_q, block_k, _no_partial=True)
 
     # ------------------------------------------------------------------ shape
     @property

@@ -24,6 +24,10 @@ def _block_mean(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) 
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     n = x.shape[-2]
     blocks = -(-n // block)
+    if valid is None and n % block == 0:  # the same sums over a contiguous copy as below, without padding or weights
+        # (`to` keeps a same-dtype tensor as it is, whatever the memory format: `contiguous` makes it contiguous)
+        full = x.detach().to(compute, memory_format=torch.contiguous_format).contiguous()
+        return full.unflatten(-2, (blocks, block)).sum(-2) / block
     weight = torch.ones(n, dtype=compute, device=x.device) if valid is None else valid.to(compute)
     padded = torch.zeros(*x.shape[:-2], blocks * block, x.shape[-1], dtype=compute, device=x.device)
     padded[..., :n, :] = x.detach().to(compute) * weight[:, None]
@@ -177,7 +181,6 @@ def topk_ratio_block_mask(
     scores = pooled_q @ pooled_k.transpose(-1, -2)
     num_k = scores.shape[-1]
     count = min(num_k, int(ratio * num_k))
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep.scatter_(-1, scores.topk(count, dim=-1).indices, True)
-    mask = BlockMask.from_block_matrix(keep, q_len=q.shape[2], kv_len=k.shape[2], block_q=block_q, block_k=block_k)
+    cols = scores.topk(count, dim=-1).indices
+    mask = BlockMask._from_row_topk(cols, q_len=q.shape[2], kv_len=k.shape[2], block_q=block_q, block_k=block_k)
     return (mask, scores) if return_scores else mask

@@ -36,28 +36,40 @@ def _check_ratio(name: str, value) -> float:
     return float(value)
 
 
-def _empty_csr(q_len: int, block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+#: ``(Mq, device) -> (indptr, indices)`` of ``_empty_csr`` in eager mode (read-only; two allocations per call saved).
+_EMPTY_CSRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _empty_csr(q_len: int, block_q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indptr, indices)`` of a block set keeping no block, broadcast over batch and heads."""
     mq = -(-q_len // block_q)
-    return torch.zeros(1, 1, mq + 1, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.int32, device=device)
+    make = lambda: (
+        torch.zeros(1, 1, mq + 1, dtype=torch.int32, device=device),
+        torch.zeros(0, dtype=torch.int32, device=device),
+    )
+    if torch.compiler.is_compiling():
+        return make()
+    if (mq, device) not in _EMPTY_CSRS:
+        with torch.inference_mode(False):  # a cached inference tensor could not be saved for a later backward
+            _EMPTY_CSRS[mq, device] = make()
+    return _EMPTY_CSRS[mq, device]
 
 
 def _select_blocks(q, k, topk_ratio: float, skip_ratio: float, block_q: int, block_k: int):
     """``(critical, negligible)`` BlockMasks: top ``int(topk_ratio·Mk)`` and bottom ``int(skip_ratio·Mk)`` blocks
     of each query block's pooled scores (the bottom count is capped so that the two sets never overlap);
-    ``negligible`` is None for ``skip_ratio == 0``."""
+    ``negligible`` is None for ``skip_ratio == 0``. Every query block keeps the same number of blocks, so both CSRs
+    have static shapes: no host sync."""
     if skip_ratio == 0:
         return topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio), None
     critical, scores = topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio, return_scores=True)
-    keep, _ = critical.to_block_matrix()
     num_k = scores.shape[-1]
-    count = min(int(skip_ratio * num_k), num_k - int(critical.row_counts.max()))
-    skip = torch.zeros_like(keep)
+    kept = min(num_k, int(topk_ratio * num_k))
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep.scatter_(-1, critical.indices.view(*scores.shape[:-1], kept).long(), True)
+    count = min(int(skip_ratio * num_k), num_k - kept)
     lowest = scores.masked_fill(keep, float("inf")).topk(count, dim=-1, largest=False).indices
-    skip.scatter_(-1, lowest, True)
-    negligible = BlockMask.from_block_matrix(
-        skip, q_len=q.shape[2], kv_len=k.shape[2], block_q=block_q, block_k=block_k
-    )
+    negligible = BlockMask._from_row_topk(lowest, q_len=q.shape[2], kv_len=k.shape[2], block_q=block_q, block_k=block_k)
     return critical, negligible
 
 
