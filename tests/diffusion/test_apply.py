@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from tests._numerics import assert_close
+from tests.diffusion._backends import record_backends
 from tests.diffusion._brute import circle_allowed, masked_softmax, radial_allowed
-from tests.diffusion._tiny import TINY_MODELS
+from tests.diffusion._tiny import GPU_HEAD_DIM, TINY_MODELS
 from visionattn.diffusion import apply, remove
 from visionattn.diffusion._processor import _MethodAttnProcessor
 
@@ -187,12 +188,40 @@ def test_apply_rejects_radial_on_image_models():
         (dict(method="agent", early_steps=-1), ValueError, "early_steps"),
         (dict(method="agent", early_sx=0), ValueError, "early_sx"),
         (dict(method="radial", block_size=0), ValueError, "block_size"),
+        (dict(method="local", kernel_size=3, stride=5), ValueError, "stride"),
+        (dict(method="local", kernel_size=(3, 2), stride=(1, 3)), ValueError, "stride"),
+        (dict(method="local", kernel_size=3, radius=2.0), ValueError, "radius"),
+        (dict(method="local", window="circle", radius=2.0, kernel_size=3), ValueError, "kernel_size"),
+        (dict(method="local", window="circle", radius=2.0, stride=2), ValueError, "stride"),
+        (dict(method="local", window="circle", radius=2.0, dilation=2), ValueError, "dilation"),
+        (dict(method="local", window="circle", radius=float("nan")), ValueError, "radius"),
+        (dict(method="local", window="circle", radius="2"), TypeError, "radius"),
+        (dict(method="local", kernel_size=3, tile=(1, 2, 3)), ValueError, "tile"),
+        (dict(method="local", kernel_size=3, backend="cuda"), ValueError, "backend"),
+        (dict(method="radial", sink="yes"), TypeError, "sink"),
+        (dict(method="radial", decay_factor=float("inf")), ValueError, "decay_factor"),
+        (dict(method="radial", backend="nope"), ValueError, "backend"),
+        (dict(method="sparse_linear", block_q=0), ValueError, "block_q"),
+        (dict(method="sparse_linear", block_k=1.5), TypeError, "block_k"),
+        (dict(method="sparse_linear", topk=2.0), ValueError, "topk"),
+        (dict(method="sparse_linear", skip_ratio=-0.1), ValueError, "skip_ratio"),
+        (dict(method="sparse_linear", feature_map="exp"), ValueError, "feature_map"),
+        (dict(method="sparse_linear", backend="nope"), ValueError, "backend"),
+        (dict(method="linear", eps=-1.0), ValueError, "eps"),
+        (dict(method="linear", mid_dim=0), ValueError, "mid_dim"),
+        (dict(method="linear", backend="cuda"), ValueError, "backend"),
+        (dict(method="agent", k_scale2="a"), TypeError, "k_scale2"),
+        (dict(method="agent", k_shortcut=float("nan")), ValueError, "k_shortcut"),
+        (dict(method="agent", sx=1.5), TypeError, "sx"),
+        (dict(method="agent", backend="triton"), ValueError, "backend"),
     ],
 )
 def test_apply_rejects_bad_arguments(kwargs, exc, match):
-    model = TINY_MODELS["pixart"].build()
+    """Every bad option raises at apply() (not at the first forward), naming the argument; nothing stays patched."""
+    model = TINY_MODELS["pixart" if kwargs["method"] != "radial" else "wan"].build()
     with pytest.raises(exc, match=match):
         apply(model, **kwargs)
+    assert not any(isinstance(p, _MethodAttnProcessor) for p in model.attn_processors.values())
 
 
 def test_apply_rejects_unsupported_models_and_double_apply():
@@ -221,32 +250,44 @@ def _cuda(inputs: dict, dtype) -> dict:
     return {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
+#: Every method and main option set; radial only on the video models.
+_GPU_METHODS = [
+    ("local", dict(kernel_size=3)),
+    ("local", dict(kernel_size=5, stride=2, dilation=1)),
+    ("local", dict(window="circle", radius=2.5)),
+    ("radial", dict(block_size=64, decay_factor=0.5)),
+    ("sparse_linear", dict(topk=0.25)),
+    ("linear", {}),
+    ("agent", dict(agent_ratio=0.9)),
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["unet", "flux", "wan", "hunyuan_video", "cogvideox"])
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 @pytest.mark.parametrize(
-    "method, options",
-    [
-        ("local", dict(kernel_size=3)),
-        ("local", dict(kernel_size=5, stride=2, dilation=1)),
-        ("local", dict(window="circle", radius=2.5)),
-        ("radial", dict(block_size=64, decay_factor=0.5)),
-        ("sparse_linear", dict(topk=0.25)),
-        ("linear", {}),
-        ("agent", dict(agent_ratio=0.9)),
-    ],
-    ids=["na3", "na5s2", "circle", "radial", "sla", "linear", "agent"],
+    "method, options", _GPU_METHODS, ids=["na3", "na5s2", "circle", "radial", "sla", "linear", "agent"]
 )
-def test_triton_backends_match_reference_in_models(name, method, options):
+def test_triton_backends_match_reference_in_models(name, method, options, monkeypatch):
+    """The GPU variants of the tiny models (head dim 32) run the Triton kernels (SDPA for agent) under
+    ``backend=None``; the recorded backend selection proves it, so this never compares the reference to itself."""
     tiny = TINY_MODELS[name]
     if method == "radial" and not tiny.is_video:
         pytest.skip("radial needs a video model")
-    model = tiny.build().to("cuda", torch.bfloat16)
-    inputs = _cuda(tiny.inputs(batch=2, scale=4), torch.bfloat16)
+    model = tiny.build(head_dim=GPU_HEAD_DIM).to("cuda", torch.bfloat16)
+    inputs = _cuda(tiny.inputs(batch=2, scale=4, head_dim=GPU_HEAD_DIM), torch.bfloat16)
+    calls = record_backends(monkeypatch)
     outs = {}
     for backend in ("reference", None):
+        calls.clear()
         handle = apply(model, method, dense_layers=0, dense_steps=0, backend=backend, **options)
         outs[backend] = _run(model, inputs).float()
         remove(handle)
+        chosen = {b for _, b in calls}
+        assert calls, f"{name} {method}: no visionattn op ran"
+        if backend == "reference":
+            assert chosen == {"reference"}, calls
+        else:
+            assert "reference" not in chosen, f"{name} {method}: backend=None fell back to the reference: {calls}"
     assert_close(f"{name} {method} triton vs reference", outs["reference"], outs[None], tol=2e-2)
 
 

@@ -1,6 +1,7 @@
 """Each method's attention call against an independent float64 brute-force formula, forward and gradients."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -51,7 +52,26 @@ def test_local_neighborhood_matches_masked_dense(shape, before, after, kernel, s
     q, k, v = _qkv(grid, gen)
     out, density = method(q, k, v, grid, DiffusionState())
     _check_forward_backward("local", out, masked_softmax(q, k, v, allowed), (q, k, v))
-    assert density == pytest.approx(float(allowed.double().mean()), rel=0.2)
+    assert density == pytest.approx(float(allowed.double().mean()), rel=1e-12)
+
+
+def test_local_window_fits_small_grids_and_warns_when_dilation_drops():
+    """kernel_size is capped at the axis (no warning: the window covers the axis); a dilation that no longer fits
+    is lowered with a warning, and the output and density are those of the fitted window."""
+    grid = TokenGrid((4, 9), extra_after=2)
+    q, k, v = _qkv(grid, torch.Generator().manual_seed(9))
+    capped = LocalMethod(kernel_size=(7, 3), stride=(7, 1), backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert capped._window(grid.shape) == ((4, 3), (4, 1), (1, 1))
+    dilated = LocalMethod(kernel_size=3, dilation=(2, 3), backend="reference")
+    with pytest.warns(UserWarning, match="dilation"):
+        assert dilated._window(grid.shape) == ((3, 3), (1, 1), (1, 3))
+    with pytest.warns(UserWarning, match="dilation"):
+        out, density = dilated(q, k, v, grid, DiffusionState())
+    allowed = natten_allowed(grid, (3, 3), (1, 1), (1, 3))
+    _check_forward_backward("fitted dilation", out, masked_softmax(q, k, v, allowed), (q, k, v))
+    assert density == pytest.approx(float(allowed.double().mean()), rel=1e-12)
 
 
 @pytest.mark.parametrize("shape, before, radius", [((7, 9), 4, 2.5), ((3, 5, 6), 0, 2.0)], ids=str)
@@ -61,8 +81,9 @@ def test_local_circle_matches_masked_dense(shape, before, radius):
     allowed = circle_allowed(grid, radius)
     q, k, v = _qkv(grid, gen)
     method = LocalMethod(window="circle", radius=radius, tile=(2,) * len(shape), backend="reference")
-    out, _ = method(q, k, v, grid, DiffusionState())
+    out, density = method(q, k, v, grid, DiffusionState())
     _check_forward_backward("circle", out, masked_softmax(q, k, v, allowed), (q, k, v))
+    assert density == pytest.approx(float(allowed.double().mean()), rel=1e-12)
 
 
 @pytest.mark.parametrize("before, after, sink", [(0, 0, True), (0, 5, False), (5, 0, False)], ids=str)
@@ -74,6 +95,7 @@ def test_radial_matches_masked_dense(before, after, sink):
     method = RadialMethod(decay_factor=0.5, block_size=8, sink=sink, backend="reference")
     out, density = method(q, k, v, grid, DiffusionState())
     assert 0 < density < 1
+    assert density == pytest.approx(float(allowed.double().mean()), rel=1e-12)
     _check_forward_backward("radial", out, masked_softmax(q, k, v, allowed), (q, k, v))
 
 
@@ -124,8 +146,18 @@ def test_sparse_linear_matches_masked_dense_plus_linear(feature_map):
     linear = (weights @ v) / (weights.sum(-1, keepdim=True) + 1e-6)  # the op's default eps
     proj = method.attention.proj
     ref = sparse + linear @ proj.weight.T + proj.bias
-    assert density == pytest.approx(int(0.4 * 5) / 5)
+    # 36 tokens in blocks of 8: the short last key block counts its 4 keys where it is chosen
+    assert float(density) == pytest.approx(float(critical.double().mean()), rel=1e-12)
     _check_forward_backward("sparse_linear", out, ref, (q, k, v))
+
+
+def test_sparse_linear_density_with_full_blocks_needs_no_mask():
+    grid = TokenGrid((4, 8))
+    q, k, v = _qkv(grid, torch.Generator().manual_seed(8))
+    method = SparseLinearMethod(8, topk=0.5, block_q=8, block_k=8, dtype=torch.float64)
+    _, density = method(q, k, v, grid, DiffusionState())
+    critical = topk_ratio_block_mask(q.detach(), k.detach(), 8, 8, 0.5).to_dense()
+    assert isinstance(density, float) and density == float(critical.double().mean()) == 0.5
 
 
 def _tome_agents(tokens: torch.Tensor, shape, sx: int, sy: int, ratio: float) -> torch.Tensor:

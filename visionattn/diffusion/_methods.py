@@ -6,23 +6,31 @@ grid axes ``(Y, X)`` for images, ``(T, Y, X)`` for videos.
 A method is an ``nn.Module`` so that learnable parts (SLA's ``proj``, LinFusion's feature projections) live in the
 model's ``state_dict`` under ``<attention module>.processor.method.*``. ``forward(q, k, v, grid, state)`` takes raster
 order ``(B, H, N, D)`` tensors (views are fine) and a ``TokenGrid`` whose ``extra_before``/``extra_after`` are the text
-tokens, and returns ``(out, density)``: ``out`` ``(B, H, N, D)`` and the fraction of query-key pairs computed with
-exact softmax (a float or 0-d tensor; ``None`` when it means nothing, e.g. linear attention).
+tokens, and returns ``(out, density)``: ``out`` ``(B, H, N, D)`` and the exact fraction of the ``N²`` (query, key)
+pairs scored with softmax (a float or 0-d tensor, see ``_density.py``; ``None`` for linear attention, which scores
+none). Options are validated when the method is built (at ``apply`` time), each error naming its argument.
 """
 
 import math
+import warnings
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..layout import TokenGrid, TokenLayout, circular_window_block_mask
+from ..layout import TokenGrid, TokenLayout, circular_window_block_mask, topk_ratio_block_mask
 from ..layout.radial import radial_block_mask
 from ..nn import SparseLinearAttention
 from ..ops import agent_attention, block_sparse_attention, linear_attention, neighborhood_attention
 from ..ops._checks import _check_choice, _check_per_axis
+from ..ops.agent import _REGISTRY as _AGENT_BACKENDS
+from ..ops.block_sparse import _REGISTRY as _BLOCK_SPARSE_BACKENDS
+from ..ops.linear import _REGISTRY as _LINEAR_BACKENDS
+from ..ops.linear import _check_eps
 from ..ops.neighborhood import default_neighborhood_tile
+from ..ops.sparse_linear import _REGISTRY as _SPARSE_LINEAR_BACKENDS
 from ._agent import agent_tokens
+from ._density import block_mask_density, circle_pairs, neighborhood_pairs, with_text
 
 __all__ = ["AgentMethod", "LinearMethod", "LocalMethod", "RadialMethod", "SparseLinearMethod"]
 
@@ -38,11 +46,26 @@ def _rotate_text_first(grid: TokenGrid, out: torch.Tensor) -> torch.Tensor:
     return torch.cat([out[:, :, n:], out[:, :, :n]], dim=2)
 
 
-def _pair_density(grid: TokenGrid, grid_pairs: float) -> float:
-    """Density of a pattern where text tokens attend/are attended by all and grid pairs number ``grid_pairs``."""
-    n, g = grid.num_tokens, grid.num_grid_tokens
-    text = grid.extra_before + grid.extra_after
-    return (grid_pairs + 2 * g * text + text * text) / (n * n)
+def _check_float(name: str, value, *, positive: bool = False) -> float:
+    """A finite real number (``positive``: ``> 0``) as a float; ``TypeError`` for non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float; got {name}={value!r} ({type(value).__name__}).")
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite float; got {name}={value!r}.")
+    return float(value)
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {name}={value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {name}={value!r}.")
+    return value
+
+
+def _check_backend(backend, registry):
+    """``None`` or a backend of the op the method calls (checked at ``apply``, not at the first forward)."""
+    return _check_choice("backend", backend, (None, *registry.names))
 
 
 class _AttentionMethod(nn.Module):
@@ -60,14 +83,22 @@ class LocalMethod(_AttentionMethod):
     Two windows: NATTEN/GNA neighborhood attention (``window="neighborhood"``, Hassani et al., arXiv 2504.16922:
     per-axis ``kernel_size``, ``stride``, ``dilation``, windows shifted inward at borders) or CLEAR's circular window
     (``window="circle"``, Liu et al., arXiv 2412.16112: image query ``q`` attends image key ``k`` iff
-    ``‖q − k‖² < radius²``). A window larger than a grid axis covers the whole axis (UNet levels and small latents).
+    ``‖q − k‖² < radius²``).
+
+    Small grids (UNet's deep levels, low resolutions, short videos) get the window fitted to each call's grid, per
+    axis: ``kernel_size`` is capped at the axis length (the window covers the whole axis, which is what a window
+    larger than the axis means), ``stride`` at the capped kernel, and where ``kernel_size · dilation`` still exceeds
+    the axis, ``dilation`` is lowered to the largest value whose window fits (NATTEN's constraint), with a
+    ``UserWarning`` naming the grid, since that changes which tokens are attended. The reported density counts the
+    fitted window.
 
     Args:
-        kernel_size: neighborhood size, an int or one int per grid axis (neighborhood window).
-        stride: neighborhood stride per axis (GNA's strided NA; ``stride == kernel_size`` is blocked attention).
+        kernel_size: neighborhood size, an int or one int per grid axis (neighborhood window; required there).
+        stride: neighborhood stride per axis, ``1 <= stride <= kernel_size`` (GNA's strided NA;
+            ``stride == kernel_size`` is blocked attention).
         dilation: neighborhood dilation per axis.
         window: ``"neighborhood"`` or ``"circle"``.
-        radius: circle radius in latent tokens (circle window).
+        radius: circle radius in latent tokens (circle window only; required there).
         tile: tile shape of the kernels' token order, one int per grid axis; ``None`` is 128-token boxes
             (``(8, 16)`` in 2D, ``(2, 8, 8)`` in 3D). Any tile gives the same result; it only changes speed.
         backend: op backend (``None`` picks Triton on CUDA, the reference on CPU).
@@ -88,36 +119,73 @@ class LocalMethod(_AttentionMethod):
     ):
         super().__init__()
         self.window = _check_choice("window", window, ("neighborhood", "circle"))
-        if window == "neighborhood" and kernel_size is None:
-            raise ValueError("kernel_size must be given for window='neighborhood'; got kernel_size=None.")
-        if window == "circle" and (radius is None or isinstance(radius, bool) or not radius > 0):
-            raise ValueError(f"radius must be a positive number for window='circle'; got {radius=}.")
-        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
-        self.radius, self.tile, self.backend = radius, tile, backend
+        if window == "neighborhood":
+            if kernel_size is None:
+                raise ValueError("kernel_size must be given for window='neighborhood'; got kernel_size=None.")
+            if radius is not None:
+                raise ValueError(
+                    f"radius must be None for window='neighborhood' (it sizes the circle); got {radius=}. "
+                    "Pass window='circle' for a circular window."
+                )
+        else:
+            for name, value, default in (
+                ("kernel_size", kernel_size, None),
+                ("stride", stride, 1),
+                ("dilation", dilation, 1),
+            ):
+                if value != default:
+                    raise ValueError(
+                        f"{name} must be left at {default} for window='circle' (the circle is sized by radius); "
+                        f"got {name}={value!r}."
+                    )
+            if radius is None:
+                raise ValueError("radius must be a positive number for window='circle'; got radius=None.")
+            radius = _check_float("radius", radius, positive=True)
+        # tuples (YAML configs give lists): the options key the per-shape window cache
+        as_tuple = lambda value: tuple(value) if isinstance(value, list) else value
+        self.kernel_size, self.stride, self.dilation = (as_tuple(v) for v in (kernel_size, stride, dilation))
+        self.radius, self.tile = radius, as_tuple(tile)
+        self.backend = _check_backend(backend, _BLOCK_SPARSE_BACKENDS)
 
     def check_model(self, model_name: str, grid_ndim: int, is_video: bool) -> None:
-        names = ("kernel_size", "stride", "dilation") if self.window == "neighborhood" else ()
-        for name in names + (("tile",) if self.tile is not None else ()):
-            _check_per_axis(name, grid_ndim, getattr(self, name))
+        if self.tile is not None:
+            _check_per_axis("tile", grid_ndim, self.tile)
+        if self.window == "neighborhood":
+            ks, st, _ = (_check_per_axis(n, grid_ndim, getattr(self, n)) for n in ("kernel_size", "stride", "dilation"))
+            if any(s > k for s, k in zip(st, ks)):
+                raise ValueError(
+                    f"stride must be <= kernel_size on every axis; got stride={self.stride!r}, "
+                    f"kernel_size={self.kernel_size!r}."
+                )
 
     def _window(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """Per-axis ``(kernel_size, stride, dilation)`` clamped to the grid so the window fits every axis."""
+        """Per-axis ``(kernel_size, stride, dilation)`` fitted to the grid ``shape`` (see the class docstring)."""
         ndim = len(shape)
         ks = _check_per_axis("kernel_size", ndim, self.kernel_size)
         st = _check_per_axis("stride", ndim, self.stride)
         dil = _check_per_axis("dilation", ndim, self.dilation)
         ks = tuple(min(k, s) for k, s in zip(ks, shape))
-        dil = tuple(max(1, min(d, s // k)) for d, s, k in zip(dil, shape, ks))
-        st = tuple(min(t, k) for t, k in zip(st, ks))
-        return ks, st, dil
+        fitted = tuple(max(1, min(d, s // k)) for d, s, k in zip(dil, shape, ks))
+        if fitted != dil:
+            warnings.warn(
+                f"dilation={dil} does not fit the grid {shape} with kernel_size={ks}; using dilation={fitted} there "
+                "(kernel_size * dilation must be <= the grid on every axis).",
+                stacklevel=2,
+            )
+        return ks, tuple(min(t, k) for t, k in zip(st, ks)), fitted
+
+    def _fitted(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
+        """``_window(shape)`` and the grid-pair count of that window."""
+        ks, st, dil = self._window(shape)
+        return ks, st, dil, neighborhood_pairs(shape, ks, st, dil)
 
     def forward(self, q, k, v, grid: TokenGrid, state):
         if self.window == "circle":
             return self._circle(q, k, v, grid, state)
-        ks, st, dil = self._window(grid.shape)
+        key = ("local", grid.shape, self.kernel_size, self.stride, self.dilation)
+        ks, st, dil, pairs = state.cached(key, lambda: self._fitted(grid.shape))
         out = neighborhood_attention(q, k, v, grid, ks, st, dil, tile=self.tile, backend=self.backend)
-        g = grid.num_grid_tokens
-        return out, _pair_density(grid, g * g * math.prod(k / s for k, s in zip(ks, grid.shape)))
+        return out, with_text(grid, pairs)
 
     def _circle(self, q, k, v, grid: TokenGrid, state):
         tile = (
@@ -130,11 +198,12 @@ class LocalMethod(_AttentionMethod):
             ("circle", self.radius, layout, q.device),
             lambda: circular_window_block_mask(layout, self.radius).to(q.device),
         )
+        pairs = state.cached(("circle_pairs", self.radius, grid.shape), lambda: circle_pairs(grid.shape, self.radius))
         source, valid, out_slot = state.cached(("tile_order", layout, q.device), lambda: _tile_order(layout, q.device))
         # padding slots hold zeros; the mask never attends to them and their outputs are dropped
         q, k, v = (t.index_select(2, source) * valid.to(t.dtype) for t in (q, k, v))
         out = block_sparse_attention(q, k, v, mask, backend=self.backend)
-        return out.index_select(2, out_slot), mask.density()
+        return out.index_select(2, out_slot), with_text(grid, pairs)
 
 
 def _tile_order(layout: TokenLayout, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,10 +242,12 @@ class RadialMethod(_AttentionMethod):
         backend: str | None = None,
     ):
         super().__init__()
-        self.block_size = _check_per_axis("block_size", 1, block_size)[0]
-        if isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float)) or not decay_factor > 0:
-            raise ValueError(f"decay_factor must be a positive float; got {decay_factor=}.")
-        self.decay_factor, self.sink, self.backend = float(decay_factor), sink, backend
+        self.block_size = _check_int("block_size", block_size)
+        self.decay_factor = _check_float("decay_factor", decay_factor, positive=True)
+        if sink is not None and not isinstance(sink, bool):
+            raise TypeError(f"sink must be a bool or None; got {type(sink)=}, {sink=}.")
+        self.sink = sink
+        self.backend = _check_backend(backend, _BLOCK_SPARSE_BACKENDS)
 
     def check_model(self, model_name: str, grid_ndim: int, is_video: bool) -> None:
         if not is_video:
@@ -191,23 +262,25 @@ class RadialMethod(_AttentionMethod):
         frames = grid.shape[0]
         text = grid.extra_before + grid.extra_after
         key = ("radial", frames, grid.num_grid_tokens, text, self.block_size, self.decay_factor, self.sink, q.device)
-        mask = state.cached(
-            key,
-            lambda: radial_block_mask(
-                frames,
-                grid.num_grid_tokens // frames,
-                block_size=self.block_size,
-                decay_factor=self.decay_factor,
-                sink=self.sink,
-                extra_tokens=text,
-            ).to(q.device),
-        )
+        mask, density = state.cached(key, lambda: self._mask(frames, grid.num_grid_tokens // frames, text, q.device))
         if grid.extra_before:
             q, k, v = _rotate_text_last(grid, q, k, v)
         out = block_sparse_attention(q, k, v, mask, backend=self.backend)
         if grid.extra_before:
             out = _rotate_text_first(grid, out)
-        return out, mask.density()
+        return out, density
+
+    def _mask(self, frames: int, tokens_per_frame: int, text: int, device) -> tuple[object, float]:
+        """The radial ``BlockMask`` on ``device`` and its exact token-pair density."""
+        mask = radial_block_mask(
+            frames,
+            tokens_per_frame,
+            block_size=self.block_size,
+            decay_factor=self.decay_factor,
+            sink=self.sink,
+            extra_tokens=text,
+        )
+        return mask.to(device), float(block_mask_density(mask))
 
 
 class SparseLinearMethod(_AttentionMethod):
@@ -217,6 +290,11 @@ class SparseLinearMethod(_AttentionMethod):
     ``proj`` starts at zero (a fresh layer is block-sparse attention) and lives in the model's ``state_dict`` as
     ``<attention module>.processor.method.attention.proj.*``. The block map is computed from q and k on every call,
     over the whole joint sequence (text tokens included), as TurboDiffusion applies SLA to Wan's self-attention.
+
+    The density is the exact fraction of token pairs in the softmax blocks. Every query block keeps the same number
+    of key blocks, so with full key blocks (``N % block_k == 0``) it follows from the counts; with a short last key
+    block it depends on which query blocks chose that block, and the block map is pooled once more for it (a pass
+    over q and k, on the device, without host sync).
 
     Args:
         head_dim: ``D``.
@@ -248,18 +326,23 @@ class SparseLinearMethod(_AttentionMethod):
             head_dim,
             topk,
             feature_map=feature_map,
-            block_q=block_q,
-            block_k=block_k,
+            block_q=_check_int("block_q", block_q),
+            block_k=_check_int("block_k", block_k),
             skip_ratio=skip_ratio,
-            backend=backend,
+            backend=_check_backend(backend, _SPARSE_LINEAR_BACKENDS),
             device=device,
             dtype=dtype,
         )
 
     def forward(self, q, k, v, grid: TokenGrid, state):
-        # SLA keeps the same number of key blocks in every query block, so the density needs no device sync
-        blocks = -(-k.shape[2] // self.attention.block_k)
-        return self.attention(q, k, v), min(blocks, int(self.attention.topk * blocks)) / blocks
+        attention = self.attention
+        out = attention(q, k, v)
+        length, block = k.shape[2], attention.block_k
+        if length % block == 0:
+            blocks = length // block
+            return out, min(blocks, int(attention.topk * blocks)) / blocks
+        critical = topk_ratio_block_mask(q, k, attention.block_q, block, attention.topk)
+        return out, block_mask_density(critical)
 
 
 class _FeatureProjection(nn.Module):
@@ -308,9 +391,11 @@ class LinearMethod(_AttentionMethod):
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.q_proj = _FeatureProjection(head_dim, mid_dim or head_dim, **dd)
-        self.k_proj = _FeatureProjection(head_dim, mid_dim or head_dim, **dd)
-        self.eps, self.backend = eps, backend
+        mid_dim = head_dim if mid_dim is None else _check_int("mid_dim", mid_dim)
+        self.q_proj = _FeatureProjection(head_dim, mid_dim, **dd)
+        self.k_proj = _FeatureProjection(head_dim, mid_dim, **dd)
+        self.eps = _check_eps(eps)
+        self.backend = _check_backend(backend, _LINEAR_BACKENDS)
 
     def forward(self, q, k, v, grid: TokenGrid, state):
         q = q + self.q_proj(q)
@@ -326,7 +411,9 @@ class AgentMethod(_AttentionMethod):
     destination token per ``sy × sx`` window (``_agent.agent_tokens``; AgentSD merges the hidden states and projects
     them with ``W_q``, which is the same for a bias-free ``W_q`` and equal up to QK-norm/RoPE otherwise). Then
     ``O = σ(q Aᵀ s^κ) · σ(A kᵀ s) v + k_shortcut · v`` with ``s = D^-1/2`` and ``κ = k_scale2`` (a softer temperature
-    for the query-to-agent step). As in AgentSD, layers with too few tokens (``2 n ≥ N``) keep dense attention.
+    for the query-to-agent step). As in AgentSD, layers with too few tokens (``2 n ≥ N``, e.g. a grid smaller than
+    one ``sy × sx`` window) keep dense attention. The density is ``2 n / N``: the ``N·n`` query-agent and ``n·N``
+    agent-key pairs scored with softmax, over ``N²``.
     AgentSD's recommended schedule uses fewer agents early: ``early_steps=20`` with ``early_sx = early_sy = 4``,
     ``early_agent_ratio=0.95``, then ``sx = sy = 2``, ``agent_ratio=0.5``.
 
@@ -364,11 +451,13 @@ class AgentMethod(_AttentionMethod):
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
                 raise ValueError(f"{name} must be in [0, 1); got {name}={ratio!r}.")
         for name, size in (("sx", sx), ("sy", sy), ("early_sx", early_sx), ("early_sy", early_sy)):
-            _check_per_axis(name, 1, size)
-        self.early_steps = _check_per_axis("early_steps", 1, early_steps, minimum=0)[0]
+            _check_int(name, size)
+        self.early_steps = _check_int("early_steps", early_steps, minimum=0)
         self.settings = (float(agent_ratio), sx, sy)
         self.early_settings = (float(early_agent_ratio), early_sx, early_sy)
-        self.k_scale2, self.k_shortcut, self.backend = float(k_scale2), float(k_shortcut), backend
+        self.k_scale2 = _check_float("k_scale2", k_scale2)
+        self.k_shortcut = _check_float("k_shortcut", k_shortcut)
+        self.backend = _check_backend(backend, _AGENT_BACKENDS)
 
     def forward(self, q, k, v, grid: TokenGrid, state):
         ratio, sx, sy = self.early_settings if state.step < self.early_steps else self.settings
