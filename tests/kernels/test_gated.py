@@ -63,13 +63,14 @@ def _forward_backward(fn, inputs, grad_out):
     return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
 
 
-def _check_against_reference(low, dtype, scale=None):
-    """Kernel vs float64 recurrence on the same (rounded) inputs ``low``: output and every gradient."""
+def _check_against_reference(low, dtype, scale=None, run=None):
+    """Kernel (or ``run(*low)``) vs float64 recurrence on the same (rounded) inputs ``low``: output, every gradient."""
     master = [None if t is None else t.detach().double().requires_grad_() for t in low]
     gen = torch.Generator().manual_seed(1)
     grad_out = torch.randn(*low[2].shape, generator=gen, dtype=torch.float64).to(low[2].device)
     ref, ref_grads = _forward_backward(lambda *x: gated_linear_attention_reference(*x, scale=scale), master, grad_out)
-    out, grads = _forward_backward(lambda *x: gated_linear_attention(*x, scale=scale, backend="triton"), low, grad_out)
+    run = run or (lambda *x: gated_linear_attention(*x, scale=scale, backend="triton"))
+    out, grads = _forward_backward(run, low, grad_out)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close("o", ref, out, dtype)
     for name, g_ref, g_out in zip(_GRAD_NAMES, ref_grads, grads):
@@ -157,17 +158,11 @@ def test_gated_kernel_chunk_sizes(chunk, kernel_device):
 
 
 def test_gated_kernel_compiles_fullgraph(kernel_device):
+    """Compiled output and the gradients of q, k, v and both gates vs the float64 recurrence."""
     inputs = _to(_inputs(1, 1, 9, 16, 16), kernel_device, torch.float32)
-
-    def loss(q, k, v, a, b):
-        return gated_linear_attention(q, k, v, a, b, backend="triton").square().sum()
-
     backend = "inductor" if kernel_device.type == "cuda" else "aot_eager"
-    compiled = torch.compile(loss, fullgraph=True, backend=backend)
-    expected = torch.autograd.grad(loss(*inputs), inputs)
-    got = torch.autograd.grad(compiled(*inputs), inputs)
-    for name, e, g in zip(_GRAD_NAMES, expected, got):
-        assert_close(name, e, g)
+    fn = lambda *x: gated_linear_attention(*x, scale=0.3, backend="triton")
+    _check_against_reference(inputs, torch.float32, scale=0.3, run=torch.compile(fn, fullgraph=True, backend=backend))
 
 
 def test_gated_kernel_empty_sequence(kernel_device):

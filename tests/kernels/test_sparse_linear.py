@@ -4,6 +4,8 @@ On CPU these run under the Triton interpreter at tiny sizes (fp32 with ieee dots
 tests run real sizes in bf16/fp16.
 """
 
+import contextlib
+
 import pytest
 import torch
 import triton
@@ -15,9 +17,8 @@ from visionattn.ops import block_sparse_attention, sparse_linear_attention, spar
 from visionattn.ops.sparse_linear import _select_blocks
 
 
-def _check(device, dtype, gen, *, n, d, dv, block_q, block_k, topk_ratio, skip_ratio=0.0, feature_map="softmax",
-           batch=1, heads=2, bnhd=False, tol=None):  # fmt: skip
-    """Output and the gradients of q, k, v, proj weight and bias of the Triton backend vs the float64 reference."""
+def _make_inputs(device, dtype, gen, *, n, d, dv, batch=1, heads=2, bnhd=False):
+    """q, k, v ``(B, H, N, D)`` (``bnhd``: views of ``(B, N, H, D)``), proj weight and bias, all requiring grad."""
 
     def make(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
@@ -27,25 +28,38 @@ def _check(device, dtype, gen, *, n, d, dv, block_q, block_k, topk_ratio, skip_r
         return x.requires_grad_(True)
 
     q, k, v = qkv(d), qkv(d), qkv(dv)
-    w = (make(dv, dv) / dv**0.5).requires_grad_(True)
-    b = make(dv).requires_grad_(True)
-    kw = dict(topk_ratio=topk_ratio, skip_ratio=skip_ratio, feature_map=feature_map, block_q=block_q, block_k=block_k)
-    out = sparse_linear_attention(q, k, v, w, b, backend="triton", **kw)
-    if bnhd:
-        assert out.transpose(1, 2).is_contiguous()
-    inputs = (q, k, v, w, b)
+    return q, k, v, (make(dv, dv) / dv**0.5).requires_grad_(True), make(dv).requires_grad_(True)
+
+
+def _compare(gen, out, inputs, blocks, feature_map, tol, backward_mode=None):
+    """``out`` and the gradients of q, k, v, proj weight and bias vs the float64 reference on the same blocks.
+
+    The backward of ``out`` (only it) runs inside ``backward_mode`` when given (a ``FlopCounterMode``).
+    """
     ref_in = [t.detach().double().requires_grad_(True) for t in inputs]
-    # the oracle gets the block sets selected from the kernel's own q, k (pooled scores are rounded to the input
-    # dtype, as SLA's get_block_map does, so float64 copies would break near-ties differently)
-    blocks = _select_blocks(q, k, topk_ratio, skip_ratio, block_q, block_k)
     ref = sparse_linear_attention_reference(*ref_in[:3], *blocks, *ref_in[3:], feature_map=feature_map)
-    tol = tol or TOLERANCES[dtype]
     assert_close("out", ref, out, tol=tol)
-    do = make(*out.shape)
-    got = torch.autograd.grad(out, inputs, do)
+    do = torch.randn(*out.shape, generator=gen).to(out)
+    with backward_mode or contextlib.nullcontext():
+        got = torch.autograd.grad(out, inputs, do)
     expected = torch.autograd.grad(ref, ref_in, do.double())
     for name, r, g in zip(("dq", "dk", "dv", "dproj_weight", "dproj_bias"), expected, got):
         assert_close(name, r, g, tol=tol)
+
+
+def _check(device, dtype, gen, *, n, d, dv, block_q, block_k, topk_ratio, skip_ratio=0.0, feature_map="softmax",
+           batch=1, heads=2, bnhd=False, tol=None):  # fmt: skip
+    """Output and the gradients of q, k, v, proj weight and bias of the Triton backend vs the float64 reference."""
+    inputs = _make_inputs(device, dtype, gen, n=n, d=d, dv=dv, batch=batch, heads=heads, bnhd=bnhd)
+    q, k = inputs[:2]
+    kw = dict(topk_ratio=topk_ratio, skip_ratio=skip_ratio, feature_map=feature_map, block_q=block_q, block_k=block_k)
+    out = sparse_linear_attention(*inputs, backend="triton", **kw)
+    if bnhd:
+        assert out.transpose(1, 2).is_contiguous()
+    # the oracle gets the block sets selected from the kernel's own q, k (pooled scores are rounded to the input
+    # dtype, as SLA's get_block_map does, so float64 copies would break near-ties differently)
+    blocks = _select_blocks(q, k, topk_ratio, skip_ratio, block_q, block_k)
+    _compare(gen, out, inputs, blocks, feature_map, tol or TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize(
@@ -71,28 +85,26 @@ def test_sparse_linear_kernel_matches_reference_fp16(kernel_device, rng, poison_
 def test_sparse_linear_kernel_traces_with_compile_and_counts_flops(kernel_device, rng):
     from torch.utils.flop_counter import FlopCounterMode
 
-    q, k, v = (torch.randn(1, 2, 32, 16, generator=rng).to(kernel_device).requires_grad_(True) for _ in range(3))
-    mask = topk_ratio_block_mask(q, k, 16, 16, 0.5)
-    fn = lambda q, k, v: sparse_linear_attention(q, k, v, block_mask=mask, backend="triton")
-    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
-    assert_close("out", fn(q, k, v), out)
-    with FlopCounterMode(display=False) as counter:
-        out.sum().backward()
+    inputs = _make_inputs(kernel_device, torch.float32, rng, n=32, d=16, dv=16)
+    mask = topk_ratio_block_mask(*inputs[:2], 16, 16, 0.5)
+    fn = lambda q, k, v, w, b: sparse_linear_attention(q, k, v, w, b, block_mask=mask, backend="triton")
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*inputs)
+    # compiled out and the gradients of q, k, v, proj weight and bias vs float64, counting the backward's FLOPs
+    counter = FlopCounterMode(display=False)
+    _compare(rng, out, inputs, (mask, None), "softmax", TOLERANCES[torch.float32], backward_mode=counter)
     pairs = 2 * 2 * 16 * 16  # one critical 16 x 16 block per query block, 2 query blocks, 2 heads
     linear = 2 * 2 * (32 + 32) * 16 * 16  # per-block states and φ(q)S over all keys and queries
-    assert counter.get_total_flops() == 2 * pairs * (3 * 16 + 2 * 16) + 3 * linear
+    proj = 2 * 2 * (2 * 32) * 16 * 16  # proj's input and weight gradients: two (B·H·N x Dv) x (Dv x Dv) matmuls
+    assert counter.get_total_flops() == 2 * pairs * (3 * 16 + 2 * 16) + 3 * linear + proj
 
 
 @pytest.mark.gpu
 def test_sparse_linear_kernel_gpu_compile_fullgraph(rng):
-    q, k, v = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    w = torch.randn(64, 64, device="cuda", requires_grad=True)
-    mask = topk_ratio_block_mask(q, k, 128, 64, 0.1)
-    fn = lambda q, k, v, w: sparse_linear_attention(q, k, v, w, block_mask=mask)
-    out = torch.compile(fn, fullgraph=True)(q, k, v, w)
-    out.float().square().sum().backward()
-    assert_close("out", fn(*(t.detach() for t in (q, k, v, w))), out, tol=TOLERANCES[torch.bfloat16])
-    assert w.grad is not None and q.grad is not None
+    inputs = _make_inputs(torch.device("cuda"), torch.bfloat16, rng, n=2048, d=64, dv=64, batch=2, heads=4)
+    mask = topk_ratio_block_mask(*inputs[:2], 128, 64, 0.1)
+    fn = lambda q, k, v, w, b: sparse_linear_attention(q, k, v, w, b, block_mask=mask)
+    out = torch.compile(fn, fullgraph=True)(*inputs)
+    _compare(rng, out, inputs, (mask, None), "softmax", TOLERANCES[torch.bfloat16])
 
 
 @pytest.mark.gpu
