@@ -5,6 +5,7 @@ import torch
 
 from tests._numerics import assert_close
 from visionattn.ops import (
+    LinearAttentionState,
     linear_attention,
     linear_attention_apply,
     linear_attention_query_mean,
@@ -209,3 +210,21 @@ def test_linear_attention_rejects_bad_arguments(rng):
         linear_attention_apply(q[..., :4], linear_attention_state(k, v))
     with pytest.raises(TypeError, match="states"):
         merge_linear_attention_states([])
+
+
+def test_linear_attention_state_passes_reject_bad_arguments(rng):
+    q, k, v = (t.detach() for t in make_inputs(rng).values())
+    qm = linear_attention_query_mean(q)
+    for key_weight in (None, torch.ones(k.shape[:3], dtype=k.dtype)):  # query_mean is only read by "rala"
+        with pytest.raises(ValueError, match="query_mean"):
+            linear_attention_state(k, v, key_weight=key_weight, query_mean=qm)
+    with pytest.raises(ValueError, match="query_mean"):
+        linear_attention_state(k, v, key_weight="rala", query_mean=qm.to("meta"))
+    state = linear_attention_state(k, v)
+    with pytest.raises(ValueError, match="state"):
+        linear_attention_apply(q, LinearAttentionState(*(t.to("meta") for t in state[:4]), state.length))
+    with pytest.raises(TypeError, match="state"):
+        linear_attention_apply(q, linear_attention_state(k.float(), v.float()))
+    for other in (linear_attention_state(k[:1], v[:1]), linear_attention_state(k.float(), v.float())):
+        with pytest.raises(ValueError, match="states"):
+            merge_linear_attention_states([state, other])

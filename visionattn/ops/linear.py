@@ -251,7 +251,7 @@ def merge_linear_attention_states(states) -> LinearAttentionState:
     ``lse`` carries no gradient, so backward through a merge of ``key_weight="rala"`` states is not exact.
 
     Args:
-        states: a sequence of :class:`LinearAttentionState` of the same ``(B, H)``.
+        states: a sequence of :class:`LinearAttentionState` of the same ``(B, H, D, Dv)``, dtype and device.
 
     Returns:
         The merged :class:`LinearAttentionState`.
@@ -259,6 +259,14 @@ def merge_linear_attention_states(states) -> LinearAttentionState:
     states = list(states)
     if not states or not all(isinstance(s, LinearAttentionState) for s in states):
         raise TypeError(f"states must be a non-empty sequence of LinearAttentionState; got {type(states)=}.")
+    first = states[0].kv
+    for i, s in enumerate(states[1:], start=1):
+        if s.kv.shape != first.shape or s.kv.dtype != first.dtype or s.kv.device != first.device:
+            raise ValueError(
+                "states must share (B, H, D, Dv), dtype and device (shards of the same keys); got "
+                f"states[0].kv: {tuple(first.shape)}, {first.dtype}, {first.device} and "
+                f"states[{i}].kv: {tuple(s.kv.shape)}, {s.kv.dtype}, {s.kv.device}."
+            )
     lse = torch.stack([s.lse for s in states]).logsumexp(dim=0)
     length = sum(s.length for s in states)
     coef = [torch.exp(s.lse - lse) for s in states]
@@ -390,7 +398,8 @@ def linear_attention_state(
         k_norm: optional ``(B, H, Nk, D)`` keys ``k̃`` of the normaliser and of RALA's weights (default ``k``).
         key_weight: ``None``, a ``(B, H, Nk)`` tensor of weights ``w_j``, or ``"rala"``:
             ``w_j = Nk·softmax_j(scale·q̄·φ(k̃_j))``.
-        query_mean: ``(B, H, D)`` ``q̄`` from :func:`linear_attention_query_mean`; required for ``"rala"``.
+        query_mean: ``(B, H, D)`` ``q̄`` from :func:`linear_attention_query_mean`; required for ``"rala"``,
+            an error otherwise.
         rope: optional ``(cos, sin)``, each ``(Nk, D)``, rotating the numerator keys.
         scale: RALA's score scale; ``None`` means ``D ** -0.5``.
 
@@ -409,14 +418,24 @@ def linear_attention_state(
         raise ValueError(f"v must match k in (B, H, Nk), dtype and device; got {k.shape=}, {v.shape=}.")
     args = _parse_key_args(k, feature_map, k_norm, key_weight, rope)
     scale = _check_scale(scale, k.shape[-1])
-    if isinstance(key_weight, str):
-        if query_mean is None:
+    if not isinstance(key_weight, str):
+        if query_mean is not None:
+            given = "None" if key_weight is None else "a tensor"
             raise ValueError(
-                "query_mean must be given when key_weight='rala'; compute it with linear_attention_query_mean."
+                f"query_mean is only used by key_weight='rala'; got a query_mean with key_weight={given}. "
+                "Drop query_mean or pass key_weight='rala'."
             )
+    elif query_mean is None:
+        raise ValueError(
+            "query_mean must be given when key_weight='rala'; compute it with linear_attention_query_mean."
+        )
+    else:
         _check_tensor("query_mean", query_mean, ndim=3)
-        if query_mean.shape != (*k.shape[:2], k.shape[-1]):
-            raise ValueError(f"query_mean must have shape (B, H, D); got query_mean.shape={tuple(query_mean.shape)}.")
+        if query_mean.shape != (*k.shape[:2], k.shape[-1]) or query_mean.device != k.device:
+            raise ValueError(
+                f"query_mean must have shape (B, H, D)={(*k.shape[:2], k.shape[-1])} on {k.device}; "
+                f"got query_mean.shape={tuple(query_mean.shape)} on {query_mean.device}."
+            )
     impl = _REGISTRY.select(backend, {"k": k, "v": v, "k_norm": k_norm})
     return impl.state(k, v, query_mean=query_mean, scale=scale, **args)
 
@@ -437,7 +456,8 @@ def linear_attention_apply(
 
     Args:
         q: ``(B, H, Nq, D)``.
-        state: from :func:`linear_attention_state` (possibly merged across ranks).
+        state: from :func:`linear_attention_state` (possibly merged across ranks), on q's device; float32
+            (float64 for float64 q).
         feature_map, normalize, q_norm, scale, eps: as in :func:`linear_attention`.
         rope: optional ``(cos, sin)``, each ``(Nq, D)``, rotating the numerator queries.
 
@@ -452,6 +472,13 @@ def linear_attention_apply(
         raise TypeError(f"state must be a LinearAttentionState; got {type(state)=}.")
     if state.kv.shape[:3] != (*q.shape[:2], q.shape[-1]):
         raise ValueError(f"state must come from keys of q's (B, H, D); got {q.shape=}, {state.kv.shape=}.")
+    if state.kv.device != q.device:
+        raise ValueError(f"state must be on q's device; got {state.kv.device=}, {q.device=}.")
+    if state.kv.dtype != _compute_dtype(q.dtype):
+        raise TypeError(
+            f"state must be {_compute_dtype(q.dtype)} for q.dtype={q.dtype} (float32, float64 for float64 q: "
+            f"what linear_attention_state returns for keys of q's dtype); got {state.kv.dtype=}."
+        )
     args = _parse_query_args(q, feature_map, normalize, q_norm, rope, eps)
     scale = _check_scale(scale, q.shape[-1])
     impl = _REGISTRY.select(backend, {"q": q, "q_norm": q_norm})
