@@ -64,3 +64,21 @@ def test_sparse_linear_module_rejects_bad_arguments():
         SparseLinearAttention(64, topk=0.1, skip_ratio=-1.0)
     with pytest.raises(ValueError, match="feature_map"):
         SparseLinearAttention(64, topk=0.1, feature_map="elu")
+    with pytest.raises(ValueError, match="block_q"):
+        SparseLinearAttention(64, topk=0.1, block_q=0)
+    with pytest.raises(TypeError, match="block_q"):
+        SparseLinearAttention(64, topk=0.1, block_q=64.0)
+    with pytest.raises(ValueError, match="block_k"):
+        SparseLinearAttention(64, topk=0.1, block_k=-64)
+
+
+def test_sparse_linear_module_rejects_inputs_of_another_head_dim(rng):
+    q, k, v = _qkv(rng, d=16)
+    module = SparseLinearAttention(32, topk=0.25, block_q=16, block_k=16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="head_dim"):
+        module(q, k, v)
+    module = SparseLinearAttention(16, topk=0.25, block_q=16, block_k=16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="head_dim"):
+        module(q, k, torch.cat([v, v], dim=-1))
+    with pytest.raises(TypeError, match="q"):
+        module(q.numpy(), k, v)

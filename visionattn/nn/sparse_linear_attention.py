@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..ops import sparse_linear_attention
-from ..ops._checks import _check_choice
+from ..ops._checks import _check_choice, _check_per_axis, _check_tensor
 from ..ops.sparse_linear import _FEATURE_MAPS, _check_ratio
 
 __all__ = ["SparseLinearAttention"]
@@ -47,8 +47,8 @@ class SparseLinearAttention(nn.Module):
             topk: fraction of key blocks attended with softmax, in ``[0, 1]`` (SLA's ``topk``; 0.05-0.2 in the
                 paper and TurboDiffusion).
             feature_map: ``φ`` of the linear branch: ``"softmax"`` over the head dim, ``"elu1"`` or ``"relu"``.
-            block_q: tokens per query block (SLA's ``BLKQ``; 64 or 128).
-            block_k: tokens per key block (SLA's ``BLKK``; 64).
+            block_q: tokens per query block, a positive int (SLA's ``BLKQ``; 64 or 128).
+            block_k: tokens per key block, a positive int (SLA's ``BLKK``; 64).
             skip_ratio: fraction of key blocks neither attended nor linearised (the paper's negligible blocks).
             scale: softmax scale; ``None`` means ``head_dim ** -0.5``.
             backend: op backend (``None`` picks Triton on CUDA, the reference on CPU).
@@ -62,8 +62,8 @@ class SparseLinearAttention(nn.Module):
         self.head_dim = head_dim
         self.topk = _check_ratio("topk", topk)
         self.feature_map = _check_choice("feature_map", feature_map, _FEATURE_MAPS)
-        self.block_q = block_q
-        self.block_k = block_k
+        (self.block_q,) = _check_per_axis("block_q", 1, block_q)
+        (self.block_k,) = _check_per_axis("block_k", 1, block_k)
         self.skip_ratio = _check_ratio("skip_ratio", skip_ratio)
         self.scale = scale
         self.backend = backend
@@ -93,6 +93,13 @@ class SparseLinearAttention(nn.Module):
         Returns:
             ``(B, H, Nq, D)`` in q's dtype, and with ``return_sparsity`` the density.
         """
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _check_tensor(name, t, ndim=4)
+            if t.shape[-1] != self.head_dim:
+                raise ValueError(
+                    f"{name}.shape[-1] must be the module's head_dim={self.head_dim}; "
+                    f"got {name}.shape={tuple(t.shape)}. Build the module with head_dim={t.shape[-1]}."
+                )
         return sparse_linear_attention(
             q,
             k,
