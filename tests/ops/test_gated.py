@@ -84,6 +84,24 @@ def test_gated_linear_attention_reference_strong_gates_finite():
     assert torch.isfinite(out).all()
 
 
+def test_gated_linear_attention_positive_gates_follow_the_recurrence():
+    """Positive log gates break the op's contract (unchecked: see its docstring) but "reference" and "torch" still
+    compute the recurrence as written, the state growing like exp(Σ a): output and every gradient."""
+    q, k, v, _, _ = _inputs(1, 2, 150, 4, 8)
+    gen = torch.Generator().manual_seed(2)
+    a, b = ((0.1 * torch.rand(1, 2, 150, 4, generator=gen, dtype=torch.float64)).requires_grad_() for _ in "ab")
+    ref = gated_linear_attention_reference(q, k, v, a, b, scale=0.5)
+    assert_close("o", _closed_form(q, k, v, a, b, 0.5), ref)
+    low = [t.detach().float().requires_grad_() for t in (q, k, v, a, b)]
+    out = gated_linear_attention(*low, scale=0.5, backend="torch")
+    assert_close("o", ref, out)
+    grad_out = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, a, b), grad_out)
+    grads = torch.autograd.grad(out, low, grad_out.float())
+    for name, g_ref, g_out in zip(("dq", "dk", "dv", "da", "db"), ref_grads, grads):
+        assert_close(name, g_ref, g_out)
+
+
 def test_gated_linear_attention_default_scale_and_dispatch():
     inputs = [t.detach() for t in _inputs(1, 2, 7, 16, 8) if t is not None]
     out = gated_linear_attention(*inputs, backend="reference")

@@ -229,11 +229,18 @@ def gated_linear_attention(
         k: keys ``(B, H, N, Dk)``.
         v: values ``(B, H, N, Dv)``.
         log_gate_fwd: log forget gates of the forward scan ``(B, H, N, Dk)``, ``a_t = log_gate_fwd[:, :, t]``.
-            Meant to be ``<= 0`` (a decay); this is not checked (it would cost a pass over the tensor). Positive
-            values are computed as written but may overflow in the Triton kernel. Large negative values (down to
-            ``-inf``) are fine: the kernel clamps them at ``-16`` (``exp(-16) ~ 1e-7``, float32 rounding level).
+            Must be ``<= 0``: a decay, ``exp(a_t) <= 1`` (ViG's ``logsigmoid(x) / 16`` is, by construction).
+            Not checked: raising on a positive gate needs its value on the host, i.e. a device-to-host sync (plus
+            a pass over the gates) on every call, which this op keeps off its hot path; a caller that cannot
+            guarantee the sign can test ``(log_gate_fwd <= 0).all()`` itself. Positive gates are invalid input
+            for the Triton backend: its factor bounds and clamps assume a decay, so the result is silently wrong
+            (percent-level errors with every gate at +0.01 or +0.1). ``"torch"`` and ``"reference"`` compute the
+            recurrence as written (the state grows like ``exp(Σ a)`` and overflows where the true result does).
+            Large negative values (down to ``-inf``) are fine: the Triton kernel clamps them at ``-16``
+            (``exp(-16) ~ 1e-7``, float32 rounding level).
         log_gate_bwd: log forget gates of the backward scan ``(B, H, N, Dk)``, indexed by the original token
             positions (``b_t`` gates the step from token ``t + 1`` to ``t``), or None for the causal scan only.
+            Same sign rule as ``log_gate_fwd``.
         scale: query scale; None means ``Dk ** -0.5``.
 
     Other Parameters:
