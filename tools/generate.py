@@ -4,9 +4,12 @@
         --prompt "a corgi surfing" --height 480 --width 832 --num-frames 81 --output corgi.mp4
 
 A config (``configs/diffusion/<model>_<method>.yaml``) holds ``method``, ``options`` (the method's options),
-``dense_layers``, ``dense_steps`` and ``call`` (pipeline call arguments such as ``num_inference_steps``); command-line
-flags override it (``--method dense`` runs the stock attention, for comparisons). The pipeline's own progress bar
-shows the denoising steps; at the end the script prints the wall time and the mean attention density.
+``dense_layers``, ``dense_steps``, ``method_weights`` and ``call`` (pipeline call arguments such as
+``num_inference_steps``); command-line flags override it (``--method dense`` runs the stock attention, for
+comparisons). ``method_weights`` (``--method-weights``) is a safetensors file of the method's fine-tuned tensors
+(SLA's ``proj``, LinFusion's projections), saved with ``save_file(handle.method_state_dict(), path)`` after
+``apply`` with the same method and options; it is loaded after ``apply`` with a strict key check. The pipeline's own
+progress bar shows the denoising steps; at the end the script prints the wall time and the mean attention density.
 """
 
 import argparse
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-_CONFIG_KEYS = ("method", "options", "dense_layers", "dense_steps", "call")
+_CONFIG_KEYS = ("method", "options", "dense_layers", "dense_steps", "method_weights", "call")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -36,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-c", "--config", type=Path, help="YAML with method, options, dense_layers, dense_steps, call")
     parser.add_argument("--method", help="local, radial, sparse_linear, linear, agent, or dense (stock attention)")
     parser.add_argument("--option", action="append", default=[], type=_parse_option, help="method option KEY=VALUE")
+    parser.add_argument(
+        "--method-weights",
+        type=Path,
+        help="safetensors of the method's fine-tuned tensors (handle.method_state_dict())",
+    )
     parser.add_argument("--prompt", default="", help="text prompt (class-conditional pipelines: a label or id)")
     parser.add_argument("--negative-prompt")
     parser.add_argument("--height", type=int)
@@ -63,7 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     """The config file merged with the command line (the command line wins)."""
-    settings = {"method": "dense", "options": {}, "dense_layers": None, "dense_steps": None, "call": {}}
+    settings = {
+        "method": "dense",
+        "options": {},
+        "dense_layers": None,
+        "dense_steps": None,
+        "method_weights": None,
+        "call": {},
+    }
     config_method = None
     if args.config is not None:
         if not args.config.is_file():
@@ -75,9 +90,19 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict
         settings.update({k: v for k, v in loaded.items() if v is not None})
         config_method = settings["method"]
     if args.method is not None and args.method != config_method:
-        # the config's options belong to its own method
-        settings.update(method=args.method, options={}, dense_layers=None, dense_steps=None)
+        # the config's options and weights belong to its own method
+        settings.update(method=args.method, options={}, dense_layers=None, dense_steps=None, method_weights=None)
     settings["options"] = dict(settings["options"], **dict(args.option))
+    if args.method_weights is not None:
+        settings["method_weights"] = args.method_weights
+    weights = settings["method_weights"]
+    if weights is not None:
+        if settings["method"] == "dense":
+            parser.error("--method-weights needs a method other than dense; got method='dense'.")
+        if not Path(weights).is_file():
+            parser.error(
+                f"--method-weights (method_weights) must be an existing safetensors file; got {str(weights)!r}."
+            )
     flags = {
         "negative_prompt": args.negative_prompt,
         "height": args.height,
@@ -106,6 +131,26 @@ def _call_kwargs(pipe, args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def apply_method(pipe, settings: dict):
+    """``apply`` the configured method to ``pipe`` and load its fine-tuned tensors; ``None`` for dense."""
+    from safetensors.torch import load_file
+
+    from visionattn.diffusion import apply
+
+    if settings["method"] == "dense":
+        return None
+    handle = apply(
+        pipe,
+        settings["method"],
+        dense_layers=settings["dense_layers"],
+        dense_steps=settings["dense_steps"],
+        **settings["options"],
+    )
+    if settings["method_weights"] is not None:
+        handle.load_method_state_dict(load_file(str(settings["method_weights"])))
+    return handle
+
+
 def _save(result, path: Path, fps: int) -> Path:
     if getattr(result, "frames", None) is not None:
         frames = result.frames[0]
@@ -128,22 +173,14 @@ def _save(result, path: Path, fps: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from diffusers import DiffusionPipeline
 
-    from visionattn.diffusion import apply, remove
+    from visionattn.diffusion import remove
 
     args = parse_args(argv)
     settings = args.settings
     pipe = DiffusionPipeline.from_pretrained(args.model_dir, dtype=_DTYPES[args.dtype], local_files_only=True)
     pipe.to(args.device)
     pipe.set_progress_bar_config(disable=args.no_progress)
-    handle = None
-    if settings["method"] != "dense":
-        handle = apply(
-            pipe,
-            settings["method"],
-            dense_layers=settings["dense_layers"],
-            dense_steps=settings["dense_steps"],
-            **settings["options"],
-        )
+    handle = apply_method(pipe, settings)
     kwargs = _call_kwargs(pipe, args)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()

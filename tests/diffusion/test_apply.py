@@ -305,3 +305,41 @@ def test_pipeline_experts_share_one_step_count():
         _run(model, dict(inputs, timestep=torch.tensor([t])))
     assert handle.state.step == 2
     remove(handle)
+
+
+def _stock_processors(model) -> bool:
+    return not any(isinstance(p, _MethodAttnProcessor) for p in model.attn_processors.values())
+
+
+def test_apply_is_atomic_across_denoisers():
+    """A pipeline whose second denoiser cannot take the method leaves the first one unpatched, hooks included."""
+    video, image = TINY_MODELS["wan"], TINY_MODELS["unet"]
+
+    class _Pipe:
+        transformer, unet = video.build(), image.build()
+
+    pipe = _Pipe()
+    with pytest.raises(ValueError, match="needs a video model"):
+        apply(pipe, "radial")  # fits the Wan transformer, not the UNet
+    assert _stock_processors(pipe.transformer) and not pipe.transformer._forward_pre_hooks
+
+    pipe.unet = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="model must be one of"):
+        apply(pipe, "local", kernel_size=3)
+    assert _stock_processors(pipe.transformer) and not pipe.transformer._forward_pre_hooks
+
+
+def test_apply_on_a_patched_second_denoiser_keeps_the_other_handle():
+    tiny = TINY_MODELS["wan"]
+
+    class _Pipe:
+        transformer, transformer_2 = tiny.build(), tiny.build(seed=1)
+
+    pipe = _Pipe()
+    first = apply(pipe.transformer_2, "local", kernel_size=3)
+    with pytest.raises(ValueError, match="remove"):
+        apply(pipe, "local", kernel_size=3)
+    assert _stock_processors(pipe.transformer) and not pipe.transformer._forward_pre_hooks
+    assert len(first.processors) == 2 and all(m.processor is p for (m, _), p in zip(first._originals, first.processors))
+    remove(first)
+    assert _stock_processors(pipe.transformer_2)

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
-from tools.generate import _CONFIG_KEYS, main, parse_args
+from tools.generate import _CONFIG_KEYS, apply_method, main, parse_args
+from visionattn.diffusion import apply
 from visionattn.diffusion._methods import _METHODS
 
 _CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs", "diffusion").glob("*.yaml"))
@@ -86,6 +88,7 @@ def test_shipped_configs_are_valid(config):
     settings = yaml.safe_load(config.read_text())
     assert set(settings) <= set(_CONFIG_KEYS)
     method = _METHODS[settings["method"]]
+    assert "method_weights" not in settings, "shipped configs must not point to weights that are not shipped"
     options = dict(settings.get("options") or {})
     if "head_dim" in method.__init__.__code__.co_varnames:
         options["head_dim"] = 64
@@ -101,3 +104,53 @@ def test_generate_runs_a_tiny_pipeline(tiny_pipeline, tmp_path, capsys):
     printed = capsys.readouterr()
     assert "attention density=0.5625" in printed.out and "time=" in printed.out
     assert "['height']" in printed.err, "call arguments the pipeline does not take are reported"
+
+
+def _trained_weights(pipeline_dir: Path, path: Path):
+    """A tiny DiT transformer after apply('linear') with random method tensors saved to ``path``."""
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel.from_pretrained(pipeline_dir / "transformer", local_files_only=True).eval()
+    handle = apply(model, "linear", backend="reference")
+    with torch.no_grad():
+        for value in handle.method_state_dict().values():
+            value.normal_(generator=torch.Generator().manual_seed(0))
+    save_file(handle.method_state_dict(), str(path))
+    return model
+
+
+def test_generate_loads_method_weights(tiny_pipeline, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    weights = tmp_path / "linear.safetensors"
+    trained = _trained_weights(tiny_pipeline, weights)
+    config = tmp_path / "dit_linear.yaml"
+    config.write_text(f"method: linear\noptions: {{backend: reference}}\nmethod_weights: {weights}\n")
+    args = parse_args(["--model-dir", str(tiny_pipeline), "-c", str(config)])
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline, local_files_only=True)
+    handle = apply_method(pipe, args.settings)
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([500, 20]), class_labels=torch.tensor([1, 7])
+    )
+    with torch.no_grad():
+        want = trained(**inputs, return_dict=False)[0]
+        assert torch.equal(pipe.transformer(**inputs, return_dict=False)[0], want)
+    assert handle.method_state_dict().keys() == load_file(str(weights)).keys()
+
+    argv = ["--model-dir", str(tiny_pipeline), "--method", "linear", "--option", "backend=reference"]
+    argv += ["--method-weights", str(weights), "--prompt", "3", "--steps", "2", "--no-progress"]
+    assert main([*argv, "--output", str(tmp_path / "out.png")]) == 0
+    with pytest.raises(ValueError, match="missing and .* unexpected"):
+        main([*argv[:3], "sparse_linear", *argv[4:], "--output", str(tmp_path / "bad.png")])
+
+
+def test_generate_rejects_bad_method_weights(tmp_path, capsys):
+    base = ["--model-dir", str(tmp_path), "--method", "linear"]
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--method-weights", str(tmp_path / "missing.safetensors")])
+    assert "--method-weights" in capsys.readouterr().err
+    weights = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(1)}, str(weights))
+    with pytest.raises(SystemExit):
+        parse_args(["--model-dir", str(tmp_path), "--method-weights", str(weights)])
+    assert "dense" in capsys.readouterr().err

@@ -47,6 +47,8 @@ class AttentionHandle:
     state: DiffusionState
     _originals: list[tuple[nn.Module, object]] = field(default_factory=list, repr=False)
     _hooks: list = field(default_factory=list, repr=False)
+    #: ``(key prefix, model)`` per patched denoiser (prefix ``""``, or ``"<pipeline attribute>."`` for several).
+    _models: list[tuple[str, nn.Module]] = field(default_factory=list, repr=False)
 
     @property
     def processors(self) -> list[_MethodAttnProcessor]:
@@ -61,18 +63,62 @@ class AttentionHandle:
         """Start counting steps and density afresh (``apply`` detects new generations by a rising timestep)."""
         self.state.reset()
 
+    def method_state_dict(self) -> dict[str, torch.Tensor]:
+        """The methods' learnable tensors (SLA's ``proj``, LinFusion's projections), keyed as in the model's
+        ``state_dict`` (``<attention module>.processor.method.*``); with several denoisers (Wan 2.2's
+        ``transformer`` and ``transformer_2``) each key starts with the pipeline attribute, e.g. ``transformer_2.``.
+        Save it with ``safetensors.torch.save_file``; empty for methods without parameters."""
+        return {
+            prefix + key: value
+            for prefix, model in self._models
+            for key, value in model.state_dict().items()
+            if ".processor.method." in key
+        }
 
-def _denoisers(pipe_or_model) -> list[nn.Module]:
+    @torch.no_grad()
+    def load_method_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy fine-tuned method tensors (as ``method_state_dict`` names them) into the patched models.
+
+        Raises:
+            ValueError: the keys differ from ``method_state_dict()``'s (both lists are in the message) or a
+                tensor has another shape.
+        """
+        targets = self.method_state_dict()
+        missing, unexpected = sorted(set(targets) - set(state_dict)), sorted(set(state_dict) - set(targets))
+        if missing or unexpected:
+            raise ValueError(
+                f"state_dict must hold exactly the tensors of method={self.method!r} as handle.method_state_dict() "
+                f"names them; got {_key_list(missing)} missing and {_key_list(unexpected)} unexpected. Save the "
+                "weights with save_file(handle.method_state_dict(), path) after apply() with the same method and "
+                "options on the same model."
+            )
+        for key, value in state_dict.items():
+            if value.shape != targets[key].shape:
+                raise ValueError(
+                    f"state_dict[{key!r}] must have shape {tuple(targets[key].shape)}; got {tuple(value.shape)}."
+                )
+            targets[key].copy_(value)
+
+
+def _key_list(keys: list[str], shown: int = 8) -> str:
+    if not keys:
+        return "no keys"
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{len(keys)} keys ({', '.join(keys[:shown])}{more})"
+
+
+def _denoisers(pipe_or_model) -> list[tuple[str, nn.Module]]:
+    """``(state-dict key prefix, model)`` of every denoiser to patch."""
     if isinstance(pipe_or_model, nn.Module):
-        return [pipe_or_model]
-    models = [getattr(pipe_or_model, name, None) for name in _DENOISER_ATTRS]
-    models = [m for m in models if isinstance(m, nn.Module)]
+        return [("", pipe_or_model)]
+    models = [(name, getattr(pipe_or_model, name, None)) for name in _DENOISER_ATTRS]
+    models = [(name, m) for name, m in models if isinstance(m, nn.Module)]
     if not models:
         raise TypeError(
             f"pipe_or_model must be a diffusers pipeline with a transformer or unet, or such a model; "
             f"got {type(pipe_or_model).__name__}."
         )
-    return models
+    return [(f"{name}." if len(models) > 1 else "", m) for name, m in models]
 
 
 def _spec_of(model: nn.Module) -> _ModelSpec:
@@ -144,7 +190,9 @@ def apply(
     Raises:
         ValueError: unknown method or model, a method that does not fit the model (the message says why), or bad
             option values; also when ``apply`` was already called on the model.
-        TypeError: an option the method does not have.
+        TypeError: an option the method does not have, or an option of the wrong type.
+
+    ``apply`` is atomic: when it raises, no model of the pipeline is left patched.
 
     Example:
         >>> handle = apply(pipe, "local", kernel_size=(3, 11, 11))       # doctest: +SKIP
@@ -153,24 +201,34 @@ def apply(
     schedule = _schedule(method, dense_layers, dense_steps)
     state = DiffusionState(dense_layers=schedule[0], dense_steps=schedule[1])
     handle = AttentionHandle(method=method, state=state)
-    for model in _denoisers(pipe_or_model):
-        spec = _spec_of(model)
-        build = _method_factory(method, options, spec)
-        modules = [m for name, m in model.named_modules() if spec.self_attention.fullmatch(name)]
-        if any(isinstance(m.processor, _MethodAttnProcessor) for m in modules):
-            remove(handle)
-            raise ValueError("apply() was already called on this model; call remove(handle) first.")
-        param = next(model.parameters())
-        processors = []
-        for layer_idx, module in enumerate(modules):
-            head_dim = module.to_q.out_features // module.heads
-            processors.append(spec.processor_cls(build(head_dim, param.device, param.dtype), state, layer_idx, spec))
-        for module, processor in zip(modules, processors):
-            handle._originals.append((module, module.processor))
-            module.set_processor(processor)
-        hook = _GridStepHook(model, state, spec.read_grid)
-        handle._hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        for prefix, model in _denoisers(pipe_or_model):
+            _patch(handle, prefix, model, method, options)
+    except BaseException:
+        # atomic: a failure on a later denoiser (or layer) leaves no model patched
+        remove(handle)
+        raise
     return handle
+
+
+def _patch(handle: AttentionHandle, prefix: str, model: nn.Module, method: str, options: dict) -> None:
+    """Install the processors and the grid/step hook on one denoiser, recording them in ``handle``."""
+    spec = _spec_of(model)
+    build = _method_factory(method, options, spec)
+    modules = [m for name, m in model.named_modules() if spec.self_attention.fullmatch(name)]
+    if any(isinstance(m.processor, _MethodAttnProcessor) for m in modules):
+        raise ValueError("apply() was already called on this model; call remove(handle) first.")
+    param = next(model.parameters())
+    processors = []
+    for layer_idx, module in enumerate(modules):
+        head_dim = module.to_q.out_features // module.heads
+        processors.append(spec.processor_cls(build(head_dim, param.device, param.dtype), handle.state, layer_idx, spec))
+    handle._models.append((prefix, model))
+    for module, processor in zip(modules, processors):
+        handle._originals.append((module, module.processor))
+        module.set_processor(processor)
+    hook = _GridStepHook(model, handle.state, spec.read_grid)
+    handle._hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 @torch.no_grad()
@@ -182,3 +240,4 @@ def remove(handle: AttentionHandle) -> None:
         hook.remove()
     handle._originals.clear()
     handle._hooks.clear()
+    handle._models.clear()
