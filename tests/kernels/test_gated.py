@@ -141,6 +141,24 @@ def test_gated_kernel_gates_at_the_clamp(kernel_device):
     assert all(torch.isfinite(g).all() for g in grads[3:])
 
 
+def test_gated_kernel_positive_gates_act_as_zero(kernel_device):
+    """Positive log gates (invalid: no decay) are clamped to 0 in-kernel: output and gradients equal the recurrence
+    on ``min(gate, 0)``, and a clamped gate gets gradient 0."""
+    q, k, v, a, b = _inputs(1, 2, 37, 16, 16)
+    a, b = a.detach().clone(), b.detach().clone()
+    a[..., ::2, ::3] = 0.05
+    b[..., 1::3, 1::2] = 0.3
+    low = _to((q, k, v, a, b), kernel_device, torch.float32)
+    clamped = [t.detach().double().requires_grad_() for t in (*low[:3], low[3].clamp(max=0), low[4].clamp(max=0))]
+    grad_out = torch.randn(v.shape, dtype=torch.float64).to(kernel_device)
+    ref, ref_grads = _forward_backward(gated_linear_attention_reference, clamped, grad_out)
+    out, grads = _forward_backward(lambda *x: gated_linear_attention(*x, backend="triton"), low, grad_out)
+    assert_close("o", ref, out)
+    for name, g_ref, g_out, gate in zip(_GRAD_NAMES, ref_grads, grads, (None, None, None, a, b)):
+        expected = g_ref if gate is None else torch.where(gate.to(g_ref.device) > 0, 0.0, g_ref)
+        assert_close(name, expected, g_out)
+
+
 @pytest.mark.parametrize("chunk", [16, 64, 128])
 def test_gated_kernel_chunk_sizes(chunk, kernel_device):
     """The op's chunk size is a tuning choice: one sub-block per chunk up to eight give the same result."""

@@ -76,8 +76,15 @@ def _gated_dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _gated_clamp_gate(b_g):
+    """Log gates clamped to ``[-16, 0]``: below, ``exp(-16)`` is float32 rounding; above, a gate would not decay
+    (invalid input, see ``ops.gated_linear_attention``): it acts as 0."""
+    return tl.minimum(tl.maximum(b_g, _LOG_GATE_MIN), 0.0)
+
+
+@triton.jit
 def _gated_load_gate(p_g, mask):
-    return tl.maximum(tl.load(p_g, mask=mask, other=0.0).to(tl.float32), _LOG_GATE_MIN)
+    return _gated_clamp_gate(tl.load(p_g, mask=mask, other=0.0).to(tl.float32))
 
 
 @triton.jit

@@ -23,11 +23,13 @@ from .gated import (
     GATED_SUB_BLOCK,
     _bhn_strides,
     _exact_dots,
+    _gated_clamp_gate,
     _gated_dot,
     _gated_intra_apply,
     _gated_intra_factors,
     _gated_intra_masks,
     _gated_intra_scores,
+    _gated_load_gate,
     _gated_ptrs,
     _gated_rows,
     _gated_sub_block_gates,
@@ -132,7 +134,7 @@ def _gated_bwd_kernel(
                 p_g = _gated_ptrs(g_fwd, i_b, i_h, stride_gf_b, stride_gf_h, stride_gf_n, o_n, o_k)
             else:
                 p_g = _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k)
-            b_g = tl.maximum(tl.load(p_g, mask=m_n, other=0.0).to(tl.float32), _LOG_GATE_MIN)
+            b_g = _gated_load_gate(p_g, m_n)
             b_gc, b_gs, b_gt = _gated_sub_block_gates(b_g)
             # [BC, DV]
             b_v = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_n, 0.0)
@@ -168,7 +170,7 @@ def _gated_bwd_kernel(
                 p_g = _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k)
                 p_dg = _gated_ptrs(dg_bwd, i_b, i_h, stride_dgb_b, stride_dgb_h, stride_dgb_n, o_n, o_k)
             b_graw = tl.load(p_g, mask=m_n, other=0.0).to(tl.float32)
-            b_gc, b_gs, b_gt = _gated_sub_block_gates(tl.maximum(b_graw, _LOG_GATE_MIN))
+            b_gc, b_gs, b_gt = _gated_sub_block_gates(_gated_clamp_gate(b_graw))
             # [BC, DV]
             b_v = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_n, 0.0)
             b_v = b_v.to(tl.float32)
@@ -198,7 +200,7 @@ def _gated_bwd_kernel(
             b_dga = tl.cumsum(b_dg, axis=0, reverse=True) + b_carry[None, :]
             b_carry += tl.sum(b_dg, axis=0)
             # a clamped gate is a constant of the computation
-            b_dga = tl.where(b_graw < _LOG_GATE_MIN, 0.0, b_dga)
+            b_dga = tl.where((b_graw < _LOG_GATE_MIN) | (b_graw > 0.0), 0.0, b_dga)
             tl.store(p_dg, b_dga.to(p_dg.dtype.element_ty), mask=m_n)
             b_dh = b_dh * tl.exp(b_gt)[:, None] + _gated_dot(tl.trans(b_q * tl.exp(b_gc)), b_do, IEEE)
             # dq, dk, dv of both directions add up; the second direction reads the first one's partial sums

@@ -232,12 +232,11 @@ def gated_linear_attention(
             Must be ``<= 0``: a decay, ``exp(a_t) <= 1`` (ViG's ``logsigmoid(x) / 16`` is, by construction).
             Not checked: raising on a positive gate needs its value on the host, i.e. a device-to-host sync (plus
             a pass over the gates) on every call, which this op keeps off its hot path; a caller that cannot
-            guarantee the sign can test ``(log_gate_fwd <= 0).all()`` itself. Positive gates are invalid input
-            for the Triton backend: its factor bounds and clamps assume a decay, so the result is silently wrong
-            (percent-level errors with every gate at +0.01 or +0.1). ``"torch"`` and ``"reference"`` compute the
-            recurrence as written (the state grows like ``exp(Σ a)`` and overflows where the true result does).
-            Large negative values (down to ``-inf``) are fine: the Triton kernel clamps them at ``-16``
-            (``exp(-16) ~ 1e-7``, float32 rounding level).
+            guarantee the sign can test ``(log_gate_fwd <= 0).all()`` itself. The Triton backend clamps gates to
+            ``[-16, 0]``: a positive gate acts as 0 (no decay) and gets gradient 0; ``"torch"`` and
+            ``"reference"`` compute the recurrence as written (the state grows like ``exp(Σ a)`` and overflows where
+            the true result does). Large negative values (down to ``-inf``) are fine: ``exp(-16) ~ 1e-7`` is
+            float32 rounding level, and a gate clamped there also gets gradient 0.
         log_gate_bwd: log forget gates of the backward scan ``(B, H, N, Dk)``, indexed by the original token
             positions (``b_t`` gates the step from token ``t + 1`` to ``t``), or None for the causal scan only.
             Same sign rule as ``log_gate_fwd``.
