@@ -6,6 +6,7 @@ from tests.layout._brute_force import neighborhood_raster_mask
 from visionattn.layout import TokenGrid
 from visionattn.layout.neighborhood import _check_neighborhood_args
 from visionattn.ops import default_neighborhood_tile, neighborhood_attention, neighborhood_attention_reference
+from visionattn.ops.neighborhood import _PLANS
 
 # (shape, extra_before, extra_after, kernel_size, stride, dilation, causal, tile, num_extra_kv)
 CASES = [
@@ -94,13 +95,22 @@ def test_neighborhood_attention_rejects_bad_inputs():
         neighborhood_attention(q, q, q, grid, 3, scale=-1.0)
 
 
-def test_neighborhood_attention_triton_matches_reference(kernel_device, rng):
-    # tiny under the interpreter: global tokens, dilation, stride, per-axis causal and extra keys in one case
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-fullgraph"])
+def test_neighborhood_attention_triton_matches_reference(kernel_device, rng, compiled):
+    # tiny under the interpreter: global tokens, dilation, stride, per-axis causal and extra keys in one case;
+    # compiled: fullgraph from a cold plan cache (the plan is built while tracing)
     grid = TokenGrid((6, 7), extra_before=2)
     make = lambda n: torch.randn(1, 1, n, 16, generator=rng).to(kernel_device).requires_grad_()
     q, k, v, k_extra, v_extra = make(grid.num_tokens), make(grid.num_tokens), make(grid.num_tokens), make(3), make(3)
     args = (grid, (3, 4), (1, 2), (2, 1), (False, True))
-    out = neighborhood_attention(q, k, v, *args, extra_kv=(k_extra, v_extra), tile=(4, 4), backend="triton")
+    run = lambda q, k, v, ke, ve: neighborhood_attention(
+        q, k, v, *args, extra_kv=(ke, ve), tile=(4, 4), backend="triton"
+    )
+    if compiled:
+        _PLANS.clear()
+        torch._dynamo.reset()
+        run = torch.compile(run, fullgraph=True, backend="inductor" if kernel_device.type == "cuda" else "aot_eager")
+    out = run(q, k, v, k_extra, v_extra)
     ref = neighborhood_attention_reference(q, k, v, *args, extra_kv=(k_extra, v_extra))
     assert_close("out", ref, out)
     grad = torch.randn(ref.shape, generator=rng).to(kernel_device)

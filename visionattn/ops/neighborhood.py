@@ -8,7 +8,6 @@ The op permutes tokens into a tile order where every kernel block is one box of 
 handful of dense blocks plus a thin rim of partial ones; the block mask is built once per configuration and cached.
 """
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -55,25 +54,32 @@ def _gather(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None) ->
     return out if valid is None else out * valid.to(x.dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _neighborhood_plan(
-    grid: TokenGrid,
-    num_extra_kv: int,
-    canonical_args: tuple,
-    tile: tuple[int, ...],
-    device: torch.device,
-) -> _Plan:
+def _key_layout(grid: TokenGrid, num_extra_kv: int, tile: tuple[int, ...]) -> TokenLayout:
+    """The key sequence's layout: the additional keys are trailing global tokens of the key layout only."""
+    key_grid = TokenGrid(grid.shape, extra_before=grid.extra_before, extra_after=grid.extra_after + num_extra_kv)
+    return TokenLayout(key_grid, tile=tile)
+
+
+#: Plans by ``(grid shape, extra before, extra after, additional keys, canonical args, tile, device)``: plain values,
+#: so ``torch.compile`` can pass the key to ``_plan_tensors`` as constants.
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _neighborhood_plan(key: tuple) -> _Plan:
     """The ``_Plan`` of one configuration, built once (per call it would cost host-to-device copies and small ops).
 
-    The additional keys are trailing global tokens of the key layout only: the query sequence stops after
-    ``grid``'s own tokens, so the mask keeps its first ``q_len`` rows.
+    The query sequence stops after ``grid``'s own tokens, so the mask keeps its first ``q_len`` rows.
     """
-    key_grid = TokenGrid(grid.shape, extra_before=grid.extra_before, extra_after=grid.extra_after + num_extra_kv)
-    layout = TokenLayout(key_grid, tile=tile)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    shape, extra_before, extra_after, num_extra_kv, canonical_args, tile, device = key
+    layout = _key_layout(TokenGrid(shape, extra_before, extra_after), num_extra_kv, tile)
     mask = neighborhood_block_mask(layout, *canonical_args)
     source = layout.source_index()
-    q_len = layout.num_tokens if num_extra_kv == 0 else layout.grid_offset + layout.num_grid_slots + grid.extra_after
-    out_slot = torch.empty(key_grid.num_tokens, dtype=torch.long)
+    grid_tokens = layout.grid.num_tokens - num_extra_kv
+    q_len = layout.num_tokens if num_extra_kv == 0 else layout.grid_offset + layout.num_grid_slots + extra_after
+    out_slot = torch.empty(layout.grid.num_tokens, dtype=torch.long)
     valid = torch.nonzero(source >= 0).squeeze(-1)
     out_slot[source[valid]] = valid
     if q_len < layout.num_tokens:
@@ -89,14 +95,37 @@ def _neighborhood_plan(
             token_mask=mask.token_mask,
         )
     valid = lambda index: None if bool((index >= 0).all()) else (index >= 0)[:, None].to(device)
-    return _Plan(
+    plan = _PLANS[key] = _Plan(
         q_index=source[:q_len].clamp_min(0).to(device),
         q_valid=valid(source[:q_len]),
         kv_index=source.clamp_min(0).to(device),
         kv_valid=valid(source),
-        out_slot=out_slot[: grid.num_tokens].to(device),
+        out_slot=out_slot[:grid_tokens].to(device),
         mask=mask.to(device),
     )
+    return plan
+
+
+@torch.compiler.assume_constant_result
+def _plan_tensors(key: tuple) -> tuple:
+    """``_neighborhood_plan(key)`` as constants of a ``torch.compile`` graph: the plan is built (or taken from the
+    cache) while tracing, as FlexAttention's block masks are built outside the graph."""
+    plan = _neighborhood_plan(key)
+    mask = plan.mask
+    return (*plan[:5], mask.indptr, mask.indices, mask.partial, mask.q_len, mask.kv_len, mask.block_q, mask.block_k)
+
+
+def _plan(grid: TokenGrid, num_extra_kv: int, canonical_args: tuple, tile: tuple[int, ...], device) -> _Plan:
+    """The cached plan in eager mode; under ``torch.compile`` the same tensors as graph constants, with the mask
+    rebuilt around them (its predicate is plain configuration)."""
+    device = torch.device(device)
+    key = (grid.shape, grid.extra_before, grid.extra_after, num_extra_kv, canonical_args, tile, str(device))
+    if not torch.compiler.is_compiling():
+        return _neighborhood_plan(key)
+    *index, indptr, indices, partial, q_len, kv_len, block_q, block_k = _plan_tensors(key)
+    token_mask = NeighborhoodWindow(_key_layout(grid, num_extra_kv, tile), *canonical_args)
+    mask = BlockMask(indptr, indices, partial, q_len, kv_len, block_q, block_k, token_mask=token_mask)
+    return _Plan(*index, mask)
 
 
 def _check_extra_kv(extra_kv, q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -226,7 +255,7 @@ def neighborhood_attention(
     canonical = _check_neighborhood_args(grid, kernel_size, stride, dilation, causal)
     tile = default_neighborhood_tile(grid.shape) if tile is None else _check_per_axis("tile", grid.ndim, tile)
     num_extra = 0 if extra_kv is None else extra_kv[0].shape[2]
-    plan = _neighborhood_plan(grid, num_extra, canonical, tile, q.device)
+    plan = _plan(grid, num_extra, canonical, tile, q.device)
     if extra_kv is not None:
         k = torch.cat([k, extra_kv[0]], dim=2)
         v = torch.cat([v, extra_kv[1]], dim=2)
