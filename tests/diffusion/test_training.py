@@ -65,24 +65,40 @@ def test_method_weights_round_trip_through_safetensors(method, tmp_path):
         assert torch.equal(_output(fresh, inputs), _output(trained, inputs))
 
 
-@pytest.mark.parametrize("regional", [False, True], ids=["whole-model", "regional-fullgraph"])
-def test_compiled_transformer_matches_eager(regional):
+_COMPILABLE = {
+    "radial": dict(block_size=16, dense_steps=0),
+    # 7-token blocks leave a short last key block: the exact density is then a tensor traced in the graph
+    "sparse_linear": dict(topk=0.5, block_q=7, block_k=7),
+}
+
+
+@pytest.mark.parametrize(
+    "method, regional",
+    [("radial", False), ("radial", True), ("sparse_linear", True)],
+    ids=["radial-whole-model", "radial-regional-fullgraph", "sla-regional-fullgraph"],
+)
+def test_compiled_transformer_matches_eager(method, regional):
     """dynamo through the processors: masks are built eagerly (outside the graph, on the first call) and handed to
-    the op; diffusers' regional compilation of the repeated blocks then traces each block as one graph.
+    the op; diffusers' regional compilation of the repeated blocks then traces each block as one graph. The
+    density statistics of the compiled call equal the eager ones.
 
     CPU CI uses the ``eager`` backend (no C++ toolchain, tracing only); the GPU test compiles with inductor.
     """
     tiny = TINY_MODELS["wan"]
     model, inputs = tiny.build(), tiny.inputs(batch=1)
-    apply(model, "radial", block_size=16, dense_steps=0, backend="reference")
+    handle = apply(model, method, backend="reference", **_COMPILABLE[method])
+    torch._dynamo.reset()
     with torch.no_grad():
         eager = _output(model, inputs)
+        density = handle.density()
+        handle.reset()
         if regional:
             model.compile_repeated_blocks(fullgraph=True, backend="eager")
             compiled = model
         else:
             compiled = torch.compile(model, backend="eager")
-        assert_close("compiled radial", eager, _output(compiled, inputs))
+        assert_close(f"compiled {method}", eager, _output(compiled, inputs))
+    assert handle.density() == density
 
 
 @pytest.mark.gpu
