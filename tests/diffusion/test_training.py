@@ -107,8 +107,8 @@ def test_compiled_transformer_matches_eager(method, regional):
     [
         ("local", dict(kernel_size=(3, 5, 5))),
         ("local", dict(window="circle", radius=2.5)),
-        ("radial", dict(block_size=64, dense_layers=0, dense_steps=0)),
-        ("sparse_linear", dict(topk=0.25)),
+        ("radial", dict(block_size=16, decay_factor=0.3, dense_layers=0, dense_steps=0)),
+        ("sparse_linear", dict(topk=0.5, block_q=16, block_k=16)),
         ("linear", {}),
     ],
     ids=["na", "circle", "radial", "sla", "linear"],
