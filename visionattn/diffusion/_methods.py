@@ -296,6 +296,11 @@ class SparseLinearMethod(_AttentionMethod):
     block it depends on which query blocks chose that block, and the block map is pooled once more for it (a pass
     over q and k, on the device, without host sync).
 
+    As in SLA, each query block keeps ``int(topk · Mk)`` key blocks (``Mk`` key blocks in the sequence), rounded down:
+    a sequence of fewer than ``1 / topk`` key blocks (e.g. 64-token blocks with ``topk=0.1`` below 640 tokens, such as
+    SD's deepest UNet levels) keeps none, and the layer is the linear branch alone (zero until ``proj`` is trained);
+    its density reports 0.
+
     Args:
         head_dim: ``D``.
         topk: fraction of key blocks attended with softmax (TurboDiffusion: 0.1, 0.15 for quality).
