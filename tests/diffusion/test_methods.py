@@ -151,6 +151,21 @@ def test_sparse_linear_matches_masked_dense_plus_linear(feature_map):
     _check_forward_backward("sparse_linear", out, ref, (q, k, v))
 
 
+@pytest.mark.parametrize("skip_ratio", [0.0, 0.25])
+def test_sparse_linear_with_short_blocks_equals_the_module(skip_ratio):
+    """With a short last key block the method selects the blocks itself (to count them); the output is still the
+    SLA module's, with and without negligible blocks."""
+    grid = TokenGrid((5, 6), extra_after=6)
+    q, k, v = _qkv(grid, torch.Generator().manual_seed(10))
+    method = SparseLinearMethod(8, topk=0.4, skip_ratio=skip_ratio, block_q=8, block_k=8, dtype=torch.float64)
+    with torch.no_grad():
+        method.attention.proj.weight.normal_()
+    out, density = method(q, k, v, grid, DiffusionState())
+    _check_forward_backward("sla method vs module", out, method.attention(q, k, v), (q, k, v))
+    critical = topk_ratio_block_mask(q.detach(), k.detach(), 8, 8, 0.4).to_dense()
+    assert float(density) == pytest.approx(float(critical.double().mean()), rel=1e-12)
+
+
 def test_sparse_linear_density_with_full_blocks_needs_no_mask():
     grid = TokenGrid((4, 8))
     q, k, v = _qkv(grid, torch.Generator().manual_seed(8))

@@ -21,7 +21,13 @@ from torch import nn
 from ..layout import TokenGrid, TokenLayout, circular_window_block_mask, topk_ratio_block_mask
 from ..layout.radial import radial_block_mask
 from ..nn import SparseLinearAttention
-from ..ops import agent_attention, block_sparse_attention, linear_attention, neighborhood_attention
+from ..ops import (
+    agent_attention,
+    block_sparse_attention,
+    linear_attention,
+    neighborhood_attention,
+    sparse_linear_attention,
+)
 from ..ops._checks import _check_choice, _check_per_axis
 from ..ops.agent import _REGISTRY as _AGENT_BACKENDS
 from ..ops.block_sparse import _REGISTRY as _BLOCK_SPARSE_BACKENDS
@@ -293,8 +299,8 @@ class SparseLinearMethod(_AttentionMethod):
 
     The density is the exact fraction of token pairs in the softmax blocks. Every query block keeps the same number
     of key blocks, so with full key blocks (``N % block_k == 0``) it follows from the counts; with a short last key
-    block it depends on which query blocks chose that block, and the block map is pooled once more for it (a pass
-    over q and k, on the device, without host sync).
+    block it depends on which query blocks chose that block, so the block map is selected here and handed to the op
+    (with ``skip_ratio > 0`` the op selects it once more), and its area summed on the device, without host sync.
 
     As in SLA, each query block keeps ``int(topk · Mk)`` key blocks (``Mk`` key blocks in the sequence), rounded down:
     a sequence of fewer than ``1 / topk`` key blocks (e.g. 64-token blocks with ``topk=0.1`` below 640 tokens, such as
@@ -340,13 +346,26 @@ class SparseLinearMethod(_AttentionMethod):
         )
 
     def forward(self, q, k, v, grid: TokenGrid, state):
-        attention = self.attention
-        out = attention(q, k, v)
-        length, block = k.shape[2], attention.block_k
+        sla = self.attention
+        length, block = k.shape[2], sla.block_k
         if length % block == 0:
             blocks = length // block
-            return out, min(blocks, int(attention.topk * blocks)) / blocks
-        critical = topk_ratio_block_mask(q, k, attention.block_q, block, attention.topk)
+            return sla(q, k, v), min(blocks, int(sla.topk * blocks)) / blocks
+        # the block map the op would select, selected here once so that its exact area is known
+        critical = topk_ratio_block_mask(q, k, sla.block_q, block, sla.topk)
+        if sla.skip_ratio:  # negligible blocks need the pooled scores: the op selects again
+            return sla(q, k, v), block_mask_density(critical)
+        out = sparse_linear_attention(
+            q,
+            k,
+            v,
+            sla.proj.weight,
+            sla.proj.bias,
+            block_mask=critical,
+            feature_map=sla.feature_map,
+            scale=sla.scale,
+            backend=sla.backend,
+        )
         return out, block_mask_density(critical)
 
 
