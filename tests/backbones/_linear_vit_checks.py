@@ -16,6 +16,7 @@ import visionattn  # noqa: F401  (registers the models)
 from tests._numerics import assert_close
 
 from . import _linear_vit_reference as ref
+from ._precision_checks import check_amp_train_step, check_compile_matches_eager
 
 SIZES = ("tiny", "small", "base", "large")
 
@@ -239,3 +240,22 @@ def test_gpu_triton_bf16_and_compile_match_reference(family):
         assert_close("compiled", eager.float(), compiled.float(), tol=2e-2)
         linear = timm.create_model(family.name("tiny"), attn_layout="linear").cuda().eval().to(torch.bfloat16)
         assert torch.isfinite(linear(torch.randn(2, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16))).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_amp_train_step_matches_fp32(family, dtype):
+    """fp16 and bf16 autocast forward + backward of the tiny model at 224, batch 2 (Triton kernels): finite, close
+    to the fp32 step (``AMP_OUT_TOL``/``AMP_GRAD_TOL``)."""
+    torch.manual_seed(0)
+    model = timm.create_model(family.name("tiny"), drop_path_rate=0.0).cuda().train()
+    check_amp_train_step(model, torch.randn(2, 3, 224, 224, device="cuda"), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_matches_eager_gradients(family):
+    """fp32 forward + backward of the tiny model, compiled vs eager: logits within 1e-3, every parameter gradient
+    within 1e-2 (inductor reorders reductions; cuDNN convolutions may run in TF32 in both)."""
+    torch.manual_seed(0)
+    model = timm.create_model(family.name("tiny"), drop_path_rate=0.0).cuda().train()
+    check_compile_matches_eager(model, torch.randn(2, 3, 224, 224, device="cuda"), out_tol=1e-3, grad_tol=1e-2)

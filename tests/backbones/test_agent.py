@@ -1,12 +1,18 @@
 """Agent-DeiT / Agent-PVT / Agent-Swin: sizes, FLOPs, official-checkpoint conversion and the timm API at odd inputs."""
 
+import importlib
+
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import visionattn  # noqa: F401  (registers the models)
 from tests._numerics import assert_close
+
+from ._agent_official import layout as official_layout
+from ._precision_checks import check_amp_train_step, check_compile_matches_eager
 
 # published params (M) and fvcore GMACs at 224 (LeapLabTHU/Agent-Attention agent_transformer/README.md);
 # the Swin parameter counts are published rounded to whole millions
@@ -46,104 +52,26 @@ def test_agent_params_and_flops_match_published(name):
 
 
 # ----------------------------------------------------------------------------- official checkpoint layouts
-def _agent_attn(prefix, c, h, n, size, cls=False):
-    d = {
-        f"{prefix}dwc.weight": (c, 1, 3, 3),
-        f"{prefix}dwc.bias": (c,),
-        f"{prefix}an_bias": (h, n, 7, 7),
-        f"{prefix}na_bias": (h, n, 7, 7),
-        f"{prefix}ah_bias": (1, h, n, size, 1),
-        f"{prefix}aw_bias": (1, h, n, 1, size),
-        f"{prefix}ha_bias": (1, h, size, 1, n),
-        f"{prefix}wa_bias": (1, h, 1, size, n),
-        f"{prefix}proj.weight": (c, c),
-        f"{prefix}proj.bias": (c,),
+def _filter_fn(model):
+    return importlib.import_module(type(model).__module__).checkpoint_filter_fn
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_agent_converter_key_layout_all_variants(name):
+    """Every released variant: the official layout (deit_base's 4 agent blocks, swin_small/base's shifted B-blocks
+    with their ``attn_mask`` buffers and AAMB2 mix, PVT's q/kv) converts onto the model exactly (strict)."""
+    model = timm.create_model(name, device="meta")
+    official = {k: torch.empty(s, device="meta") for k, s in official_layout(name).items()}
+    converted = _filter_fn(model)({"model": official}, model)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in model.state_dict().items()
     }
-    if cls:
-        d.update({f"{prefix}ac_bias": (1, h, n, 1), f"{prefix}ca_bias": (1, h, 1, n)})
-    return d
-
-
-def _block_common(prefix, c, ratio):
-    return {
-        f"{prefix}norm1.weight": (c,),
-        f"{prefix}norm1.bias": (c,),
-        f"{prefix}norm2.weight": (c,),
-        f"{prefix}norm2.bias": (c,),
-        f"{prefix}mlp.fc1.weight": (ratio * c, c),
-        f"{prefix}mlp.fc1.bias": (ratio * c,),
-        f"{prefix}mlp.fc2.weight": (c, ratio * c),
-        f"{prefix}mlp.fc2.bias": (c,),
-    }
-
-
-def _official_deit_tiny():
-    """Key layout of ``agent_deit.py`` VisionTransformer(embed_dim=192, depth=12, heads=3, agent_num=49)."""
-    c, h = 192, 3
-    d = {"cls_token": (1, 1, c), "pos_embed": (1, 197, c), "patch_embed.proj.weight": (c, 3, 16, 16)}
-    d.update({"patch_embed.proj.bias": (c,), "norm.weight": (c,), "norm.bias": (c,)})
-    d.update({"head.weight": (1000, c), "head.bias": (1000,)})
-    for i in range(12):
-        d.update(_block_common(f"blocks.{i}.", c, 4))
-        d.update({f"blocks.{i}.attn.qkv.weight": (3 * c, c), f"blocks.{i}.attn.qkv.bias": (3 * c,)})
-        d.update(_agent_attn(f"blocks.{i}.attn.", c, h, 49, 14, cls=True))
-    return d
-
-
-def _official_pvt_tiny():
-    """Key layout of ``agent_pvt.py`` agent_pvt_tiny (no final norm; q and kv projections)."""
-    dims, heads, ratios, agents = (64, 128, 320, 512), (1, 2, 5, 8), (8, 8, 4, 4), (9, 16, 49, 49)
-    d, cin = {"head.weight": (1000, 512), "head.bias": (1000,)}, 3
-    for i in range(4):
-        c, p, size = dims[i], 4 if i == 0 else 2, 56 >> i
-        s = i + 1
-        d.update({f"patch_embed{s}.proj.weight": (c, cin, p, p), f"patch_embed{s}.proj.bias": (c,)})
-        d.update({f"patch_embed{s}.norm.weight": (c,), f"patch_embed{s}.norm.bias": (c,)})
-        d[f"pos_embed{s}"] = (1, size * size, c)
-        for j in range(2):
-            pre = f"block{s}.{j}."
-            d.update(_block_common(pre, c, ratios[i]))
-            d.update({f"{pre}attn.q.weight": (c, c), f"{pre}attn.q.bias": (c,)})
-            d.update({f"{pre}attn.kv.weight": (2 * c, c), f"{pre}attn.kv.bias": (2 * c,)})
-            d.update(_agent_attn(f"{pre}attn.", c, heads[i], agents[i], size))
-        cin = c
-    return d
-
-
-def _official_swin_tiny():
-    """Key layout of ``agent_swin.py`` AgentSwinTransformer with ``cfgs/agent_swin_t.yaml`` (AAAB, ws 56)."""
-    heads, agents = (3, 6, 12, 24), (9, 16, 49, 49)
-    d = {"patch_embed.proj.weight": (96, 3, 4, 4), "patch_embed.proj.bias": (96,)}
-    d.update({"patch_embed.norm.weight": (96,), "patch_embed.norm.bias": (96,)})
-    d.update({"norm.weight": (768,), "norm.bias": (768,), "head.weight": (1000, 768), "head.bias": (1000,)})
-    for i, depth in enumerate((2, 2, 6, 2)):
-        c, size = 96 << i, 56 >> i
-        for j in range(depth):
-            pre = f"layers.{i}.blocks.{j}."
-            d.update(_block_common(pre, c, 4))
-            d.update({f"{pre}attn.qkv.weight": (3 * c, c), f"{pre}attn.qkv.bias": (3 * c,)})
-            if i < 3:
-                d.update(_agent_attn(f"{pre}attn.", c, heads[i], agents[i], size))
-            else:  # B-type: Swin window attention (7x7 window = the whole 7x7 map, so no shift mask)
-                d.update({f"{pre}attn.proj.weight": (c, c), f"{pre}attn.proj.bias": (c,)})
-                d[f"{pre}attn.relative_position_bias_table"] = (169, heads[i])
-                d[f"{pre}attn.relative_position_index"] = (49, 49)
-        if i < 3:
-            d.update({f"layers.{i}.downsample.reduction.weight": (2 * c, 4 * c)})
-            d.update({f"layers.{i}.downsample.norm.weight": (4 * c,), f"layers.{i}.downsample.norm.bias": (4 * c,)})
-    return d
-
-
-OFFICIAL = {
-    "agent_deit_tiny": _official_deit_tiny,
-    "agent_pvt_tiny": _official_pvt_tiny,
-    "agent_swin_tiny": _official_swin_tiny,
-}
+    model.load_state_dict(converted, strict=True, assign=True)
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_agent_checkpoint_filter_loads_official_layout_strict(name, tmp_path, rng):
-    shapes = OFFICIAL[name]()
+    shapes = official_layout(name)
     state = {
         k: torch.randint(0, 49, s) if k.endswith("index") else torch.randn(s, generator=rng) for k, s in shapes.items()
     }
@@ -162,9 +90,7 @@ def test_agent_checkpoint_filter_loads_official_layout_strict(name, tmp_path, rn
         assert torch.equal(ours["blocks.5.attn.ca_bias"], state["blocks.5.attn.ca_bias"][0])
         assert torch.equal(ours["blocks.5.attn.ha_bias"], state["blocks.5.attn.ha_bias"][0, :, :, 0])
     # a converted (native) state dict passes through unchanged
-    module = type(model).__module__
-    native = __import__(module, fromlist=["checkpoint_filter_fn"]).checkpoint_filter_fn(ours, model)
-    model.load_state_dict(native, strict=True)
+    model.load_state_dict(_filter_fn(model)(ours, model), strict=True)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -181,6 +107,38 @@ def test_agent_any_resolution_channels_last_and_amp(name, rng):
             low = model(x)
         assert torch.isfinite(low).all()
         assert_close("bf16", out, low.float(), tol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", TINY)
+def test_agent_amp_train_step_matches_fp32_cpu(name, dtype):
+    """The GPU AMP check (``check_amp_train_step``) on CPU autocast, shallow models at 64 px."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **SHALLOW[name]).train()
+    check_amp_train_step(model, torch.randn(2, 3, 64, 64), dtype)
+
+
+def test_agent_deit_pads_sizes_the_patch_does_not_divide(rng):
+    """100x76 is zero-padded to 112x80 (a 7x5 grid, timm's ``dynamic_img_pad``): equal to padding by hand."""
+    torch.manual_seed(0)
+    model = timm.create_model("agent_deit_tiny", num_classes=5, **SHALLOW["agent_deit_tiny"]).eval()
+    x = torch.randn(2, 3, 100, 76, generator=rng)
+    padded = F.pad(x, (0, 4, 0, 12))
+    with torch.no_grad():
+        assert_close("forward_features", model.forward_features(padded), model.forward_features(x))
+        assert model.forward_features(x).shape == (2, 1 + 7 * 5, 192)
+        assert_close("logits", model(padded), model(x))
+        final, inter = model.forward_intermediates(x, indices=2)
+        assert [t.shape for t in inter] == [(2, 192, 7, 5)] * 2
+        assert_close("intermediates", model.forward_intermediates(padded, indices=2)[1][0], inter[0])
+        assert_close("final", model.forward_features(x), final)
+        features = timm.create_model(
+            "agent_deit_tiny", features_only=True, out_indices=(0, 1), **SHALLOW["agent_deit_tiny"]
+        )
+        assert [f.shape for f in features.eval()(x)] == [(2, 192, 7, 5)] * 2
+    strict = timm.create_model("agent_deit_tiny", dynamic_img_pad=False, **SHALLOW["agent_deit_tiny"]).eval()
+    with pytest.raises(AssertionError, match="patch size"):
+        strict(x)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -223,3 +181,22 @@ def test_agent_gpu_bf16_train_step_any_size_and_compile(name):
     with torch.no_grad():
         # fp32, but inductor fuses and reorders reductions (and may pick another SDPA kernel): ~2e-4 apart
         assert_close("compiled", model(x), torch.compile(model)(x), tol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", TINY)
+def test_agent_gpu_amp_train_step_matches_fp32(name, dtype):
+    """fp16 and bf16 autocast forward + backward at 224, batch 2: finite, close to fp32 (AMP_*_TOL)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_path_rate=0.0).cuda().train()
+    check_amp_train_step(model, torch.randn(2, 3, 224, 224, device="cuda"), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TINY)
+def test_agent_gpu_compile_matches_eager_gradients(name):
+    """fp32 forward + backward, compiled vs eager: logits within 1e-3, every parameter gradient within 1e-2."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_path_rate=0.0).cuda().train()
+    check_compile_matches_eager(model, torch.randn(2, 3, 224, 224, device="cuda"), out_tol=1e-3, grad_tol=1e-2)

@@ -12,6 +12,8 @@ from tests.nn.test_routing_attention import GatherBiLevelRoutingAttention
 from visionattn.backbones.biformer import checkpoint_filter_fn
 from visionattn.nn import BiLevelRoutingAttention
 
+from ._precision_checks import check_amp_train_step, check_compile_matches_eager
+
 # published params (M) and fvcore GMACs at 224 (rayleizhu/BiFormer README)
 PUBLISHED = {"biformer_tiny": (13.1, 2.2), "biformer_small": (25.5, 4.5), "biformer_base": (56.8, 9.8)}
 #: a shallower biformer_tiny for the CPU tests of behaviour (every stage kept, one block each; the Triton
@@ -164,7 +166,16 @@ def test_biformer_gpu_triton_matches_reference_and_trains_in_bf16(name):
 
 @pytest.mark.gpu
 def test_biformer_gpu_torch_compile_matches_eager():
-    model = timm.create_model("biformer_tiny").cuda().eval()
-    x = torch.randn(2, 3, 224, 224, device="cuda")
-    with torch.no_grad():
-        assert_close("compiled", model(x), torch.compile(model)(x), tol=1e-4)
+    """fp32 forward + backward, compiled vs eager: logits within 1e-4, every parameter gradient within 1e-2."""
+    torch.manual_seed(0)
+    model = timm.create_model("biformer_tiny", drop_path_rate=0.0).cuda().train()
+    check_compile_matches_eager(model, torch.randn(2, 3, 224, 224, device="cuda"), out_tol=1e-4, grad_tol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_biformer_gpu_amp_train_step_matches_fp32(dtype):
+    """fp16 and bf16 autocast forward + backward of biformer_tiny at 224, batch 2: finite, close to fp32."""
+    torch.manual_seed(0)
+    model = timm.create_model("biformer_tiny", drop_path_rate=0.0).cuda().train()
+    check_amp_train_step(model, torch.randn(2, 3, 224, 224, device="cuda"), dtype)

@@ -9,6 +9,8 @@ from ._linear_vit_checks import (  # noqa: F401  (collected here, with this file
     test_converter_key_layout_all_variants,
     test_converter_unwraps_and_passes_native,
     test_features_only_and_intermediates,
+    test_gpu_amp_train_step_matches_fp32,
+    test_gpu_compile_matches_eager_gradients,
     test_gpu_triton_bf16_and_compile_match_reference,
     test_grad_checkpointing_keeps_output_and_gradients,
     test_macs_match_official_code,

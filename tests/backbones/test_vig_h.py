@@ -9,6 +9,7 @@ from tests._numerics import assert_close
 from visionattn.backbones.vig_h import checkpoint_filter_fn
 
 from . import _vig_reference as ref
+from ._precision_checks import check_amp_train_step, check_compile_matches_eager
 
 #: name -> (dims, depths, heads, README params in M, size in bytes of the fp32 .pth on hustvl/ViG).
 VARIANTS = {
@@ -132,8 +133,22 @@ def test_vig_h_gpu_bf16_matches_reference_backend(name):
 
 @pytest.mark.gpu
 def test_vig_h_gpu_torch_compile_fullgraph():
-    model = timm.create_model("vig_h_tiny").cuda().eval()
+    """Compiled vs eager: fp32 forward + backward (logits within 1e-3, every parameter gradient within 1e-2) and
+    the bf16 autocast forward."""
+    torch.manual_seed(0)
+    model = timm.create_model("vig_h_tiny", drop_path_rate=0.0).cuda().train()
     x = torch.randn(2, 3, 256, 192, device="cuda")
+    check_compile_matches_eager(model, x, out_tol=1e-3, grad_tol=1e-2, fullgraph=True)
+    model.eval()
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert_close("compiled", model(x).float(), compiled(x).float(), tol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_vig_h_gpu_amp_train_step_matches_fp32(dtype):
+    """fp16 and bf16 autocast forward + backward of vig_h_tiny at 224, batch 2: finite, close to fp32."""
+    torch.manual_seed(0)
+    model = timm.create_model("vig_h_tiny", drop_path_rate=0.0).cuda().train()
+    check_amp_train_step(model, torch.randn(2, 3, 224, 224, device="cuda"), dtype)

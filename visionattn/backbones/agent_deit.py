@@ -7,7 +7,8 @@ Built on timm's ``VisionTransformer``: every DeiT piece (patch embedding, cls to
 blocks, head, pooling, ``set_input_size``) is timm's; the first ``agent_depth`` blocks use agent attention (all 12
 for tiny/small, the first 4 for base, as released). What changed from the reference: the agent biases, stored
 for the 14x14 training grid, are resampled to any grid and agent count (the reference asserted a square 224 input),
-and the position embedding is resampled per input (``dynamic_img_size``).
+the position embedding is resampled per input (``dynamic_img_size``), and inputs the patch size does not divide
+are zero-padded at the bottom/right (``dynamic_img_pad``).
 """
 
 from functools import partial
@@ -84,6 +85,7 @@ class AgentVisionTransformer(VisionTransformer):
         img_size: int | tuple[int, int] = 224,
         patch_size: int = 16,
         depth: int = 12,
+        dynamic_img_pad: bool = True,
         **kwargs,
     ):
         """
@@ -94,6 +96,8 @@ class AgentVisionTransformer(VisionTransformer):
             img_size: training input size; sets the stored size of the position embedding and agent biases.
             patch_size: patch size.
             depth: number of blocks.
+            dynamic_img_pad: zero-pad inputs the patch size does not divide (bottom/right, timm's rule); False
+                makes such inputs an error, as in timm's ViT.
             **kwargs: the rest of timm's ``VisionTransformer`` arguments (``embed_dim``, ``num_heads``, ...).
         """
         bias_size = tuple(s // patch_size for s in to_2tuple(img_size))
@@ -105,7 +109,13 @@ class AgentVisionTransformer(VisionTransformer):
             agent_shape=agent_shape,
         )
         super().__init__(
-            img_size=img_size, patch_size=patch_size, depth=depth, block_fn=block_fn, dynamic_img_size=True, **kwargs
+            img_size=img_size,
+            patch_size=patch_size,
+            depth=depth,
+            block_fn=block_fn,
+            dynamic_img_size=True,
+            dynamic_img_pad=dynamic_img_pad,
+            **kwargs,
         )
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenGrid]:
@@ -204,6 +214,13 @@ default_cfgs = generate_default_cfgs(
         ),
         "agent_deit_small.in1k": _cfg(
             notes=("official weights: https://cloud.tsinghua.edu.cn/f/fdd43304372541db8ea7/",)
+        ),
+        # fine-tuned at 448 (cfgs/agent_deit_s_448.yaml); fixed_input_size: timm passes img_size=448 to the model,
+        # which sizes the position embedding (28x28 + cls) and the agent biases from it
+        "agent_deit_small.in1k_448": _cfg(
+            input_size=(3, 448, 448),
+            fixed_input_size=True,
+            notes=("official weights: https://cloud.tsinghua.edu.cn/f/a228f86241c445f1969b/",),
         ),
         "agent_deit_base.in1k": _cfg(
             notes=("official weights: https://cloud.tsinghua.edu.cn/f/5115f15fdd7e4ab58fbc/",)

@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, calculate_drop_path_rates, register_notrace_module, trunc_normal_
+from timm.layers import PatchEmbed, calculate_drop_path_rates, register_notrace_module, to_2tuple, trunc_normal_
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from torch import nn
 
@@ -120,7 +120,7 @@ class AgentPvt(StagedBackbone, LinearHeadMixin, nn.Module):
 
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int | tuple[int, int] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -161,6 +161,7 @@ class AgentPvt(StagedBackbone, LinearHeadMixin, nn.Module):
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = embed_dims[-1]
+        img_size = to_2tuple(img_size)
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages, self.feature_info = [], []
         in_chs, stride = in_chans, 1
@@ -174,7 +175,7 @@ class AgentPvt(StagedBackbone, LinearHeadMixin, nn.Module):
                     depth,
                     num_heads[i],
                     patch_size=patch_size,
-                    feat_size=(img_size // stride, img_size // stride),
+                    feat_size=(img_size[0] // stride, img_size[1] // stride),
                     agent_num=agent_nums[i],
                     agent_shape=agent_shapes[i],
                     mlp_ratio=mlp_ratios[i],
@@ -250,6 +251,13 @@ default_cfgs = generate_default_cfgs(
         ),
         "agent_pvt_medium.in1k": _cfg(
             notes=("official weights: https://cloud.tsinghua.edu.cn/f/4d00ecacf18b45f9b88c/",)
+        ),
+        # fine-tuned at 256 (cfgs/agent_pvt_m_256.yaml); fixed_input_size: timm passes img_size=256 to the model
+        "agent_pvt_medium.in1k_256": _cfg(
+            input_size=(3, 256, 256),
+            pool_size=(8, 8),
+            fixed_input_size=True,
+            notes=("official weights: https://cloud.tsinghua.edu.cn/f/654df734121643b19c52/",),
         ),
         "agent_pvt_large.in1k": _cfg(
             notes=("official weights: https://cloud.tsinghua.edu.cn/f/040cfe0cfbbe4762ad09/",)

@@ -130,13 +130,13 @@ class AgentSwinTransformer(StagedBackbone, ClassifierHeadMixin, nn.Module):
         agent_blocks: tuple[int, ...] = (2, 2, 6, 0),
         agent_nums: tuple[int, ...] = (9, 16, 49, 49),
         agent_shapes: tuple[tuple[int, int] | None, ...] = (None, None, None, None),
-        window_size: int = 7,
+        window_size: int | None = None,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1,
+        drop_path_rate: float = 0.0,
         device=None,
         dtype=None,
     ):
@@ -153,13 +153,14 @@ class AgentSwinTransformer(StagedBackbone, ClassifierHeadMixin, nn.Module):
             agent_blocks: leading blocks per stage that use agent attention (the rest: Swin window attention).
             agent_nums: agents the biases of each stage are stored for.
             agent_shapes: agents per axis at run time per stage (None: ``sqrt(agent_num)`` each).
-            window_size: window of the Swin blocks.
+            window_size: window of the Swin blocks (None: the reference's ``max(7, stage-1 size // 8)`` at
+                ``img_size``: 7 at 224, 9 at 288, 12 at 384).
             mlp_ratio: MLP ratio.
             qkv_bias: bias in the qkv projections.
             drop_rate: dropout before the classifier.
             proj_drop_rate: dropout after attention/MLP projections.
             attn_drop_rate: attention dropout of the Swin blocks.
-            drop_path_rate: stochastic depth rate (linear over blocks).
+            drop_path_rate: stochastic depth rate (linear over blocks; the released recipes use 0.2/0.3/0.5).
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -180,6 +181,8 @@ class AgentSwinTransformer(StagedBackbone, ClassifierHeadMixin, nn.Module):
             **dd,
         )
         grid = self.patch_embed.grid_size
+        if window_size is None:
+            window_size = max(7, min(grid) // 8)
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages, self.feature_info = [], []
         for i, depth in enumerate(depths):
@@ -264,6 +267,25 @@ default_cfgs = generate_default_cfgs(
         ),
         "agent_swin_base.in1k": _cfg(
             notes=("official weights: https://cloud.tsinghua.edu.cn/f/4fcd2d0114bb490483c3/",)
+        ),
+        # fine-tuned at 288/384 (cfgs/agent_swin_{s_288,b_384}.yaml: Swin windows 9/12, evaluated resized to the
+        # input without a crop); fixed_input_size: timm passes img_size to the model, which sizes the agent biases
+        # and the windows from it
+        "agent_swin_small.in1k_288": _cfg(
+            input_size=(3, 288, 288),
+            pool_size=(9, 9),
+            crop_pct=1.0,
+            crop_mode="squash",
+            fixed_input_size=True,
+            notes=("official weights: https://cloud.tsinghua.edu.cn/f/09760394e93b4046a25e/",),
+        ),
+        "agent_swin_base.in1k_384": _cfg(
+            input_size=(3, 384, 384),
+            pool_size=(12, 12),
+            crop_pct=1.0,
+            crop_mode="squash",
+            fixed_input_size=True,
+            notes=("official weights: https://cloud.tsinghua.edu.cn/f/bb84ee9058954706a557/",),
         ),
     }
 )
