@@ -50,16 +50,27 @@ def test_biformer_params_and_flops_match_published(name):
     assert abs(measured - gmacs) <= 0.03 * gmacs, f"{name}: {measured:.3f} GMACs vs {gmacs}"
 
 
-def _official_tiny_layout() -> dict:
-    """Key layout of ``models/biformer.py`` biformer_tiny (``bra_legacy`` attention, ``AttentionLePE`` in stage 4)."""
-    dims, depths = (64, 128, 256, 512), (2, 2, 8, 2)
+#: the released variants' (embed_dim, depth) of ``models/biformer.py`` (the rest is shared: mlp ratio 3, n_win 7,
+#: topks 1/4/16/-2, qk_dims = embed_dim, LePE 5x5, 3x3 depthwise pos_embed, no layer scale)
+OFFICIAL_VARIANTS = {
+    "biformer_tiny": ((64, 128, 256, 512), (2, 2, 8, 2)),
+    "biformer_small": ((64, 128, 256, 512), (4, 4, 18, 4)),
+    "biformer_base": ((96, 192, 384, 768), (4, 4, 18, 4)),
+}
+
+
+def _official_layout(name: str = "biformer_tiny") -> dict:
+    """Key layout of ``models/biformer.py`` (``bra_legacy`` attention in stages 1-3, ``AttentionLePE`` in stage 4;
+    stem conv(3, C/2) BN GELU conv(C/2, C) BN; BN final norm)."""
+    dims, depths = OFFICIAL_VARIANTS[name]
     bn = lambda p, c: {f"{p}.weight": (c,), f"{p}.bias": (c,), f"{p}.running_mean": (c,), f"{p}.running_var": (c,)}
-    d = {"downsample_layers.0.0.weight": (32, 3, 3, 3), "downsample_layers.0.0.bias": (32,)}
-    d.update(bn("downsample_layers.0.1", 32))
-    d.update({"downsample_layers.0.3.weight": (64, 32, 3, 3), "downsample_layers.0.3.bias": (64,)})
-    d.update(bn("downsample_layers.0.4", 64))
-    d.update(bn("norm", 512))
-    d.update({"head.weight": (1000, 512), "head.bias": (1000,)})
+    half = dims[0] // 2
+    d = {"downsample_layers.0.0.weight": (half, 3, 3, 3), "downsample_layers.0.0.bias": (half,)}
+    d.update(bn("downsample_layers.0.1", half))
+    d.update({"downsample_layers.0.3.weight": (dims[0], half, 3, 3), "downsample_layers.0.3.bias": (dims[0],)})
+    d.update(bn("downsample_layers.0.4", dims[0]))
+    d.update(bn("norm", dims[-1]))
+    d.update({"head.weight": (1000, dims[-1]), "head.bias": (1000,)})
     for i, (c, depth) in enumerate(zip(dims, depths)):
         if i:
             d.update({f"downsample_layers.{i}.0.weight": (c, dims[i - 1], 3, 3), f"downsample_layers.{i}.0.bias": (c,)})
@@ -82,8 +93,21 @@ def _official_tiny_layout() -> dict:
     return d
 
 
+@pytest.mark.parametrize("name", list(OFFICIAL_VARIANTS))
+def test_biformer_converter_key_layout_all_variants(name):
+    model = timm.create_model(name, device="meta")
+    official = {k: torch.empty(s, device="meta") for k, s in _official_layout(name).items()}
+    official.update({k.replace("running_mean", "num_batches_tracked"): torch.empty((), device="meta", dtype=torch.long)
+                     for k in list(official) if k.endswith("running_mean")})  # fmt: skip
+    converted = checkpoint_filter_fn({"model": official}, model)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in model.state_dict().items()
+    }
+    model.load_state_dict(converted, strict=True, assign=True)
+
+
 def test_biformer_checkpoint_filter_loads_official_layout_strict(tmp_path, rng):
-    state = {k: torch.randn(s, generator=rng) for k, s in _official_tiny_layout().items()}
+    state = {k: torch.randn(s, generator=rng) for k, s in _official_layout().items()}
     state.update({k.replace("running_mean", "num_batches_tracked"): torch.tensor(5) for k in list(state)
                   if k.endswith("running_mean")})  # fmt: skip
     path = tmp_path / "biformer_tiny_in1k.pth"
