@@ -148,6 +148,22 @@ def test_sparse_linear_topk_traces_with_compile_fullgraph(kernel_device, rng):
     assert_close("out", fn(q, k, v), out)
 
 
+@pytest.mark.gpu
+def test_sparse_linear_topk_does_not_sync_the_host():
+    """Selection, forward and backward on CUDA with sync debugging set to raise (after one warm-up call: the
+    autotuner synchronizes while it benchmarks)."""
+    q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    step = lambda: torch.autograd.grad(
+        sparse_linear_attention(q, k, v, topk_ratio=0.2, skip_ratio=0.2).sum(), (q, k, v)
+    )
+    step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_sparse_linear_rejects_bad_arguments(rng):
     q = torch.randn(1, 2, 32, 8, generator=rng)
     with pytest.raises(ValueError, match="topk_ratio"):
