@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from tests._numerics import assert_close
 from visionattn.layout import (
@@ -198,6 +199,28 @@ def test_block_sparse_transpose_csr_matches_block_mask(rng):
         assert torch.equal(ref, out), name
 
 
+def test_block_sparse_full_blocks_first_keeps_each_row(rng):
+    from visionattn.kernels.block_sparse import full_blocks_first
+
+    keep = torch.rand(2, 3, 7, 5, generator=rng) < 0.6
+    partial = torch.rand(2, 3, 7, 5, generator=rng) < 0.5
+    mask = BlockMask.from_block_matrix(
+        keep, partial=partial, q_len=70, kv_len=45, block_q=10, block_k=9, token_mask=lambda q, k: q >= k
+    )
+    indices, split = full_blocks_first(mask.indptr, mask.indices, mask.partial)
+    assert split.shape == mask.indptr.shape and split.dtype == torch.int32
+    flat_keep, flat_partial = keep.flatten(0, 2), (partial & keep).flatten(0, 2)
+    for row, (start, end) in enumerate(zip(mask.indptr.flatten()[:-1].tolist(), mask.indptr.flatten()[1:].tolist())):
+        if row % (mask.num_q_blocks + 1) == mask.num_q_blocks:  # the row-end entry of each (b, h)
+            continue
+        row_id = row - row // (mask.num_q_blocks + 1)
+        cut = int(split.flatten()[row])
+        full, part = indices[start:cut].tolist(), indices[cut:end].tolist()
+        assert full == sorted(full) and part == sorted(part)  # stable: each group stays sorted
+        assert full == torch.nonzero(flat_keep[row_id] & ~flat_partial[row_id]).flatten().tolist()
+        assert part == torch.nonzero(flat_partial[row_id]).flatten().tolist()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -241,9 +264,17 @@ def test_block_sparse_kernel_gpu_every_config(monkeypatch, rng, config):
     layout = TokenLayout(TokenGrid((5, 21, 27), extra_after=13), tile=(2, 8, 8))
     mask = neighborhood_block_mask(layout, (3, 7, 9), (1, 1, 2), (1, 2, 1), (False, False, True))
     mask = _per_head(mask, 2, 0.3, rng)
-    for d in (64, 128):
-        _check(mask, "cuda", torch.bfloat16, rng, heads=2, d=d, dv=d)
-    _check(_random_mask(rng, 2, 1000, 700, 100, 49), "cuda", torch.float16, rng, heads=2, d=96, dv=32)
+    cases = [(mask, torch.bfloat16, d, d) for d in (64, 128)]
+    cases.append((_random_mask(rng, 2, 1000, 700, 100, 49), torch.float16, 96, 32))
+    ran = 0
+    for case_mask, dtype, d, dv in cases:
+        try:
+            _check(case_mask, "cuda", dtype, rng, heads=2, d=d, dv=dv)
+            ran += 1
+        except triton.runtime.errors.OutOfResources:
+            # a config too large for this head dim's shared memory: the autotuner skips it, so it never runs
+            assert config > 0, "the first config (the one VISIONATTN_AUTOTUNE=0 pins) must fit every shape"
+    assert ran >= 2
 
 
 @pytest.mark.gpu

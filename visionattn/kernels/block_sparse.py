@@ -27,6 +27,7 @@ __all__ = [
     "cdiv",
     "csr_strides",
     "empty_like_layout",
+    "full_blocks_first",
     "launch_constexprs",
     "next_block",
     "pack_mask_kind",
@@ -159,42 +160,49 @@ def _bsa_mask_scores(
     fixed_pos,
     loop_pos,
     n_valid,
-    partial_ptr,
-    i,
     qtab_ptr,
     ktab_ptr,
     tab_len,
     radius2,
     BLOCK_LOOP: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    PREDICATE: tl.constexpr,
     EVEN_LOOP: tl.constexpr,
     ROWS_ARE_Q: tl.constexpr,
 ):
-    """Set disallowed scores to -inf: columns past the block or sequence, and the predicate on partial blocks.
+    """Set disallowed scores to -inf: columns past the block or sequence, and with ``PREDICATE`` (the partial
+    blocks' walk) the exact token predicate.
 
     Rows are the program's own tokens at ``fixed_pos``; columns are the ``BLOCK_LOOP`` tokens of the visited tile
-    at ``loop_pos``, ``n_valid`` of them inside its block. Tiles needing neither test skip it at run time (CSR
-    entry ``i`` says whether the block is partial).
+    at ``loop_pos``, ``n_valid`` of them inside its block. Full blocks skip the column test at run time unless
+    their tile is ragged.
     """
-    if MASK_KIND != _NONE or not EVEN_LOOP:
-        need = n_valid < BLOCK_LOOP
-        if MASK_KIND != _NONE:
-            is_partial = tl.load(partial_ptr + i) != 0
-            need = need | is_partial
-        if need:
-            ok = (tl.arange(0, BLOCK_LOOP) < n_valid)[None, :]
-            if MASK_KIND != _NONE:
-                if ROWS_ARE_Q:
-                    allowed = _bsa_allowed(
-                        fixed_pos[:, None], loop_pos[None, :], qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND
-                    )
-                else:
-                    allowed = _bsa_allowed(
-                        loop_pos[None, :], fixed_pos[:, None], qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND
-                    )
-                ok = ok & (allowed | ~is_partial)
-            b_s = tl.where(ok, b_s, _MASKED)
+    if PREDICATE:
+        if ROWS_ARE_Q:
+            ok = _bsa_allowed(fixed_pos[:, None], loop_pos[None, :], qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND)
+        else:
+            ok = _bsa_allowed(loop_pos[None, :], fixed_pos[:, None], qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND)
+        if not EVEN_LOOP:
+            ok = ok & (tl.arange(0, BLOCK_LOOP) < n_valid)[None, :]
+        b_s = tl.where(ok, b_s, _MASKED)
+    elif not EVEN_LOOP:
+        if n_valid < BLOCK_LOOP:
+            b_s = tl.where((tl.arange(0, BLOCK_LOOP) < n_valid)[None, :], b_s, _MASKED)
     return b_s
+
+
+@triton.jit
+def _bsa_row_bounds(indptr_ptr, split_ptr, row, MASK_KIND: tl.constexpr):
+    """CSR row ``row``'s ``(start, split, end)``: its full blocks are entries ``[start, split)``, its partial ones
+    ``[split, end)`` (``split_ptr``: the row ends of the full blocks, shaped like ``indptr``; unread without a
+    predicate, where every block is full)."""
+    start = tl.load(indptr_ptr + row)
+    end = tl.load(indptr_ptr + row + 1)
+    if MASK_KIND == _NONE:
+        split = end
+    else:
+        split = tl.load(split_ptr + row)
+    return start, split, end
 
 
 @triton.jit
@@ -239,8 +247,8 @@ def _block_sparse_fwd_inner(
     k_base,
     v_base,
     indices_ptr,
-    partial_ptr,
     row_start,
+    row_split,
     row_end,
     stride_k_n,
     stride_k_d,
@@ -267,39 +275,44 @@ def _block_sparse_fwd_inner(
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    for t in range(row_start * K_SUB, row_end * K_SUB):
-        i, start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
-        m_n = o_n < n_valid
-        p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
-        p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
-        # [BLOCK_N, BLOCK_D]
-        b_k = _bsa_load(p_k, m_n, o_d < HEAD_DIM, EVEN_N, HEAD_DIM == BLOCK_D)
-        # [BLOCK_N, BLOCK_DV]
-        b_v = _bsa_load(p_v, m_n, o_dv < HEAD_DIM_V, EVEN_N, HEAD_DIM_V == BLOCK_DV)
-        # [BLOCK_M, BLOCK_N]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
-        b_s = _bsa_mask_scores(
-            b_s,
-            q_pos,
-            start_n + o_n,
-            n_valid,
-            partial_ptr,
-            i,
-            qtab_ptr,
-            ktab_ptr,
-            tab_len,
-            radius2,
-            BLOCK_N,
-            MASK_KIND,
-            EVEN_N,
-            True,
-        )
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        b_p = tl.math.exp2(b_s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for phase in tl.static_range(1 if MASK_KIND == _NONE else 2):
+        # phase 0: full blocks [row_start, row_split); phase 1: partial blocks [row_split, row_end), predicate applied
+        if phase == 0:
+            lo, hi = row_start, row_split
+        else:
+            lo, hi = row_split, row_end
+        for t in range(lo * K_SUB, hi * K_SUB):
+            _, start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
+            m_n = o_n < n_valid
+            p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
+            p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
+            # [BLOCK_N, BLOCK_D]
+            b_k = _bsa_load(p_k, m_n, o_d < HEAD_DIM, EVEN_N, HEAD_DIM == BLOCK_D)
+            # [BLOCK_N, BLOCK_DV]
+            b_v = _bsa_load(p_v, m_n, o_dv < HEAD_DIM_V, EVEN_N, HEAD_DIM_V == BLOCK_DV)
+            # [BLOCK_M, BLOCK_N]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+            b_s = _bsa_mask_scores(
+                b_s,
+                q_pos,
+                start_n + o_n,
+                n_valid,
+                qtab_ptr,
+                ktab_ptr,
+                tab_len,
+                radius2,
+                BLOCK_N,
+                MASK_KIND,
+                phase == 1,
+                EVEN_N,
+                True,
+            )
+            m_new = tl.maximum(m_i, tl.max(b_s, 1))
+            b_p = tl.math.exp2(b_s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(b_p, 1)
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+            m_i = m_new
     return acc, m_i, l_i
 
 
@@ -319,7 +332,7 @@ def _block_sparse_fwd_kernel(
     lse_ptr,
     indptr_ptr,
     indices_ptr,
-    partial_ptr,
+    split_ptr,
     stride_q_b,
     stride_q_h,
     stride_q_n,
@@ -375,7 +388,9 @@ def _block_sparse_fwd_kernel(
     p_q += (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
     # [BLOCK_M, BLOCK_D]
     b_q = _bsa_load(p_q, m_m, o_d < HEAD_DIM, EVEN_M, HEAD_DIM == BLOCK_D)
-    row = indptr_ptr + i_b * stride_indptr_b + i_h * stride_indptr_h + i_m
+    row_start, row_split, row_end = _bsa_row_bounds(
+        indptr_ptr, split_ptr, i_b * stride_indptr_b + i_h * stride_indptr_h + i_m, MASK_KIND
+    )
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -388,9 +403,9 @@ def _block_sparse_fwd_kernel(
         k_ptr + i_b * stride_k_b + i_h * stride_k_h,
         v_ptr + i_b * stride_v_b + i_h * stride_v_h,
         indices_ptr,
-        partial_ptr,
-        tl.load(row),
-        tl.load(row + 1),
+        row_start,
+        row_split,
+        row_end,
         stride_k_n,
         stride_k_d,
         stride_v_n,
@@ -432,13 +447,30 @@ def empty_like_layout(x: torch.Tensor, last: int, dtype: torch.dtype | None = No
 
 
 def predicate_args(
-    query_table: torch.Tensor | None, key_table: torch.Tensor | None, partial: torch.Tensor
+    query_table: torch.Tensor | None, key_table: torch.Tensor | None, stand_in: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(qtab_ptr, ktab_ptr, tab_len)`` kernel arguments of a predicate's ``KernelTables``; without a predicate
-    (``MASK_NONE``, never read) ``partial`` stands in for both tables."""
+    (``MASK_NONE``, never read) the device tensor ``stand_in`` takes both table pointers."""
     if query_table is None or key_table is None:
-        return partial, partial, 1
+        return stand_in, stand_in, 1
     return query_table, key_table, query_table.shape[1]
+
+
+def full_blocks_first(
+    indptr: torch.Tensor, indices: torch.Tensor, partial: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CSR reordered so that each row lists its full blocks before its partial ones (stable otherwise): the
+    kernels walk ``[start, split)`` without the token predicate and ``[split, end)`` with it, instead of testing a
+    flag per block. Returns ``(indices, split)``, ``split`` int32 shaped like ``indptr`` (entry ``m``: the end of row
+    ``m``'s full blocks; the last entry is unused). Rows must be stored consecutively; no host sync."""
+    rows, nnz = indptr[..., :-1].numel(), indices.numel()
+    counts = (indptr[..., 1:] - indptr[..., :-1]).flatten().long()
+    row_id = torch.repeat_interleave(torch.arange(rows, device=indptr.device), counts, output_size=nnz)
+    order = torch.argsort(row_id * 2 + partial.long(), stable=True)
+    partial_before = torch.cat([partial.new_zeros(1, dtype=torch.int32), partial.cumsum(0, dtype=torch.int32)])
+    num_partial = partial_before[indptr[..., 1:].long()] - partial_before[indptr[..., :-1].long()]
+    split = torch.cat([indptr[..., 1:] - num_partial, indptr[..., -1:]], dim=-1).to(torch.int32)
+    return indices[order], split
 
 
 def csr_strides(indptr: torch.Tensor) -> tuple[int, int]:
@@ -465,7 +497,7 @@ def block_sparse_fwd(
     v: torch.Tensor,
     indptr: torch.Tensor,
     indices: torch.Tensor,
-    partial: torch.Tensor,
+    split: torch.Tensor,
     *,
     scale: float,
     block_q: int,
@@ -477,8 +509,9 @@ def block_sparse_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid ``(Mq * Q_SUB, B * H)``: one program per query sub-tile x (batch, head) writes ``out`` and ``lse``.
 
-    ``mask_kind`` is the packed ``MASK_KIND``; ``query_table``/``key_table`` the ``KernelTables`` of the mask's
-    predicate (None without one) and ``radius2`` a circular window's squared radius.
+    ``indices``/``split``: the CSR rows with full blocks first (``full_blocks_first``); ``mask_kind`` is the packed
+    ``MASK_KIND``; ``query_table``/``key_table`` the ``KernelTables`` of the mask's predicate (None without one) and
+    ``radius2`` a circular window's squared radius.
 
     Returns ``out`` ``(B, H, Nq, Dv)`` stored like q, and ``lse`` ``(B, H, Nq)`` float32 (natural log, ``-inf``
     on rows with no allowed key).
@@ -495,7 +528,7 @@ def block_sparse_fwd(
         lse,
         indptr,
         indices,
-        partial,
+        split,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -507,7 +540,7 @@ def block_sparse_fwd(
         block_q,
         block_k,
         scale * LOG2E,
-        *predicate_args(query_table, key_table, partial),
+        *predicate_args(query_table, key_table, split),
         radius2,
         **launch_constexprs(q, v, mask_kind),
     )

@@ -13,11 +13,13 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs
 from ._constants import LOG2E
 from .block_sparse import (
+    MASK_NONE,
     TILE_HEURISTICS,
     _bsa_load,
     _bsa_loop_tile,
     _bsa_mask_scores,
     _bsa_program_tile,
+    _bsa_row_bounds,
     cdiv,
     csr_strides,
     empty_like_layout,
@@ -28,6 +30,8 @@ from .block_sparse import (
 )
 
 __all__ = ["block_sparse_bwd", "transpose_csr"]
+
+_NONE = tl.constexpr(MASK_NONE)
 
 _LOG2E = tl.constexpr(LOG2E)
 _INF = tl.constexpr(float("inf"))
@@ -98,8 +102,8 @@ def _block_sparse_bwd_dq_inner(
     k_base,
     v_base,
     indices_ptr,
-    partial_ptr,
     row_start,
+    row_split,
     row_end,
     stride_k_n,
     stride_k_d,
@@ -126,37 +130,42 @@ def _block_sparse_bwd_dq_inner(
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    for t in range(row_start * K_SUB, row_end * K_SUB):
-        i, start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
-        m_n = o_n < n_valid
-        p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
-        p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
-        # [BLOCK_N, BLOCK_D]
-        b_k = _bsa_load(p_k, m_n, o_d < HEAD_DIM, EVEN_N, HEAD_DIM == BLOCK_D)
-        # [BLOCK_N, BLOCK_DV]
-        b_v = _bsa_load(p_v, m_n, o_dv < HEAD_DIM_V, EVEN_N, HEAD_DIM_V == BLOCK_DV)
-        # [BLOCK_M, BLOCK_N]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
-        b_s = _bsa_mask_scores(
-            b_s,
-            q_pos,
-            start_n + o_n,
-            n_valid,
-            partial_ptr,
-            i,
-            qtab_ptr,
-            ktab_ptr,
-            tab_len,
-            radius2,
-            BLOCK_N,
-            MASK_KIND,
-            EVEN_N,
-            True,
-        )
-        b_p = tl.math.exp2(b_s - b_lse2[:, None])
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+    for phase in tl.static_range(1 if MASK_KIND == _NONE else 2):
+        # phase 0: full blocks [row_start, row_split); phase 1: partial blocks [row_split, row_end), predicate applied
+        if phase == 0:
+            lo, hi = row_start, row_split
+        else:
+            lo, hi = row_split, row_end
+        for t in range(lo * K_SUB, hi * K_SUB):
+            _, start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
+            m_n = o_n < n_valid
+            p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
+            p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
+            # [BLOCK_N, BLOCK_D]
+            b_k = _bsa_load(p_k, m_n, o_d < HEAD_DIM, EVEN_N, HEAD_DIM == BLOCK_D)
+            # [BLOCK_N, BLOCK_DV]
+            b_v = _bsa_load(p_v, m_n, o_dv < HEAD_DIM_V, EVEN_N, HEAD_DIM_V == BLOCK_DV)
+            # [BLOCK_M, BLOCK_N]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+            b_s = _bsa_mask_scores(
+                b_s,
+                q_pos,
+                start_n + o_n,
+                n_valid,
+                qtab_ptr,
+                ktab_ptr,
+                tab_len,
+                radius2,
+                BLOCK_N,
+                MASK_KIND,
+                phase == 1,
+                EVEN_N,
+                True,
+            )
+            b_p = tl.math.exp2(b_s - b_lse2[:, None])
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -178,7 +187,7 @@ def _block_sparse_bwd_kernel_dq(
     dq_ptr,
     indptr_ptr,
     indices_ptr,
-    partial_ptr,
+    split_ptr,
     stride_q_b,
     stride_q_h,
     stride_q_n,
@@ -245,7 +254,9 @@ def _block_sparse_bwd_kernel_dq(
     b_lse = tl.load(lse_ptr + p_row, mask=m_m, other=_INF)
     b_lse2 = tl.where(b_lse == -_INF, _INF, b_lse * _LOG2E)
     b_delta = tl.load(delta_ptr + p_row, mask=m_m, other=0.0)
-    row = indptr_ptr + i_b * stride_indptr_b + i_h * stride_indptr_h + i_m
+    row_start, row_split, row_end = _bsa_row_bounds(
+        indptr_ptr, split_ptr, i_b * stride_indptr_b + i_h * stride_indptr_h + i_m, MASK_KIND
+    )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _block_sparse_bwd_dq_inner(
         dq,
@@ -257,9 +268,9 @@ def _block_sparse_bwd_kernel_dq(
         k_ptr + i_b * stride_k_b + i_h * stride_k_h,
         v_ptr + i_b * stride_v_b + i_h * stride_v_h,
         indices_ptr,
-        partial_ptr,
-        tl.load(row),
-        tl.load(row + 1),
+        row_start,
+        row_split,
+        row_end,
         stride_k_n,
         stride_k_d,
         stride_v_n,
@@ -297,8 +308,8 @@ def _block_sparse_bwd_dkdv_inner(
     lse_base,
     delta_base,
     indices_ptr,
-    partial_ptr,
     col_start,
+    col_split,
     col_end,
     stride_q_n,
     stride_q_d,
@@ -328,41 +339,46 @@ def _block_sparse_bwd_dkdv_inner(
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    for t in range(col_start * Q_SUB, col_end * Q_SUB):
-        i, start_m, m_valid = _bsa_loop_tile(indices_ptr, t, block_q, q_len, Q_SUB, BLOCK_M)
-        m_m = o_m < m_valid
-        p_q = q_base + (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
-        p_do = do_base + (start_m + o_m)[:, None] * stride_do_n + o_dv[None, :] * stride_do_d
-        # [BLOCK_M, BLOCK_D]
-        b_q = _bsa_load(p_q, m_m, o_d < HEAD_DIM, EVEN_M, HEAD_DIM == BLOCK_D)
-        # [BLOCK_M, BLOCK_DV]
-        b_do = _bsa_load(p_do, m_m, o_dv < HEAD_DIM_V, EVEN_M, HEAD_DIM_V == BLOCK_DV)
-        b_lse = tl.load(lse_base + start_m + o_m, mask=m_m, other=_INF)
-        b_lse2 = tl.where(b_lse == -_INF, _INF, b_lse * _LOG2E)
-        b_delta = tl.load(delta_base + start_m + o_m, mask=m_m, other=0.0)
-        # [BLOCK_N, BLOCK_M]
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale
-        b_st = _bsa_mask_scores(
-            b_st,
-            k_pos,
-            start_m + o_m,
-            m_valid,
-            partial_ptr,
-            i,
-            qtab_ptr,
-            ktab_ptr,
-            tab_len,
-            radius2,
-            BLOCK_M,
-            MASK_KIND,
-            EVEN_M,
-            False,
-        )
-        b_pt = tl.math.exp2(b_st - b_lse2[None, :])
-        dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+    for phase in tl.static_range(1 if MASK_KIND == _NONE else 2):
+        # phase 0: full blocks [col_start, col_split); phase 1: partial blocks [col_split, col_end), predicate applied
+        if phase == 0:
+            lo, hi = col_start, col_split
+        else:
+            lo, hi = col_split, col_end
+        for t in range(lo * Q_SUB, hi * Q_SUB):
+            _, start_m, m_valid = _bsa_loop_tile(indices_ptr, t, block_q, q_len, Q_SUB, BLOCK_M)
+            m_m = o_m < m_valid
+            p_q = q_base + (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
+            p_do = do_base + (start_m + o_m)[:, None] * stride_do_n + o_dv[None, :] * stride_do_d
+            # [BLOCK_M, BLOCK_D]
+            b_q = _bsa_load(p_q, m_m, o_d < HEAD_DIM, EVEN_M, HEAD_DIM == BLOCK_D)
+            # [BLOCK_M, BLOCK_DV]
+            b_do = _bsa_load(p_do, m_m, o_dv < HEAD_DIM_V, EVEN_M, HEAD_DIM_V == BLOCK_DV)
+            b_lse = tl.load(lse_base + start_m + o_m, mask=m_m, other=_INF)
+            b_lse2 = tl.where(b_lse == -_INF, _INF, b_lse * _LOG2E)
+            b_delta = tl.load(delta_base + start_m + o_m, mask=m_m, other=0.0)
+            # [BLOCK_N, BLOCK_M]
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale
+            b_st = _bsa_mask_scores(
+                b_st,
+                k_pos,
+                start_m + o_m,
+                m_valid,
+                qtab_ptr,
+                ktab_ptr,
+                tab_len,
+                radius2,
+                BLOCK_M,
+                MASK_KIND,
+                phase == 1,
+                EVEN_M,
+                False,
+            )
+            b_pt = tl.math.exp2(b_st - b_lse2[None, :])
+            dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -385,7 +401,7 @@ def _block_sparse_bwd_kernel_dkdv(
     dv_ptr,
     indptr_ptr,
     indices_ptr,
-    partial_ptr,
+    split_ptr,
     stride_q_b,
     stride_q_h,
     stride_q_n,
@@ -452,7 +468,9 @@ def _block_sparse_bwd_kernel_dkdv(
     b_k = _bsa_load(p_k, m_n, o_d < HEAD_DIM, EVEN_N, HEAD_DIM == BLOCK_D)
     # [BLOCK_N, BLOCK_DV]
     b_v = _bsa_load(p_v, m_n, o_dv < HEAD_DIM_V, EVEN_N, HEAD_DIM_V == BLOCK_DV)
-    col = indptr_ptr + i_b * stride_indptr_b + i_h * stride_indptr_h + i_n
+    col_start, col_split, col_end = _bsa_row_bounds(
+        indptr_ptr, split_ptr, i_b * stride_indptr_b + i_h * stride_indptr_h + i_n, MASK_KIND
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     dk, dv = _block_sparse_bwd_dkdv_inner(
@@ -466,9 +484,9 @@ def _block_sparse_bwd_kernel_dkdv(
         lse_ptr + i_bh.to(tl.int64) * q_len,
         delta_ptr + i_bh.to(tl.int64) * q_len,
         indices_ptr,
-        partial_ptr,
-        tl.load(col),
-        tl.load(col + 1),
+        col_start,
+        col_split,
+        col_end,
         stride_q_n,
         stride_q_d,
         stride_do_n,
@@ -529,7 +547,7 @@ def block_sparse_bwd(
     lse: torch.Tensor,
     indptr: torch.Tensor,
     indices: torch.Tensor,
-    partial: torch.Tensor,
+    split: torch.Tensor,
     *,
     scale: float,
     block_q: int,
@@ -538,10 +556,11 @@ def block_sparse_bwd(
     query_table: torch.Tensor | None,
     key_table: torch.Tensor | None,
     radius2: float,
-    key_major: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    key_major: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three launches: delta ``(Nq / 64, B * H)``; dQ per query sub-tile over the rows; dK/dV per key sub-tile
-    over the transposed CSR ``key_major`` (``transpose_csr`` of the rows, computed here when None).
+    """Three launches: delta ``(Nq / 64, B * H)``; dQ per query sub-tile over the rows ``(indptr, indices,
+    split)``; dK/dV per key sub-tile over ``key_major``, the same for the transposed CSR (``transpose_csr``), each
+    with full blocks first (``full_blocks_first``).
 
     Returns ``dq``, ``dk``, ``dv`` stored like ``q``, ``k``, ``v``.
     """
@@ -568,7 +587,7 @@ def block_sparse_bwd(
     dk = empty_like_layout(k, k.shape[-1])
     dv = empty_like_layout(v, v.shape[-1])
     constexprs = launch_constexprs(q, v, mask_kind)
-    shared = (h, q_len, kv_len, block_q, block_k, scale, *predicate_args(query_table, key_table, partial), radius2)
+    shared = (h, q_len, kv_len, block_q, block_k, scale, *predicate_args(query_table, key_table, split), radius2)
     grid_dq = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
     _block_sparse_bwd_kernel_dq[grid_dq](
         q,
@@ -580,7 +599,7 @@ def block_sparse_bwd(
         dq,
         indptr,
         indices,
-        partial,
+        split,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -590,9 +609,7 @@ def block_sparse_bwd(
         *shared,
         **constexprs,
     )
-    if key_major is None:
-        key_major = transpose_csr(indptr, indices, partial, cdiv(kv_len, block_k))
-    indptr_t, indices_t, partial_t = key_major
+    indptr_t, indices_t, split_t = key_major
     grid_dkdv = lambda meta: (cdiv(kv_len, block_k) * meta["K_SUB"], b * h)
     _block_sparse_bwd_kernel_dkdv[grid_dkdv](
         q,
@@ -605,7 +622,7 @@ def block_sparse_bwd(
         dv,
         indptr_t,
         indices_t,
-        partial_t,
+        split_t,
         *q.stride(),
         *k.stride(),
         *v.stride(),

@@ -88,7 +88,6 @@ def _sparse_linear_bwd_kernel_dq(
     dq_ptr,
     indptr_ptr,
     indices_ptr,
-    partial_ptr,
     neg_indptr_ptr,
     neg_indices_ptr,
     stride_q_b,
@@ -219,8 +218,8 @@ def _sparse_linear_bwd_kernel_dq(
         k_ptr + i_b * stride_k_b + i_h * stride_k_h,
         v_ptr + i_b * stride_v_b + i_h * stride_v_h,
         indices_ptr,
-        partial_ptr,
         crit_start,
+        crit_end,
         crit_end,
         stride_k_n,
         stride_k_d,
@@ -271,7 +270,6 @@ def _sparse_linear_bwd_kernel_dkdv(
     dv_ptr,
     indptr_ptr,
     indices_ptr,
-    partial_ptr,
     neg_indptr_ptr,
     neg_indices_ptr,
     stride_q_b,
@@ -390,8 +388,8 @@ def _sparse_linear_bwd_kernel_dkdv(
         lse_ptr + i_bh.to(tl.int64) * q_len,
         delta_ptr + i_bh.to(tl.int64) * q_len,
         indices_ptr,
-        partial_ptr,
         crit_start,
+        crit_end,
         crit_end,
         stride_q_n,
         stride_q_d,
@@ -520,7 +518,6 @@ def sparse_linear_bwd(
         dq,
         indptr,
         indices,
-        partial,
         neg_indptr,
         neg_indices,
         *q.stride(),
@@ -541,7 +538,7 @@ def sparse_linear_bwd(
         *no_predicate,
         **dq_constexprs,
     )
-    indptr_t, indices_t, partial_t = transpose_csr(indptr, indices, partial, mk)
+    indptr_t, indices_t, _ = transpose_csr(indptr, indices, partial, mk)
     neg_partial = torch.zeros(neg_indices.shape, dtype=torch.bool, device=q.device)
     neg_indptr_t, neg_indices_t, _ = transpose_csr(neg_indptr, neg_indices, neg_partial, mk)
     grid_dkdv = lambda meta: (mk * meta["K_SUB"], b * h)
@@ -560,7 +557,6 @@ def sparse_linear_bwd(
         dv,
         indptr_t,
         indices_t,
-        partial_t,
         neg_indptr_t,
         neg_indices_t,
         *q.stride(),

@@ -92,29 +92,45 @@ def _predicate_args(token_mask, device) -> tuple[int, torch.Tensor | None, torch
     return pack_mask_kind(kind, token_mask.layout.grid.shape), tables.query, tables.key, radius2
 
 
-#: Per ``BlockMask`` (masks are immutable): its predicate arguments and, once a gradient was needed, its key-major CSR.
+#: Per ``BlockMask`` (masks are immutable): its predicate arguments, row CSR and, once a gradient was needed, its
+#: key-major CSR.
 _MASK_ARGS: "weakref.WeakKeyDictionary[BlockMask, list]" = weakref.WeakKeyDictionary()
 
 
-def _mask_launch_args(block_mask: BlockMask, needs_grad: bool) -> tuple[tuple, tuple]:
-    """``(predicate, key_major)`` of ``block_mask``, computed once per mask in eager mode: ``predicate`` is
-    ``_predicate_args``; ``key_major`` the ``(indptr_t, indices_t, partial_t)`` CSR the dK/dV pass walks
-    (``transpose_csr``: about ten small device ops); without a gradient the row CSR stands in (the backward never
-    runs, nothing reads it). Under ``torch.compile`` both are recomputed in the graph instead of being cached on a
-    Python object.
-    """
+def _walk_csr(indptr: torch.Tensor, indices: torch.Tensor, partial: torch.Tensor, has_predicate: bool) -> tuple:
+    """``(indptr, indices, split)`` the kernels walk: full blocks first (``full_blocks_first``); without a
+    predicate every block is full and ``indptr`` stands in for the unread ``split``."""
+    from ..kernels.block_sparse import full_blocks_first
+
+    return (indptr, *full_blocks_first(indptr, indices, partial)) if has_predicate else (indptr, indices, indptr)
+
+
+def _launch_csrs(block_mask: BlockMask, needs_grad: bool) -> tuple[tuple, tuple]:
+    """``(rows, key_major)``: the row CSR the forward and dQ pass walk and the transposed one of the dK/dV pass
+    (``transpose_csr``), both ``_walk_csr``; without a gradient the row CSR stands in for the transposed one
+    (the backward never runs, nothing reads it)."""
     from ..kernels.block_sparse_bwd import transpose_csr
 
+    has_predicate = block_mask.token_mask is not None
     csr = (block_mask.indptr, block_mask.indices, block_mask.partial)
+    rows = _walk_csr(*csr, has_predicate)
+    if not needs_grad:
+        return rows, rows
+    return rows, _walk_csr(*transpose_csr(*csr, block_mask.num_kv_blocks), has_predicate)
+
+
+def _mask_launch_args(block_mask: BlockMask, needs_grad: bool) -> tuple[tuple, tuple, tuple]:
+    """``(predicate, rows, key_major)`` of ``block_mask`` (``_predicate_args``, ``_launch_csrs``), computed once
+    per mask in eager mode (about twenty small device ops); under ``torch.compile`` recomputed in the graph instead
+    of being cached on a Python object."""
     if torch.compiler.is_compiling():
-        key_major = transpose_csr(*csr, block_mask.num_kv_blocks) if needs_grad else csr
-        return _predicate_args(block_mask.token_mask, block_mask.device), key_major
+        return _predicate_args(block_mask.token_mask, block_mask.device), *_launch_csrs(block_mask, needs_grad)
     entry = _MASK_ARGS.get(block_mask)
-    if entry is None:
-        entry = _MASK_ARGS[block_mask] = [_predicate_args(block_mask.token_mask, block_mask.device), None]
-    if needs_grad and entry[1] is None:
-        entry[1] = transpose_csr(*csr, block_mask.num_kv_blocks)
-    return entry[0], entry[1] if needs_grad else csr
+    if entry is None or (needs_grad and entry[2] is None):
+        rows, key_major = _launch_csrs(block_mask, needs_grad)
+        predicate = _predicate_args(block_mask.token_mask, block_mask.device) if entry is None else entry[0]
+        entry = _MASK_ARGS[block_mask] = [predicate, rows, key_major if needs_grad else None]
+    return entry[0], entry[1], entry[2] if needs_grad else entry[1]
 
 
 def _triton_supports_mask(args: dict, raise_error: bool) -> bool:
@@ -136,7 +152,7 @@ def _block_sparse_fwd_op(
     v: torch.Tensor,
     indptr: torch.Tensor,
     indices: torch.Tensor,
-    partial: torch.Tensor,
+    split: torch.Tensor,
     scale: float,
     block_q: int,
     block_k: int,
@@ -146,10 +162,10 @@ def _block_sparse_fwd_op(
     radius2: float,
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
-    partial_t: torch.Tensor,
+    split_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``indptr_t``/``indices_t``/``partial_t``: the key-major CSR of the dK/dV pass (``_key_major_csr``), only
-    saved for the backward."""
+    """``indptr``/``indices``/``split``: the row CSR walked with full blocks first, ``indptr_t``/``indices_t``/
+    ``split_t`` the key-major one of the dK/dV pass (``_launch_csrs``), only saved for the backward."""
     from ..kernels.block_sparse import block_sparse_fwd
 
     return block_sparse_fwd(
@@ -158,7 +174,7 @@ def _block_sparse_fwd_op(
         v,
         indptr,
         indices,
-        partial,
+        split,
         scale=scale,
         block_q=block_q,
         block_k=block_k,
@@ -170,9 +186,7 @@ def _block_sparse_fwd_op(
 
 
 @_block_sparse_fwd_op.register_fake
-def _(
-    q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, query_table, key_table, radius2, *key_major
-):
+def _(q, k, v, indptr, indices, split, scale, block_q, block_k, mask_kind, query_table, key_table, radius2, *key_major):
     from ..kernels.block_sparse import empty_like_layout
 
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
@@ -190,7 +204,7 @@ def _block_sparse_bwd_op(
     lse: torch.Tensor,
     indptr: torch.Tensor,
     indices: torch.Tensor,
-    partial: torch.Tensor,
+    split: torch.Tensor,
     scale: float,
     block_q: int,
     block_k: int,
@@ -200,7 +214,7 @@ def _block_sparse_bwd_op(
     radius2: float,
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
-    partial_t: torch.Tensor,
+    split_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.block_sparse_bwd import block_sparse_bwd
 
@@ -214,7 +228,7 @@ def _block_sparse_bwd_op(
         lse,
         indptr,
         indices,
-        partial,
+        split,
         scale=scale,
         block_q=block_q,
         block_k=block_k,
@@ -222,7 +236,7 @@ def _block_sparse_bwd_op(
         query_table=query_table,
         key_table=key_table,
         radius2=radius2,
-        key_major=(indptr_t, indices_t, partial_t),
+        key_major=(indptr_t, indices_t, split_t),
     )
 
 
@@ -240,7 +254,7 @@ def _setup_context(ctx, inputs, output):
         v,
         indptr,
         indices,
-        partial,
+        split,
         scale,
         block_q,
         block_k,
@@ -251,13 +265,13 @@ def _setup_context(ctx, inputs, output):
         *key_major,
     ) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, indptr, indices, partial, query_table, key_table, *key_major)
+    ctx.save_for_backward(q, k, v, out, lse, indptr, indices, split, query_table, key_table, *key_major)
     ctx.scale, ctx.block_q, ctx.block_k = scale, block_q, block_k
     ctx.mask_kind, ctx.radius2 = mask_kind, radius2
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, indptr, indices, partial, query_table, key_table, *key_major = ctx.saved_tensors
+    q, k, v, out, lse, indptr, indices, split, query_table, key_table, *key_major = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dq, dk, dv = _block_sparse_bwd_op(
         dout,
@@ -269,7 +283,7 @@ def _backward(ctx, dout, dlse):
         lse,
         indptr,
         indices,
-        partial,
+        split,
         ctx.scale,
         ctx.block_q,
         ctx.block_k,
@@ -279,7 +293,7 @@ def _backward(ctx, dout, dlse):
         ctx.radius2,
         *key_major,
     )
-    # q, k, v, indptr, indices, partial, scale, block_q, block_k, mask_kind, query_table, key_table, radius2, *key_major
+    # q, k, v, indptr, indices, split, scale, block_q, block_k, mask_kind, query_table, key_table, radius2, *key_major
     return dq, dk, dv, *(None,) * 13
 
 
@@ -293,16 +307,14 @@ def _kept_pairs(q_shape, indptr_shape, indices_shape, block_q: int, block_k: int
 
 
 @register_flop_formula(torch.ops.visionattn.block_sparse_attention_fwd)
-def _fwd_flops(
-    q_shape, k_shape, v_shape, indptr_shape, indices_shape, partial_shape, scale, block_q, block_k, *_, **__
-):
+def _fwd_flops(q_shape, k_shape, v_shape, indptr_shape, indices_shape, split_shape, scale, block_q, block_k, *_, **__):
     """QK^T and PV over the kept blocks: 2 * pairs * (D + Dv)."""
     return 2 * _kept_pairs(q_shape, indptr_shape, indices_shape, block_q, block_k) * (q_shape[-1] + v_shape[-1])
 
 
 @register_flop_formula(torch.ops.visionattn.block_sparse_attention_bwd)
 def _bwd_flops(do_shape, dlse_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, indptr_shape, indices_shape,
-               partial_shape, scale, block_q, block_k, *_, **__):  # fmt: skip
+               split_shape, scale, block_q, block_k, *_, **__):  # fmt: skip
     """QK^T, dP = dO V^T, dV, dQ, dK over the kept blocks: 2 * pairs * (3 D + 2 Dv) (recompute not counted)."""
     pairs = _kept_pairs(q_shape, indptr_shape, indices_shape, block_q, block_k)
     return 2 * pairs * (3 * q_shape[-1] + 2 * v_shape[-1])
@@ -320,14 +332,12 @@ def _bwd_flops(do_shape, dlse_shape, q_shape, k_shape, v_shape, out_shape_, lse_
 )
 def _block_sparse_attention_triton(q, k, v, block_mask: BlockMask, *, scale: float, return_lse: bool = False):
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    predicate, key_major = _mask_launch_args(block_mask, needs_grad)
+    predicate, rows, key_major = _mask_launch_args(block_mask, needs_grad)
     out, lse = _block_sparse_fwd_op(
         q,
         k,
         v,
-        block_mask.indptr,
-        block_mask.indices,
-        block_mask.partial,
+        *rows,
         scale,
         block_mask.block_q,
         block_mask.block_k,
