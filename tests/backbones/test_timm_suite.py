@@ -50,7 +50,8 @@ DESELECTED = {
 DESELECTED_FOR = {
     "agent_deit_*": {
         "test_model_default_cfgs": "ViT-style token output with a cls token, which timm checks with "
-        "test_model_default_cfgs_non_std, selected only by timm's own name list (deit*)",
+        "test_model_default_cfgs_non_std, selected only by timm's own name list (deit*); the same checks, with the "
+        "spatial pool_size check stated for tokens, run in test_agent_cfgs.py::test_agent_deit_default_cfg_contract",
     },
 }
 
