@@ -4,6 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 import visionattn  # noqa: F401
+from tests.backbones import _agent_official as agent_official
 from tools.convert import main as convert_main
 
 MODEL = "mavit_tiny"
@@ -61,3 +62,20 @@ def test_convert_loads_pickles_safely(tmp_path):
     torch.save({"model": Payload()}, evil)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         convert_main(["--model", MODEL, "--checkpoint", str(evil), "--out", str(tmp_path / "o.safetensors")])
+
+
+def test_convert_renames_official_agent_pvt_layout(tmp_path, capsys):
+    """A non-identity converter through the tool: Agent-PVT's official layout (``block1.0.attn.q``/``kv``,
+    ``patch_embed1``, 5-D agent biases; see tests/backbones/_agent_official.py) written as exact safetensors."""
+    rng = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=rng) for k, s in agent_official.layout("agent_pvt_tiny").items()}
+    path = tmp_path / "agent_pvt_t.pth"
+    torch.save({"model": state, "epoch": 299}, path)
+    out = tmp_path / "agent_pvt_tiny.safetensors"
+    assert convert_main(["--model", "agent_pvt_tiny", "--checkpoint", str(path), "--out", str(out)]) == 0
+    assert '"missing": []' in capsys.readouterr().out
+    converted = load_file(str(out))
+    assert converted.keys() == timm.create_model("agent_pvt_tiny", device="meta").state_dict().keys()
+    qkv = torch.cat([state["block3.1.attn.q.weight"], state["block3.1.attn.kv.weight"]])
+    assert torch.equal(converted["stages.2.blocks.1.attn.qkv.weight"], qkv)
+    assert torch.equal(converted["stages.0.blocks.0.attn.ah_bias"], state["block1.0.attn.ah_bias"][0, :, :, :, 0])
