@@ -148,6 +148,21 @@ def test_sparse_linear_topk_traces_with_compile_fullgraph(kernel_device, rng):
     assert_close("out", fn(q, k, v), out)
 
 
+def test_sparse_linear_transposes_a_reused_mask_once(kernel_device, rng, monkeypatch):
+    """The key-major CSRs of the backward are built in the forward, once per ``block_mask`` (none for the empty
+    negligible set): the backward only launches kernels."""
+    from visionattn.kernels import block_sparse_bwd
+
+    calls = []
+    transpose = block_sparse_bwd.transpose_csr
+    monkeypatch.setattr(block_sparse_bwd, "transpose_csr", lambda *args: calls.append(1) or transpose(*args))
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=rng).to(kernel_device).requires_grad_(True) for _ in range(3))
+    mask = topk_ratio_block_mask(q, k, 16, 16, 0.5)
+    for _ in range(2):
+        sparse_linear_attention(q, k, v, block_mask=mask, backend="triton").sum().backward()
+    assert len(calls) == 1
+
+
 @pytest.mark.gpu
 def test_sparse_linear_topk_does_not_sync_the_host():
     """Selection, forward and backward on CUDA with sync debugging set to raise (after one warm-up call: the

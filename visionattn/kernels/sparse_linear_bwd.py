@@ -33,7 +33,7 @@ from .block_sparse import (
     predicate_args,
     prune_configs,
 )
-from .block_sparse_bwd import _block_sparse_bwd_dkdv_inner, _block_sparse_bwd_dq_inner, transpose_csr
+from .block_sparse_bwd import _block_sparse_bwd_dkdv_inner, _block_sparse_bwd_dq_inner
 from .linear import _phi, _phi_bwd
 from .sparse_linear import _sla_marginal_state
 from .sparse_linear_state import (
@@ -440,9 +440,11 @@ def sparse_linear_bwd(
     block_q: int,
     block_k: int,
     feature: int,
+    key_major: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Four launches: key-block states, query-block pre-pass (``c`` blocks per program), dQ per query sub-tile,
-    dK/dV per key sub-tile (transposed CSRs, built on device without a host sync).
+    dK/dV per key sub-tile over the transposed CSRs ``key_major`` = ``(indptr_t, indices_t, neg_indptr_t,
+    neg_indices_t)`` (``transpose_csr`` of the critical and negligible rows, built by the caller).
 
     Returns ``dq``, ``dk``, ``dv`` stored like ``q``, ``k``, ``v``.
     """
@@ -538,9 +540,7 @@ def sparse_linear_bwd(
         *no_predicate,
         **dq_constexprs,
     )
-    indptr_t, indices_t, _ = transpose_csr(indptr, indices, partial, mk)
-    neg_partial = torch.zeros(neg_indices.shape, dtype=torch.bool, device=q.device)
-    neg_indptr_t, neg_indices_t, _ = transpose_csr(neg_indptr, neg_indices, neg_partial, mk)
+    indptr_t, indices_t, neg_indptr_t, neg_indices_t = key_major
     grid_dkdv = lambda meta: (mk * meta["K_SUB"], b * h)
     _sparse_linear_bwd_kernel_dkdv[grid_dkdv](
         q,

@@ -18,7 +18,7 @@ from ..layout.block_mask import BlockMask
 from ._checks import _check_attention_inputs, _check_choice, _check_scale, _check_tensor
 from ._eager import custom_op
 from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim, _requires_triton_device
-from .block_sparse import _check_block_mask, block_sparse_attention_reference
+from .block_sparse import _check_block_mask, _mask_launch_args, block_sparse_attention_reference
 from .linear import _check_eps, _feature_map
 
 __all__ = ["sparse_linear_attention", "sparse_linear_attention_reference"]
@@ -36,23 +36,23 @@ def _check_ratio(name: str, value) -> float:
     return float(value)
 
 
-#: ``(Mq, device) -> (indptr, indices)`` of ``_empty_csr`` in eager mode (read-only; two allocations per call saved).
+#: ``(rows, device) -> (indptr, indices)`` of ``_empty_csr`` in eager mode (read-only; saves allocations per call).
 _EMPTY_CSRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _empty_csr(q_len: int, block_q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(indptr, indices)`` of a block set keeping no block, broadcast over batch and heads."""
-    mq = -(-q_len // block_q)
+def _empty_csr(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indptr, indices)`` of a block set keeping no block in any of ``rows`` rows, broadcast over batch and
+    heads (the negligible set without ``skip_ratio``: ``Mq`` rows, and its key-major form: ``Mk`` rows)."""
     make = lambda: (
-        torch.zeros(1, 1, mq + 1, dtype=torch.int32, device=device),
+        torch.zeros(1, 1, rows + 1, dtype=torch.int32, device=device),
         torch.zeros(0, dtype=torch.int32, device=device),
     )
     if torch.compiler.is_compiling():
         return make()
-    if (mq, device) not in _EMPTY_CSRS:
+    if (rows, device) not in _EMPTY_CSRS:
         with torch.inference_mode(False):  # a cached inference tensor could not be saved for a later backward
-            _EMPTY_CSRS[mq, device] = make()
-    return _EMPTY_CSRS[mq, device]
+            _EMPTY_CSRS[rows, device] = make()
+    return _EMPTY_CSRS[rows, device]
 
 
 def _select_blocks(q, k, topk_ratio: float, skip_ratio: float, block_q: int, block_k: int):
@@ -156,7 +156,12 @@ def _sla_fwd_op(
     block_k: int,
     feature: int,
     eps: float,
+    indptr_t: torch.Tensor,
+    indices_t: torch.Tensor,
+    neg_indptr_t: torch.Tensor,
+    neg_indices_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``indptr_t`` ... ``neg_indices_t``: the key-major CSRs of the dK/dV pass, only saved for the backward."""
     from ..kernels.sparse_linear import sparse_linear_fwd
 
     return sparse_linear_fwd(
@@ -177,7 +182,7 @@ def _sla_fwd_op(
 
 
 @_sla_fwd_op.register_fake
-def _(q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps):
+def _(q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps, *key_major):
     from ..kernels.block_sparse import empty_like_layout
 
     rows = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
@@ -204,6 +209,10 @@ def _sla_bwd_op(
     block_q: int,
     block_k: int,
     feature: int,
+    indptr_t: torch.Tensor,
+    indices_t: torch.Tensor,
+    neg_indptr_t: torch.Tensor,
+    neg_indices_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.sparse_linear_bwd import sparse_linear_bwd
 
@@ -226,6 +235,7 @@ def _sla_bwd_op(
         block_q=block_q,
         block_k=block_k,
         feature=feature,
+        key_major=(indptr_t, indices_t, neg_indptr_t, neg_indices_t),
     )
 
 
@@ -237,22 +247,25 @@ def _(do_sparse, do_linear, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps = inputs
+    q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps, *key_major = (
+        inputs
+    )
     o_sparse, o_linear, lse, rden = output
-    ctx.save_for_backward(q, k, v, o_sparse, o_linear, lse, rden, indptr, indices, partial, neg_indptr, neg_indices)
+    csr = (indptr, indices, partial, neg_indptr, neg_indices)
+    ctx.save_for_backward(q, k, v, o_sparse, o_linear, lse, rden, *csr, *key_major)
     ctx.scale, ctx.block_q, ctx.block_k, ctx.feature = scale, block_q, block_k, feature
 
 
 def _backward(ctx, do_sparse, do_linear, _dlse, _drden):
-    q, k, v, o_sparse, o_linear, lse, rden, *csr = ctx.saved_tensors
+    q, k, v, o_sparse, o_linear, lse, rden, *csrs = ctx.saved_tensors
     do_sparse = torch.zeros_like(o_sparse) if do_sparse is None else do_sparse
     do_linear = torch.zeros_like(o_linear) if do_linear is None else do_linear
     dq, dk, dv = _sla_bwd_op(
-        do_sparse, do_linear, q, k, v, o_sparse, o_linear, lse, rden, *csr,
-        ctx.scale, ctx.block_q, ctx.block_k, ctx.feature,
+        do_sparse, do_linear, q, k, v, o_sparse, o_linear, lse, rden, *csrs[:5],
+        ctx.scale, ctx.block_q, ctx.block_k, ctx.feature, *csrs[5:],
     )  # fmt: skip
-    # q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    # q, k, v, the 5 row CSR tensors, scale, block_q, block_k, feature, eps, the 4 key-major CSR tensors
+    return dq, dk, dv, *[None] * 14
 
 
 _sla_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -300,24 +313,32 @@ def _bwd_flops(do_s_shape, do_l_shape, q_shape, k_shape, v_shape, o_s_shape, o_l
 def _sparse_linear_triton(q, k, v, critical: BlockMask, negligible: BlockMask | None, *, feature_map: str, scale, eps):
     from ..kernels.linear import FEATURE_CODES
 
+    csr = critical.indptr, critical.indices, critical.partial
     if negligible is None:
-        neg_indptr, neg_indices = _empty_csr(q.shape[2], critical.block_q, q.device)
+        neg_csr = _empty_csr(critical.num_q_blocks, q.device)
     else:
-        neg_indptr, neg_indices = negligible.indptr, negligible.indices
+        neg_csr = negligible.indptr, negligible.indices
+    # The key-major CSRs of the dK/dV pass are built here, so that the backward only launches kernels; cached per
+    # mask (a block_mask reused across calls is transposed once). Without a gradient the rows stand in, unread.
+    key_major = csr[:2] + neg_csr
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if negligible is None:
+            neg_key_major = _empty_csr(critical.num_kv_blocks, q.device)
+        else:
+            neg_key_major = _mask_launch_args(negligible, True)[2][:2]
+        key_major = _mask_launch_args(critical, True)[2][:2] + neg_key_major
     o_sparse, o_linear, _, _ = _sla_fwd_op(
         q,
         k,
         v,
-        critical.indptr,
-        critical.indices,
-        critical.partial,
-        neg_indptr,
-        neg_indices,
+        *csr,
+        *neg_csr,
         scale,
         critical.block_q,
         critical.block_k,
         FEATURE_CODES[feature_map],
         eps,
+        *key_major,
     )
     return o_sparse, o_linear
 
