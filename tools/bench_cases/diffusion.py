@@ -60,6 +60,7 @@ _WAN_METHODS = [
     ("radial", dict(decay_factor=1.0)),
     ("radial", dict(decay_factor=0.2)),
     ("local", dict(kernel_size=(11, 16, 24), stride=(1, 8, 8))),
+    ("local", dict(kernel_size=(10, 24, 24), stride=(2, 8, 8))),  # GNA-aligned: odd multiples of the (2, 8, 8) tile
     ("sparse_linear", dict(topk=0.05, block_q=128, block_k=64)),
     ("linear", {}),
 ]
