@@ -119,7 +119,7 @@ class AgentSwinTransformer(StagedBackbone, ClassifierHeadMixin, nn.Module):
 
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int | tuple[int, int] = 224,
         patch_size: int = 4,
         in_chans: int = 3,
         num_classes: int = 1000,
@@ -153,8 +153,8 @@ class AgentSwinTransformer(StagedBackbone, ClassifierHeadMixin, nn.Module):
             agent_blocks: leading blocks per stage that use agent attention (the rest: Swin window attention).
             agent_nums: agents the biases of each stage are stored for.
             agent_shapes: agents per axis at run time per stage (None: ``sqrt(agent_num)`` each).
-            window_size: window of the Swin blocks (None: the reference's ``max(7, stage-1 size // 8)`` at
-                ``img_size``: 7 at 224, 9 at 288, 12 at 384).
+            window_size: window of the Swin blocks (None: the reference's ``max(7, (img_size / patch_size) // 8)``:
+                7 at 224, 9 at 288, 12 at 384).
             mlp_ratio: MLP ratio.
             qkv_bias: bias in the qkv projections.
             drop_rate: dropout before the classifier.
