@@ -120,7 +120,9 @@ def _check(mask, device, dtype, gen, *, batch=1, heads=2, d=32, dv=16, bnhd=Fals
         (2, 37, 37, 7, 12, 16, 16),
         (1, 50, 70, 24, 40, 16, 16),
         (1, 300, 290, 150, 140, 16, 16),
-    ],  # blocks above 128 tokens: walked in sub-tiles
+        (1, 40, 33, 16, 16, 40, 24),
+        (1, 32, 32, 16, 16, 72, 16),
+    ],  # blocks above 128 tokens: walked in sub-tiles; head dims 40 (SD 1.5) and 72 (PixArt) padded to tiles
     ids=lambda x: str(x),
 )
 def test_block_sparse_kernel_random_masks(kernel_device, poison_empty, rng, heads, q_len, kv_len, bq, bk, d, dv):

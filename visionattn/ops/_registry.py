@@ -115,6 +115,23 @@ def _requires_dtype(name: str, dtypes: tuple[torch.dtype, ...]) -> _Constraint:
     return check
 
 
+def _requires_head_dim_range(name: str, lo: int, hi: int) -> _Constraint:
+    """Head dim of ``args[name]`` in ``[lo, hi]`` (kernels pad it to a power-of-two tile and mask the rest)."""
+
+    def check(args: dict, raise_error: bool) -> bool:
+        d = args[name].shape[-1]
+        if not lo <= d <= hi:
+            return _fail(
+                raise_error,
+                NotImplementedError,
+                f"{name}.shape[-1] (head dim) must be in [{lo}, {hi}] for backend='triton'; got {d}. "
+                "Use backend='reference'.",
+            )
+        return True
+
+    return check
+
+
 def _requires_head_dim(name: str, allowed: tuple[int, ...]) -> _Constraint:
     def check(args: dict, raise_error: bool) -> bool:
         d = args[name].shape[-1]

@@ -13,7 +13,7 @@ from ..layout.block_mask import BlockMask
 from ..layout.predicates import CircularWindow, NeighborhoodWindow
 from ._checks import _check_attention_inputs, _check_scale
 from ._eager import custom_op
-from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim, _requires_triton_device
+from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim_range, _requires_triton_device
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
 
@@ -76,7 +76,8 @@ def block_sparse_attention_reference(
 
 
 # ---------------------------------------------------------------------------------------------- triton backend
-_TRITON_HEAD_DIMS = (16, 32, 64, 96, 128)
+#: Head dims of the Triton backend: any in [16, 128] (padded to a power-of-two tile in-kernel, masked).
+_TRITON_HEAD_DIMS = (16, 128)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -325,8 +326,8 @@ def _bwd_flops(do_shape, dlse_shape, q_shape, k_shape, v_shape, out_shape_, lse_
     constraints=[
         _requires_triton_device("q", "k", "v"),
         _requires_dtype("q", _TRITON_DTYPES),
-        _requires_head_dim("q", _TRITON_HEAD_DIMS),
-        _requires_head_dim("v", _TRITON_HEAD_DIMS),
+        _requires_head_dim_range("q", *_TRITON_HEAD_DIMS),
+        _requires_head_dim_range("v", *_TRITON_HEAD_DIMS),
         _triton_supports_mask,
     ],
 )

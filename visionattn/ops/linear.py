@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import _linear_triton
 from ._checks import _check_attention_inputs, _check_choice, _check_scale, _check_tensor
-from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_triton_device
+from ._registry import _BackendRegistry, _requires_dtype, _requires_head_dim_range, _requires_triton_device
 
 __all__ = [
     "LinearAttentionState",
@@ -322,17 +322,7 @@ def _triton_supports(args: dict, raise_error: bool) -> bool:
         return False
     if not _requires_dtype(names[0], _TRITON_DTYPES)(args, raise_error):
         return False
-    lo, hi = _TRITON_HEAD_DIMS
-    for name in names:
-        d = args[name].shape[-1]
-        if not lo <= d <= hi:
-            return _fail(
-                raise_error,
-                NotImplementedError,
-                f"{name}.shape[-1] (head dim) must be in [{lo}, {hi}] for backend='triton'; got {d}. "
-                "Use backend='reference'.",
-            )
-    return True
+    return all(_requires_head_dim_range(name, *_TRITON_HEAD_DIMS)(args, raise_error) for name in names)
 
 
 _REGISTRY.register("triton", constraints=[_triton_supports])(

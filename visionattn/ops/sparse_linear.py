@@ -17,7 +17,7 @@ from ..layout import topk_ratio_block_mask
 from ..layout.block_mask import BlockMask
 from ._checks import _check_attention_inputs, _check_choice, _check_scale, _check_tensor
 from ._eager import custom_op
-from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim, _requires_triton_device
+from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim_range, _requires_triton_device
 from .block_sparse import _check_block_mask, _mask_launch_args, block_sparse_attention_reference
 from .linear import _check_eps, _feature_map
 
@@ -123,7 +123,8 @@ def sparse_linear_attention_reference(
 
 
 # ---------------------------------------------------------------------------------------------- triton backend
-_TRITON_HEAD_DIMS = (16, 32, 64, 128)
+#: Head dims of the Triton backend: any in [16, 128] (padded to a power-of-two tile in-kernel, masked).
+_TRITON_HEAD_DIMS = (16, 128)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest logical block the kernels tile.
 _MAX_BLOCK = 128
@@ -305,8 +306,8 @@ def _bwd_flops(do_s_shape, do_l_shape, q_shape, k_shape, v_shape, o_s_shape, o_l
     constraints=[
         _requires_triton_device("q", "k", "v"),
         _requires_dtype("q", _TRITON_DTYPES),
-        _requires_head_dim("q", _TRITON_HEAD_DIMS),
-        _requires_head_dim("v", _TRITON_HEAD_DIMS),
+        _requires_head_dim_range("q", *_TRITON_HEAD_DIMS),
+        _requires_head_dim_range("v", *_TRITON_HEAD_DIMS),
         _triton_supports_blocks,
     ],
 )
