@@ -238,6 +238,77 @@ def _bsa_load(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.const
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
+def _bsa_phase_range(phase: tl.constexpr, start, split, end, SUB: tl.constexpr):
+    """Loop steps of walk ``phase``: 0 visits the full blocks ``[start, split)``, 1 the partial ones ``[split, end)``
+    (with the token predicate), ``SUB`` sub-tiles per block."""
+    if phase == 0:
+        lo, hi = start, split
+    else:
+        lo, hi = split, end
+    return lo * SUB, hi * SUB
+
+
+@triton.jit
+def _bsa_key_tile_scores(
+    b_q,
+    q_pos,
+    k_base,
+    v_base,
+    indices_ptr,
+    t,
+    stride_k_n,
+    stride_k_d,
+    stride_v_n,
+    stride_v_d,
+    qk_scale,
+    kv_len,
+    block_k,
+    qtab_ptr,
+    ktab_ptr,
+    tab_len,
+    radius2,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    PREDICATE: tl.constexpr,
+    K_SUB: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Step ``t`` of a query tile's CSR walk: the key tile ``[BLOCK_N, BLOCK_D]``, value tile ``[BLOCK_N, BLOCK_DV]``
+    and the masked scores ``[BLOCK_M, BLOCK_N]`` (log2 units), shared by the forward and the dQ pass."""
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    _, start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
+    m_n = o_n < n_valid
+    p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
+    p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
+    b_k = _bsa_load(p_k, m_n, o_d < HEAD_DIM, EVEN_N, HEAD_DIM == BLOCK_D)
+    b_v = _bsa_load(p_v, m_n, o_dv < HEAD_DIM_V, EVEN_N, HEAD_DIM_V == BLOCK_DV)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+    b_s = _bsa_mask_scores(
+        b_s,
+        q_pos,
+        start_n + o_n,
+        n_valid,
+        qtab_ptr,
+        ktab_ptr,
+        tab_len,
+        radius2,
+        BLOCK_N,
+        MASK_KIND,
+        PREDICATE,
+        EVEN_N,
+        True,
+    )
+    return b_k, b_v, b_s
+
+
+@triton.jit
 def _block_sparse_fwd_inner(
     acc,
     m_i,
@@ -272,40 +343,37 @@ def _block_sparse_fwd_inner(
     DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax (exp2, fp32) over the sub-tiles of the kept key blocks ``indices[row_start:row_end]``."""
-    o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
     for phase in tl.static_range(1 if MASK_KIND == _NONE else 2):
-        # phase 0: full blocks [row_start, row_split); phase 1: partial blocks [row_split, row_end), predicate applied
-        if phase == 0:
-            lo, hi = row_start, row_split
-        else:
-            lo, hi = row_split, row_end
-        for t in range(lo * K_SUB, hi * K_SUB):
-            _, start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
-            m_n = o_n < n_valid
-            p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
-            p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
-            # [BLOCK_N, BLOCK_D]
-            b_k = _bsa_load(p_k, m_n, o_d < HEAD_DIM, EVEN_N, HEAD_DIM == BLOCK_D)
-            # [BLOCK_N, BLOCK_DV]
-            b_v = _bsa_load(p_v, m_n, o_dv < HEAD_DIM_V, EVEN_N, HEAD_DIM_V == BLOCK_DV)
-            # [BLOCK_M, BLOCK_N]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
-            b_s = _bsa_mask_scores(
-                b_s,
+        lo, hi = _bsa_phase_range(phase, row_start, row_split, row_end, K_SUB)
+        for t in range(lo, hi):
+            b_k, b_v, b_s = _bsa_key_tile_scores(
+                b_q,
                 q_pos,
-                start_n + o_n,
-                n_valid,
+                k_base,
+                v_base,
+                indices_ptr,
+                t,
+                stride_k_n,
+                stride_k_d,
+                stride_v_n,
+                stride_v_d,
+                qk_scale,
+                kv_len,
+                block_k,
                 qtab_ptr,
                 ktab_ptr,
                 tab_len,
                 radius2,
                 BLOCK_N,
+                BLOCK_D,
+                BLOCK_DV,
+                HEAD_DIM,
+                HEAD_DIM_V,
                 MASK_KIND,
                 phase == 1,
+                K_SUB,
                 EVEN_N,
-                True,
+                DOT_PRECISION,
             )
             m_new = tl.maximum(m_i, tl.max(b_s, 1))
             b_p = tl.math.exp2(b_s - m_new[:, None])

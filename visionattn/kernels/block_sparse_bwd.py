@@ -15,9 +15,11 @@ from ._constants import LOG2E
 from .block_sparse import (
     MASK_NONE,
     TILE_HEURISTICS,
+    _bsa_key_tile_scores,
     _bsa_load,
     _bsa_loop_tile,
     _bsa_mask_scores,
+    _bsa_phase_range,
     _bsa_program_tile,
     _bsa_row_bounds,
     cdiv,
@@ -127,40 +129,37 @@ def _block_sparse_bwd_dq_inner(
     DOT_PRECISION: tl.constexpr,
 ):
     """dQ += dS K over the sub-tiles of the kept key blocks ``indices[row_start:row_end]``."""
-    o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
     for phase in tl.static_range(1 if MASK_KIND == _NONE else 2):
-        # phase 0: full blocks [row_start, row_split); phase 1: partial blocks [row_split, row_end), predicate applied
-        if phase == 0:
-            lo, hi = row_start, row_split
-        else:
-            lo, hi = row_split, row_end
-        for t in range(lo * K_SUB, hi * K_SUB):
-            _, start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
-            m_n = o_n < n_valid
-            p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
-            p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
-            # [BLOCK_N, BLOCK_D]
-            b_k = _bsa_load(p_k, m_n, o_d < HEAD_DIM, EVEN_N, HEAD_DIM == BLOCK_D)
-            # [BLOCK_N, BLOCK_DV]
-            b_v = _bsa_load(p_v, m_n, o_dv < HEAD_DIM_V, EVEN_N, HEAD_DIM_V == BLOCK_DV)
-            # [BLOCK_M, BLOCK_N]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
-            b_s = _bsa_mask_scores(
-                b_s,
+        lo, hi = _bsa_phase_range(phase, row_start, row_split, row_end, K_SUB)
+        for t in range(lo, hi):
+            b_k, b_v, b_s = _bsa_key_tile_scores(
+                b_q,
                 q_pos,
-                start_n + o_n,
-                n_valid,
+                k_base,
+                v_base,
+                indices_ptr,
+                t,
+                stride_k_n,
+                stride_k_d,
+                stride_v_n,
+                stride_v_d,
+                qk_scale,
+                kv_len,
+                block_k,
                 qtab_ptr,
                 ktab_ptr,
                 tab_len,
                 radius2,
                 BLOCK_N,
+                BLOCK_D,
+                BLOCK_DV,
+                HEAD_DIM,
+                HEAD_DIM_V,
                 MASK_KIND,
                 phase == 1,
+                K_SUB,
                 EVEN_N,
-                True,
+                DOT_PRECISION,
             )
             b_p = tl.math.exp2(b_s - b_lse2[:, None])
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
@@ -340,12 +339,8 @@ def _block_sparse_bwd_dkdv_inner(
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     for phase in tl.static_range(1 if MASK_KIND == _NONE else 2):
-        # phase 0: full blocks [col_start, col_split); phase 1: partial blocks [col_split, col_end), predicate applied
-        if phase == 0:
-            lo, hi = col_start, col_split
-        else:
-            lo, hi = col_split, col_end
-        for t in range(lo * Q_SUB, hi * Q_SUB):
+        lo, hi = _bsa_phase_range(phase, col_start, col_split, col_end, Q_SUB)
+        for t in range(lo, hi):
             _, start_m, m_valid = _bsa_loop_tile(indices_ptr, t, block_q, q_len, Q_SUB, BLOCK_M)
             m_m = o_m < m_valid
             p_q = q_base + (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
