@@ -36,22 +36,17 @@ def default_neighborhood_tile(shape: tuple[int, ...]) -> tuple[int, ...]:
 class _Plan(NamedTuple):
     """Device tensors of one configuration: gather indices into the tile order and back, and the block mask.
 
-    ``q_index`` ``(q_len,)`` / ``kv_index`` ``(Nk_layout,)``: raster index of each query / key slot (padding slots
-    read token 0); ``q_valid`` / ``kv_valid``: ``(len, 1)`` bool, False on padding slots (zero-filled, as
-    ``TokenLayout.to_layout`` does), or None when there is no padding. ``out_slot`` ``(N,)``: slot of each raster token.
+    ``q_index`` ``(q_len,)`` / ``kv_index`` ``(Nk_layout,)``: raster index of each query / key slot; padding slots
+    read token 0 and need no zeroing: the mask never lets a query attend a padding key (blocks holding one are
+    partial, the predicate rejects it) and padding query rows are never read back (``out_slot`` skips them, so
+    their output gradient, hence their dQ and their share of dK/dV, is 0). ``out_slot`` ``(N,)``: slot of each raster
+    token.
     """
 
     q_index: torch.Tensor
-    q_valid: torch.Tensor | None
     kv_index: torch.Tensor
-    kv_valid: torch.Tensor | None
     out_slot: torch.Tensor
     mask: BlockMask
-
-
-def _gather(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    out = x.index_select(2, index)
-    return out if valid is None else out * valid.to(x.dtype)
 
 
 def _key_layout(grid: TokenGrid, num_extra_kv: int, tile: tuple[int, ...]) -> TokenLayout:
@@ -94,12 +89,9 @@ def _neighborhood_plan(key: tuple) -> _Plan:
             block_k=mask.block_k,
             token_mask=mask.token_mask,
         )
-    valid = lambda index: None if bool((index >= 0).all()) else (index >= 0)[:, None].to(device)
     plan = _PLANS[key] = _Plan(
         q_index=source[:q_len].clamp_min(0).to(device),
-        q_valid=valid(source[:q_len]),
         kv_index=source.clamp_min(0).to(device),
-        kv_valid=valid(source),
         out_slot=out_slot[:grid_tokens].to(device),
         mask=mask.to(device),
     )
@@ -112,7 +104,7 @@ def _plan_tensors(key: tuple) -> tuple:
     cache) while tracing, as FlexAttention's block masks are built outside the graph."""
     plan = _neighborhood_plan(key)
     mask = plan.mask
-    return (*plan[:5], mask.indptr, mask.indices, mask.partial, mask.q_len, mask.kv_len, mask.block_q, mask.block_k)
+    return (*plan[:3], mask.indptr, mask.indices, mask.partial, mask.q_len, mask.kv_len, mask.block_q, mask.block_k)
 
 
 def _plan(grid: TokenGrid, num_extra_kv: int, canonical_args: tuple, tile: tuple[int, ...], device) -> _Plan:
@@ -259,7 +251,7 @@ def neighborhood_attention(
     if extra_kv is not None:
         k = torch.cat([k, extra_kv[0]], dim=2)
         v = torch.cat([v, extra_kv[1]], dim=2)
-    q_tiles = _gather(q, plan.q_index, plan.q_valid)
-    k_tiles, v_tiles = (_gather(x, plan.kv_index, plan.kv_valid) for x in (k, v))
+    q_tiles = q.index_select(2, plan.q_index)
+    k_tiles, v_tiles = (x.index_select(2, plan.kv_index) for x in (k, v))
     out = block_sparse_attention(q_tiles, k_tiles, v_tiles, plan.mask, scale=scale, backend=backend)
     return out.index_select(2, plan.out_slot)
