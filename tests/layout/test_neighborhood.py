@@ -67,6 +67,17 @@ def test_neighborhood_block_mask_accepts_grid_and_real_sizes():
     assert raster.block_q == 32 and raster.q_len == 90
 
 
+def test_neighborhood_block_mask_long_1d_axis():
+    # per-axis counts are closed-form at block edges: a 32K-token axis needs no 32K x 32K matrix (8.6 GB before)
+    layout = TokenLayout(TokenGrid((32768,)), tile=(128,))
+    blocked = neighborhood_block_mask(layout, kernel_size=2048, stride=2048)
+    assert blocked.indices.numel() == 256 * 16 and not blocked.partial.any()
+    sliding = neighborhood_block_mask(layout, kernel_size=2047)
+    counts = sliding.row_counts.flatten()
+    assert counts.min() == 16 and counts.max() == 17  # 2047 keys span 16 blocks at the borders, 17 inside
+    assert bool(sliding.partial.any())
+
+
 def test_neighborhood_block_mask_rejects_bad_arguments():
     layout = TokenLayout(TokenGrid((8, 8)), tile=(4, 4))
     with pytest.raises(ValueError, match="kernel_size"):

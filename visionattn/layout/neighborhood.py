@@ -15,7 +15,7 @@ from ._utils import (
 )
 from .block_mask import BlockMask
 from .grid import TokenGrid, TokenLayout
-from .predicates import NeighborhoodWindow, _neighborhood_axis
+from .predicates import NeighborhoodWindow, _neighborhood_bounds
 
 __all__ = ["neighborhood_block_mask"]
 
@@ -54,14 +54,25 @@ def _check_neighborhood_args(
     return kernel_size, stride, dilation, causal
 
 
-def _axis_prefix_counts(length: int, kernel_size: int, stride: int, dilation: int, causal: bool) -> torch.Tensor:
-    """2D prefix sums ``S`` ``(L + 1, L + 1)`` of the per-axis relation: ``S[i, j]`` = allowed pairs with q < i, k < j."""
+def _axis_prefix_counts(
+    length: int, kernel_size: int, stride: int, dilation: int, causal: bool, edges: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allowed-pair counts of the per-axis relation at box edges, without an ``L x L`` matrix.
+
+    Returns ``(index, S)``: ``index`` ``(L + 1,)`` maps an edge coordinate to its row/column of ``S``, and
+    ``S[index[i], index[j]]`` is the number of allowed pairs with ``q < i`` and ``k < j`` for edges ``i, j``.
+    Query ``q`` allows the keys ``group + m * dilation`` for ``m`` in ``[lo, hi]`` (``_neighborhood_bounds``), so
+    its count below ``j`` is closed-form; memory is ``L x len(edges)`` (a 32K-token 1D axis with 128-token blocks:
+    67 MB instead of 8.6 GB).
+    """
     q = torch.arange(length)[:, None]
-    k = torch.arange(length)[None, :]
-    allowed = _neighborhood_axis(q, k, length, kernel_size, stride, dilation, causal).long()
-    prefix = torch.zeros(length + 1, length + 1, dtype=torch.long)
-    prefix[1:, 1:] = allowed.cumsum(0).cumsum(1)
-    return prefix
+    group, lo, hi = _neighborhood_bounds(q, length, kernel_size, stride, dilation, causal)
+    below = torch.div(edges[None, :] - group - 1, dilation, rounding_mode="floor")  # last m with key < edge
+    counts = (torch.minimum(hi, below) - lo.clamp(min=0) + 1).clamp(min=0)
+    prefix = torch.cat([torch.zeros(1, len(edges), dtype=torch.long), counts.cumsum(0)])[edges]
+    index = torch.full((length + 1,), -1, dtype=torch.long)
+    index[edges] = torch.arange(len(edges))
+    return index, prefix
 
 
 def neighborhood_block_mask(
@@ -109,23 +120,24 @@ def neighborhood_block_mask(
     layout = _as_layout(layout)
     kernel_size, stride, dilation, causal = _check_neighborhood_args(layout.grid, kernel_size, stride, dilation, causal)
     block_size = _check_block_size(layout, block_size, DEFAULT_BLOCK_SIZE)
-    prefixes = [
-        _axis_prefix_counts(length, *args)
-        for length, args in zip(layout.grid.shape, zip(kernel_size, stride, dilation, causal))
-    ]
+    geometry = _block_geometry(layout, block_size)
+    prefixes = []
+    for axis, (length, *args) in enumerate(zip(layout.grid.shape, kernel_size, stride, dilation, causal)):
+        edges = torch.unique(torch.cat([geometry.boxes[..., axis, :].flatten(), torch.tensor([0, length])]))
+        prefixes.append(_axis_prefix_counts(length, *args, edges))
 
     def relation(q_boxes: torch.Tensor, k_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         some = every = None
-        for axis, prefix in enumerate(prefixes):
+        for axis, (index, prefix) in enumerate(prefixes):
             q0, q1 = q_boxes[..., axis, 0], q_boxes[..., axis, 1]
             k0, k1 = k_boxes[..., axis, 0], k_boxes[..., axis, 1]
-            count = prefix[q1, k1] - prefix[q0, k1] - prefix[q1, k0] + prefix[q0, k0]
+            i0, i1, j0, j1 = index[q0], index[q1], index[k0], index[k1]
+            count = prefix[i1, j1] - prefix[i0, j1] - prefix[i1, j0] + prefix[i0, j0]
             axis_some, axis_every = count > 0, count == (q1 - q0) * (k1 - k0)
             some = axis_some if some is None else some & axis_some
             every = axis_every if every is None else every & axis_every
         return some, every
 
-    geometry = _block_geometry(layout, block_size)
     keep, partial = _classify_blocks(geometry, geometry, relation)
     n = layout.num_tokens
     return BlockMask.from_block_matrix(
