@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from visionattn.layout import BlockMask, NeighborhoodWindow, TokenGrid, TokenLayout
+from visionattn.layout import BlockMask, NeighborhoodWindow, TokenGrid, TokenLayout, neighborhood_block_mask
 
 
 def _random_mask(gen, b=2, h=3, q_len=70, kv_len=45, bq=16, bk=8, p=0.4):
@@ -49,6 +49,22 @@ def test_block_mask_partial_blocks_apply_predicate():
     idx = torch.arange(n)
     assert torch.equal(mask.to_dense()[0, 0], pred(idx[:, None], idx[None, :]))
     assert torch.equal(mask.transpose().to_dense()[0, 0], mask.to_dense()[0, 0].T)
+
+
+@pytest.mark.parametrize("chunk_pairs", [1, 1 << 24])
+def test_block_mask_token_density_counts_pairs_without_the_dense_mask(rng, chunk_pairs):
+    keep = torch.rand(2, 3, 5, 4, generator=rng) < 0.6
+    partial = torch.rand(2, 3, 5, 4, generator=rng) < 0.5
+    mask = BlockMask.from_block_matrix(
+        keep, partial=partial, q_len=70, kv_len=45, block_q=16, block_k=12, token_mask=lambda q, k: (q + k) % 3 == 0
+    )
+    expected = mask.to_dense().double().mean().item()
+    assert mask.token_density(chunk_pairs=chunk_pairs) == pytest.approx(expected, rel=1e-12)
+    areas = mask.entry_areas()
+    assert areas.shape == mask.indices.shape and int(areas.max()) <= 16 * 12
+    layout = TokenLayout(TokenGrid((9, 7), extra_before=3), tile=(4, 4))
+    nbhd = neighborhood_block_mask(layout, (3, 5))
+    assert nbhd.token_density(chunk_pairs=chunk_pairs) == pytest.approx(nbhd.to_dense().double().mean().item())
 
 
 def test_block_mask_getitem_and_repr(rng):

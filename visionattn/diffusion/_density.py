@@ -56,11 +56,5 @@ def block_mask_density(mask: BlockMask) -> torch.Tensor:
     """
     if mask.token_mask is not None and bool(mask.partial.any()):
         raise ValueError("mask must have no partial blocks for block_mask_density; got partial blocks.")
-    device = mask.indptr.device
-    rows = (mask.q_len - torch.arange(mask.num_q_blocks, device=device) * mask.block_q).clamp(max=mask.block_q)
-    cols = (mask.kv_len - torch.arange(mask.num_kv_blocks, device=device) * mask.block_k).clamp(max=mask.block_k)
-    prefix = torch.cat([cols.new_zeros(1), cols[mask.indices.long()].cumsum(0)])
-    indptr = mask.indptr.long()
-    per_row = prefix[indptr[..., 1:]] - prefix[indptr[..., :-1]]  # (B, H, Mq) keys per query row
     b, h = mask.batch_heads
-    return (per_row * rows).sum().double() / (b * h * mask.q_len * mask.kv_len)
+    return mask.entry_areas().sum().double() / (b * h * mask.q_len * mask.kv_len)

@@ -179,9 +179,40 @@ class BlockMask:
         b, h = self.batch_heads
         return self.indices.numel() / (b * h * self.num_q_blocks * self.num_kv_blocks)
 
-    def token_density(self) -> float:
-        """Fraction of (query, key) token pairs allowed."""
-        return float(self.to_dense().float().mean())
+    def entry_areas(self) -> torch.Tensor:
+        """Token pairs of each CSR entry's block, ``(nnz,)`` int64 on the mask's device: (rows of its query block) x
+        (keys of its key block), the short last blocks counting their real tokens. Static shapes: no host sync."""
+        device = self.indptr.device
+        rows = (self.q_len - torch.arange(self.num_q_blocks, device=device) * self.block_q).clamp(max=self.block_q)
+        cols = (self.kv_len - torch.arange(self.num_kv_blocks, device=device) * self.block_k).clamp(max=self.block_k)
+        return rows[self._entry_q_blocks()] * cols[self.indices.long()]
+
+    def _entry_q_blocks(self) -> torch.Tensor:
+        """Query block of each CSR entry, ``(nnz,)`` int64."""
+        counts = self.row_counts.flatten().long()
+        rows = torch.arange(counts.numel(), device=self.device) % self.num_q_blocks
+        return torch.repeat_interleave(rows, counts, output_size=self.indices.numel())
+
+    def token_density(self, chunk_pairs: int = 1 << 24) -> float:
+        """Fraction of (query, key) token pairs allowed, averaged over batch and heads: the areas of the full kept
+        blocks plus, for partial blocks, ``token_mask`` evaluated on each block's pairs in chunks of about
+        ``chunk_pairs`` (never the ``Nq x Nk`` mask)."""
+        areas = self.entry_areas()
+        total = int(areas[~self.partial].sum())
+        partial = torch.nonzero(self.partial).flatten()
+        if self.token_mask is not None and partial.numel():
+            per_chunk = max(1, chunk_pairs // (self.block_q * self.block_k))
+            q_off = torch.arange(self.block_q, device=self.device)[:, None]
+            k_off = torch.arange(self.block_k, device=self.device)[None, :]
+            q_blocks, k_blocks = self._entry_q_blocks()[partial], self.indices.long()[partial]
+            for lo in range(0, partial.numel(), per_chunk):
+                q_idx = q_blocks[lo : lo + per_chunk, None, None] * self.block_q + q_off
+                kv_idx = k_blocks[lo : lo + per_chunk, None, None] * self.block_k + k_off
+                inside = (q_idx < self.q_len) & (kv_idx < self.kv_len)
+                allowed = self.token_mask(q_idx.clamp(max=self.q_len - 1), kv_idx.clamp(max=self.kv_len - 1))
+                total += int((allowed & inside).sum())
+        b, h = self.batch_heads
+        return total / (b * h * self.q_len * self.kv_len)
 
     def transpose(self) -> "BlockMask":
         """The mask seen from the keys (``Mk`` rows of query blocks), as the dK/dV backward pass walks it; cached."""
