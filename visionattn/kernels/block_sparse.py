@@ -4,8 +4,9 @@ Layout: q ``(B, H, Nq, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)`` with arbi
 storage is read in place); the CSR ``indptr (Bm, Hm, Mq + 1)`` / ``indices (nnz,)`` / ``partial (nnz,)`` of a
 ``BlockMask`` whose batch/heads ``Bm``/``Hm`` are 1 (broadcast) or ``B``/``H``. Logical blocks of ``block_q`` x
 ``block_k`` tokens sit in power-of-two tiles ``BLOCK_M`` x ``BLOCK_N`` (>= 16); rows and columns past the logical
-block or the sequence are masked. Blocks flagged partial evaluate the exact token predicate of
-``visionattn.layout.predicates`` in-kernel from layout coordinates (``MASK_KIND``), never from an N x N tensor.
+block or the sequence are masked. Each CSR row is walked full blocks first (no predicate), then partial blocks,
+which evaluate the exact token predicate of ``visionattn.layout.predicates`` in-kernel from its per-position
+``KernelTables`` (``MASK_KIND``), never from an N x N tensor.
 
 The backward kernels live in ``block_sparse_bwd.py`` and share the predicate helpers below.
 """

@@ -2,8 +2,8 @@
 
 Each predicate is a frozen dataclass called as ``pred(q_idx, kv_idx) -> bool`` on broadcastable int64 positions
 of its ``TokenLayout``. Global (extra) tokens attend to everything and are attended by everything; padding slots
-are never attended. The Triton kernels evaluate the same rules in-kernel from the dataclass fields for blocks
-flagged partial, so the rule is defined once, here.
+are never attended. The Triton kernels evaluate the same rules on partial blocks from ``KernelTables``, per-position
+halves of the rule built here (``kernel_tables``), so the rule is defined once, here.
 """
 
 import functools
