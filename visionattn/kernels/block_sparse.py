@@ -1,8 +1,9 @@
 """Block-sparse flash attention, forward: each program walks one query block's CSR row of kept key blocks.
 
 Layout: q ``(B, H, Nq, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)`` with arbitrary strides (so ``(B, N, H, D)``
-storage is read in place); the CSR ``indptr (Bm, Hm, Mq + 1)`` / ``indices (nnz,)`` / ``partial (nnz,)`` of a
-``BlockMask`` whose batch/heads ``Bm``/``Hm`` are 1 (broadcast) or ``B``/``H``. Logical blocks of ``block_q`` x
+storage is read in place); the CSR ``indptr (Bm, Hm, Mq + 1)`` / ``indices (nnz,)`` of a ``BlockMask`` whose
+batch/heads ``Bm``/``Hm`` are 1 (broadcast) or ``B``/``H``, each row reordered full blocks first with ``split``
+(shaped like ``indptr``) marking where its partial blocks start (``full_blocks_first``). Logical blocks of ``block_q`` x
 ``block_k`` tokens sit in power-of-two tiles ``BLOCK_M`` x ``BLOCK_N`` (>= 16); rows and columns past the logical
 block or the sequence are masked. Each CSR row is walked full blocks first (no predicate), then partial blocks,
 which evaluate the exact token predicate of ``visionattn.layout.predicates`` in-kernel from its per-position
