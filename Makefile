@@ -32,7 +32,7 @@ test-timm: $(STAMP)
 	VISIONATTN_TIMM_SUITE=1 $(PY) -m pytest -n $${PYTEST_WORKERS:-2} tests/backbones/test_timm_suite.py
 
 gpu-test: $(STAMP)
-	$(PY) -m pytest -m gpu tests
+	VISIONATTN_AUTOTUNE=0 $(PY) -m pytest -m gpu -rf --durations=15 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache
