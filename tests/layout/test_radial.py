@@ -88,7 +88,7 @@ def test_radial_block_mask_reproduces_density_table(frames, per_frame, decay, si
 def test_radial_block_mask_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_frames"):
         radial_block_mask(0, 100)
-    with pytest.raises(ValueError, match="tokens_per_frame"):
+    with pytest.raises(TypeError, match="tokens_per_frame"):
         radial_block_mask(4, 1.5)
     with pytest.raises(ValueError, match="block_size"):
         radial_block_mask(4, 100, block_size=0)
@@ -96,5 +96,5 @@ def test_radial_block_mask_rejects_bad_arguments():
         radial_block_mask(4, 100, decay_factor=0.0)
     with pytest.raises(ValueError, match="extra_tokens"):
         radial_block_mask(4, 100, extra_tokens=-1)
-    with pytest.raises(ValueError, match="sink"):
+    with pytest.raises(TypeError, match="sink"):
         radial_block_mask(4, 100, sink="wan")

@@ -11,7 +11,6 @@ pairs scored with softmax (a float or 0-d tensor, see ``_density.py``; ``None`` 
 none). Options are validated when the method is built (at ``apply`` time), each error naming its argument.
 """
 
-import math
 import warnings
 from typing import ClassVar
 
@@ -28,7 +27,7 @@ from ..ops import (
     neighborhood_attention,
     sparse_linear_attention,
 )
-from ..ops._checks import _check_choice, _check_per_axis
+from ..ops._checks import _check_choice, _check_float, _check_int, _check_per_axis
 from ..ops.agent import _REGISTRY as _AGENT_BACKENDS
 from ..ops.block_sparse import _REGISTRY as _BLOCK_SPARSE_BACKENDS
 from ..ops.linear import _REGISTRY as _LINEAR_BACKENDS
@@ -50,23 +49,6 @@ def _rotate_text_last(grid: TokenGrid, *tensors: torch.Tensor) -> tuple[torch.Te
 def _rotate_text_first(grid: TokenGrid, out: torch.Tensor) -> torch.Tensor:
     n = out.shape[2] - grid.extra_before
     return torch.cat([out[:, :, n:], out[:, :, :n]], dim=2)
-
-
-def _check_float(name: str, value, *, positive: bool = False) -> float:
-    """A finite real number (``positive``: ``> 0``) as a float; ``TypeError`` for non-numbers."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float; got {name}={value!r} ({type(value).__name__}).")
-    if not math.isfinite(value) or (positive and not value > 0):
-        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite float; got {name}={value!r}.")
-    return float(value)
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {name}={value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {name}={value!r}.")
-    return value
 
 
 def _check_backend(backend, registry):

@@ -26,6 +26,24 @@ _BoxRelation = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.
 _CHUNK_ELEMENTS = 1 << 22
 
 
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    """An int ``>= minimum`` (bools rejected): ``TypeError`` for other types, ``ValueError`` below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {name}={value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {name}={value!r}.")
+    return value
+
+
+def _check_float(name: str, value, *, positive: bool = False) -> float:
+    """A finite real number (``positive``: ``> 0``) as a float: ``TypeError`` for non-numbers (bools included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float; got {name}={value!r} ({type(value).__name__}).")
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite float; got {name}={value!r}.")
+    return float(value)
+
+
 def _check_per_axis(name: str, ndim: int, value, minimum: int = 1) -> tuple[int, ...]:
     """Broadcast an int or a length-``ndim`` sequence to a tuple of ints ``>= minimum``.
 

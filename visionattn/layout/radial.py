@@ -7,6 +7,7 @@ Shape legend: ``F`` latent frames, ``P`` tokens per frame (``p`` its raster inde
 import torch
 
 from ..kernels._constants import DEFAULT_BLOCK_SIZE
+from ._utils import _check_float, _check_int
 from .block_mask import BlockMask
 
 __all__ = ["radial_block_mask"]
@@ -60,12 +61,6 @@ def _band_tiles(patterns: torch.Tensor, tokens_per_frame: int, block_size: int) 
 _PATTERNS_PER_BATCH = 32
 
 
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {name}={value!r}.")
-    return value
-
-
 def radial_block_mask(
     num_frames: int,
     tokens_per_frame: int,
@@ -114,18 +109,17 @@ def radial_block_mask(
         >>> mask.num_q_blocks, round(mask.density(), 3)
         (540, 0.287)
     """
-    num_frames = _check_positive_int("num_frames", num_frames)
-    tokens_per_frame = _check_positive_int("tokens_per_frame", tokens_per_frame)
-    block_size = _check_positive_int("block_size", block_size)
-    extra_tokens = _check_positive_int("extra_tokens", extra_tokens, minimum=0)
-    if isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float)) or not decay_factor > 0:
-        raise ValueError(f"decay_factor must be a positive float; got {decay_factor=}.")
+    num_frames = _check_int("num_frames", num_frames)
+    tokens_per_frame = _check_int("tokens_per_frame", tokens_per_frame)
+    block_size = _check_int("block_size", block_size)
+    extra_tokens = _check_int("extra_tokens", extra_tokens, minimum=0)
+    decay_factor = _check_float("decay_factor", decay_factor, positive=True)
     if not isinstance(sink, bool):
-        raise ValueError(f"sink must be a bool; got {sink=}.")
+        raise TypeError(f"sink must be a bool; got sink={sink!r}.")
     video = num_frames * tokens_per_frame
     seq = video + extra_tokens
     blocks = -(-seq // block_size)
-    windows = [_frame_pair_window(d, tokens_per_frame, block_size, float(decay_factor)) for d in range(num_frames)]
+    windows = [_frame_pair_window(d, tokens_per_frame, block_size, decay_factor) for d in range(num_frames)]
     # Group frame pairs by their band pattern (W, row offset, column offset): few distinct ones, each computed once.
     placements: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
     for i in range(num_frames):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 # The per-axis parsers live in layout (the layer above ops) so mask builders can use them too.
-from ..layout._utils import _check_per_axis, _check_per_axis_bool  # noqa: F401
+from ..layout._utils import _check_float, _check_int, _check_per_axis, _check_per_axis_bool  # noqa: F401
 
 __all__ = []
 
