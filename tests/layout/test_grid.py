@@ -42,14 +42,28 @@ def test_token_layout_tiles_are_boxes(shape, tile, before, after):
         assert torch.equal(box, expected)
 
 
-def test_token_coords_classifies_segments():
-    grid = TokenGrid((3, 4), extra_before=2, extra_after=1)
-    layout = TokenLayout(grid, tile=(2, 2))
-    kind, coords, valid = layout.token_coords(torch.arange(layout.num_tokens))
-    src = layout.source_index()
+@pytest.mark.parametrize(
+    "shape,before,after,tile",
+    [
+        ((3, 4), 2, 1, (2, 2)),
+        ((7, 9), 3, 2, (4, 4)),
+        ((5, 6, 7), 0, 5, (2, 4, 4)),
+        ((20,), 2, 0, None),
+        ((5, 6, 7), 1, 1, None),
+    ],
+)
+def test_token_coords_classifies_segments(shape, before, after, tile):
+    # token_coords is arithmetic; source_index and grid.coords are the independent lookup tables it must match
+    grid = TokenGrid(shape, extra_before=before, extra_after=after)
+    layout = TokenLayout(grid, tile=tile)
+    idx = torch.arange(-2, layout.num_tokens + 3)
+    kind, coords, valid = layout.token_coords(idx)
+    inside = (idx >= 0) & (idx < layout.num_tokens)
+    src = torch.full_like(idx, -1)
+    src[inside] = layout.source_index()
     assert torch.equal(valid, src >= 0)
-    before = kind == 0
-    assert int(before.sum()) == layout.extra_before_slots
+    assert int((kind[inside] == 0).sum()) == layout.extra_before_slots
+    assert int((kind[inside] == 2).sum()) == layout.extra_after_slots
     raster = grid.coords()
     grid_slots = (kind == 1) & valid
     assert torch.equal(coords[grid_slots], raster[src[grid_slots] - grid.extra_before])

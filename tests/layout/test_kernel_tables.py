@@ -8,7 +8,7 @@ from tests.layout.test_circular import CASES as CIRCULAR_CASES
 from tests.layout.test_neighborhood import CASES as NEIGHBORHOOD_CASES
 from visionattn.layout import TokenGrid, TokenLayout
 from visionattn.layout.neighborhood import _check_neighborhood_args
-from visionattn.layout.predicates import KEY_GLOBAL, KEY_VALID, CircularWindow, NeighborhoodWindow, _layout_positions
+from visionattn.layout.predicates import KEY_GLOBAL, KEY_VALID, CircularWindow, NeighborhoodWindow
 
 
 def _decode(tables, radius2: float | None) -> torch.Tensor:
@@ -58,18 +58,3 @@ def test_neighborhood_kernel_tables_reproduce_predicate(
 def test_circular_kernel_tables_reproduce_predicate(shape, before, after, tile, block, radius):
     layout = TokenLayout(TokenGrid(shape, extra_before=before, extra_after=after), tile=tile)
     _assert_tables_match(CircularWindow(layout, radius), float(radius) ** 2)
-
-
-@pytest.mark.parametrize(
-    "shape,before,after,tile",
-    [((7, 9), 3, 2, (4, 4)), ((5, 6, 7), 0, 5, (2, 4, 4)), ((20,), 2, 0, None), ((5, 6, 7), 1, 1, None)],
-)
-def test_layout_positions_match_token_coords(shape, before, after, tile):
-    layout = TokenLayout(TokenGrid(shape, extra_before=before, extra_after=after), tile=tile)
-    is_global, valid, coords = _layout_positions(layout, "cpu")
-    kind, ref_coords, ref_valid = layout.token_coords(torch.arange(layout.num_tokens))
-    assert torch.equal(valid, ref_valid)
-    assert torch.equal(is_global, kind != 1)
-    grid_token = ref_valid & (kind == 1)
-    for axis in range(len(shape)):
-        assert torch.equal(coords[3 - len(shape) + axis][grid_token], ref_coords[grid_token, axis])

@@ -210,19 +210,31 @@ class TokenLayout:
         return x.index_select(dim, slots[order])
 
     def token_coords(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Classify layout positions ``idx`` (any shape, int64).
+        """Classify layout positions ``idx`` (any shape, int64) by integer arithmetic on the layout's sizes (no
+        lookup tables, so ``torch.compile`` traces it; tested against ``source_index``).
 
-        Returns ``(kind, coords, valid)``: ``kind`` is 0 for an extra-before token, 1 for a grid token, 2 for an
-        extra-after token; ``coords`` is ``idx.shape + (ndim,)`` grid coordinates (meaningless unless kind == 1);
+        Returns ``(kind, coords, valid)``: ``kind`` is 0 for an extra-before slot, 1 for a grid slot, 2 for an
+        extra-after slot; ``coords`` is ``idx.shape + (ndim,)`` grid coordinates (meaningless unless kind == 1);
         ``valid`` is False for padding slots and positions past the end.
         """
-        src = self.source_index(idx.device)
+        grid, tile, tiles = self.grid, self.tile or self.grid.shape, self.tiles_per_axis
         inside = (idx >= 0) & (idx < self.num_tokens)
         safe = idx.clamp(0, self.num_tokens - 1)
-        valid = inside & (src[safe] >= 0)
-        kind = torch.ones_like(idx)
-        kind = torch.where(safe < self.grid_offset, torch.zeros_like(idx), kind)
-        kind = torch.where(safe >= self.grid_offset + self.num_grid_slots, torch.full_like(idx, 2), kind)
-        grid_pos = (safe - self.grid_offset).clamp(0, self.num_grid_slots - 1)
-        coords = self.slot_coords_cpu.to(idx.device)[grid_pos]
+        rel = safe - self.grid_offset
+        in_slots = (rel >= 0) & (rel < self.num_grid_slots)
+        rel = rel.clamp(0, self.num_grid_slots - 1)
+        tile_id, inner = rel // math.prod(tile), rel % math.prod(tile)
+        coords = torch.stack(
+            [
+                (tile_id // math.prod(tiles[a + 1 :])) % tiles[a] * tile[a]
+                + (inner // math.prod(tile[a + 1 :])) % tile[a]
+                for a in range(grid.ndim)
+            ],
+            dim=-1,
+        )
+        in_grid = (coords < torch.tensor(grid.shape, device=idx.device)).all(-1)
+        after = safe - self.grid_offset - self.num_grid_slots
+        extra_ok = torch.where(safe < self.grid_offset, safe < grid.extra_before, after < grid.extra_after)
+        valid = inside & torch.where(in_slots, in_grid, extra_ok)
+        kind = torch.where(safe < self.grid_offset, 0, torch.where(in_slots, 1, 2))
         return kind, coords, valid

@@ -7,7 +7,6 @@ halves of the rule built here (``kernel_tables``), so the rule is defined once, 
 """
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -103,28 +102,6 @@ class KernelTables(NamedTuple):
     key: torch.Tensor
 
 
-def _layout_positions(layout: TokenLayout, device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """``(is_global, valid, coords)`` of every position of ``layout`` by integer arithmetic (no lookup tables, so
-    ``torch.compile`` traces it); ``coords`` has one ``(N,)`` tensor per grid axis, padded in front to 3 axes.
-    Equal to ``layout.token_coords`` (tested)."""
-    grid, pad = layout.grid, (1,) * (3 - layout.grid.ndim)
-    shape, tiles = pad + grid.shape, pad + layout.tiles_per_axis
-    tile = pad + (layout.tile or grid.shape)
-    pos = torch.arange(layout.num_tokens, device=device)
-    rel = pos - layout.grid_offset
-    in_grid_slots = (rel >= 0) & (rel < layout.num_grid_slots)
-    rel = rel.clamp(0, layout.num_grid_slots - 1)
-    tile_id, inner = rel // math.prod(tile), rel % math.prod(tile)
-    coords = [
-        (tile_id // math.prod(tiles[a + 1 :])) % tiles[a] * tile[a] + (inner // math.prod(tile[a + 1 :])) % tile[a]
-        for a in range(3)
-    ]
-    in_grid = functools.reduce(torch.logical_and, [c < s for c, s in zip(coords, shape)])
-    after = pos - layout.grid_offset - layout.num_grid_slots
-    extra_ok = torch.where(pos < layout.grid_offset, pos < grid.extra_before, after < grid.extra_after)
-    return ~in_grid_slots, torch.where(in_grid_slots, in_grid, extra_ok), coords
-
-
 class _GridPredicate:
     """Shared evaluation of grid predicates: global tokens attend/are attended by all, padding never attended."""
 
@@ -148,10 +125,12 @@ class _GridPredicate:
 
     def kernel_tables(self, device) -> KernelTables:
         """The ``KernelTables`` of this predicate on ``device`` (a few elementwise ops over the layout's positions)."""
-        is_global, valid, coords = _layout_positions(self.layout, device)
+        kind, coords, valid = self.layout.token_coords(torch.arange(self.layout.num_tokens, device=device))
+        is_global, ndim = kind != 1, self.layout.grid.ndim
         lo, span, code = [], [], []
-        for axis, c in enumerate(coords):
-            axis_lo, axis_span, axis_code = self._axis_tables(axis - 3 + self.layout.grid.ndim, c)
+        for axis in range(-3, 0):  # grid axes padded in front to (T, Y, X); padding axes are all-zero codes
+            c = coords[:, ndim + axis] if ndim + axis >= 0 else torch.zeros_like(kind)
+            axis_lo, axis_span, axis_code = self._axis_tables(ndim + axis, c)
             lo.append(torch.where(is_global, 0, axis_lo))
             span.append(torch.where(is_global, GLOBAL_SPAN, axis_span))
             code.append(torch.where(valid & ~is_global, axis_code, NO_KEY_CODE))
