@@ -98,39 +98,36 @@ def _predicate_args(token_mask, device) -> tuple[int, torch.Tensor | None, torch
 _MASK_ARGS: "weakref.WeakKeyDictionary[BlockMask, list]" = weakref.WeakKeyDictionary()
 
 
-def _walk_csr(indptr: torch.Tensor, indices: torch.Tensor, partial: torch.Tensor, has_predicate: bool) -> tuple:
-    """``(indptr, indices, split)`` the kernels walk: full blocks first (``full_blocks_first``); without a
-    predicate every block is full and ``indptr`` stands in for the unread ``split``."""
+def _walk_csr(block_mask: BlockMask, transposed: bool) -> tuple:
+    """``(indptr, indices, split)`` the kernels walk, for the rows (forward, dQ) or ``transposed`` (dK/dV,
+    ``transpose_csr``): full blocks first (``full_blocks_first``); without a predicate every block is full and
+    ``indptr`` stands in for the unread ``split``."""
     from ..kernels.block_sparse import full_blocks_first
-
-    return (indptr, *full_blocks_first(indptr, indices, partial)) if has_predicate else (indptr, indices, indptr)
-
-
-def _launch_csrs(block_mask: BlockMask, needs_grad: bool) -> tuple[tuple, tuple]:
-    """``(rows, key_major)``: the row CSR the forward and dQ pass walk and the transposed one of the dK/dV pass
-    (``transpose_csr``), both ``_walk_csr``; without a gradient the row CSR stands in for the transposed one
-    (the backward never runs, nothing reads it)."""
     from ..kernels.block_sparse_bwd import transpose_csr
 
-    has_predicate = block_mask.token_mask is not None
     csr = (block_mask.indptr, block_mask.indices, block_mask.partial)
-    rows = _walk_csr(*csr, has_predicate)
-    if not needs_grad:
-        return rows, rows
-    return rows, _walk_csr(*transpose_csr(*csr, block_mask.num_kv_blocks), has_predicate)
+    if transposed:
+        csr = transpose_csr(*csr, block_mask.num_kv_blocks)
+    if block_mask.token_mask is None:
+        return csr[0], csr[1], csr[0]
+    return (csr[0], *full_blocks_first(*csr))
 
 
 def _mask_launch_args(block_mask: BlockMask, needs_grad: bool) -> tuple[tuple, tuple, tuple]:
-    """``(predicate, rows, key_major)`` of ``block_mask`` (``_predicate_args``, ``_launch_csrs``), computed once
+    """``(predicate, rows, key_major)`` of ``block_mask`` (``_predicate_args``, ``_walk_csr`` of the rows and, when
+    a gradient is needed, of the transpose; otherwise the rows stand in, nothing reads them). Each is computed once
     per mask in eager mode (about twenty small device ops); under ``torch.compile`` recomputed in the graph instead
     of being cached on a Python object."""
     if torch.compiler.is_compiling():
-        return _predicate_args(block_mask.token_mask, block_mask.device), *_launch_csrs(block_mask, needs_grad)
+        rows = _walk_csr(block_mask, transposed=False)
+        key_major = _walk_csr(block_mask, transposed=True) if needs_grad else rows
+        return _predicate_args(block_mask.token_mask, block_mask.device), rows, key_major
     entry = _MASK_ARGS.get(block_mask)
-    if entry is None or (needs_grad and entry[2] is None):
-        rows, key_major = _launch_csrs(block_mask, needs_grad)
-        predicate = _predicate_args(block_mask.token_mask, block_mask.device) if entry is None else entry[0]
-        entry = _MASK_ARGS[block_mask] = [predicate, rows, key_major if needs_grad else None]
+    if entry is None:
+        predicate = _predicate_args(block_mask.token_mask, block_mask.device)
+        entry = _MASK_ARGS[block_mask] = [predicate, _walk_csr(block_mask, transposed=False), None]
+    if needs_grad and entry[2] is None:
+        entry[2] = _walk_csr(block_mask, transposed=True)
     return entry[0], entry[1], entry[2] if needs_grad else entry[1]
 
 
