@@ -4,7 +4,7 @@ Shape legend: ``N`` tokens (text and grid), ``g`` grid tokens, ``Mq``/``Mk`` que
 
 Text tokens stay global in every masked method (they attend to all tokens and all tokens attend to them), so a
 pattern's pair count is its grid-pair count plus ``2·g·text + text²``. The grid-pair counts here are exact and never
-build the ``N × N`` mask: the neighborhood rule is a product over axes (``O(Σ L²)``), the circle counts offsets
+build the ``N × N`` mask: the neighborhood rule is a product over axes of per-query window sizes (``O(Σ L)``), the circle counts offsets
 (``O(Π min(L, 2r + 1))``), and block masks without partial blocks sum their kept block areas (``O(kept blocks)``).
 The processors compute them once per cached mask or window.
 """
@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..layout import BlockMask, TokenGrid
-from ..layout.predicates import _neighborhood_axis
+from ..layout.predicates import _neighborhood_bounds
 
 __all__ = []
 
@@ -32,8 +32,8 @@ def neighborhood_pairs(
     """Grid pairs of non-causal neighborhood attention (NATTEN/GNA): the product over axes of the per-axis counts."""
     pairs = 1
     for length, kernel, step, dil in zip(shape, kernel_size, stride, dilation):
-        idx = torch.arange(length)
-        pairs *= int(_neighborhood_axis(idx[:, None], idx[None, :], length, kernel, step, dil, False).sum())
+        _, lo, hi = _neighborhood_bounds(torch.arange(length), length, kernel, step, dil, False)
+        pairs *= int((hi - lo + 1).sum())  # each query's window holds hi - lo + 1 keys of its group
     return pairs
 
 
