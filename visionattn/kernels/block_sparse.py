@@ -217,11 +217,10 @@ def _bsa_program_tile(pid, block, length, SUB: tl.constexpr, BLOCK: tl.constexpr
 
 @triton.jit
 def _bsa_loop_tile(indices_ptr, t, block, length, SUB: tl.constexpr, BLOCK: tl.constexpr):
-    """Step ``t`` of a CSR walk visits sub-tile ``t % SUB`` of entry ``t // SUB``: (entry, start, valid rows)."""
-    i = t // SUB
+    """Step ``t`` of a CSR walk visits sub-tile ``t % SUB`` of entry ``t // SUB``: (start, valid rows)."""
     sub = t % SUB
-    start = tl.load(indices_ptr + i) * block + sub * BLOCK
-    return i, start, tl.minimum(tl.minimum(BLOCK, block - sub * BLOCK), length - start)
+    start = tl.load(indices_ptr + t // SUB) * block + sub * BLOCK
+    return start, tl.minimum(tl.minimum(BLOCK, block - sub * BLOCK), length - start)
 
 
 @triton.jit
@@ -285,7 +284,7 @@ def _bsa_key_tile_scores(
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    _, start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
+    start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
     m_n = o_n < n_valid
     p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
     p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d

@@ -341,7 +341,7 @@ def _block_sparse_bwd_dkdv_inner(
     for phase in tl.static_range(1 if MASK_KIND == _NONE else 2):
         lo, hi = _bsa_phase_range(phase, col_start, col_split, col_end, Q_SUB)
         for t in range(lo, hi):
-            _, start_m, m_valid = _bsa_loop_tile(indices_ptr, t, block_q, q_len, Q_SUB, BLOCK_M)
+            start_m, m_valid = _bsa_loop_tile(indices_ptr, t, block_q, q_len, Q_SUB, BLOCK_M)
             m_m = o_m < m_valid
             p_q = q_base + (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
             p_do = do_base + (start_m + o_m)[:, None] * stride_do_n + o_dv[None, :] * stride_do_d
