@@ -3,7 +3,8 @@
 Liao et al., "ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention", AAAI 2025,
 arXiv 2405.18425. Reference: github.com/hustvl/ViG, ``classification/models/vig.py`` ``GatedLinearAttention`` and
 ``vig_h.py`` ``GLA2D`` (MIT licence); re-implemented here, the attention itself runs through
-``visionattn.ops.gated_linear_attention``.
+``visionattn.ops.gated_linear_attention`` and the locality injection (both RMSNorms, the gate mix and ``out_act``)
+through ``visionattn.ops.gated_norm``.
 
 Shape legend: B batch, N = Y·X tokens of a (Y, X) grid in raster order, C channels, H heads,
 Dk = key_dim / H, Dv = C / H.
@@ -15,7 +16,7 @@ from timm.layers import RmsNorm, register_notrace_module
 from torch import nn
 
 from ..layout import TokenGrid
-from ..ops import gated_linear_attention
+from ..ops import gated_linear_attention, gated_norm
 
 __all__ = ["GatedLinearAttention2d"]
 
@@ -62,7 +63,8 @@ class GatedLinearAttention2d(nn.Module):
             conv_act: SiLU after the depthwise conv (ViG-T's ``use_act_in_conv``).
             out_act: SiLU before the output projection (ViG-T's ``use_out_act``).
             norm_eps: eps of the two per-head RMSNorms.
-            backend: backend of ``gated_linear_attention`` (None picks the Triton kernel where it applies).
+            backend: backend of ``gated_linear_attention`` and of ``gated_norm`` (the fused RMSNorms, gate mix and
+                ``out_act``; ``"torch"`` is plain PyTorch there); None picks the Triton kernels where they apply.
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -82,9 +84,10 @@ class GatedLinearAttention2d(nn.Module):
             nn.Linear(_GATE_LOW_RANK_DIM, 2 * key_dim, bias=True, **dd),
         )
         self.out_gate = nn.Linear(dim, dim, bias=True, **dd)
+        # hold the weights (and eps) of the two per-head RMSNorms, which ops.gated_norm applies fused with the mix
         self.norm_attn = RmsNorm(dim // num_heads, eps=norm_eps, **dd)
         self.norm_local = RmsNorm(dim // num_heads, eps=norm_eps, **dd)
-        self.out_act = nn.SiLU() if out_act else nn.Identity()
+        self.out_act = out_act
         self.proj = nn.Linear(dim, dim, bias=False, **dd)
         self.reset_parameters()
 
@@ -137,6 +140,14 @@ class GatedLinearAttention2d(nn.Module):
         )
         out = out.transpose(1, 2).to(local.dtype)  # (B, N, H, Dv)
 
-        gate = torch.sigmoid(self.out_gate(local)).unflatten(-1, (heads, -1))
-        mixed = self.norm_attn(out) * gate + self.norm_local(local.unflatten(-1, (heads, -1))) * (1 - gate)
-        return self.proj(self.out_act(mixed.flatten(2)))
+        mixed = gated_norm(
+            out,
+            local.unflatten(-1, (heads, -1)),
+            self.out_gate(local).unflatten(-1, (heads, -1)),
+            self.norm_attn.weight,
+            self.norm_local.weight,
+            eps=self.norm_attn.eps,
+            silu=self.out_act,
+            backend=self.backend,
+        )
+        return self.proj(mixed.flatten(2))

@@ -1,0 +1,331 @@
+"""ViG's locality injection in one pass: two per-head RMSNorms, the sigmoid gate mix and an optional SiLU.
+
+Per row (one token's head, Dv channels) with ``s = σ(g)`` and ``RMSNorm(x; w) = x · rstd ⊙ w``,
+``rstd = rsqrt(mean(x²) + eps)`` (ViG, Liao et al., AAAI 2025, arXiv 2405.18425, Eq. 8):
+
+    m = s ⊙ RMSNorm(o; w_o) + (1 − s) ⊙ RMSNorm(l; w_l),        y = SiLU(m) or m
+
+Backward, with ``x̂ = x · rstd`` and ``n = x̂ ⊙ w`` for each of o and l:
+
+    dm = dy · SiLU'(m) (or dy),   dn_o = dm ⊙ s,   dn_l = dm ⊙ (1 − s),   dg = dm ⊙ (n_o − n_l) ⊙ s (1 − s)
+    dx = rstd · (dx̂ − x̂ · mean(dx̂ ⊙ x̂)) with dx̂ = dn ⊙ w,        dw = Σ_rows dn ⊙ x̂
+
+One program normalises ``BLOCK_R`` rows at once (a ``[BLOCK_R, Dv]`` tile per tensor, fp32 statistics), so short
+rows (Dv = 16-64) still fill the machine. The backward runs a fixed number of programs that loop over row blocks and
+each store their partial weight gradients; the launcher sums the partials in a fixed order (deterministic).
+
+Layout: o, l, g and dy are ``(B, N, H, Dv)`` with any strides and a unit last stride; every output is contiguous.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import autotune_configs, autotune_kwargs, is_interpreter
+from .block_sparse import cdiv, next_block
+
+__all__ = ["gated_norm_bwd", "gated_norm_fwd"]
+
+#: Tiles larger than this many elements per tensor spill registers (five fp32 tiles are live in the backward).
+_MAX_TILE = 8192
+#: Backward programs per streaming multiprocessor: enough resident warps to hide load latency, few partials to sum.
+_BWD_PROGRAMS_PER_SM = 8
+#: Backward programs under the interpreter: few, so tiny tests still loop over several row blocks per program.
+_INTERPRETER_BWD_PROGRAMS = 2
+
+# memory-bound: what matters is bytes in flight per SM (rows per program x resident programs)
+_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (64, 128, 32, 256, 16, 512) for w in (4, 8, 2)]
+_DEFAULT = triton.Config({"BLOCK_R": 16}, num_warps=4)
+
+
+def _prune_configs(configs, nargs, **kwargs):
+    """Rows per program such that one tile stays within ``_MAX_TILE`` elements."""
+    block_d = {**nargs, **kwargs}["BLOCK_D"]
+    return [c for c in configs if c.kwargs["BLOCK_R"] * block_d <= _MAX_TILE] or [min(configs, key=_block_rows)]
+
+
+def _block_rows(config) -> int:
+    return config.kwargs["BLOCK_R"]
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _gated_norm_rows(i_blk, num_rows, tokens, heads, BLOCK_R: tl.constexpr):
+    """Row indices of row block ``i_blk``, their mask and their (batch, token, head) coordinates (int64)."""
+    o_r = i_blk * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < num_rows
+    o_r = o_r.to(tl.int64)
+    i_t = o_r // heads
+    return o_r, m_r, i_t // tokens, i_t % tokens, o_r % heads
+
+
+@triton.jit
+def _gated_norm_load(base, i_b, i_n, i_h, stride_b, stride_n, stride_h, o_d, mask):
+    """``[BLOCK_R, BLOCK_D]`` fp32 tile of the rows (i_b, i_n, i_h) of a unit-last-stride (B, N, H, Dv) tensor."""
+    p_x = base + (i_b * stride_b + i_n * stride_n + i_h * stride_h)[:, None] + o_d[None, :]
+    return tl.load(p_x, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gated_norm_rms(b_x, eps, DV: tl.constexpr):
+    """``x̂ = x · rstd`` and ``rstd = rsqrt(mean(x²) + eps)`` per row (masked lanes hold 0 and add nothing)."""
+    b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / DV + eps)
+    return b_x * b_rstd[:, None], b_rstd
+
+
+@triton.jit
+def _gated_norm_rms_bwd(b_dn, b_xhat, b_rstd, b_w, DV: tl.constexpr):
+    """``dx`` of ``n = x̂ ⊙ w`` given ``dn``: ``rstd · (dx̂ − x̂ · mean(dx̂ ⊙ x̂))`` with ``dx̂ = dn ⊙ w``."""
+    b_dxhat = b_dn * b_w[None, :]
+    b_proj = tl.sum(b_dxhat * b_xhat, axis=1) / DV
+    return b_rstd[:, None] * (b_dxhat - b_xhat * b_proj[:, None])
+
+
+# ------------------------------------------------------------------------------------------------------- forward
+@triton.autotune(
+    configs=autotune_configs(_CONFIGS, _DEFAULT),
+    key=["DV", "ACT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    **autotune_kwargs(),
+)
+@triton.jit
+def _gated_norm_fwd_kernel(
+    o_ptr,
+    l_ptr,
+    g_ptr,
+    w_o_ptr,
+    w_l_ptr,
+    y_ptr,
+    num_rows,
+    tokens,
+    heads,
+    stride_o_b,
+    stride_o_n,
+    stride_o_h,
+    stride_l_b,
+    stride_l_n,
+    stride_l_h,
+    stride_g_b,
+    stride_g_n,
+    stride_g_h,
+    eps,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    o_r, m_r, i_b, i_n, i_h = _gated_norm_rows(tl.program_id(0), num_rows, tokens, heads, BLOCK_R)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < DV
+    mask = m_r[:, None] & m_d[None, :]
+    # [BLOCK_D]
+    b_w_o = tl.load(w_o_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_w_l = tl.load(w_l_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    # [BLOCK_R, BLOCK_D]
+    b_o = _gated_norm_load(o_ptr, i_b, i_n, i_h, stride_o_b, stride_o_n, stride_o_h, o_d, mask)
+    b_l = _gated_norm_load(l_ptr, i_b, i_n, i_h, stride_l_b, stride_l_n, stride_l_h, o_d, mask)
+    b_s = tl.sigmoid(_gated_norm_load(g_ptr, i_b, i_n, i_h, stride_g_b, stride_g_n, stride_g_h, o_d, mask))
+    b_ohat, _ = _gated_norm_rms(b_o, eps, DV)
+    b_lhat, _ = _gated_norm_rms(b_l, eps, DV)
+    b_y = b_s * (b_ohat * b_w_o[None, :]) + (1.0 - b_s) * (b_lhat * b_w_l[None, :])
+    if ACT:
+        b_y = b_y * tl.sigmoid(b_y)
+    p_y = y_ptr + o_r[:, None] * DV + o_d[None, :]
+    tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------------ backward
+@triton.autotune(
+    configs=autotune_configs(_CONFIGS, _DEFAULT),
+    key=["DV", "ACT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    **autotune_kwargs(),
+)
+@triton.jit
+def _gated_norm_bwd_kernel(
+    dy_ptr,
+    o_ptr,
+    l_ptr,
+    g_ptr,
+    w_o_ptr,
+    w_l_ptr,
+    do_ptr,
+    dl_ptr,
+    dg_ptr,
+    dw_o_ptr,
+    dw_l_ptr,
+    num_rows,
+    tokens,
+    heads,
+    stride_dy_b,
+    stride_dy_n,
+    stride_dy_h,
+    stride_o_b,
+    stride_o_n,
+    stride_o_h,
+    stride_l_b,
+    stride_l_n,
+    stride_l_h,
+    stride_g_b,
+    stride_g_n,
+    stride_g_h,
+    eps,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    i_p, n_p = tl.program_id(0), tl.num_programs(0)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < DV
+    # [BLOCK_D]
+    b_w_o = tl.load(w_o_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_w_l = tl.load(w_l_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_dw_o = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_dw_l = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i_blk in range(i_p, tl.cdiv(num_rows, BLOCK_R), n_p):
+        o_r, m_r, i_b, i_n, i_h = _gated_norm_rows(i_blk, num_rows, tokens, heads, BLOCK_R)
+        mask = m_r[:, None] & m_d[None, :]
+        # [BLOCK_R, BLOCK_D]
+        b_dm = _gated_norm_load(dy_ptr, i_b, i_n, i_h, stride_dy_b, stride_dy_n, stride_dy_h, o_d, mask)
+        b_o = _gated_norm_load(o_ptr, i_b, i_n, i_h, stride_o_b, stride_o_n, stride_o_h, o_d, mask)
+        b_l = _gated_norm_load(l_ptr, i_b, i_n, i_h, stride_l_b, stride_l_n, stride_l_h, o_d, mask)
+        b_s = tl.sigmoid(_gated_norm_load(g_ptr, i_b, i_n, i_h, stride_g_b, stride_g_n, stride_g_h, o_d, mask))
+        b_ohat, b_rstd_o = _gated_norm_rms(b_o, eps, DV)
+        b_lhat, b_rstd_l = _gated_norm_rms(b_l, eps, DV)
+        b_n_o = b_ohat * b_w_o[None, :]
+        b_n_l = b_lhat * b_w_l[None, :]
+        if ACT:
+            b_m = b_s * b_n_o + (1.0 - b_s) * b_n_l
+            b_sig_m = tl.sigmoid(b_m)
+            b_dm = b_dm * b_sig_m * (1.0 + b_m * (1.0 - b_sig_m))
+        b_dn_o = b_dm * b_s
+        b_dn_l = b_dm - b_dn_o
+        b_dg = b_dm * (b_n_o - b_n_l) * b_s * (1.0 - b_s)
+        b_dw_o += tl.sum(b_dn_o * b_ohat, axis=0)
+        b_dw_l += tl.sum(b_dn_l * b_lhat, axis=0)
+        b_do = _gated_norm_rms_bwd(b_dn_o, b_ohat, b_rstd_o, b_w_o, DV)
+        b_dl = _gated_norm_rms_bwd(b_dn_l, b_lhat, b_rstd_l, b_w_l, DV)
+        o_out = o_r[:, None] * DV + o_d[None, :]
+        tl.store(do_ptr + o_out, b_do.to(do_ptr.dtype.element_ty), mask=mask)
+        tl.store(dl_ptr + o_out, b_dl.to(dl_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + o_out, b_dg.to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_o_ptr + i_p * DV + o_d, b_dw_o, mask=m_d)
+    tl.store(dw_l_ptr + i_p * DV + o_d, b_dw_l, mask=m_d)
+
+
+# ------------------------------------------------------------------------------------------------------ launchers
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bnh_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def gated_norm_fwd(
+    o: torch.Tensor,
+    local: torch.Tensor,
+    gate: torch.Tensor,
+    weight_o: torch.Tensor,
+    weight_local: torch.Tensor,
+    eps: float,
+    act: bool,
+) -> torch.Tensor:
+    """``y`` of the module docstring, contiguous ``(B, N, H, Dv)`` in the dtype of ``o``.
+
+    Grid: one program per ``BLOCK_R`` rows of the ``B·N·H`` rows (raster order of the output).
+    """
+    o, local, gate = map(_unit_last_stride, (o, local, gate))
+    batch, tokens, heads, dv = o.shape
+    y = torch.empty(o.shape, device=o.device, dtype=o.dtype)
+    num_rows = batch * tokens * heads
+    if y.numel() == 0:
+        return y
+    grid = lambda meta: (cdiv(num_rows, meta["BLOCK_R"]),)
+    _gated_norm_fwd_kernel[grid](
+        o,
+        local,
+        gate,
+        weight_o,
+        weight_local,
+        y,
+        num_rows,
+        tokens,
+        heads,
+        *_bnh_strides(o),
+        *_bnh_strides(local),
+        *_bnh_strides(gate),
+        eps,
+        DV=dv,
+        BLOCK_D=next_block(dv),
+        ACT=act,
+    )
+    return y
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bwd_programs(device: torch.device, num_rows: int) -> int:
+    """Backward grid size, independent of the tuned ``BLOCK_R`` so the partial-gradient buffer is fixed in advance."""
+    if is_interpreter() or device.type != "cuda":
+        cap = _INTERPRETER_BWD_PROGRAMS
+    else:
+        cap = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        cap *= _BWD_PROGRAMS_PER_SM
+    return max(1, min(cap, cdiv(num_rows, 16)))
+
+
+def gated_norm_bwd(
+    dy: torch.Tensor,
+    o: torch.Tensor,
+    local: torch.Tensor,
+    gate: torch.Tensor,
+    weight_o: torch.Tensor,
+    weight_local: torch.Tensor,
+    eps: float,
+    act: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``o``, ``local``, ``gate`` (contiguous, in their dtype) and of both weights (in theirs).
+
+    Grid: a fixed number of programs, each looping over row blocks ``pid, pid + P, ...`` and storing its partial
+    weight gradients (fp32, ``[P, Dv]``), summed here.
+    """
+    dy, o, local, gate = map(_unit_last_stride, (dy, o, local, gate))
+    batch, tokens, heads, dv = o.shape
+    num_rows = batch * tokens * heads
+    grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (o, local, gate)]
+    programs = _bwd_programs(o.device, num_rows)
+    # every program stores its row of partials; zeros only where no program runs
+    partials = (torch.empty if num_rows else torch.zeros)(2, programs, dv, device=o.device, dtype=torch.float32)
+    if num_rows:
+        _gated_norm_bwd_kernel[(programs,)](
+            dy,
+            o,
+            local,
+            gate,
+            weight_o,
+            weight_local,
+            *grads,
+            partials[0],
+            partials[1],
+            num_rows,
+            tokens,
+            heads,
+            *_bnh_strides(dy),
+            *_bnh_strides(o),
+            *_bnh_strides(local),
+            *_bnh_strides(gate),
+            eps,
+            DV=dv,
+            BLOCK_D=next_block(dv),
+            ACT=act,
+        )
+    # one sum per weight: each gradient gets its own storage (op outputs must not alias one another)
+    dw_o, dw_l = (p.sum(0).to(w.dtype) for p, w in zip(partials, (weight_o, weight_local)))
+    return (*grads, dw_o, dw_l)

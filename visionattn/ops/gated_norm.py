@@ -1,0 +1,204 @@
+"""ViG's 2D gating locality injection: per-head RMSNorms of the attention output and of the conv features, mixed by
+a sigmoid gate, optionally followed by SiLU.
+
+Shapes: B = batch, N = tokens, H = heads, Dv = value head dim (the RMSNorms normalise over the Dv channels of a head).
+
+ViG (Liao et al., AAAI 2025, arXiv 2405.18425, Sec. 3.3, Eq. 8), with ``s = σ(g)``:
+
+    y = act(s ⊙ RMSNorm(o; w_o) + (1 − s) ⊙ RMSNorm(l; w_l)),   RMSNorm(x; w) = x · rsqrt(mean(x²) + eps) ⊙ w
+
+where ``o`` is the attention output, ``l`` the depthwise-conv features, ``g`` the out-gate logits and ``act`` SiLU
+(ViG-T's ``use_out_act``) or the identity. Eager PyTorch spends about ten memory-bound passes on this; the Triton
+backend reads o, l, g once and writes y once (backward: reads dy, o, l, g, writes the three gradients).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import _check_float, _check_tensor
+from ._eager import custom_op
+from ._registry import _BackendRegistry, _requires_dtype, _requires_head_dim_range, _requires_triton_device
+
+__all__ = ["gated_norm", "gated_norm_reference"]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Head dims the Triton kernels take (one row is one power-of-two tile, masked beyond Dv).
+_TRITON_MAX_HEAD_DIM = 256
+
+_registry = _BackendRegistry("gated_norm")
+
+
+def gated_norm_reference(
+    o: torch.Tensor,
+    local: torch.Tensor,
+    gate_logits: torch.Tensor,
+    weight_o: torch.Tensor,
+    weight_local: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    silu: bool = False,
+) -> torch.Tensor:
+    """The equation of the module docstring in plain PyTorch (differentiable, any float dtype, any device).
+
+    It is the eager code of ``GatedLinearAttention2d`` before the fusion, operation for operation (``F.rms_norm``
+    as timm's ``RmsNorm`` calls it, then the mix in the input dtype), so it reproduces that path bit for bit.
+    """
+    gate = torch.sigmoid(gate_logits)
+    channels = (o.shape[-1],)
+    mixed = F.rms_norm(o, channels, weight_o, eps) * gate + F.rms_norm(local, channels, weight_local, eps) * (1 - gate)
+    return F.silu(mixed) if silu else mixed
+
+
+@_registry.register(
+    "triton",
+    constraints=[
+        _requires_triton_device("o", "local", "gate_logits", "weight_o", "weight_local"),
+        _requires_dtype("o", _TRITON_DTYPES),
+        _requires_dtype("weight_o", _TRITON_DTYPES),
+        _requires_dtype("weight_local", _TRITON_DTYPES),
+        _requires_head_dim_range("o", 1, _TRITON_MAX_HEAD_DIM),
+    ],
+)
+def _triton_backend(o, local, gate_logits, weight_o, weight_local, eps, silu):
+    return _gated_norm_fwd_op(o, local, gate_logits, weight_o, weight_local, eps, silu)
+
+
+@_registry.register("torch")
+@_registry.register("reference")
+def _reference_backend(o, local, gate_logits, weight_o, weight_local, eps, silu):
+    return gated_norm_reference(o, local, gate_logits, weight_o, weight_local, eps=eps, silu=silu)
+
+
+@custom_op("visionattn::gated_norm_fwd")
+def _gated_norm_fwd_op(
+    o: torch.Tensor,
+    local: torch.Tensor,
+    gate_logits: torch.Tensor,
+    weight_o: torch.Tensor,
+    weight_local: torch.Tensor,
+    eps: float,
+    silu: bool,
+) -> torch.Tensor:
+    from ..kernels.gated_norm import gated_norm_fwd
+
+    return gated_norm_fwd(o, local, gate_logits, weight_o, weight_local, eps, silu)
+
+
+@_gated_norm_fwd_op.register_fake
+def _(o, local, gate_logits, weight_o, weight_local, eps, silu):
+    return o.new_empty(o.shape)
+
+
+@custom_op("visionattn::gated_norm_bwd")
+def _gated_norm_bwd_op(
+    dy: torch.Tensor,
+    o: torch.Tensor,
+    local: torch.Tensor,
+    gate_logits: torch.Tensor,
+    weight_o: torch.Tensor,
+    weight_local: torch.Tensor,
+    eps: float,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of o, local, gate_logits, weight_o and weight_local."""
+    from ..kernels.gated_norm import gated_norm_bwd
+
+    return gated_norm_bwd(dy, o, local, gate_logits, weight_o, weight_local, eps, silu)
+
+
+@_gated_norm_bwd_op.register_fake
+def _(dy, o, local, gate_logits, weight_o, weight_local, eps, silu):
+    return tuple(t.new_empty(t.shape) for t in (o, local, gate_logits, weight_o, weight_local))
+
+
+def _setup_context(ctx, inputs, output):
+    o, local, gate_logits, weight_o, weight_local, eps, silu = inputs
+    ctx.save_for_backward(o, local, gate_logits, weight_o, weight_local)
+    ctx.eps, ctx.silu = eps, silu
+
+
+def _backward(ctx, dy):
+    grads = _gated_norm_bwd_op(dy, *ctx.saved_tensors, ctx.eps, ctx.silu)
+    # slots: o, local, gate_logits, weight_o, weight_local, eps, silu
+    return *grads, None, None
+
+
+_gated_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_like(name: str, t, o: torch.Tensor) -> None:
+    """``t`` has the shape, dtype and device of ``o``."""
+    _check_tensor(name, t, ndim=4)
+    if t.shape != o.shape:
+        raise ValueError(
+            f"{name} must have the shape of o (B, N, H, Dv); got {name}.shape={tuple(t.shape)}, {o.shape=}."
+        )
+    if t.dtype != o.dtype:
+        raise TypeError(f"{name} must have the dtype of o; got {name}.dtype={t.dtype}, {o.dtype=}.")
+    if t.device != o.device:
+        raise ValueError(f"{name} must be on the device of o; got {name}.device={t.device}, {o.device=}.")
+
+
+def _check_weight(name: str, w, o: torch.Tensor) -> None:
+    _check_tensor(name, w, ndim=1)
+    if w.shape[0] != o.shape[-1]:
+        raise ValueError(
+            f"{name} must have one entry per head channel, shape ({o.shape[-1]},); got {name}.shape={tuple(w.shape)}."
+        )
+    if w.device != o.device:
+        raise ValueError(f"{name} must be on the device of o; got {name}.device={w.device}, {o.device=}.")
+
+
+def gated_norm(
+    o: torch.Tensor,
+    local: torch.Tensor,
+    gate_logits: torch.Tensor,
+    weight_o: torch.Tensor,
+    weight_local: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    silu: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""ViG's locality injection ``act(σ(g) ⊙ RMSNorm(o; w_o) + (1 − σ(g)) ⊙ RMSNorm(l; w_l))`` per head.
+
+    Args:
+        o: attention output ``(B, N, H, Dv)``.
+        local: conv features ``(B, N, H, Dv)`` (``(B, N, H·Dv)`` unflattened per head), dtype and device of ``o``.
+        gate_logits: out-gate logits ``g`` before the sigmoid, ``(B, N, H, Dv)``, dtype and device of ``o``.
+        weight_o: RMSNorm weight of ``o``, ``(Dv,)``, shared by the heads.
+        weight_local: RMSNorm weight of ``local``, ``(Dv,)``.
+        eps: added to ``mean(x²)`` of each row, > 0.
+        silu: apply SiLU to the mix (ViG-T's ``use_out_act``).
+
+    Other Parameters:
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, Dv <= 256, fp32
+            statistics, one rounding to the dtype of ``o`` at the end), ``"reference"`` (plain PyTorch, any float
+            dtype, rounds after each operation like eager code), ``"torch"`` (the same PyTorch function, so that one
+            backend name selects the PyTorch path of every ViG op) or None for Triton where it applies, else the
+            reference.
+
+    Returns:
+        ``(B, N, H, Dv)`` in the dtype of ``o``, contiguous on the Triton backend.
+
+    Raises:
+        TypeError: a non-tensor input, a non-float dtype, local or gate_logits not in the dtype of ``o``, a
+            non-float ``eps`` or a non-bool ``silu``.
+        ValueError: mismatched shapes or devices, ``eps <= 0`` or an unknown ``backend``.
+        NotImplementedError: ``backend="triton"`` on input it does not support.
+
+    Example:
+        >>> o, local, g = torch.randn(3, 2, 10, 3, 16).unbind(0)
+        >>> gated_norm(o, local, g, torch.ones(16), torch.ones(16), silu=True).shape
+        torch.Size([2, 10, 3, 16])
+    """
+    _check_tensor("o", o, ndim=4)
+    _check_like("local", local, o)
+    _check_like("gate_logits", gate_logits, o)
+    _check_weight("weight_o", weight_o, o)
+    _check_weight("weight_local", weight_local, o)
+    eps = _check_float("eps", eps, positive=True)
+    if not isinstance(silu, bool):
+        raise TypeError(f"silu must be a bool; got {silu=} ({type(silu).__name__}).")
+    args = dict(o=o, local=local, gate_logits=gate_logits, weight_o=weight_o, weight_local=weight_local)
+    return _registry.select(backend, args)(**args, eps=eps, silu=silu)
