@@ -28,15 +28,24 @@ from .block_sparse import cdiv, next_block
 
 __all__ = ["gated_norm_bwd", "gated_norm_fwd"]
 
-#: Tiles larger than this many elements per tensor spill registers (five fp32 tiles are live in the backward).
+#: Largest tile (elements per tensor): the backward at 8192 already needs 8 warps not to spill (ptxas, sm_90).
 _MAX_TILE = 8192
 #: Backward programs per streaming multiprocessor: enough resident warps to hide load latency, few partials to sum.
 _BWD_PROGRAMS_PER_SM = 8
 #: Backward programs under the interpreter: few, so tiny tests still loop over several row blocks per program.
 _INTERPRETER_BWD_PROGRAMS = 2
 
-# memory-bound: what matters is bytes in flight per SM (rows per program x resident programs)
-_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (64, 128, 32, 256, 16, 512) for w in (4, 8, 2)]
+
+def _configs(rows: int, warps: int) -> list:
+    """Rows per program x warps, ``(rows, warps)`` first: the config used when autotuning is off. Memory-bound: what
+    matters is the bytes in flight per SM, i.e. rows per program times the programs that fit in the registers."""
+    pairs = [(r, w) for r in (16, 32, 64, 128, 256, 512) for w in (4, 8) if (r, w) != (rows, warps)]
+    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in [(rows, warps), *pairs]]
+
+
+# first entries: by the sm_90 register counts at Dv = 64 (bf16), the largest tiles that keep 4 programs per SM
+_FWD_CONFIGS = _configs(64, 4)
+_BWD_CONFIGS = _configs(32, 4)
 _DEFAULT = triton.Config({"BLOCK_R": 16}, num_warps=4)
 
 
@@ -53,12 +62,13 @@ def _block_rows(config) -> int:
 # ------------------------------------------------------------------------------------------------------- helpers
 @triton.jit
 def _gated_norm_rows(i_blk, num_rows, tokens, heads, BLOCK_R: tl.constexpr):
-    """Row indices of row block ``i_blk``, their mask and their (batch, token, head) coordinates (int64)."""
+    """Row indices of row block ``i_blk``, their mask and their (batch, token, head) coordinates, as int64 so the
+    offsets built from them do not overflow (the divisions stay int32: 64-bit division is emulated on GPUs)."""
     o_r = i_blk * BLOCK_R + tl.arange(0, BLOCK_R)
     m_r = o_r < num_rows
-    o_r = o_r.to(tl.int64)
     i_t = o_r // heads
-    return o_r, m_r, i_t // tokens, i_t % tokens, o_r % heads
+    i_b, i_n, i_h = i_t // tokens, i_t % tokens, o_r % heads
+    return o_r.to(tl.int64), m_r, i_b.to(tl.int64), i_n.to(tl.int64), i_h.to(tl.int64)
 
 
 @triton.jit
@@ -85,7 +95,7 @@ def _gated_norm_rms_bwd(b_dn, b_xhat, b_rstd, b_w, DV: tl.constexpr):
 
 # ------------------------------------------------------------------------------------------------------- forward
 @triton.autotune(
-    configs=autotune_configs(_CONFIGS, _DEFAULT),
+    configs=autotune_configs(_FWD_CONFIGS, _DEFAULT),
     key=["DV", "ACT"],
     prune_configs_by={"early_config_prune": _prune_configs},
     **autotune_kwargs(),
@@ -138,7 +148,7 @@ def _gated_norm_fwd_kernel(
 
 # ------------------------------------------------------------------------------------------------------ backward
 @triton.autotune(
-    configs=autotune_configs(_CONFIGS, _DEFAULT),
+    configs=autotune_configs(_BWD_CONFIGS, _DEFAULT),
     key=["DV", "ACT"],
     prune_configs_by={"early_config_prune": _prune_configs},
     **autotune_kwargs(),
