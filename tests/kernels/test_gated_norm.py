@@ -1,11 +1,12 @@
 """Triton fused RMSNorm gate mix (interpreter on CPU, native on GPU) against a float64 brute-force formula: output and
-every gradient, with and without SiLU, odd row counts, strided inputs, Dv not a power of two, torch.compile."""
+every gradient, with and without SiLU, odd row counts, strided inputs, Dv not a power of two, torch.compile; and
+the plain RMSNorm kernel of the same file."""
 
 import pytest
 import torch
 
 from tests._numerics import assert_close
-from visionattn.ops import gated_norm
+from visionattn.ops import gated_norm, rms_norm
 
 _NAMES = ("do", "dlocal", "dgate_logits", "dweight_o", "dweight_local")
 _EPS = 1e-6
@@ -129,3 +130,60 @@ def test_gated_norm_gpu_vig_tiny_bf16(batch, tokens):
     the GPU."""
     inputs = [t.cuda() for t in _inputs(batch, tokens, 3, 64)]
     _check(inputs, True, torch.device("cuda"), torch.bfloat16)
+
+
+def _rms_brute(x, w, eps=_EPS):
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + eps) * w
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((2, 3, 5, 192), torch.float32), ((37, 48), torch.float16), ((3, 7, 24), torch.float32)],
+    ids=lambda v: str(v),
+)
+def test_rms_norm_matches_float64(kernel_device, poison_empty, shape, dtype):
+    """C = 192 (ViG-T, a padded tile), 48, 24; row counts 30, 37, 21 cross row blocks and backward programs."""
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(*shape, generator=gen, dtype=torch.float64) * torch.exp(
+        torch.randn(*shape[:-1], 1, generator=gen)
+    )
+    w64 = 1 + 0.5 * torch.randn(shape[-1], generator=gen, dtype=torch.float64)
+    leaves64 = [x64.requires_grad_(), w64.requires_grad_()]
+    ref = _rms_brute(*leaves64)
+    grad_out = torch.randn(shape, generator=gen, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, leaves64, grad_out)
+    x, w = (t.detach().to(kernel_device, dtype).requires_grad_() for t in leaves64)
+    out = rms_norm(x, w, backend="triton")
+    grads = torch.autograd.grad(out, [x, w], grad_out.to(kernel_device, dtype))
+    assert_close("out", ref, out.cpu())
+    for name, r, g in zip(("dx", "dweight"), ref_grads, grads):
+        assert_close(name, r, g.cpu())
+
+
+def test_rms_norm_strided_rows_and_compile(kernel_device):
+    """Rows with a stride (a channel slice of a wider tensor) under torch.compile(fullgraph=True)."""
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(2, 5, 40, generator=gen, dtype=torch.float64)
+    w = torch.randn(32, generator=gen, dtype=torch.float64)
+    x = wide.to(kernel_device, torch.float32)[..., :32]
+    backend = "inductor" if kernel_device.type == "cuda" else "aot_eager"
+    fn = torch.compile(lambda x, w: rms_norm(x, w, backend="triton"), fullgraph=True, backend=backend)
+    out = fn(x, w.to(kernel_device, torch.float32))
+    assert_close("out", _rms_brute(wide[..., :32], w), out.cpu())
+
+
+@pytest.mark.gpu
+def test_rms_norm_gpu_vig_tiny_bf16():
+    """vig_tiny's pre-norm at 1024 px batch 64: 262K rows of C = 192, bf16 against float64 on the GPU."""
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(64, 64, 64, 192, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    w64 = (1 + 0.5 * torch.randn(192, generator=gen, dtype=torch.float64)).cuda().requires_grad_()
+    ref = _rms_brute(x64, w64)
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, [x64, w64], grad_out)
+    x, w = (t.detach().bfloat16().requires_grad_() for t in (x64, w64))
+    out = rms_norm(x, w)
+    grads = torch.autograd.grad(out, [x, w], grad_out.bfloat16())
+    assert_close("out", ref, out)
+    for name, r, g in zip(("dx", "dweight"), ref_grads, grads):
+        assert_close(name, r, g)

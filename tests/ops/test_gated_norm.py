@@ -1,5 +1,5 @@
 """gated_norm op: the reference against a float64 brute-force formula and against the eager module code it replaced
-(bit for bit), backend selection, and every validation error."""
+(bit for bit), backend selection, and every validation error; the same for the plain rms_norm."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from timm.layers import RmsNorm
 
 from tests._numerics import assert_close
 from tests.kernels.test_gated_norm import _brute, _inputs
-from visionattn.ops import gated_norm, gated_norm_reference
+from visionattn.ops import gated_norm, gated_norm_reference, rms_norm
 
 
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
@@ -81,7 +81,7 @@ def test_gated_norm_rejects_bad_arguments():
         gated_norm(o, local, g[..., :4], w_o, w_l)
     with pytest.raises(ValueError, match="weight_o must have 1 dims"):
         gated_norm(o, local, g, w_o[None], w_l)
-    with pytest.raises(ValueError, match="weight_local must have one entry per head channel"):
+    with pytest.raises(ValueError, match="weight_local must have one entry per channel of o"):
         gated_norm(o, local, g, w_o, w_l[:4])
     with pytest.raises(ValueError, match="weight_o must be on the device of o"):
         gated_norm(o, local, g, w_o.to("meta"), w_l)
@@ -93,3 +93,35 @@ def test_gated_norm_rejects_bad_arguments():
         gated_norm(o, local, g, w_o, w_l, silu=1)
     with pytest.raises(ValueError, match="backend"):
         gated_norm(o, local, g, w_o, w_l, backend="cuda")
+
+
+def test_rms_norm_reference_is_timm_rms_norm():
+    x = torch.randn(2, 3, 4, 48, generator=torch.Generator().manual_seed(0)).bfloat16()
+    timm_norm = RmsNorm(48, eps=1e-6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        timm_norm.weight.normal_(1, 0.5, generator=torch.Generator().manual_seed(1))
+    for backend in (None, "reference", "torch"):
+        assert torch.equal(rms_norm(x, timm_norm.weight, eps=1e-6, backend=backend), timm_norm(x))
+
+
+def test_rms_norm_rejects_bad_arguments(kernel_device):
+    x, w = torch.randn(2, 3, 8), torch.ones(8)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        rms_norm(x.tolist(), w)
+    with pytest.raises(ValueError, match="x must have at least 1 dim"):
+        rms_norm(torch.tensor(1.0), w)
+    with pytest.raises(TypeError, match="x.dtype"):
+        rms_norm(x.long(), w)
+    with pytest.raises(ValueError, match="weight must have one entry per channel of x"):
+        rms_norm(x, w[:4])
+    with pytest.raises(ValueError, match="weight must be on the device of x"):
+        rms_norm(x, w.to("meta"))
+    with pytest.raises(ValueError, match="eps"):
+        rms_norm(x, w, eps=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        rms_norm(x, w, backend="apex")
+    wide = torch.randn(2, 1025, device=kernel_device)
+    with pytest.raises(NotImplementedError, match="channels"):
+        rms_norm(wide, torch.ones(1025, device=kernel_device), backend="triton")
+    with pytest.raises(NotImplementedError, match="x.dtype"):
+        rms_norm(x.double().to(kernel_device), w.double().to(kernel_device), backend="triton")

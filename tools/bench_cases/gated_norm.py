@@ -1,10 +1,12 @@
 """ViG's locality injection (per-head RMSNorms of the attention output and the conv features, sigmoid gate mix,
 optional SiLU): our one-pass Triton kernel against the eager PyTorch glue it replaced in ``GatedLinearAttention2d``
-(the op's reference, the baseline of each group) and ``torch.compile`` of that glue.
+(the op's reference, the baseline of each group) and ``torch.compile`` of that glue; and ViG's pre-norm, our
+``rms_norm`` against ``F.rms_norm`` (what timm's ``RmsNorm`` runs) eager and compiled.
 
-The op is memory-bound, so every row carries ``bytes``: the minimum HBM traffic, o, local and the gate logits read
-and y written forward (4 tensors of rows x Dv); forward+backward adds dy, o, local, gate logits read and their three
-gradients written (11 tensors in all). The norm weights are negligible.
+Both are memory-bound, so every row carries ``bytes``: the minimum HBM traffic. Gated norm: o, local and the gate
+logits read and y written forward (4 tensors); forward+backward adds dy, o, local, gate logits read and their three
+gradients written (11 in all). RMSNorm: x read, y written (2); with backward dy, x read and dx written (5). The
+norm weights are negligible.
 
     python tools/bench.py attention --cases gated_norm --mode both --dtype bf16 --out docs/benchmarks/gated_norm_h100
 """
@@ -12,7 +14,7 @@ gradients written (11 tensors in all). The norm weights are negligible.
 import torch
 
 from tools.bench_cases._common import BenchCase, timed
-from visionattn.ops import gated_norm, gated_norm_reference
+from visionattn.ops import gated_norm, gated_norm_reference, rms_norm, rms_norm_reference
 
 __all__ = ["cases"]
 
@@ -22,57 +24,64 @@ SHAPES = [
     ("vig_small-224 B256 N196 H6 Dv64", 256, 196, 6, 64, False),
 ]
 CPU_SHAPES = [("tiny B1 N10 H2 Dv16 silu", 1, 10, 2, 16, True)]
-#: Tensors of rows x Dv that must move through HBM per call.
-_TENSORS_MOVED = {"fwd": 4, "fwd+bwd": 11}
+#: (label, B, N, C) of the pre-norm rows.
+NORM_SHAPES = [("rms_norm vig_tiny-1024 B64 N4096 C192", 64, 4096, 192)]
+CPU_NORM_SHAPES = [("rms_norm tiny B1 N10 C48", 1, 10, 48)]
+#: Tensors of rows x channels that must move through HBM per call.
+_GATED_TENSORS = {"fwd": 4, "fwd+bwd": 11}
+_NORM_TENSORS = {"fwd": 2, "fwd+bwd": 5}
 
 
-def _row(fn, shape_args: tuple, mode: str, args):
-    """``BenchCase.make`` of one row: fresh o, local, gate logits in the module's layout and unit-ish norm weights."""
-    batch, tokens, heads, dv, silu = shape_args
+def _make(build, mode: str, args):
+    """``BenchCase.make`` of one row: ``build(rand, ones)`` returns ``(fn, inputs)`` from seeded factories."""
 
     def make():
         gen = torch.Generator().manual_seed(0)
         grad = mode != "fwd"
         rand = lambda *shape: torch.randn(*shape, generator=gen).to(args.device, args.dtype).requires_grad_(grad)
-        # local and the gate logits are (B, N, C) activations viewed per head, as in the module
-        o, local, gate_logits = (
-            rand(batch, tokens, heads, dv),
-            rand(batch, tokens, heads * dv),
-            rand(batch, tokens, heads * dv),
-        )
-        w_o, w_l = (torch.ones(dv, device=args.device, dtype=args.dtype).requires_grad_(grad) for _ in range(2))
-
-        def call(o, local, gate_logits, w_o, w_l):
-            per_head = lambda t: t.unflatten(-1, (heads, dv))
-            return fn(o, per_head(local), per_head(gate_logits), w_o, w_l, eps=1e-6, silu=silu)
-
-        return timed(call, (o, local, gate_logits, w_o, w_l), mode)
+        ones = lambda n: torch.ones(n, device=args.device, dtype=args.dtype).requires_grad_(grad)
+        return timed(*build(rand, ones), mode)
 
     return make
 
 
+def _gated_inputs(fn, batch, tokens, heads, dv, silu):
+    def build(rand, ones):
+        def call(o, local, gate_logits, w_o, w_l):
+            per_head = lambda t: t.unflatten(-1, (heads, dv))
+            return fn(o, per_head(local), per_head(gate_logits), w_o, w_l, eps=1e-6, silu=silu)
+
+        # local and the gate logits are (B, N, C) activations viewed per head, as in the module
+        inputs = (rand(batch, tokens, heads, dv), rand(batch, tokens, heads * dv), rand(batch, tokens, heads * dv))
+        return call, (*inputs, ones(dv), ones(dv))
+
+    return build
+
+
+def _norm_inputs(fn, batch, tokens, channels):
+    return lambda rand, ones: (lambda x, w: fn(x, w, eps=1e-6), (rand(batch, tokens, channels), ones(channels)))
+
+
 def cases(args) -> list[BenchCase]:
     on_gpu = args.device == "cuda"
-    peers = {
-        "ours": lambda *t, **kw: gated_norm(*t, **kw, backend="triton"),
-        "eager-glue": gated_norm_reference,
-    }
+    elt = torch.finfo(args.dtype).bits // 8
+    gated_peers = {"ours": lambda *t, **kw: gated_norm(*t, **kw, backend="triton"), "eager-glue": gated_norm_reference}
+    norm_peers = {"ours": lambda *t, **kw: rms_norm(*t, **kw, backend="triton"), "eager-glue": rms_norm_reference}
     if on_gpu:
-        peers["compiled-glue"] = torch.compile(gated_norm_reference, dynamic=False)
-    rows = []
+        gated_peers["compiled-glue"] = torch.compile(gated_norm_reference, dynamic=False)
+        norm_peers["compiled-glue"] = torch.compile(rms_norm_reference, dynamic=False)
+    groups = []
     for label, batch, tokens, heads, dv, silu in SHAPES if on_gpu else CPU_SHAPES:
-        elements = batch * tokens * heads * dv * (torch.finfo(args.dtype).bits // 8)
+        builds = {impl: _gated_inputs(fn, batch, tokens, heads, dv, silu) for impl, fn in gated_peers.items()}
+        groups.append((label, builds, batch * tokens * heads * dv * elt, _GATED_TENSORS))
+    for label, batch, tokens, channels in NORM_SHAPES if on_gpu else CPU_NORM_SHAPES:
+        builds = {impl: _norm_inputs(fn, batch, tokens, channels) for impl, fn in norm_peers.items()}
+        groups.append((label, builds, batch * tokens * channels * elt, _NORM_TENSORS))
+    rows = []
+    for label, builds, tensor_bytes, tensors in groups:
         for mode in ("fwd", "fwd+bwd"):
-            for impl, fn in peers.items():
-                make = _row(fn, (batch, tokens, heads, dv, silu), mode, args)
-                rows.append(
-                    BenchCase(
-                        group=label,
-                        impl=impl,
-                        mode=mode,
-                        make=make,
-                        bytes=_TENSORS_MOVED[mode] * elements,
-                        baseline=impl == "eager-glue",
-                    )
-                )
+            for impl, build in builds.items():
+                make = _make(build, mode, args)
+                bytes_moved = tensors[mode] * tensor_bytes
+                rows.append(BenchCase(label, impl, mode, make, bytes=bytes_moved, baseline=impl == "eager-glue"))
     return rows

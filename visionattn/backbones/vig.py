@@ -28,7 +28,6 @@ from timm.layers import (
     DropPath,
     GluMlp,
     LayerNorm2d,
-    RmsNorm,
     calculate_drop_path_rates,
     register_notrace_function,
     resample_abs_pos_embed,
@@ -41,7 +40,7 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
 
 from ..layout import TokenGrid
-from ..nn import GatedLinearAttention2d
+from ..nn import GatedLinearAttention2d, RmsNorm
 from ._timm_api import ClassifierHeadMixin, check_output_fmt, create_backbone, imagenet_cfg, init_linear
 
 # token_grid and add_pos_embed are public: torch.fx only autowraps (keeps as leaves) functions whose global name has
@@ -204,7 +203,8 @@ class ViG(ClassifierHeadMixin, nn.Module):
             drop_rate: dropout before the classifier.
             pos_drop_rate: dropout after adding the position embedding.
             drop_path_rate: stochastic depth, rising linearly over the blocks to this value.
-            backend: backend of the gated linear attention op (None: Triton where it applies, else reference).
+            backend: backend of the gated linear attention, gated-norm and RMSNorm ops (None: Triton where it
+                applies, else reference).
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -220,7 +220,8 @@ class ViG(ClassifierHeadMixin, nn.Module):
         self.stem = ViGStem(in_chans, embed_dim, kernel_sizes=(9, 3), strides=(8, 2), act_layer=nn.SiLU, **dd)
         self.pos_embed = nn.Parameter(torch.empty(1, self.pos_grid[0] * self.pos_grid[1], embed_dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        norm_layer = partial(RmsNorm, eps=_RMS_EPS)
+        # timm's RmsNorm (same state dict) computed by visionattn's many-rows-per-program kernel where it applies
+        norm_layer = partial(RmsNorm, eps=_RMS_EPS, backend=backend)
         mlp_hidden_dim = _swiglu_hidden_dim(embed_dim, mlp_multiple_of)
         self.blocks = nn.Sequential(
             *[

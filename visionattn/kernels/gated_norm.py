@@ -15,6 +15,9 @@ rows (Dv = 16-64) still fill the machine. The backward runs a fixed number of pr
 each store their partial weight gradients; the launcher sums the partials in a fixed order (deterministic).
 
 Layout: o, l, g and dy are ``(B, N, H, Dv)`` with any strides and a unit last stride; every output is contiguous.
+
+The same row machinery gives a plain RMSNorm ``y = RMSNorm(x; w)`` over the last dim of any ``(..., C)`` tensor
+(ViG's pre-norms, C = 192-768), backward ``dx`` as above with ``dn = dy`` and ``dw = Σ_rows dy ⊙ x̂``.
 """
 
 import functools
@@ -26,7 +29,7 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from .block_sparse import cdiv, next_block
 
-__all__ = ["gated_norm_bwd", "gated_norm_fwd"]
+__all__ = ["gated_norm_bwd", "gated_norm_fwd", "rms_norm_bwd", "rms_norm_fwd"]
 
 #: Largest tile (elements per tensor): the backward at 8192 already needs 8 warps not to spill (ptxas, sm_90).
 _MAX_TILE = 8192
@@ -50,13 +53,13 @@ _DEFAULT = triton.Config({"BLOCK_R": 16}, num_warps=4)
 
 
 def _prune_configs(configs, nargs, **kwargs):
-    """Rows per program such that one tile stays within ``_MAX_TILE`` elements."""
-    block_d = {**nargs, **kwargs}["BLOCK_D"]
-    return [c for c in configs if c.kwargs["BLOCK_R"] * block_d <= _MAX_TILE] or [min(configs, key=_block_rows)]
-
-
-def _block_rows(config) -> int:
-    return config.kwargs["BLOCK_R"]
+    """Rows per program capped so that one tile stays within ``_MAX_TILE`` elements (duplicates dropped)."""
+    cap = _MAX_TILE // {**nargs, **kwargs}["BLOCK_D"]
+    kept = {}
+    for c in configs:
+        rows = min(c.kwargs["BLOCK_R"], cap)
+        kept.setdefault((rows, c.num_warps), triton.Config({"BLOCK_R": rows}, num_warps=c.num_warps))
+    return list(kept.values())
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -226,6 +229,86 @@ def _gated_norm_bwd_kernel(
     tl.store(dw_l_ptr + i_p * DV + o_d, b_dw_l, mask=m_d)
 
 
+# ------------------------------------------------------------------------------------------- plain RMSNorm
+@triton.jit
+def _rms_norm_tile(base, o_r, stride_r, o_d, mask):
+    """``[BLOCK_R, BLOCK_D]`` fp32 tile of rows ``o_r`` (int64) of a ``(rows, C)`` unit-last-stride tensor."""
+    return tl.load(base + o_r[:, None] * stride_r + o_d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.autotune(
+    configs=autotune_configs(_FWD_CONFIGS, _DEFAULT),
+    key=["DV"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    **autotune_kwargs(),
+)
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    num_rows,
+    stride_x_r,
+    eps,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < num_rows
+    o_r = o_r.to(tl.int64)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < DV
+    mask = m_r[:, None] & m_d[None, :]
+    # [BLOCK_D]
+    b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    # [BLOCK_R, BLOCK_D]
+    b_xhat, _ = _gated_norm_rms(_rms_norm_tile(x_ptr, o_r, stride_x_r, o_d, mask), eps, DV)
+    p_y = y_ptr + o_r[:, None] * DV + o_d[None, :]
+    tl.store(p_y, (b_xhat * b_w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=autotune_configs(_BWD_CONFIGS, _DEFAULT),
+    key=["DV"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    **autotune_kwargs(),
+)
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    dx_ptr,
+    dw_ptr,
+    num_rows,
+    stride_dy_r,
+    stride_x_r,
+    eps,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    i_p, n_p = tl.program_id(0), tl.num_programs(0)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < DV
+    # [BLOCK_D]
+    b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i_blk in range(i_p, tl.cdiv(num_rows, BLOCK_R), n_p):
+        o_r = i_blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        m_r = o_r < num_rows
+        o_r = o_r.to(tl.int64)
+        mask = m_r[:, None] & m_d[None, :]
+        # [BLOCK_R, BLOCK_D]
+        b_dy = _rms_norm_tile(dy_ptr, o_r, stride_dy_r, o_d, mask)
+        b_xhat, b_rstd = _gated_norm_rms(_rms_norm_tile(x_ptr, o_r, stride_x_r, o_d, mask), eps, DV)
+        b_dw += tl.sum(b_dy * b_xhat, axis=0)
+        b_dx = _gated_norm_rms_bwd(b_dy, b_xhat, b_rstd, b_w, DV)
+        tl.store(dx_ptr + o_r[:, None] * DV + o_d[None, :], b_dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + i_p * DV + o_d, b_dw, mask=m_d)
+
+
 # ------------------------------------------------------------------------------------------------------ launchers
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -311,8 +394,7 @@ def gated_norm_bwd(
     num_rows = batch * tokens * heads
     grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (o, local, gate)]
     programs = _bwd_programs(o.device, num_rows)
-    # every program stores its row of partials; zeros only where no program runs
-    partials = (torch.empty if num_rows else torch.zeros)(2, programs, dv, device=o.device, dtype=torch.float32)
+    partials = _partials(2, programs, dv, num_rows, o.device)
     if num_rows:
         _gated_norm_bwd_kernel[(programs,)](
             dy,
@@ -339,3 +421,51 @@ def gated_norm_bwd(
     # one sum per weight: each gradient gets its own storage (op outputs must not alias one another)
     dw_o, dw_l = (p.sum(0).to(w.dtype) for p, w in zip(partials, (weight_o, weight_local)))
     return (*grads, dw_o, dw_l)
+
+
+def _partials(count: int, programs: int, dim: int, num_rows: int, device: torch.device) -> torch.Tensor:
+    """``[count, programs, dim]`` fp32 partial weight gradients: each program stores its row, so zeros are needed
+    only where no program runs."""
+    return (torch.empty if num_rows else torch.zeros)(count, programs, dim, device=device, dtype=torch.float32)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(..., C)`` as ``(rows, C)`` with a unit last stride (a view where the layout allows)."""
+    return _unit_last_stride(x.reshape(-1, x.shape[-1]))
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm(x; w)`` over the last dim, contiguous, in the dtype of ``x``. Grid: one program per ``BLOCK_R`` rows."""
+    rows = _rows(x)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    num_rows, dim = rows.shape
+    if y.numel():
+        grid = lambda meta: (cdiv(num_rows, meta["BLOCK_R"]),)
+        _rms_norm_fwd_kernel[grid](rows, weight, y, num_rows, rows.stride(0), eps, DV=dim, BLOCK_D=next_block(dim))
+    return y
+
+
+def rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``x`` (contiguous, its dtype) and ``weight`` (its dtype); grid and partials as ``gated_norm_bwd``."""
+    dy_rows, rows = _rows(dy), _rows(x)
+    num_rows, dim = rows.shape
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    programs = _bwd_programs(x.device, num_rows)
+    partials = _partials(1, programs, dim, num_rows, x.device)
+    if num_rows:
+        _rms_norm_bwd_kernel[(programs,)](
+            dy_rows,
+            rows,
+            weight,
+            dx,
+            partials[0],
+            num_rows,
+            dy_rows.stride(0),
+            rows.stride(0),
+            eps,
+            DV=dim,
+            BLOCK_D=next_block(dim),
+        )
+    return dx, partials[0].sum(0).to(weight.dtype)

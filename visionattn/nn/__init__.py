@@ -3,6 +3,7 @@
 from .agent_attention import AgentAttention
 from .gated_attention2d import GatedLinearAttention2d
 from .linear_attention2d import LinearAttention2d
+from .rms_norm import RmsNorm
 from .rope2d import RoPE2d, apply_rope2d, rope2d_tables
 from .routing_attention import BiLevelRoutingAttention, LePEAttention
 from .softmax_attention2d import SoftmaxAttention2d
@@ -14,6 +15,7 @@ __all__ = [
     "GatedLinearAttention2d",
     "LePEAttention",
     "LinearAttention2d",
+    "RmsNorm",
     "RoPE2d",
     "SoftmaxAttention2d",
     "SparseLinearAttention",

@@ -3,7 +3,7 @@
 from .agent import agent_attention, agent_attention_reference
 from .block_sparse import block_sparse_attention, block_sparse_attention_reference
 from .gated import gated_linear_attention, gated_linear_attention_reference
-from .gated_norm import gated_norm, gated_norm_reference
+from .gated_norm import gated_norm, gated_norm_reference, rms_norm, rms_norm_reference
 from .linear import (
     LinearAttentionState,
     linear_attention,
@@ -35,6 +35,8 @@ __all__ = [
     "merge_linear_attention_states",
     "neighborhood_attention",
     "neighborhood_attention_reference",
+    "rms_norm",
+    "rms_norm_reference",
     "sparse_linear_attention",
     "sparse_linear_attention_reference",
 ]

@@ -10,6 +10,9 @@ ViG (Liao et al., AAAI 2025, arXiv 2405.18425, Sec. 3.3, Eq. 8), with ``s = σ(g
 where ``o`` is the attention output, ``l`` the depthwise-conv features, ``g`` the out-gate logits and ``act`` SiLU
 (ViG-T's ``use_out_act``) or the identity. Eager PyTorch spends about ten memory-bound passes on this; the Triton
 backend reads o, l, g once and writes y once (backward: reads dy, o, l, g, writes the three gradients).
+
+:func:`rms_norm` is the plain ``RMSNorm(x; w)`` over the last dim from the same kernel file (many rows per program;
+PyTorch's fused kernel runs one block per row, slow on ViG's short rows of C = 192-768 channels).
 """
 
 import torch
@@ -17,15 +20,18 @@ import torch.nn.functional as F
 
 from ._checks import _check_float, _check_tensor
 from ._eager import custom_op
-from ._registry import _BackendRegistry, _requires_dtype, _requires_head_dim_range, _requires_triton_device
+from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim_range, _requires_triton_device
 
-__all__ = ["gated_norm", "gated_norm_reference"]
+__all__ = ["gated_norm", "gated_norm_reference", "rms_norm", "rms_norm_reference"]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Head dims the Triton kernels take (one row is one power-of-two tile, masked beyond Dv).
 _TRITON_MAX_HEAD_DIM = 256
+#: Channels of the plain RMSNorm kernel (a row is one tile; ViG-B has 768).
+_TRITON_MAX_CHANNELS = 1024
 
 _registry = _BackendRegistry("gated_norm")
+_rms_registry = _BackendRegistry("rms_norm")
 
 
 def gated_norm_reference(
@@ -139,14 +145,18 @@ def _check_like(name: str, t, o: torch.Tensor) -> None:
         raise ValueError(f"{name} must be on the device of o; got {name}.device={t.device}, {o.device=}.")
 
 
-def _check_weight(name: str, w, o: torch.Tensor) -> None:
+def _check_weight(name: str, w, x: torch.Tensor, x_name: str = "o") -> None:
+    """``w`` is ``(C,)`` for the last dim ``C`` of ``x``, on its device."""
     _check_tensor(name, w, ndim=1)
-    if w.shape[0] != o.shape[-1]:
+    if w.shape[0] != x.shape[-1]:
         raise ValueError(
-            f"{name} must have one entry per head channel, shape ({o.shape[-1]},); got {name}.shape={tuple(w.shape)}."
+            f"{name} must have one entry per channel of {x_name}, shape ({x.shape[-1]},); "
+            f"got {name}.shape={tuple(w.shape)}."
         )
-    if w.device != o.device:
-        raise ValueError(f"{name} must be on the device of o; got {name}.device={w.device}, {o.device=}.")
+    if w.device != x.device:
+        raise ValueError(
+            f"{name} must be on the device of {x_name}; got {name}.device={w.device}, {x_name}.device={x.device}."
+        )
 
 
 def gated_norm(
@@ -202,3 +212,115 @@ def gated_norm(
         raise TypeError(f"silu must be a bool; got {silu=} ({type(silu).__name__}).")
     args = dict(o=o, local=local, gate_logits=gate_logits, weight_o=weight_o, weight_local=weight_local)
     return _registry.select(backend, args)(**args, eps=eps, silu=silu)
+
+
+# ------------------------------------------------------------------------------------------------- plain RMSNorm
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """``F.rms_norm`` over the last dim (what timm's ``RmsNorm`` calls), any float dtype and device."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _requires_channels(args: dict, raise_error: bool) -> bool:
+    channels = args["x"].shape[-1]
+    if not 1 <= channels <= _TRITON_MAX_CHANNELS:
+        return _fail(
+            raise_error,
+            NotImplementedError,
+            f"x.shape[-1] (channels) must be in [1, {_TRITON_MAX_CHANNELS}] for backend='triton'; got {channels}. "
+            "Use backend='reference'.",
+        )
+    return True
+
+
+@_rms_registry.register(
+    "triton",
+    constraints=[
+        _requires_triton_device("x", "weight"),
+        _requires_dtype("x", _TRITON_DTYPES),
+        _requires_dtype("weight", _TRITON_DTYPES),
+        _requires_channels,
+    ],
+)
+def _rms_triton_backend(x, weight, eps):
+    return _rms_norm_fwd_op(x, weight, eps)
+
+
+@_rms_registry.register("torch")
+@_rms_registry.register("reference")
+def _rms_reference_backend(x, weight, eps):
+    return rms_norm_reference(x, weight, eps=eps)
+
+
+@custom_op("visionattn::rms_norm_fwd")
+def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from ..kernels.gated_norm import rms_norm_fwd
+
+    return rms_norm_fwd(x, weight, eps)
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@custom_op("visionattn::rms_norm_bwd")
+def _rms_norm_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of x and weight."""
+    from ..kernels.gated_norm import rms_norm_bwd
+
+    return rms_norm_bwd(dy, x, weight, eps)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, eps):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _rms_setup_context(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _rms_backward(ctx, dy):
+    dx, dw = _rms_norm_bwd_op(dy, *ctx.saved_tensors, ctx.eps)
+    return dx, dw, None  # slots: x, weight, eps
+
+
+_rms_norm_fwd_op.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, backend: str | None = None) -> torch.Tensor:
+    """``RMSNorm(x; w) = x · rsqrt(mean(x²) + eps) ⊙ w`` over the last dim (Zhang & Sennrich, NeurIPS 2019, Eq. 4).
+
+    Args:
+        x: ``(..., C)``.
+        weight: ``(C,)``, on the device of ``x``.
+        eps: added to ``mean(x²)`` of each row, > 0.
+
+    Other Parameters:
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, C <= 1024, fp32
+            statistics), ``"reference"`` / ``"torch"`` (``F.rms_norm``, any float dtype) or None for Triton where it
+            applies, else the reference.
+
+    Returns:
+        ``(..., C)`` in the dtype of ``x``, contiguous on the Triton backend.
+
+    Raises:
+        TypeError: a non-tensor input, a non-float dtype or a non-float ``eps``.
+        ValueError: a weight that is not ``(C,)`` or on another device, ``eps <= 0`` or an unknown ``backend``.
+        NotImplementedError: ``backend="triton"`` on input it does not support.
+
+    Example:
+        >>> rms_norm(torch.randn(2, 5, 192), torch.ones(192)).shape
+        torch.Size([2, 5, 192])
+    """
+    _check_tensor("x", x)
+    if x.ndim == 0:
+        raise ValueError(f"x must have at least 1 dim (the normalised channels); got x.shape={tuple(x.shape)}.")
+    _check_weight("weight", weight, x, "x")
+    eps = _check_float("eps", eps, positive=True)
+    args = dict(x=x, weight=weight)
+    return _rms_registry.select(backend, args)(**args, eps=eps)
