@@ -44,12 +44,14 @@ def _to(inputs, device, dtype):
     return [move(t) for t in inputs]
 
 
-def _check(inputs, silu, device, dtype, tol=None):
+def _check(inputs, silu, device, dtype, tol=None, leaves=None):
+    """Output and gradients against ``_brute`` on ``inputs``; ``leaves``: the kernel's inputs, if not ``inputs`` moved
+    to ``device`` and ``dtype``."""
     leaves64 = [t.clone().requires_grad_() for t in inputs]
     ref = _brute(*leaves64, silu)
     grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(ref.device)
     ref_grads = torch.autograd.grad(ref, leaves64, grad_out)
-    leaves = _to(inputs, device, dtype)
+    leaves = _to(inputs, device, dtype) if leaves is None else leaves
     out = gated_norm(*leaves, eps=_EPS, silu=silu, backend="triton")
     assert out.dtype == dtype and out.is_contiguous()
     grads = torch.autograd.grad(out, leaves, grad_out.to(device, dtype))
@@ -74,10 +76,12 @@ def test_gated_norm_odd_head_dim_and_strided_o(kernel_device, poison_empty, dv):
 
 
 def test_gated_norm_non_unit_last_stride(kernel_device):
-    """Inputs whose channels are strided (every other element of a wider tensor) are copied, not misread."""
-    o, local, g, w_o, w_l = _inputs(1, 3, 2, 32)
-    wide = torch.cat([o, o], dim=-1)[..., ::2]
-    _check([wide, local, g, w_o, w_l], False, kernel_device, torch.float32)
+    """Inputs and a weight whose channels are strided (every other element) are copied, not misread."""
+    inputs = _inputs(1, 3, 2, 32)
+    wide = lambda t: torch.stack([t, -t], dim=-1).to(kernel_device, torch.float32)
+    leaves = [wide(t)[..., 0].detach().requires_grad_() for t in inputs]
+    assert all(t.stride(-1) == 2 for t in leaves)
+    _check(inputs, False, kernel_device, torch.float32, leaves=leaves)
 
 
 def test_gated_norm_mixed_weight_dtype(kernel_device, rng):

@@ -311,6 +311,7 @@ def _rms_norm_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------------------ launchers
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a contiguous copy when its last dim is strided (the kernels index it as ``base + o_d``)."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -331,7 +332,7 @@ def gated_norm_fwd(
 
     Grid: one program per ``BLOCK_R`` rows of the ``B·N·H`` rows (raster order of the output).
     """
-    o, local, gate = map(_unit_last_stride, (o, local, gate))
+    o, local, gate, weight_o, weight_local = map(_unit_last_stride, (o, local, gate, weight_o, weight_local))
     batch, tokens, heads, dv = o.shape
     y = torch.empty(o.shape, device=o.device, dtype=o.dtype)
     num_rows = batch * tokens * heads
@@ -389,7 +390,7 @@ def gated_norm_bwd(
     Grid: a fixed number of programs, each looping over row blocks ``pid, pid + P, ...`` and storing its partial
     weight gradients (fp32, ``[P, Dv]``), summed here.
     """
-    dy, o, local, gate = map(_unit_last_stride, (dy, o, local, gate))
+    dy, o, local, gate, weight_o, weight_local = map(_unit_last_stride, (dy, o, local, gate, weight_o, weight_local))
     batch, tokens, heads, dv = o.shape
     num_rows = batch * tokens * heads
     grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (o, local, gate)]
@@ -436,7 +437,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``RMSNorm(x; w)`` over the last dim, contiguous, in the dtype of ``x``. Grid: one program per ``BLOCK_R`` rows."""
-    rows = _rows(x)
+    rows, weight = _rows(x), _unit_last_stride(weight)
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     num_rows, dim = rows.shape
     if y.numel():
@@ -449,7 +450,7 @@ def rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``x`` (contiguous, its dtype) and ``weight`` (its dtype); grid and partials as ``gated_norm_bwd``."""
-    dy_rows, rows = _rows(dy), _rows(x)
+    dy_rows, rows, weight = _rows(dy), _rows(x), _unit_last_stride(weight)
     num_rows, dim = rows.shape
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     programs = _bwd_programs(x.device, num_rows)
