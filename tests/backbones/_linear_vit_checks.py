@@ -189,6 +189,8 @@ def test_features_only_and_intermediates(family, rng):
         assert [i.shape[1] for i in intermediates] == [16, 32, 48, 64]
         assert_close("stage1", intermediates[1], outs[0])
         assert len(model.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
+    # the stem moves activations to channels_last memory so the blocks' (B, N, C) token views need no copies
+    assert all(i.is_contiguous(memory_format=torch.channels_last) for i in intermediates)
     assert model.prune_intermediate_layers(indices=(0, 2)) == [0, 2]
     assert len(model.stages) == 3 and model.num_classes == 0
 

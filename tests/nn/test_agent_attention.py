@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from tests._numerics import assert_close
 from visionattn.layout import TokenGrid
 from visionattn.nn import AgentAttention
+from visionattn.nn.agent_attention import adaptive_avg_pool_nhwc
 
 
 def _interp(t, size):
@@ -107,3 +108,20 @@ def test_agent_attention_rejects_bad_arguments():
         m(torch.randn(1, 16, 16), TokenGrid((4, 5)))
     with pytest.raises(ValueError, match="grid"):
         m(torch.randn(1, 17, 16), TokenGrid((4, 4), extra_before=1))
+
+
+@pytest.mark.parametrize(
+    "grid_shape,output_size", [((12, 12), (3, 3)), ((13, 17), (3, 4)), ((5, 9), (7, 2)), ((7, 7), (7, 7))]
+)
+def test_adaptive_avg_pool_nhwc_matches_torch(rng, grid_shape, output_size):
+    # strided channels (a slice of a wider projection, as AgentAttention pools the q part of qkv)
+    wide = torch.randn(2, *grid_shape, 15, generator=rng, dtype=torch.float64)
+    x = wide[..., :5]
+    expected = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), output_size).permute(0, 2, 3, 1)
+    assert_close("pooled", expected, adaptive_avg_pool_nhwc(x, output_size))
+    x32 = x.float().requires_grad_(True)
+    adaptive_avg_pool_nhwc(x32, output_size).sum().backward()
+    # each input's gradient is 1 / (area of its window), summed over the windows that contain it
+    ref = x.detach().requires_grad_(True)
+    F.adaptive_avg_pool2d(ref.permute(0, 3, 1, 2), output_size).sum().backward()
+    assert_close("grad", ref.grad, x32.grad, dtype=torch.float32)

@@ -67,6 +67,24 @@ def test_agent_attention_without_biases_uses_default_scale(rng):
     assert_close("out", ref, out)
 
 
+@pytest.mark.parametrize("n_agents", [6, 8, 9])
+def test_agent_attention_sdpa_without_bias_pads_agents(rng, n_agents):
+    # the query-side SDPA pads the agent axis to a multiple of 8 with masked agents, also when no bias is given
+    inputs = _inputs(rng, n_agents=n_agents)
+    for t in inputs.values():
+        t.requires_grad_(True)
+    zeros = dict(bias_agent=torch.zeros_like(inputs["bias_agent"]), bias_query=torch.zeros_like(inputs["bias_query"]))
+    ref = _brute_force(**{**inputs, **zeros}, scale=0.5)
+    out = agent_attention(inputs["q"], inputs["k"], inputs["v"], inputs["agents"], scale=0.5, backend="sdpa")
+    assert_close("out", ref, out)
+    names = ["q", "k", "v", "agents"]
+    grad = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, [inputs[n] for n in names], grad)
+    out_grads = torch.autograd.grad(out, [inputs[n] for n in names], grad)
+    for name, r, o in zip(names, ref_grads, out_grads):
+        assert_close(f"d{name}", r, o)
+
+
 def test_agent_attention_rejects_bad_arguments(rng):
     x = _inputs(rng)
     q, k, v, a = x["q"], x["k"], x["v"], x["agents"]
@@ -91,7 +109,7 @@ def test_agent_attention_rejects_bad_arguments(rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_agents", [49, 256])
+@pytest.mark.parametrize("n_agents", [9, 49, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_agent_attention_gpu_sdpa_matches_reference(dtype, n_agents):
     gen = torch.Generator().manual_seed(0)
