@@ -125,3 +125,30 @@ def test_adaptive_avg_pool_nhwc_matches_torch(rng, grid_shape, output_size):
     ref = x.detach().requires_grad_(True)
     F.adaptive_avg_pool2d(ref.permute(0, 3, 1, 2), output_size).sum().backward()
     assert_close("grad", ref.grad, x32.grad, dtype=torch.float32)
+
+
+def test_agent_biases_cache_follows_parameters_and_grid(rng):
+    torch.manual_seed(0)
+    m = AgentAttention(32, num_heads=2, agent_num=9, bias_size=(6, 6))
+    fresh = lambda shape: [t.detach().clone() for t in m._resample_biases(shape)]
+    with torch.no_grad():
+        first = m.agent_biases((6, 6))
+        assert m.agent_biases((6, 6))[0] is first[0]  # cached
+        for got, expected in zip(first, fresh((6, 6))):
+            assert_close("cached", expected, got)
+        m.an_bias.add_(1.0)  # an optimizer step: in place, bumps the version counter
+        for got, expected in zip(m.agent_biases((6, 6)), fresh((6, 6))):
+            assert_close("after in-place update", expected, got)
+        other = AgentAttention(32, num_heads=2, agent_num=9, bias_size=(6, 6))
+        m.load_state_dict(other.state_dict())
+        for got, expected in zip(m.agent_biases((6, 6)), fresh((6, 6))):
+            assert_close("after load_state_dict", expected, got)
+        for got, expected in zip(m.agent_biases((5, 8)), fresh((5, 8))):
+            assert_close("other grid", expected, got)
+        m.double()  # new storages
+        assert m.agent_biases((5, 8))[0].dtype == torch.float64
+    # with autograd the biases are recomputed and carry gradients to the parameters
+    bias_agent, _ = m.agent_biases((5, 8))
+    assert bias_agent.requires_grad
+    bias_agent.sum().backward()
+    assert m.an_bias.grad is not None
