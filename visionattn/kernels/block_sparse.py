@@ -12,6 +12,8 @@ which evaluate the exact token predicate of ``visionattn.layout.predicates`` in-
 The backward kernels live in ``block_sparse_bwd.py`` and share the predicate helpers below.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -112,16 +114,65 @@ def prune_configs(configs, nargs, **kwargs):
     return kept or configs[:1]
 
 
+# ---------------------------------------------------------------------------------------------- argument bundles
+# Named tuples that the kernels build at a call site and the helpers read by field (free: they only group SSA values).
+# Their UPPER fields are constexprs, which survive only while the tuple is passed straight into a call: assigning a
+# tuple to a variable turns its constexprs into tensors (Triton 3.6 and 3.9), so kernels never do.
+class _Operand(NamedTuple):
+    """A token-major ``(N, D)`` tensor of one (batch, head), read in row tiles: base pointer and strides."""
+
+    base: tl.tensor
+    stride_n: tl.tensor
+    stride_d: tl.tensor
+
+
+class _Walk(NamedTuple):
+    """A CSR row walked in sub-tiles: entries ``[start, split)`` are full blocks, ``[split, end)`` partial ones
+    (``indices_ptr``: the block ids); the walked axis has logical blocks of ``block`` tokens in a sequence of
+    ``length``, visited as ``SUB`` tiles of ``TILE`` rows each (``EVEN``: no tile is ragged)."""
+
+    indices_ptr: tl.tensor
+    start: tl.tensor
+    split: tl.tensor
+    end: tl.tensor
+    block: tl.tensor
+    length: tl.tensor
+    TILE: tl.constexpr
+    SUB: tl.constexpr
+    EVEN: tl.constexpr
+
+
+class _Predicate(NamedTuple):
+    """The token predicate: the query- and key-side ``KernelTables`` rows (``tab_len`` positions each), a circular
+    window's squared radius, and the packed ``MASK_KIND`` (``MASK_NONE``: nothing is read)."""
+
+    qtab_ptr: tl.tensor
+    ktab_ptr: tl.tensor
+    tab_len: tl.tensor
+    radius2: tl.tensor
+    MASK_KIND: tl.constexpr
+
+
+class _Dims(NamedTuple):
+    """Head dims, their power-of-two tiles and the ``tl.dot`` input precision."""
+
+    HEAD_DIM: tl.constexpr
+    HEAD_DIM_V: tl.constexpr
+    BLOCK_D: tl.constexpr
+    BLOCK_DV: tl.constexpr
+    DOT_PRECISION: tl.constexpr
+
+
 # ---------------------------------------------------------------------------------------------- predicate helpers
 @triton.jit
-def _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, AXIS: tl.constexpr, MASK_KIND: tl.constexpr):
+def _bsa_axis(q_pos, k_pos, pred, AXIS: tl.constexpr):
     """Grid axis ``AXIS`` (0/1/2 = T/Y/X) of the predicate from the ``KernelTables`` rows: neighborhood, whether
     ``0 <= code - lo <= span`` (one unsigned compare); circular, the squared distance (fp32: padding codes are
     ``2^30``)."""
-    lo = tl.load(qtab_ptr + AXIS * tab_len + q_pos)
-    code = tl.load(ktab_ptr + AXIS * tab_len + k_pos)
-    if MASK_KIND % 4 == _NEIGHBORHOOD:
-        span = tl.load(qtab_ptr + (3 + AXIS) * tab_len + q_pos)
+    lo = tl.load(pred.qtab_ptr + AXIS * pred.tab_len + q_pos)
+    code = tl.load(pred.ktab_ptr + AXIS * pred.tab_len + k_pos)
+    if pred.MASK_KIND % 4 == _NEIGHBORHOOD:
+        span = tl.load(pred.qtab_ptr + (3 + AXIS) * pred.tab_len + q_pos)
         out = (code - lo).to(tl.uint32, bitcast=True) <= span.to(tl.uint32, bitcast=True)
     else:
         d = (code - lo).to(tl.float32)
@@ -130,66 +181,52 @@ def _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, AXIS: tl.constexpr, MAS
 
 
 @triton.jit
-def _bsa_allowed(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND: tl.constexpr):
-    """The exact token predicate on a score tile for query positions ``q_pos`` and key positions ``k_pos`` (a
-    ``[n, 1]`` and a ``[1, n]`` tensor, either way round), from the predicate's ``KernelTables``."""
-    q_pos = tl.minimum(q_pos, tab_len - 1)  # rows/columns past the sequence are masked by the caller
-    k_pos = tl.minimum(k_pos, tab_len - 1)
-    local = _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, 2, MASK_KIND)
-    if MASK_KIND % 4 == _NEIGHBORHOOD:
-        if (MASK_KIND // 8) % 2 == 1:
-            local = local & _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, 1, MASK_KIND)
-        if (MASK_KIND // 16) % 2 == 1:
-            local = local & _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, 0, MASK_KIND)
+def _bsa_allowed(q_pos, k_pos, pred):
+    """The exact token predicate ``pred`` on a score tile for query positions ``q_pos`` and key positions ``k_pos``
+    (a ``[n, 1]`` and a ``[1, n]`` tensor, either way round)."""
+    q_pos = tl.minimum(q_pos, pred.tab_len - 1)  # rows/columns past the sequence are masked by the caller
+    k_pos = tl.minimum(k_pos, pred.tab_len - 1)
+    local = _bsa_axis(q_pos, k_pos, pred, 2)
+    if pred.MASK_KIND % 4 == _NEIGHBORHOOD:
+        if (pred.MASK_KIND // 8) % 2 == 1:
+            local = local & _bsa_axis(q_pos, k_pos, pred, 1)
+        if (pred.MASK_KIND // 16) % 2 == 1:
+            local = local & _bsa_axis(q_pos, k_pos, pred, 0)
     else:
-        if (MASK_KIND // 8) % 2 == 1:
-            local = local + _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, 1, MASK_KIND)
-        if (MASK_KIND // 16) % 2 == 1:
-            local = local + _bsa_axis(q_pos, k_pos, qtab_ptr, ktab_ptr, tab_len, 0, MASK_KIND)
-    key_flags = tl.load(ktab_ptr + 3 * tab_len + k_pos)
+        if (pred.MASK_KIND // 8) % 2 == 1:
+            local = local + _bsa_axis(q_pos, k_pos, pred, 1)
+        if (pred.MASK_KIND // 16) % 2 == 1:
+            local = local + _bsa_axis(q_pos, k_pos, pred, 0)
+    key_flags = tl.load(pred.ktab_ptr + 3 * pred.tab_len + k_pos)
     key_global = (key_flags & _KEY_GLOBAL) != 0
-    if MASK_KIND % 4 == _NEIGHBORHOOD:
+    if pred.MASK_KIND % 4 == _NEIGHBORHOOD:
         out = local | key_global
     else:
-        query_global = tl.load(qtab_ptr + 6 * tab_len + q_pos) != 0
-        out = ((key_flags & _KEY_VALID) != 0) & (query_global | key_global | (local < radius2))
+        query_global = tl.load(pred.qtab_ptr + 6 * pred.tab_len + q_pos) != 0
+        out = ((key_flags & _KEY_VALID) != 0) & (query_global | key_global | (local < pred.radius2))
     return out
 
 
 @triton.jit
-def _bsa_mask_scores(
-    b_s,
-    fixed_pos,
-    loop_pos,
-    n_valid,
-    qtab_ptr,
-    ktab_ptr,
-    tab_len,
-    radius2,
-    BLOCK_LOOP: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    PREDICATE: tl.constexpr,
-    EVEN_LOOP: tl.constexpr,
-    ROWS_ARE_Q: tl.constexpr,
-):
+def _bsa_mask_scores(b_s, fixed_pos, loop_pos, n_valid, pred, walk, PREDICATE: tl.constexpr, ROWS_ARE_Q: tl.constexpr):
     """Set disallowed scores to -inf: columns past the block or sequence, and with ``PREDICATE`` (the partial
-    blocks' walk) the exact token predicate.
+    blocks' walk) the exact token predicate ``pred``.
 
-    Rows are the program's own tokens at ``fixed_pos``; columns are the ``BLOCK_LOOP`` tokens of the visited tile
+    Rows are the program's own tokens at ``fixed_pos``; columns are the ``walk.TILE`` tokens of the visited tile
     at ``loop_pos``, ``n_valid`` of them inside its block. Full blocks skip the column test at run time unless
     their tile is ragged.
     """
     if PREDICATE:
         if ROWS_ARE_Q:
-            ok = _bsa_allowed(fixed_pos[:, None], loop_pos[None, :], qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND)
+            ok = _bsa_allowed(fixed_pos[:, None], loop_pos[None, :], pred)
         else:
-            ok = _bsa_allowed(loop_pos[None, :], fixed_pos[:, None], qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND)
-        if not EVEN_LOOP:
-            ok = ok & (tl.arange(0, BLOCK_LOOP) < n_valid)[None, :]
+            ok = _bsa_allowed(loop_pos[None, :], fixed_pos[:, None], pred)
+        if not walk.EVEN:
+            ok = ok & (tl.arange(0, walk.TILE) < n_valid)[None, :]
         b_s = tl.where(ok, b_s, _MASKED)
-    elif not EVEN_LOOP:
-        if n_valid < BLOCK_LOOP:
-            b_s = tl.where((tl.arange(0, BLOCK_LOOP) < n_valid)[None, :], b_s, _MASKED)
+    elif not walk.EVEN:
+        if n_valid < walk.TILE:
+            b_s = tl.where((tl.arange(0, walk.TILE) < n_valid)[None, :], b_s, _MASKED)
     return b_s
 
 
@@ -216,11 +253,11 @@ def _bsa_program_tile(pid, block, length, SUB: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _bsa_loop_tile(indices_ptr, t, block, length, SUB: tl.constexpr, BLOCK: tl.constexpr):
-    """Step ``t`` of a CSR walk visits sub-tile ``t % SUB`` of entry ``t // SUB``: (start, valid rows)."""
-    sub = t % SUB
-    start = tl.load(indices_ptr + t // SUB) * block + sub * BLOCK
-    return start, tl.minimum(tl.minimum(BLOCK, block - sub * BLOCK), length - start)
+def _bsa_loop_tile(walk, t):
+    """Step ``t`` of ``walk`` visits sub-tile ``t % SUB`` of entry ``t // SUB``: (start, valid rows)."""
+    sub = t % walk.SUB
+    start = tl.load(walk.indices_ptr + t // walk.SUB) * walk.block + sub * walk.TILE
+    return start, tl.minimum(tl.minimum(walk.TILE, walk.block - sub * walk.TILE), walk.length - start)
 
 
 @triton.jit
@@ -239,148 +276,47 @@ def _bsa_load(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.const
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _bsa_phase_range(phase: tl.constexpr, start, split, end, SUB: tl.constexpr):
-    """Loop steps of walk ``phase``: 0 visits the full blocks ``[start, split)``, 1 the partial ones ``[split, end)``
-    (with the token predicate), ``SUB`` sub-tiles per block."""
+def _bsa_phase_range(phase: tl.constexpr, walk):
+    """Loop steps of ``walk``'s phase ``phase``: 0 visits the full blocks ``[start, split)``, 1 the partial ones
+    ``[split, end)`` (with the token predicate), ``SUB`` sub-tiles per block."""
     if phase == 0:
-        lo, hi = start, split
+        lo, hi = walk.start, walk.split
     else:
-        lo, hi = split, end
-    return lo * SUB, hi * SUB
+        lo, hi = walk.split, walk.end
+    return lo * walk.SUB, hi * walk.SUB
 
 
 @triton.jit
-def _bsa_key_tile_scores(
-    b_q,
-    q_pos,
-    k_base,
-    v_base,
-    indices_ptr,
-    t,
-    stride_k_n,
-    stride_k_d,
-    stride_v_n,
-    stride_v_d,
-    qk_scale,
-    kv_len,
-    block_k,
-    qtab_ptr,
-    ktab_ptr,
-    tab_len,
-    radius2,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    PREDICATE: tl.constexpr,
-    K_SUB: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Step ``t`` of a query tile's CSR walk: the key tile ``[BLOCK_N, BLOCK_D]``, value tile ``[BLOCK_N, BLOCK_DV]``
-    and the masked scores ``[BLOCK_M, BLOCK_N]`` (log2 units), shared by the forward and the dQ pass."""
-    o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    start_n, n_valid = _bsa_loop_tile(indices_ptr, t, block_k, kv_len, K_SUB, BLOCK_N)
+def _bsa_key_tile_scores(b_q, q_pos, t, qk_scale, k, v, keys, pred, dims, PREDICATE: tl.constexpr):
+    """Step ``t`` of a query tile's walk ``keys`` over the key blocks: the key tile ``[BLOCK_N, BLOCK_D]`` of ``k``,
+    value tile ``[BLOCK_N, BLOCK_DV]`` of ``v`` and the masked scores ``[BLOCK_M, BLOCK_N]`` (log2 units), shared by
+    the forward and the dQ pass."""
+    o_n = tl.arange(0, keys.TILE)
+    o_d = tl.arange(0, dims.BLOCK_D)
+    o_dv = tl.arange(0, dims.BLOCK_DV)
+    start_n, n_valid = _bsa_loop_tile(keys, t)
     m_n = o_n < n_valid
-    p_k = k_base + (start_n + o_n)[:, None] * stride_k_n + o_d[None, :] * stride_k_d
-    p_v = v_base + (start_n + o_n)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d
-    b_k = _bsa_load(p_k, m_n, o_d < HEAD_DIM, EVEN_N, HEAD_DIM == BLOCK_D)
-    b_v = _bsa_load(p_v, m_n, o_dv < HEAD_DIM_V, EVEN_N, HEAD_DIM_V == BLOCK_DV)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
-    b_s = _bsa_mask_scores(
-        b_s,
-        q_pos,
-        start_n + o_n,
-        n_valid,
-        qtab_ptr,
-        ktab_ptr,
-        tab_len,
-        radius2,
-        BLOCK_N,
-        MASK_KIND,
-        PREDICATE,
-        EVEN_N,
-        True,
-    )
+    p_k = k.base + (start_n + o_n)[:, None] * k.stride_n + o_d[None, :] * k.stride_d
+    p_v = v.base + (start_n + o_n)[:, None] * v.stride_n + o_dv[None, :] * v.stride_d
+    b_k = _bsa_load(p_k, m_n, o_d < dims.HEAD_DIM, keys.EVEN, dims.HEAD_DIM == dims.BLOCK_D)
+    b_v = _bsa_load(p_v, m_n, o_dv < dims.HEAD_DIM_V, keys.EVEN, dims.HEAD_DIM_V == dims.BLOCK_DV)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=dims.DOT_PRECISION) * qk_scale
+    b_s = _bsa_mask_scores(b_s, q_pos, start_n + o_n, n_valid, pred, keys, PREDICATE, True)
     return b_k, b_v, b_s
 
 
 @triton.jit
-def _block_sparse_fwd_inner(
-    acc,
-    m_i,
-    l_i,
-    b_q,
-    q_pos,
-    k_base,
-    v_base,
-    indices_ptr,
-    row_start,
-    row_split,
-    row_end,
-    stride_k_n,
-    stride_k_d,
-    stride_v_n,
-    stride_v_d,
-    qk_scale,
-    kv_len,
-    block_k,
-    qtab_ptr,
-    ktab_ptr,
-    tab_len,
-    radius2,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    K_SUB: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Online softmax (exp2, fp32) over the sub-tiles of the kept key blocks ``indices[row_start:row_end]``."""
-    for phase in tl.static_range(1 if MASK_KIND == _NONE else 2):
-        lo, hi = _bsa_phase_range(phase, row_start, row_split, row_end, K_SUB)
+def _block_sparse_fwd_inner(acc, m_i, l_i, b_q, q_pos, qk_scale, k, v, keys, pred, dims):
+    """Online softmax (exp2, fp32) over the sub-tiles of the key blocks of the walk ``keys``."""
+    for phase in tl.static_range(1 if pred.MASK_KIND == _NONE else 2):
+        lo, hi = _bsa_phase_range(phase, keys)
         for t in range(lo, hi):
-            b_k, b_v, b_s = _bsa_key_tile_scores(
-                b_q,
-                q_pos,
-                k_base,
-                v_base,
-                indices_ptr,
-                t,
-                stride_k_n,
-                stride_k_d,
-                stride_v_n,
-                stride_v_d,
-                qk_scale,
-                kv_len,
-                block_k,
-                qtab_ptr,
-                ktab_ptr,
-                tab_len,
-                radius2,
-                BLOCK_N,
-                BLOCK_D,
-                BLOCK_DV,
-                HEAD_DIM,
-                HEAD_DIM_V,
-                MASK_KIND,
-                phase == 1,
-                K_SUB,
-                EVEN_N,
-                DOT_PRECISION,
-            )
+            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, qk_scale, k, v, keys, pred, dims, phase == 1)
             m_new = tl.maximum(m_i, tl.max(b_s, 1))
             b_p = tl.math.exp2(b_s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(b_p, 1)
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=dims.DOT_PRECISION)
             m_i = m_new
     return acc, m_i, l_i
 
@@ -469,32 +405,12 @@ def _block_sparse_fwd_kernel(
         l_i,
         b_q,
         start_m + o_m,
-        k_ptr + i_b * stride_k_b + i_h * stride_k_h,
-        v_ptr + i_b * stride_v_b + i_h * stride_v_h,
-        indices_ptr,
-        row_start,
-        row_split,
-        row_end,
-        stride_k_n,
-        stride_k_d,
-        stride_v_n,
-        stride_v_d,
         qk_scale,
-        kv_len,
-        block_k,
-        qtab_ptr,
-        ktab_ptr,
-        tab_len,
-        radius2,
-        BLOCK_N,
-        BLOCK_D,
-        BLOCK_DV,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        MASK_KIND,
-        K_SUB,
-        EVEN_N,
-        DOT_PRECISION,
+        _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d),
+        _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d),
+        _Walk(indices_ptr, row_start, row_split, row_end, block_k, kv_len, BLOCK_N, K_SUB, EVEN_N),
+        _Predicate(qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND),
+        _Dims(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PRECISION),
     )
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -22,6 +22,10 @@ from .block_sparse import (
     _bsa_phase_range,
     _bsa_program_tile,
     _bsa_row_bounds,
+    _Dims,
+    _Operand,
+    _Predicate,
+    _Walk,
     cdiv,
     csr_strides,
     empty_like_layout,
@@ -94,77 +98,16 @@ def _block_sparse_bwd_kernel_delta(
 
 
 @triton.jit
-def _block_sparse_bwd_dq_inner(
-    dq,
-    b_q,
-    b_do,
-    b_lse2,
-    b_delta,
-    q_pos,
-    k_base,
-    v_base,
-    indices_ptr,
-    row_start,
-    row_split,
-    row_end,
-    stride_k_n,
-    stride_k_d,
-    stride_v_n,
-    stride_v_d,
-    qk_scale,
-    kv_len,
-    block_k,
-    qtab_ptr,
-    ktab_ptr,
-    tab_len,
-    radius2,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    K_SUB: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """dQ += dS K over the sub-tiles of the kept key blocks ``indices[row_start:row_end]``."""
-    for phase in tl.static_range(1 if MASK_KIND == _NONE else 2):
-        lo, hi = _bsa_phase_range(phase, row_start, row_split, row_end, K_SUB)
+def _block_sparse_bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, q_pos, qk_scale, k, v, keys, pred, dims):
+    """dQ += dS K over the sub-tiles of the key blocks of the walk ``keys``."""
+    for phase in tl.static_range(1 if pred.MASK_KIND == _NONE else 2):
+        lo, hi = _bsa_phase_range(phase, keys)
         for t in range(lo, hi):
-            b_k, b_v, b_s = _bsa_key_tile_scores(
-                b_q,
-                q_pos,
-                k_base,
-                v_base,
-                indices_ptr,
-                t,
-                stride_k_n,
-                stride_k_d,
-                stride_v_n,
-                stride_v_d,
-                qk_scale,
-                kv_len,
-                block_k,
-                qtab_ptr,
-                ktab_ptr,
-                tab_len,
-                radius2,
-                BLOCK_N,
-                BLOCK_D,
-                BLOCK_DV,
-                HEAD_DIM,
-                HEAD_DIM_V,
-                MASK_KIND,
-                phase == 1,
-                K_SUB,
-                EVEN_N,
-                DOT_PRECISION,
-            )
+            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, qk_scale, k, v, keys, pred, dims, phase == 1)
             b_p = tl.math.exp2(b_s - b_lse2[:, None])
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=dims.DOT_PRECISION)
             b_ds = b_p * (b_dp - b_delta[:, None])
-            dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+            dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=dims.DOT_PRECISION)
     return dq
 
 
@@ -264,116 +207,48 @@ def _block_sparse_bwd_kernel_dq(
         b_lse2,
         b_delta,
         start_m + o_m,
-        k_ptr + i_b * stride_k_b + i_h * stride_k_h,
-        v_ptr + i_b * stride_v_b + i_h * stride_v_h,
-        indices_ptr,
-        row_start,
-        row_split,
-        row_end,
-        stride_k_n,
-        stride_k_d,
-        stride_v_n,
-        stride_v_d,
         scale * _LOG2E,
-        kv_len,
-        block_k,
-        qtab_ptr,
-        ktab_ptr,
-        tab_len,
-        radius2,
-        BLOCK_N,
-        BLOCK_D,
-        BLOCK_DV,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        MASK_KIND,
-        K_SUB,
-        EVEN_N,
-        DOT_PRECISION,
+        _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d),
+        _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d),
+        _Walk(indices_ptr, row_start, row_split, row_end, block_k, kv_len, BLOCK_N, K_SUB, EVEN_N),
+        _Predicate(qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND),
+        _Dims(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PRECISION),
     )
     p_dq = dq_ptr + i_b * stride_dq_b + i_h * stride_dq_h + rows * stride_dq_n + o_d[None, :] * stride_dq_d
     tl.store(p_dq, (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_m[:, None] & (o_d < HEAD_DIM)[None, :])
 
 
 @triton.jit
-def _block_sparse_bwd_dkdv_inner(
-    dk,
-    dv,
-    b_k,
-    b_v,
-    k_pos,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    indices_ptr,
-    col_start,
-    col_split,
-    col_end,
-    stride_q_n,
-    stride_q_d,
-    stride_do_n,
-    stride_do_d,
-    qk_scale,
-    q_len,
-    block_q,
-    qtab_ptr,
-    ktab_ptr,
-    tab_len,
-    radius2,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    Q_SUB: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """dV += P^T dO and dK += dS^T Q over the sub-tiles of the query blocks ``indices[col_start:col_end]``.
+def _block_sparse_bwd_dkdv_inner(dk, dv, b_k, b_v, k_pos, q, do, lse_base, delta_base, qk_scale, queries, pred, dims):
+    """dV += P^T dO and dK += dS^T Q over the sub-tiles of the query blocks of the walk ``queries``.
 
     Tiles are key-major ([BLOCK_N, BLOCK_M]); the predicate runs with the roles swapped (ROWS_ARE_Q=False).
     """
-    o_m = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    for phase in tl.static_range(1 if MASK_KIND == _NONE else 2):
-        lo, hi = _bsa_phase_range(phase, col_start, col_split, col_end, Q_SUB)
+    o_m = tl.arange(0, queries.TILE)
+    o_d = tl.arange(0, dims.BLOCK_D)
+    o_dv = tl.arange(0, dims.BLOCK_DV)
+    for phase in tl.static_range(1 if pred.MASK_KIND == _NONE else 2):
+        lo, hi = _bsa_phase_range(phase, queries)
         for t in range(lo, hi):
-            start_m, m_valid = _bsa_loop_tile(indices_ptr, t, block_q, q_len, Q_SUB, BLOCK_M)
+            start_m, m_valid = _bsa_loop_tile(queries, t)
             m_m = o_m < m_valid
-            p_q = q_base + (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
-            p_do = do_base + (start_m + o_m)[:, None] * stride_do_n + o_dv[None, :] * stride_do_d
+            p_q = q.base + (start_m + o_m)[:, None] * q.stride_n + o_d[None, :] * q.stride_d
+            p_do = do.base + (start_m + o_m)[:, None] * do.stride_n + o_dv[None, :] * do.stride_d
             # [BLOCK_M, BLOCK_D]
-            b_q = _bsa_load(p_q, m_m, o_d < HEAD_DIM, EVEN_M, HEAD_DIM == BLOCK_D)
+            b_q = _bsa_load(p_q, m_m, o_d < dims.HEAD_DIM, queries.EVEN, dims.HEAD_DIM == dims.BLOCK_D)
             # [BLOCK_M, BLOCK_DV]
-            b_do = _bsa_load(p_do, m_m, o_dv < HEAD_DIM_V, EVEN_M, HEAD_DIM_V == BLOCK_DV)
+            b_do = _bsa_load(p_do, m_m, o_dv < dims.HEAD_DIM_V, queries.EVEN, dims.HEAD_DIM_V == dims.BLOCK_DV)
             b_lse = tl.load(lse_base + start_m + o_m, mask=m_m, other=_INF)
             b_lse2 = tl.where(b_lse == -_INF, _INF, b_lse * _LOG2E)
             b_delta = tl.load(delta_base + start_m + o_m, mask=m_m, other=0.0)
             # [BLOCK_N, BLOCK_M]
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale
-            b_st = _bsa_mask_scores(
-                b_st,
-                k_pos,
-                start_m + o_m,
-                m_valid,
-                qtab_ptr,
-                ktab_ptr,
-                tab_len,
-                radius2,
-                BLOCK_M,
-                MASK_KIND,
-                phase == 1,
-                EVEN_M,
-                False,
-            )
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=dims.DOT_PRECISION) * qk_scale
+            b_st = _bsa_mask_scores(b_st, k_pos, start_m + o_m, m_valid, pred, queries, phase == 1, False)
             b_pt = tl.math.exp2(b_st - b_lse2[None, :])
-            dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+            dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=dims.DOT_PRECISION)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=dims.DOT_PRECISION)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
-            dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+            dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=dims.DOT_PRECISION)
     return dk, dv
 
 
@@ -474,34 +349,14 @@ def _block_sparse_bwd_kernel_dkdv(
         b_k,
         b_v,
         start_n + o_n,
-        q_ptr + i_b * stride_q_b + i_h * stride_q_h,
-        do_ptr + i_b * stride_do_b + i_h * stride_do_h,
+        _Operand(q_ptr + i_b * stride_q_b + i_h * stride_q_h, stride_q_n, stride_q_d),
+        _Operand(do_ptr + i_b * stride_do_b + i_h * stride_do_h, stride_do_n, stride_do_d),
         lse_ptr + i_bh.to(tl.int64) * q_len,
         delta_ptr + i_bh.to(tl.int64) * q_len,
-        indices_ptr,
-        col_start,
-        col_split,
-        col_end,
-        stride_q_n,
-        stride_q_d,
-        stride_do_n,
-        stride_do_d,
         scale * _LOG2E,
-        q_len,
-        block_q,
-        qtab_ptr,
-        ktab_ptr,
-        tab_len,
-        radius2,
-        BLOCK_M,
-        BLOCK_D,
-        BLOCK_DV,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        MASK_KIND,
-        Q_SUB,
-        EVEN_M,
-        DOT_PRECISION,
+        _Walk(indices_ptr, col_start, col_split, col_end, block_q, q_len, BLOCK_M, Q_SUB, EVEN_M),
+        _Predicate(qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND),
+        _Dims(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PRECISION),
     )
     p_dk = dk_ptr + i_b * stride_dk_b + i_h * stride_dk_h + rows * stride_dk_n + o_d[None, :] * stride_dk_d
     p_dv = dv_ptr + i_b * stride_dv_b + i_h * stride_dv_h + rows * stride_dv_n + o_dv[None, :] * stride_dv_d
