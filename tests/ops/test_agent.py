@@ -85,6 +85,15 @@ def test_agent_attention_sdpa_without_bias_pads_agents(rng, n_agents):
         assert_close(f"d{name}", r, o)
 
 
+def test_agent_attention_sdpa_strided_bias_matches_brute_force(rng):
+    # a bias whose agent axis is strided (a permuted view, as AgentAttention builds it) with 8 agents (no padding)
+    inputs = _inputs(rng, n_agents=8)
+    inputs["bias_query"] = inputs["bias_query"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert inputs["bias_query"].stride(-1) != 1
+    ref = _brute_force(**inputs, scale=0.5)
+    assert_close("out", ref, agent_attention(**inputs, scale=0.5, backend="sdpa"))
+
+
 def test_agent_attention_rejects_bad_arguments(rng):
     x = _inputs(rng)
     q, k, v, a = x["q"], x["k"], x["v"], x["agents"]
