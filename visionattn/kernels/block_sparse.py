@@ -287,31 +287,40 @@ def _bsa_phase_range(phase: tl.constexpr, walk):
 
 
 @triton.jit
-def _bsa_key_tile_scores(b_q, q_pos, t, qk_scale, k, v, keys, pred, dims, PREDICATE: tl.constexpr):
+def _bsa_load_step(x, y, walk, t, dims):
+    """Step ``t`` of ``walk``: the visited rows' tiles ``[TILE, BLOCK_D]`` of operand ``x`` and ``[TILE, BLOCK_DV]`` of
+    ``y`` (K and V, or Q and dO; zero outside the block and the head dims), the first row's token position, which
+    rows are inside the block, and how many."""
+    o_n = tl.arange(0, walk.TILE)
+    o_d = tl.arange(0, dims.BLOCK_D)
+    o_dv = tl.arange(0, dims.BLOCK_DV)
+    start, n_valid = _bsa_loop_tile(walk, t)
+    m_n = o_n < n_valid
+    p_x = x.base + (start + o_n)[:, None] * x.stride_n + o_d[None, :] * x.stride_d
+    p_y = y.base + (start + o_n)[:, None] * y.stride_n + o_dv[None, :] * y.stride_d
+    b_x = _bsa_load(p_x, m_n, o_d < dims.HEAD_DIM, walk.EVEN, dims.HEAD_DIM == dims.BLOCK_D)
+    b_y = _bsa_load(p_y, m_n, o_dv < dims.HEAD_DIM_V, walk.EVEN, dims.HEAD_DIM_V == dims.BLOCK_DV)
+    return b_x, b_y, start, m_n, n_valid
+
+
+@triton.jit
+def _bsa_key_tile_scores(b_q, q_pos, t, k, v, qk_scale, keys, pred, dims, PREDICATE: tl.constexpr):
     """Step ``t`` of a query tile's walk ``keys`` over the key blocks: the key tile ``[BLOCK_N, BLOCK_D]`` of ``k``,
     value tile ``[BLOCK_N, BLOCK_DV]`` of ``v`` and the masked scores ``[BLOCK_M, BLOCK_N]`` (log2 units), shared by
     the forward and the dQ pass."""
-    o_n = tl.arange(0, keys.TILE)
-    o_d = tl.arange(0, dims.BLOCK_D)
-    o_dv = tl.arange(0, dims.BLOCK_DV)
-    start_n, n_valid = _bsa_loop_tile(keys, t)
-    m_n = o_n < n_valid
-    p_k = k.base + (start_n + o_n)[:, None] * k.stride_n + o_d[None, :] * k.stride_d
-    p_v = v.base + (start_n + o_n)[:, None] * v.stride_n + o_dv[None, :] * v.stride_d
-    b_k = _bsa_load(p_k, m_n, o_d < dims.HEAD_DIM, keys.EVEN, dims.HEAD_DIM == dims.BLOCK_D)
-    b_v = _bsa_load(p_v, m_n, o_dv < dims.HEAD_DIM_V, keys.EVEN, dims.HEAD_DIM_V == dims.BLOCK_DV)
+    b_k, b_v, start_n, _, n_valid = _bsa_load_step(k, v, keys, t, dims)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=dims.DOT_PRECISION) * qk_scale
-    b_s = _bsa_mask_scores(b_s, q_pos, start_n + o_n, n_valid, pred, keys, PREDICATE, True)
+    b_s = _bsa_mask_scores(b_s, q_pos, start_n + tl.arange(0, keys.TILE), n_valid, pred, keys, PREDICATE, True)
     return b_k, b_v, b_s
 
 
 @triton.jit
-def _block_sparse_fwd_inner(acc, m_i, l_i, b_q, q_pos, qk_scale, k, v, keys, pred, dims):
+def _block_sparse_fwd_inner(acc, m_i, l_i, b_q, q_pos, k, v, qk_scale, keys, pred, dims):
     """Online softmax (exp2, fp32) over the sub-tiles of the key blocks of the walk ``keys``."""
     for phase in tl.static_range(1 if pred.MASK_KIND == _NONE else 2):
         lo, hi = _bsa_phase_range(phase, keys)
         for t in range(lo, hi):
-            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, qk_scale, k, v, keys, pred, dims, phase == 1)
+            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, k, v, qk_scale, keys, pred, dims, phase == 1)
             m_new = tl.maximum(m_i, tl.max(b_s, 1))
             b_p = tl.math.exp2(b_s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
@@ -405,9 +414,9 @@ def _block_sparse_fwd_kernel(
         l_i,
         b_q,
         start_m + o_m,
-        qk_scale,
         _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d),
         _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d),
+        qk_scale,
         _Walk(indices_ptr, row_start, row_split, row_end, block_k, kv_len, BLOCK_N, K_SUB, EVEN_N),
         _Predicate(qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND),
         _Dims(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PRECISION),

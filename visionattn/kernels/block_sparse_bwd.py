@@ -17,7 +17,7 @@ from .block_sparse import (
     TILE_HEURISTICS,
     _bsa_key_tile_scores,
     _bsa_load,
-    _bsa_loop_tile,
+    _bsa_load_step,
     _bsa_mask_scores,
     _bsa_phase_range,
     _bsa_program_tile,
@@ -98,12 +98,12 @@ def _block_sparse_bwd_kernel_delta(
 
 
 @triton.jit
-def _block_sparse_bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, q_pos, qk_scale, k, v, keys, pred, dims):
+def _block_sparse_bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, q_pos, k, v, qk_scale, keys, pred, dims):
     """dQ += dS K over the sub-tiles of the key blocks of the walk ``keys``."""
     for phase in tl.static_range(1 if pred.MASK_KIND == _NONE else 2):
         lo, hi = _bsa_phase_range(phase, keys)
         for t in range(lo, hi):
-            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, qk_scale, k, v, keys, pred, dims, phase == 1)
+            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, k, v, qk_scale, keys, pred, dims, phase == 1)
             b_p = tl.math.exp2(b_s - b_lse2[:, None])
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=dims.DOT_PRECISION)
             b_ds = b_p * (b_dp - b_delta[:, None])
@@ -207,9 +207,9 @@ def _block_sparse_bwd_kernel_dq(
         b_lse2,
         b_delta,
         start_m + o_m,
-        scale * _LOG2E,
         _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d),
         _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d),
+        scale * _LOG2E,
         _Walk(indices_ptr, row_start, row_split, row_end, block_k, kv_len, BLOCK_N, K_SUB, EVEN_N),
         _Predicate(qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND),
         _Dims(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PRECISION),
@@ -225,19 +225,11 @@ def _block_sparse_bwd_dkdv_inner(dk, dv, b_k, b_v, k_pos, q, do, lse_base, delta
     Tiles are key-major ([BLOCK_N, BLOCK_M]); the predicate runs with the roles swapped (ROWS_ARE_Q=False).
     """
     o_m = tl.arange(0, queries.TILE)
-    o_d = tl.arange(0, dims.BLOCK_D)
-    o_dv = tl.arange(0, dims.BLOCK_DV)
     for phase in tl.static_range(1 if pred.MASK_KIND == _NONE else 2):
         lo, hi = _bsa_phase_range(phase, queries)
         for t in range(lo, hi):
-            start_m, m_valid = _bsa_loop_tile(queries, t)
-            m_m = o_m < m_valid
-            p_q = q.base + (start_m + o_m)[:, None] * q.stride_n + o_d[None, :] * q.stride_d
-            p_do = do.base + (start_m + o_m)[:, None] * do.stride_n + o_dv[None, :] * do.stride_d
-            # [BLOCK_M, BLOCK_D]
-            b_q = _bsa_load(p_q, m_m, o_d < dims.HEAD_DIM, queries.EVEN, dims.HEAD_DIM == dims.BLOCK_D)
-            # [BLOCK_M, BLOCK_DV]
-            b_do = _bsa_load(p_do, m_m, o_dv < dims.HEAD_DIM_V, queries.EVEN, dims.HEAD_DIM_V == dims.BLOCK_DV)
+            # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_DV]
+            b_q, b_do, start_m, m_m, m_valid = _bsa_load_step(q, do, queries, t, dims)
             b_lse = tl.load(lse_base + start_m + o_m, mask=m_m, other=_INF)
             b_lse2 = tl.where(b_lse == -_INF, _INF, b_lse * _LOG2E)
             b_delta = tl.load(delta_base + start_m + o_m, mask=m_m, other=0.0)
