@@ -26,7 +26,6 @@ import torch
 from timm.layers import (
     ClassifierHead,
     DropPath,
-    GluMlp,
     LayerNorm2d,
     calculate_drop_path_rates,
     register_notrace_function,
@@ -40,7 +39,7 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
 
 from ..layout import TokenGrid
-from ..nn import GatedLinearAttention2d, RmsNorm
+from ..nn import GatedLinearAttention2d, GluMlp, RmsNorm
 from ._timm_api import ClassifierHeadMixin, check_output_fmt, create_backbone, imagenet_cfg, init_linear
 
 # token_grid and add_pos_embed are public: torch.fx only autowraps (keeps as leaves) functions whose global name has
@@ -144,7 +143,7 @@ class ViGBlock(nn.Module):
             conv_act: SiLU after the attention's depthwise conv.
             out_act: SiLU before the attention's output projection.
             drop_path: stochastic-depth rate of both branches.
-            backend: backend of the gated linear attention op.
+            backend: backend of the gated linear attention and SwiGLU ops.
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -153,7 +152,9 @@ class ViGBlock(nn.Module):
             dim, num_heads, conv_act=conv_act, out_act=out_act, norm_eps=_RMS_EPS, backend=backend, **dd
         )
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = GluMlp(dim, 2 * mlp_hidden_dim, act_layer=nn.SiLU, bias=False, gate_last=False, **dd)
+        self.mlp = GluMlp(
+            dim, 2 * mlp_hidden_dim, act_layer=nn.SiLU, bias=False, gate_last=False, backend=backend, **dd
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,8 +204,8 @@ class ViG(ClassifierHeadMixin, nn.Module):
             drop_rate: dropout before the classifier.
             pos_drop_rate: dropout after adding the position embedding.
             drop_path_rate: stochastic depth, rising linearly over the blocks to this value.
-            backend: backend of the gated linear attention, gated-norm and RMSNorm ops (None: Triton where it
-                applies, else reference).
+            backend: backend of the gated linear attention, gated-norm, RMSNorm and SwiGLU ops (None: Triton where
+                it applies, else reference).
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}

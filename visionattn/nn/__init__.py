@@ -8,11 +8,13 @@ from .rope2d import RoPE2d, apply_rope2d, rope2d_tables
 from .routing_attention import BiLevelRoutingAttention, LePEAttention
 from .softmax_attention2d import SoftmaxAttention2d
 from .sparse_linear_attention import SparseLinearAttention
+from .swiglu import GluMlp
 
 __all__ = [
     "AgentAttention",
     "BiLevelRoutingAttention",
     "GatedLinearAttention2d",
+    "GluMlp",
     "LePEAttention",
     "LinearAttention2d",
     "RmsNorm",

@@ -15,6 +15,7 @@ from .linear import (
 )
 from .neighborhood import default_neighborhood_tile, neighborhood_attention, neighborhood_attention_reference
 from .sparse_linear import sparse_linear_attention, sparse_linear_attention_reference
+from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "agent_attention",
@@ -39,4 +40,6 @@ __all__ = [
     "rms_norm_reference",
     "sparse_linear_attention",
     "sparse_linear_attention_reference",
+    "swiglu",
+    "swiglu_reference",
 ]
