@@ -1,12 +1,15 @@
 """ViG's locality injection (per-head RMSNorms of the attention output and the conv features, sigmoid gate mix,
 optional SiLU): our one-pass Triton kernel against the eager PyTorch glue it replaced in ``GatedLinearAttention2d``
 (the op's reference, the baseline of each group) and ``torch.compile`` of that glue; and ViG's pre-norm, our
-``rms_norm`` against ``F.rms_norm`` (what timm's ``RmsNorm`` runs) eager and compiled.
+``rms_norm`` against ``F.rms_norm`` (what timm's ``RmsNorm`` runs) eager and compiled; and the LayerNorm of the
+same kernel, ``layer_norm`` against ``F.layer_norm`` (``nn.LayerNorm``) eager and compiled, at MAViT-T's stage 1 and
+Agent-PVT-S's stage 2 at 1024 px. "ours" names ``backend="triton"`` in both modes; with a gradient the automatic
+choice (``backend=None``) is the eager PyTorch kernel, so fwd+bwd "ours" rows measure the Triton backward alone.
 
 Both are memory-bound, so every row carries ``bytes``: the minimum HBM traffic. Gated norm: o, local and the gate
 logits read and y written forward (4 tensors); forward+backward adds dy, o, local, gate logits read and their three
-gradients written (11 in all). RMSNorm: x read, y written (2); with backward dy, x read and dx written (5). The
-norm weights are negligible.
+gradients written (11 in all). RMSNorm and LayerNorm: x read, y written (2); with backward dy, x read and dx
+written (5). The norm weights and biases are negligible.
 
     python tools/bench.py attention --cases gated_norm --mode both --dtype bf16 --out docs/benchmarks/gated_norm_h100
 """
@@ -14,7 +17,14 @@ norm weights are negligible.
 import torch
 
 from tools.bench_cases._common import BenchCase, timed
-from visionattn.ops import gated_norm, gated_norm_reference, rms_norm, rms_norm_reference
+from visionattn.ops import (
+    gated_norm,
+    gated_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+)
 
 __all__ = ["cases"]
 
@@ -27,6 +37,12 @@ CPU_SHAPES = [("tiny B1 N10 H2 Dv16 silu", 1, 10, 2, 16, True)]
 #: (label, B, N, C) of the pre-norm rows.
 NORM_SHAPES = [("rms_norm vig_tiny-1024 B64 N4096 C192", 64, 4096, 192)]
 CPU_NORM_SHAPES = [("rms_norm tiny B1 N10 C48", 1, 10, 48)]
+#: (label, B, N, C) of LayerNorm rows: MAViT-T stage 1 (256² tokens of 64) and Agent-PVT-S stage 2 (128² of 128).
+LN_SHAPES = [
+    ("layer_norm mavit_tiny-1024 stage1 B32 N65536 C64", 32, 256 * 256, 64),
+    ("layer_norm agent_pvt_small-1024 stage2 B32 N16384 C128", 32, 128 * 128, 128),
+]
+CPU_LN_SHAPES = [("layer_norm tiny B1 N10 C24", 1, 10, 24)]
 #: Tensors of rows x channels that must move through HBM per call.
 _GATED_TENSORS = {"fwd": 4, "fwd+bwd": 11}
 _NORM_TENSORS = {"fwd": 2, "fwd+bwd": 5}
@@ -62,20 +78,33 @@ def _norm_inputs(fn, batch, tokens, channels):
     return lambda rand, ones: (lambda x, w: fn(x, w, eps=1e-6), (rand(batch, tokens, channels), ones(channels)))
 
 
+def _ln_inputs(fn, batch, tokens, channels):
+    def build(rand, ones):
+        inputs = (rand(batch, tokens, channels), ones(channels), ones(channels))
+        return lambda x, w, b: fn(x, w, b, eps=1e-6), inputs
+
+    return build
+
+
 def cases(args) -> list[BenchCase]:
     on_gpu = args.device == "cuda"
     elt = torch.finfo(args.dtype).bits // 8
     gated_peers = {"ours": lambda *t, **kw: gated_norm(*t, **kw, backend="triton"), "eager-glue": gated_norm_reference}
     norm_peers = {"ours": lambda *t, **kw: rms_norm(*t, **kw, backend="triton"), "eager-glue": rms_norm_reference}
+    ln_peers = {"ours": lambda *t, **kw: layer_norm(*t, **kw, backend="triton"), "eager-glue": layer_norm_reference}
     if on_gpu:
         gated_peers["compiled-glue"] = torch.compile(gated_norm_reference, dynamic=False)
         norm_peers["compiled-glue"] = torch.compile(rms_norm_reference, dynamic=False)
+        ln_peers["compiled-glue"] = torch.compile(layer_norm_reference, dynamic=False)
     groups = []
     for label, batch, tokens, heads, dv, silu in SHAPES if on_gpu else CPU_SHAPES:
         builds = {impl: _gated_inputs(fn, batch, tokens, heads, dv, silu) for impl, fn in gated_peers.items()}
         groups.append((label, builds, batch * tokens * heads * dv * elt, _GATED_TENSORS))
     for label, batch, tokens, channels in NORM_SHAPES if on_gpu else CPU_NORM_SHAPES:
         builds = {impl: _norm_inputs(fn, batch, tokens, channels) for impl, fn in norm_peers.items()}
+        groups.append((label, builds, batch * tokens * channels * elt, _NORM_TENSORS))
+    for label, batch, tokens, channels in LN_SHAPES if on_gpu else CPU_LN_SHAPES:
+        builds = {impl: _ln_inputs(fn, batch, tokens, channels) for impl, fn in ln_peers.items()}
         groups.append((label, builds, batch * tokens * channels * elt, _NORM_TENSORS))
     rows = []
     for label, builds, tensor_bytes, tensors in groups:

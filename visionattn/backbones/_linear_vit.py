@@ -25,12 +25,12 @@ import re
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, register_notrace_function, register_notrace_module
+from timm.layers import ClassifierHead, DropPath, register_notrace_function, register_notrace_module
 from timm.models import checkpoint
 from torch import nn
 
 from ..layout import TokenGrid
-from ..nn import LinearAttention2d, RoPE2d, SoftmaxAttention2d
+from ..nn import LayerNorm, LayerNorm2d, LinearAttention2d, RoPE2d, SoftmaxAttention2d
 from ._timm_api import ClassifierHeadMixin, StagedBackbone, create_backbone, imagenet_cfg, stage_group_matcher
 
 __all__ = [
@@ -167,7 +167,7 @@ class LinearViTBlock(nn.Module):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.pos = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, **dd)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.norm1 = LayerNorm(dim, eps=1e-6, **dd)
         if attn_type == "softmax":
             self.attn = SoftmaxAttention2d(dim, num_heads, **dd)
         else:

@@ -19,7 +19,7 @@ from timm.layers import DropPath, Mlp, register_notrace_module
 from torch import nn
 
 from ..layout import TokenGrid
-from ..nn import AgentAttention
+from ..nn import AgentAttention, LayerNorm
 from ._timm_api import imagenet_cfg
 
 __all__ = ["AgentBlock"]
@@ -45,7 +45,7 @@ class AgentBlock(nn.Module):
         qkv_bias: bool = True,
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
+        norm_layer: type[nn.Module] = LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
         device=None,
         dtype=None,

@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..layout import TokenGrid
+from ..nn import LayerNorm
 from ._timm_api import create_backbone
 from .agent import AgentBlock, _agent_bias_to_native, _agent_cfg, _unwrap_state_dict
 
@@ -98,8 +99,10 @@ class AgentVisionTransformer(VisionTransformer):
             depth: number of blocks.
             dynamic_img_pad: zero-pad inputs the patch size does not divide (bottom/right, timm's rule); False
                 makes such inputs an error, as in timm's ViT.
-            **kwargs: the rest of timm's ``VisionTransformer`` arguments (``embed_dim``, ``num_heads``, ...).
+            **kwargs: the rest of timm's ``VisionTransformer`` arguments (``embed_dim``, ``num_heads``, ...);
+                ``norm_layer`` defaults to visionattn's ``LayerNorm`` with timm's eps (1e-6).
         """
+        kwargs.setdefault("norm_layer", partial(LayerNorm, eps=1e-6))
         bias_size = tuple(s // patch_size for s in to_2tuple(img_size))
         block_fn = partial(
             _deit_block,

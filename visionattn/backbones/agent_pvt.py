@@ -21,6 +21,7 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 from torch import nn
 
 from ..layout import TokenGrid
+from ..nn import LayerNorm
 from ._timm_api import LinearHeadMixin, StagedBackbone, check_global_pool, create_backbone, init_linear
 from .agent import AgentBlock, _agent_bias_to_native, _agent_cfg, _unwrap_state_dict
 
@@ -60,13 +61,13 @@ class AgentPvtStage(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
         self.feat_size = tuple(feat_size)
-        # the reference's PatchEmbed keeps nn.LayerNorm's default eps (1e-5); blocks use 1e-6
+        # the reference's PatchEmbed keeps nn.LayerNorm's default eps (1e-5, LayerNorm's too); blocks use 1e-6
         self.patch_embed = PatchEmbed(
             img_size=None,
             patch_size=patch_size,
             in_chans=in_chs,
             embed_dim=dim,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             output_fmt="NHWC",
             strict_img_size=False,
             dynamic_img_pad=True,
@@ -85,7 +86,7 @@ class AgentPvtStage(nn.Module):
                     qkv_bias=qkv_bias,
                     proj_drop=proj_drop,
                     drop_path=drop_path[i] if drop_path else 0.0,
-                    norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                    norm_layer=partial(LayerNorm, eps=1e-6),
                     **dd,
                 )
                 for i in range(depth)

@@ -23,6 +23,7 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from torch import nn
 
 from ..layout import TokenGrid
+from ..nn import LayerNorm
 from ._timm_api import ClassifierHeadMixin, StagedBackbone, create_backbone, init_linear, stage_group_matcher
 from .agent import AgentBlock, _agent_bias_to_native, _agent_cfg, _unwrap_state_dict
 
@@ -69,7 +70,7 @@ class AgentSwinStage(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
-        self.downsample = PatchMerging(dim, out_dim, **dd) if downsample else nn.Identity()
+        self.downsample = PatchMerging(dim, out_dim, norm_layer=LayerNorm, **dd) if downsample else nn.Identity()
         drop_path = drop_path or [0.0] * depth
         blocks = []
         for i in range(depth):
@@ -99,6 +100,7 @@ class AgentSwinStage(nn.Module):
                     proj_drop=proj_drop,
                     attn_drop=attn_drop,
                     drop_path=drop_path[i],
+                    norm_layer=LayerNorm,
                     **dd,
                 )
             blocks.append(block)
@@ -174,7 +176,7 @@ class AgentSwinTransformer(StagedBackbone, ClassifierHeadMixin, nn.Module):
             patch_size=patch_size,
             in_chans=in_chans,
             embed_dim=embed_dim,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             strict_img_size=False,
             output_fmt="NHWC",
             dynamic_img_pad=True,
@@ -209,7 +211,7 @@ class AgentSwinTransformer(StagedBackbone, ClassifierHeadMixin, nn.Module):
             )
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * scale, module=f"layers.{i}"))
         self.layers = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(self.num_features, **dd)
+        self.norm = LayerNorm(self.num_features, **dd)
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC", **dd
         )

@@ -17,7 +17,11 @@ each store their partial weight gradients; the launcher sums the partials in a f
 Layout: o, l, g and dy are ``(B, N, H, Dv)`` with any strides and a unit last stride; every output is contiguous.
 
 The same row machinery gives a plain RMSNorm ``y = RMSNorm(x; w)`` over the last dim of any ``(..., C)`` tensor
-(ViG's pre-norms, C = 192-768), backward ``dx`` as above with ``dn = dy`` and ``dw = Σ_rows dy ⊙ x̂``.
+(ViG's pre-norms, C = 192-768), backward ``dx`` as above with ``dn = dy`` and ``dw = Σ_rows dy ⊙ x̂``; and, through
+the ``CENTER`` constexpr, LayerNorm (Ba et al., 2016, Eq. 4) ``y = x̂ ⊙ w + b`` with ``x̂ = (x − μ) · rstd``,
+``μ = mean(x)``, ``rstd = rsqrt(mean((x − μ)²) + eps)`` (MAViT/RAVLT and Agent blocks, C = 64-512), backward
+
+    dx = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ ⊙ x̂)) with dx̂ = dy ⊙ w,   dw = Σ_rows dy ⊙ x̂,   db = Σ_rows dy
 """
 
 import functools
@@ -29,7 +33,7 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from .block_sparse import cdiv, next_block
 
-__all__ = ["gated_norm_bwd", "gated_norm_fwd", "rms_norm_bwd", "rms_norm_fwd"]
+__all__ = ["gated_norm_bwd", "gated_norm_fwd", "layer_norm_bwd", "layer_norm_fwd", "rms_norm_bwd", "rms_norm_fwd"]
 
 #: Largest tile (elements per tensor): the backward at 8192 already needs 8 warps not to spill (ptxas, sm_90).
 _MAX_TILE = 8192
@@ -229,29 +233,50 @@ def _gated_norm_bwd_kernel(
     tl.store(dw_l_ptr + i_p * DV + o_d, b_dw_l, mask=m_d)
 
 
-# ------------------------------------------------------------------------------------------- plain RMSNorm
+# ------------------------------------------------------------------------------- plain RMSNorm and LayerNorm
 @triton.jit
-def _rms_norm_tile(base, o_r, stride_r, o_d, mask):
+def _row_tile(base, o_r, stride_r, o_d, mask):
     """``[BLOCK_R, BLOCK_D]`` fp32 tile of rows ``o_r`` (int64) of a ``(rows, C)`` unit-last-stride tensor."""
     return tl.load(base + o_r[:, None] * stride_r + o_d[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _row_norm_stats(b_x, mask, eps, DV: tl.constexpr, CENTER: tl.constexpr):
+    """``x̂`` and ``rstd`` per row: of ``x`` (RMSNorm) or, with ``CENTER``, of ``x − mean(x)`` (LayerNorm); the
+    centred padding lanes are zeroed so they add nothing to the statistics."""
+    if CENTER:
+        b_x = tl.where(mask, b_x - (tl.sum(b_x, axis=1) / DV)[:, None], 0.0)
+    return _gated_norm_rms(b_x, eps, DV)
+
+
+@triton.jit
+def _row_norm_dx(b_dy, b_xhat, b_rstd, b_w, DV: tl.constexpr, CENTER: tl.constexpr):
+    """``dx`` of ``y = x̂ ⊙ w (+ b)``; with ``CENTER`` the mean's gradient adds ``− rstd · mean(dx̂)``."""
+    b_dx = _gated_norm_rms_bwd(b_dy, b_xhat, b_rstd, b_w, DV)
+    if CENTER:
+        b_dx -= (b_rstd * tl.sum(b_dy * b_w[None, :], axis=1) / DV)[:, None]
+    return b_dx
+
+
 @triton.autotune(
     configs=autotune_configs(_FWD_CONFIGS, _DEFAULT),
-    key=["DV"],
+    key=["DV", "CENTER", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune_configs},
     **autotune_kwargs(),
 )
 @triton.jit
-def _rms_norm_fwd_kernel(
+def _row_norm_fwd_kernel(
     x_ptr,
     w_ptr,
+    b_ptr,
     y_ptr,
     num_rows,
     stride_x_r,
     eps,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    CENTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -263,30 +288,35 @@ def _rms_norm_fwd_kernel(
     # [BLOCK_D]
     b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
     # [BLOCK_R, BLOCK_D]
-    b_xhat, _ = _gated_norm_rms(_rms_norm_tile(x_ptr, o_r, stride_x_r, o_d, mask), eps, DV)
+    b_xhat, _ = _row_norm_stats(_row_tile(x_ptr, o_r, stride_x_r, o_d, mask), mask, eps, DV, CENTER)
+    b_y = b_xhat * b_w[None, :]
+    if HAS_BIAS:
+        b_y += tl.load(b_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
     p_y = y_ptr + o_r[:, None] * DV + o_d[None, :]
-    tl.store(p_y, (b_xhat * b_w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(
     configs=autotune_configs(_BWD_CONFIGS, _DEFAULT),
-    key=["DV"],
+    key=["DV", "CENTER"],
     prune_configs_by={"early_config_prune": _prune_configs},
     **autotune_kwargs(),
 )
 @triton.jit
-def _rms_norm_bwd_kernel(
+def _row_norm_bwd_kernel(
     dy_ptr,
     x_ptr,
     w_ptr,
     dx_ptr,
     dw_ptr,
+    db_ptr,
     num_rows,
     stride_dy_r,
     stride_x_r,
     eps,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    CENTER: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     i_p, n_p = tl.program_id(0), tl.num_programs(0)
@@ -295,18 +325,23 @@ def _rms_norm_bwd_kernel(
     # [BLOCK_D]
     b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_db = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i_blk in range(i_p, tl.cdiv(num_rows, BLOCK_R), n_p):
         o_r = i_blk * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < num_rows
         o_r = o_r.to(tl.int64)
         mask = m_r[:, None] & m_d[None, :]
         # [BLOCK_R, BLOCK_D]
-        b_dy = _rms_norm_tile(dy_ptr, o_r, stride_dy_r, o_d, mask)
-        b_xhat, b_rstd = _gated_norm_rms(_rms_norm_tile(x_ptr, o_r, stride_x_r, o_d, mask), eps, DV)
+        b_dy = _row_tile(dy_ptr, o_r, stride_dy_r, o_d, mask)
+        b_xhat, b_rstd = _row_norm_stats(_row_tile(x_ptr, o_r, stride_x_r, o_d, mask), mask, eps, DV, CENTER)
         b_dw += tl.sum(b_dy * b_xhat, axis=0)
-        b_dx = _gated_norm_rms_bwd(b_dy, b_xhat, b_rstd, b_w, DV)
+        if CENTER:
+            b_db += tl.sum(b_dy, axis=0)
+        b_dx = _row_norm_dx(b_dy, b_xhat, b_rstd, b_w, DV, CENTER)
         tl.store(dx_ptr + o_r[:, None] * DV + o_d[None, :], b_dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + i_p * DV + o_d, b_dw, mask=m_d)
+    if CENTER:
+        tl.store(db_ptr + i_p * DV + o_d, b_db, mask=m_d)
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
@@ -435,38 +470,82 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return _unit_last_stride(x.reshape(-1, x.shape[-1]))
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``RMSNorm(x; w)`` over the last dim, contiguous, in the dtype of ``x``. Grid: one program per ``BLOCK_R`` rows."""
+def _row_norm_fwd(x, weight, bias, eps: float, center: bool) -> torch.Tensor:
+    """``y`` of RMSNorm or (``center``) LayerNorm over the last dim, contiguous, in the dtype of ``x``.
+
+    Grid: one program per ``BLOCK_R`` rows.
+    """
     rows, weight = _rows(x), _unit_last_stride(weight)
+    bias = weight if bias is None else _unit_last_stride(bias)  # a pointer the kernel never reads without HAS_BIAS
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     num_rows, dim = rows.shape
     if y.numel():
         grid = lambda meta: (cdiv(num_rows, meta["BLOCK_R"]),)
-        _rms_norm_fwd_kernel[grid](rows, weight, y, num_rows, rows.stride(0), eps, DV=dim, BLOCK_D=next_block(dim))
+        _row_norm_fwd_kernel[grid](
+            rows,
+            weight,
+            bias,
+            y,
+            num_rows,
+            rows.stride(0),
+            eps,
+            DV=dim,
+            BLOCK_D=next_block(dim),
+            CENTER=center,
+            HAS_BIAS=bias is not weight,
+        )
     return y
 
 
-def rms_norm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``x`` (contiguous, its dtype) and ``weight`` (its dtype); grid and partials as ``gated_norm_bwd``."""
+def _row_norm_bwd(dy, x, weight, eps: float, center: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``x`` (contiguous, its dtype), ``weight`` and, with ``center``, the bias ``Σ_rows dy`` (the
+    weight's dtype; None without ``center``); grid and partials as ``gated_norm_bwd``."""
     dy_rows, rows, weight = _rows(dy), _rows(x), _unit_last_stride(weight)
     num_rows, dim = rows.shape
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     programs = _bwd_programs(x.device, num_rows)
-    partials = _partials(1, programs, dim, num_rows, x.device)
+    partials = _partials(2 if center else 1, programs, dim, num_rows, x.device)
     if num_rows:
-        _rms_norm_bwd_kernel[(programs,)](
+        _row_norm_bwd_kernel[(programs,)](
             dy_rows,
             rows,
             weight,
             dx,
             partials[0],
+            partials[-1],  # written only with CENTER
             num_rows,
             dy_rows.stride(0),
             rows.stride(0),
             eps,
             DV=dim,
             BLOCK_D=next_block(dim),
+            CENTER=center,
         )
-    return dx, partials[0].sum(0).to(weight.dtype)
+    dw, *db = (p.sum(0).to(weight.dtype) for p in partials)
+    return dx, dw, db[0] if center else None
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm(x; w)`` over the last dim, contiguous, in the dtype of ``x``."""
+    return _row_norm_fwd(x, weight, None, eps, False)
+
+
+def rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``x`` (contiguous, its dtype) and ``weight`` (its dtype)."""
+    dx, dw, _ = _row_norm_bwd(dy, x, weight, eps, False)
+    return dx, dw
+
+
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``LayerNorm(x; w, b)`` over the last dim (no bias when ``bias`` is None), contiguous, in the dtype of ``x``."""
+    return _row_norm_fwd(x, weight, bias, eps, True)
+
+
+def layer_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``x`` (contiguous, its dtype), ``weight`` and the bias (the weight's dtype; ``Σ_rows dy``, which
+    needs no bias, so it is returned whether or not the forward had one)."""
+    return _row_norm_bwd(dy, x, weight, eps, True)

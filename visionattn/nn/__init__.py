@@ -2,6 +2,7 @@
 
 from .agent_attention import AgentAttention
 from .gated_attention2d import GatedLinearAttention2d
+from .layer_norm import LayerNorm, LayerNorm2d
 from .linear_attention2d import LinearAttention2d
 from .rms_norm import RmsNorm
 from .rope2d import RoPE2d, apply_rope2d, rope2d_tables
@@ -15,6 +16,8 @@ __all__ = [
     "BiLevelRoutingAttention",
     "GatedLinearAttention2d",
     "GluMlp",
+    "LayerNorm",
+    "LayerNorm2d",
     "LePEAttention",
     "LinearAttention2d",
     "RmsNorm",

@@ -3,7 +3,14 @@
 from .agent import agent_attention, agent_attention_reference
 from .block_sparse import block_sparse_attention, block_sparse_attention_reference
 from .gated import gated_linear_attention, gated_linear_attention_reference
-from .gated_norm import gated_norm, gated_norm_reference, rms_norm, rms_norm_reference
+from .gated_norm import (
+    gated_norm,
+    gated_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+)
 from .linear import (
     LinearAttentionState,
     linear_attention,
@@ -27,6 +34,8 @@ __all__ = [
     "gated_linear_attention_reference",
     "gated_norm",
     "gated_norm_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "LinearAttentionState",
     "linear_attention",
     "linear_attention_apply",
