@@ -38,6 +38,7 @@ from tools.bench_cases._common import BenchCase  # noqa: E402
 
 SUITES = {
     "attention": ("block_sparse", "neighborhood", "linear", "gated", "sparse_linear"),
+    "layers": ("gated_norm", "swiglu"),
     "models": ("models_mavit", "models_biformer", "models_vig"),
     "diffusion": ("diffusion",),
 }
