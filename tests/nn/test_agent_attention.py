@@ -152,3 +152,11 @@ def test_agent_biases_cache_follows_parameters_and_grid(rng):
     assert bias_agent.requires_grad
     bias_agent.sum().backward()
     assert m.an_bias.grad is not None
+
+
+def test_adaptive_avg_pool_nhwc_compiles_fullgraph(rng):
+    # eager calls take the window indicators from a cache; traced ones build them in the graph
+    x = torch.randn(2, 13, 17, 5, generator=rng)
+    expected = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), (3, 4)).permute(0, 2, 3, 1)
+    assert_close("compiled", expected, torch.compile(adaptive_avg_pool_nhwc, fullgraph=True)(x, (3, 4)))
+    assert_close("eager cached", expected, adaptive_avg_pool_nhwc(x, (3, 4)))

@@ -5,6 +5,7 @@ reference code LeapLabTHU/Agent-Attention (MIT), ``agent_transformer/models/agen
 dense-prediction backbones ``downstream/*/backbones/agent_{swin,pvt}.py``.
 """
 
+import functools
 import math
 
 import torch
@@ -41,12 +42,24 @@ def resize_agent_axis(t: torch.Tensor, dim: int, agent_shape: tuple[int, int]) -
     return out.reshape(*moved.shape[:-1], agent_shape[0] * agent_shape[1]).movedim(-1, dim)
 
 
-def _window_indicator(length: int, size: int, like: torch.Tensor) -> torch.Tensor:
+def _window_indicator(length: int, size: int, device, dtype) -> torch.Tensor:
     """``(size, length)`` 0/1 matrix of adaptive pooling's windows ``[⌊i·L/n⌋, ⌈(i+1)·L/n⌉)`` along one axis."""
-    out = torch.arange(size, device=like.device)[:, None]
-    pos = torch.arange(length, device=like.device)[None, :]
+    out = torch.arange(size, device=device)[:, None]
+    pos = torch.arange(length, device=device)[None, :]
     inside = (pos >= out * length // size) & (pos < ((out + 1) * length + size - 1) // size)
-    return inside.to(like.dtype)
+    return inside.to(dtype)
+
+
+def _pooling_windows(grid_shape: tuple[int, int], output_size: tuple[int, int], device, dtype):
+    """Window indicators along Y ``(a, Y)`` and X ``(b, X)``, and the window areas ``(a, b, 1)`` in float32."""
+    (height, width), (rows, cols) = grid_shape, output_size
+    along_y, along_x = _window_indicator(height, rows, device, dtype), _window_indicator(width, cols, device, dtype)
+    areas = along_y.sum(1, dtype=torch.float32)[:, None] * along_x.sum(1, dtype=torch.float32)[None, :]
+    return along_y, along_x, areas[..., None]
+
+
+#: The same few (grid, agents) pairs recur every forward: ~20 small kernels per call saved (constants, no grad).
+_cached_pooling_windows = functools.lru_cache(maxsize=64)(_pooling_windows)
 
 
 def adaptive_avg_pool_nhwc(x: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
@@ -61,11 +74,11 @@ def adaptive_avg_pool_nhwc(x: torch.Tensor, output_size: tuple[int, int]) -> tor
     rows, cols = output_size
     if height % rows == 0 and width % cols == 0:  # equal windows (e.g. DeiT's 14x14 grid, 7x7 agents): one reduction
         return x.view(batch, rows, height // rows, cols, width // cols, channels).mean((2, 4))
-    along_y, along_x = _window_indicator(height, rows, x), _window_indicator(width, cols, x)
+    windows = _pooling_windows if torch.compiler.is_compiling() else _cached_pooling_windows
+    along_y, along_x, areas = windows((height, width), (rows, cols), x.device, x.dtype)
     sums = torch.matmul(along_x, x)  # (B, Y, b, C)
     sums = torch.matmul(along_y, sums.flatten(2)).view(batch, rows, cols, channels)
-    areas = along_y.sum(1, dtype=torch.float32)[:, None] * along_x.sum(1, dtype=torch.float32)[None, :]
-    return (sums / areas[..., None]).to(x.dtype)
+    return (sums / areas).to(x.dtype)
 
 
 class AgentAttention(nn.Module):
