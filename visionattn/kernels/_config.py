@@ -10,7 +10,9 @@ suites that launch many shapes then compile one kernel per shape instead of one 
 
 import os
 
-__all__ = ["autotune_configs", "autotune_kwargs", "is_interpreter"]
+import triton
+
+__all__ = ["autotune", "autotune_configs", "autotune_kwargs", "is_interpreter"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = os.environ.get("VISIONATTN_AUTOTUNE", "1") != "0"
@@ -32,3 +34,14 @@ def autotune_configs(full: list, default) -> list:
 def autotune_kwargs() -> dict:
     """Extra keyword arguments for ``triton.autotune`` shared by every kernel (cache results on disk)."""
     return {"cache_results": True} if not _INTERPRET else {}
+
+
+def autotune(full: list, default, key: list[str], prune):
+    """``triton.autotune`` over :func:`autotune_configs` of ``full`` and ``default``, keyed by ``key``, with the
+    early pruner ``prune`` and :func:`autotune_kwargs`."""
+    return triton.autotune(
+        configs=autotune_configs(full, default),
+        key=key,
+        prune_configs_by={"early_config_prune": prune},
+        **autotune_kwargs(),
+    )

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, autotune_kwargs, is_interpreter
+from ._config import autotune, is_interpreter
 from .block_sparse import cdiv, next_block
 
 __all__ = ["gated_norm_bwd", "gated_norm_fwd", "layer_norm_bwd", "layer_norm_fwd", "rms_norm_bwd", "rms_norm_fwd"]
@@ -68,6 +68,33 @@ def _prune_configs(configs, nargs, **kwargs):
 
 # ------------------------------------------------------------------------------------------------------- helpers
 @triton.jit
+def _channels(DV: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Channel offsets ``[BLOCK_D]`` of a row tile and their mask (``< DV``)."""
+    o_d = tl.arange(0, BLOCK_D)
+    return o_d, o_d < DV
+
+
+@triton.jit
+def _channel_load(base, o_d, m_d):
+    """``[BLOCK_D]`` fp32 per-channel vector (a norm weight or bias), 0 beyond ``DV``."""
+    return tl.load(base + o_d, mask=m_d, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_block(i_blk, num_rows, m_d, BLOCK_R: tl.constexpr):
+    """Rows of row block ``i_blk`` (int64, so the offsets built from them do not overflow) and the
+    ``[BLOCK_R, BLOCK_D]`` mask of their tile."""
+    o_r = i_blk * BLOCK_R + tl.arange(0, BLOCK_R)
+    return o_r.to(tl.int64), (o_r < num_rows)[:, None] & m_d[None, :]
+
+
+@triton.jit
+def _store_tile(p, b_x, mask):
+    """Store the fp32 tile ``b_x`` at the pointers ``p``, in their dtype."""
+    tl.store(p, b_x.to(p.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gated_norm_rows(i_blk, num_rows, tokens, heads, BLOCK_R: tl.constexpr):
     """Row indices of row block ``i_blk``, their mask and their (batch, token, head) coordinates, as int64 so the
     offsets built from them do not overflow (the divisions stay int32: 64-bit division is emulated on GPUs)."""
@@ -101,12 +128,7 @@ def _gated_norm_rms_bwd(b_dn, b_xhat, b_rstd, b_w, DV: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------------------- forward
-@triton.autotune(
-    configs=autotune_configs(_FWD_CONFIGS, _DEFAULT),
-    key=["DV", "ACT"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    **autotune_kwargs(),
-)
+@autotune(_FWD_CONFIGS, _DEFAULT, ["DV", "ACT"], _prune_configs)
 @triton.jit
 def _gated_norm_fwd_kernel(
     o_ptr,
@@ -134,12 +156,11 @@ def _gated_norm_fwd_kernel(
     BLOCK_R: tl.constexpr,
 ):
     o_r, m_r, i_b, i_n, i_h = _gated_norm_rows(tl.program_id(0), num_rows, tokens, heads, BLOCK_R)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < DV
+    o_d, m_d = _channels(DV, BLOCK_D)
     mask = m_r[:, None] & m_d[None, :]
     # [BLOCK_D]
-    b_w_o = tl.load(w_o_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_w_l = tl.load(w_l_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_w_o = _channel_load(w_o_ptr, o_d, m_d)
+    b_w_l = _channel_load(w_l_ptr, o_d, m_d)
     # [BLOCK_R, BLOCK_D]
     b_o = _gated_norm_load(o_ptr, i_b, i_n, i_h, stride_o_b, stride_o_n, stride_o_h, o_d, mask)
     b_l = _gated_norm_load(l_ptr, i_b, i_n, i_h, stride_l_b, stride_l_n, stride_l_h, o_d, mask)
@@ -149,17 +170,11 @@ def _gated_norm_fwd_kernel(
     b_y = b_s * (b_ohat * b_w_o[None, :]) + (1.0 - b_s) * (b_lhat * b_w_l[None, :])
     if ACT:
         b_y = b_y * tl.sigmoid(b_y)
-    p_y = y_ptr + o_r[:, None] * DV + o_d[None, :]
-    tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_tile(y_ptr + o_r[:, None] * DV + o_d[None, :], b_y, mask)
 
 
 # ------------------------------------------------------------------------------------------------------ backward
-@triton.autotune(
-    configs=autotune_configs(_BWD_CONFIGS, _DEFAULT),
-    key=["DV", "ACT"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    **autotune_kwargs(),
-)
+@autotune(_BWD_CONFIGS, _DEFAULT, ["DV", "ACT"], _prune_configs)
 @triton.jit
 def _gated_norm_bwd_kernel(
     dy_ptr,
@@ -195,11 +210,10 @@ def _gated_norm_bwd_kernel(
     BLOCK_R: tl.constexpr,
 ):
     i_p, n_p = tl.program_id(0), tl.num_programs(0)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < DV
+    o_d, m_d = _channels(DV, BLOCK_D)
     # [BLOCK_D]
-    b_w_o = tl.load(w_o_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_w_l = tl.load(w_l_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_w_o = _channel_load(w_o_ptr, o_d, m_d)
+    b_w_l = _channel_load(w_l_ptr, o_d, m_d)
     b_dw_o = tl.zeros([BLOCK_D], dtype=tl.float32)
     b_dw_l = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i_blk in range(i_p, tl.cdiv(num_rows, BLOCK_R), n_p):
@@ -226,9 +240,9 @@ def _gated_norm_bwd_kernel(
         b_do = _gated_norm_rms_bwd(b_dn_o, b_ohat, b_rstd_o, b_w_o, DV)
         b_dl = _gated_norm_rms_bwd(b_dn_l, b_lhat, b_rstd_l, b_w_l, DV)
         o_out = o_r[:, None] * DV + o_d[None, :]
-        tl.store(do_ptr + o_out, b_do.to(do_ptr.dtype.element_ty), mask=mask)
-        tl.store(dl_ptr + o_out, b_dl.to(dl_ptr.dtype.element_ty), mask=mask)
-        tl.store(dg_ptr + o_out, b_dg.to(dg_ptr.dtype.element_ty), mask=mask)
+        _store_tile(do_ptr + o_out, b_do, mask)
+        _store_tile(dl_ptr + o_out, b_dl, mask)
+        _store_tile(dg_ptr + o_out, b_dg, mask)
     tl.store(dw_o_ptr + i_p * DV + o_d, b_dw_o, mask=m_d)
     tl.store(dw_l_ptr + i_p * DV + o_d, b_dw_l, mask=m_d)
 
@@ -258,12 +272,7 @@ def _row_norm_dx(b_dy, b_xhat, b_rstd, b_w, DV: tl.constexpr, CENTER: tl.constex
     return b_dx
 
 
-@triton.autotune(
-    configs=autotune_configs(_FWD_CONFIGS, _DEFAULT),
-    key=["DV", "CENTER", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    **autotune_kwargs(),
-)
+@autotune(_FWD_CONFIGS, _DEFAULT, ["DV", "CENTER", "HAS_BIAS"], _prune_configs)
 @triton.jit
 def _row_norm_fwd_kernel(
     x_ptr,
@@ -279,29 +288,19 @@ def _row_norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_r = o_r < num_rows
-    o_r = o_r.to(tl.int64)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < DV
-    mask = m_r[:, None] & m_d[None, :]
+    o_d, m_d = _channels(DV, BLOCK_D)
+    o_r, mask = _row_block(tl.program_id(0), num_rows, m_d, BLOCK_R)
     # [BLOCK_D]
-    b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_w = _channel_load(w_ptr, o_d, m_d)
     # [BLOCK_R, BLOCK_D]
     b_xhat, _ = _row_norm_stats(_row_tile(x_ptr, o_r, stride_x_r, o_d, mask), mask, eps, DV, CENTER)
     b_y = b_xhat * b_w[None, :]
     if HAS_BIAS:
-        b_y += tl.load(b_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
-    p_y = y_ptr + o_r[:, None] * DV + o_d[None, :]
-    tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=mask)
+        b_y += _channel_load(b_ptr, o_d, m_d)[None, :]
+    _store_tile(y_ptr + o_r[:, None] * DV + o_d[None, :], b_y, mask)
 
 
-@triton.autotune(
-    configs=autotune_configs(_BWD_CONFIGS, _DEFAULT),
-    key=["DV", "CENTER"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    **autotune_kwargs(),
-)
+@autotune(_BWD_CONFIGS, _DEFAULT, ["DV", "CENTER"], _prune_configs)
 @triton.jit
 def _row_norm_bwd_kernel(
     dy_ptr,
@@ -320,17 +319,13 @@ def _row_norm_bwd_kernel(
     BLOCK_R: tl.constexpr,
 ):
     i_p, n_p = tl.program_id(0), tl.num_programs(0)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < DV
+    o_d, m_d = _channels(DV, BLOCK_D)
     # [BLOCK_D]
-    b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_w = _channel_load(w_ptr, o_d, m_d)
     b_dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     b_db = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i_blk in range(i_p, tl.cdiv(num_rows, BLOCK_R), n_p):
-        o_r = i_blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        m_r = o_r < num_rows
-        o_r = o_r.to(tl.int64)
-        mask = m_r[:, None] & m_d[None, :]
+        o_r, mask = _row_block(i_blk, num_rows, m_d, BLOCK_R)
         # [BLOCK_R, BLOCK_D]
         b_dy = _row_tile(dy_ptr, o_r, stride_dy_r, o_d, mask)
         b_xhat, b_rstd = _row_norm_stats(_row_tile(x_ptr, o_r, stride_x_r, o_d, mask), mask, eps, DV, CENTER)
@@ -338,7 +333,7 @@ def _row_norm_bwd_kernel(
         if CENTER:
             b_db += tl.sum(b_dy, axis=0)
         b_dx = _row_norm_dx(b_dy, b_xhat, b_rstd, b_w, DV, CENTER)
-        tl.store(dx_ptr + o_r[:, None] * DV + o_d[None, :], b_dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        _store_tile(dx_ptr + o_r[:, None] * DV + o_d[None, :], b_dx, mask)
     tl.store(dw_ptr + i_p * DV + o_d, b_dw, mask=m_d)
     if CENTER:
         tl.store(db_ptr + i_p * DV + o_d, b_db, mask=m_d)
@@ -350,8 +345,9 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _bnh_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _bnh_strides(*tensors: torch.Tensor) -> list[int]:
+    """The (B, N, H) strides of each ``(B, N, H, Dv)`` tensor in turn: the kernels' ``stride_*_{b,n,h}`` arguments."""
+    return [s for t in tensors for s in t.stride()[:3]]
 
 
 def gated_norm_fwd(
@@ -384,9 +380,7 @@ def gated_norm_fwd(
         num_rows,
         tokens,
         heads,
-        *_bnh_strides(o),
-        *_bnh_strides(local),
-        *_bnh_strides(gate),
+        *_bnh_strides(o, local, gate),
         eps,
         DV=dv,
         BLOCK_D=next_block(dv),
@@ -445,10 +439,7 @@ def gated_norm_bwd(
             num_rows,
             tokens,
             heads,
-            *_bnh_strides(dy),
-            *_bnh_strides(o),
-            *_bnh_strides(local),
-            *_bnh_strides(gate),
+            *_bnh_strides(dy, o, local, gate),
             eps,
             DV=dv,
             BLOCK_D=next_block(dv),

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, autotune_kwargs
+from ._config import autotune
 from .block_sparse import cdiv, next_block
 
 __all__ = ["swiglu_bwd", "swiglu_fwd"]
@@ -75,13 +75,15 @@ def _swiglu_tile(num_rows, H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.c
     return o_r.to(tl.int64), o_c, mask
 
 
+@triton.jit
+def _swiglu_halves(x_ptr, o_r, stride_x_r, o_c, mask, H: tl.constexpr):
+    """``[BLOCK_R, BLOCK_H]`` fp32 tiles of ``a`` and ``b`` (columns ``o_c`` of the two halves of rows ``o_r``)."""
+    p_a = x_ptr + o_r[:, None] * stride_x_r + o_c[None, :]
+    return tl.load(p_a, mask=mask, other=0.0).to(tl.float32), tl.load(p_a + H, mask=mask, other=0.0).to(tl.float32)
+
+
 # ------------------------------------------------------------------------------------------------------- forward
-@triton.autotune(
-    configs=autotune_configs(_FWD_CONFIGS, _DEFAULT),
-    key=["H"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    **autotune_kwargs(),
-)
+@autotune(_FWD_CONFIGS, _DEFAULT, ["H"], _prune_configs)
 @triton.jit
 def _swiglu_fwd_kernel(
     x_ptr,
@@ -93,21 +95,14 @@ def _swiglu_fwd_kernel(
     BLOCK_R: tl.constexpr,
 ):
     o_r, o_c, mask = _swiglu_tile(num_rows, H, BLOCK_R, BLOCK_H)
-    p_a = x_ptr + o_r[:, None] * stride_x_r + o_c[None, :]
     # [BLOCK_R, BLOCK_H]
-    b_a = tl.load(p_a, mask=mask, other=0.0).to(tl.float32)
-    b_b = tl.load(p_a + H, mask=mask, other=0.0).to(tl.float32)
+    b_a, b_b = _swiglu_halves(x_ptr, o_r, stride_x_r, o_c, mask, H)
     b_y = b_a * tl.sigmoid(b_a) * b_b
     tl.store(y_ptr + o_r[:, None] * H + o_c[None, :], b_y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------------ backward
-@triton.autotune(
-    configs=autotune_configs(_BWD_CONFIGS, _DEFAULT),
-    key=["H"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    **autotune_kwargs(),
-)
+@autotune(_BWD_CONFIGS, _DEFAULT, ["H"], _prune_configs)
 @triton.jit
 def _swiglu_bwd_kernel(
     dy_ptr,
@@ -121,11 +116,9 @@ def _swiglu_bwd_kernel(
     BLOCK_R: tl.constexpr,
 ):
     o_r, o_c, mask = _swiglu_tile(num_rows, H, BLOCK_R, BLOCK_H)
-    p_a = x_ptr + o_r[:, None] * stride_x_r + o_c[None, :]
     # [BLOCK_R, BLOCK_H]
     b_dy = tl.load(dy_ptr + o_r[:, None] * stride_dy_r + o_c[None, :], mask=mask, other=0.0).to(tl.float32)
-    b_a = tl.load(p_a, mask=mask, other=0.0).to(tl.float32)
-    b_b = tl.load(p_a + H, mask=mask, other=0.0).to(tl.float32)
+    b_a, b_b = _swiglu_halves(x_ptr, o_r, stride_x_r, o_c, mask, H)
     b_s = tl.sigmoid(b_a)
     b_da = b_dy * b_b * b_s * (1.0 + b_a * (1.0 - b_s))
     b_db = b_dy * b_a * b_s

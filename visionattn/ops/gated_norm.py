@@ -174,6 +174,16 @@ def _check_weight(name: str, w, x: torch.Tensor, x_name: str = "o") -> None:
         )
 
 
+def _check_rows(x, weight, bias=None) -> None:
+    """``x`` is a ``(..., C)`` tensor and ``weight`` (and ``bias`` unless None) ``(C,)`` on its device."""
+    _check_tensor("x", x)
+    if x.ndim == 0:
+        raise ValueError(f"x must have at least 1 dim (the normalised channels); got x.shape={tuple(x.shape)}.")
+    _check_weight("weight", weight, x, "x")
+    if bias is not None:
+        _check_weight("bias", bias, x, "x")
+
+
 def gated_norm(
     o: torch.Tensor,
     local: torch.Tensor,
@@ -347,10 +357,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, backen
         >>> rms_norm(torch.randn(2, 5, 192), torch.ones(192)).shape
         torch.Size([2, 5, 192])
     """
-    _check_tensor("x", x)
-    if x.ndim == 0:
-        raise ValueError(f"x must have at least 1 dim (the normalised channels); got x.shape={tuple(x.shape)}.")
-    _check_weight("weight", weight, x, "x")
+    _check_rows(x, weight)
     eps = _check_float("eps", eps, positive=True)
     args = dict(x=x, weight=weight)
     return _rms_registry.select(backend, args | {"bias": None})(**args, eps=eps)
@@ -434,9 +441,7 @@ def layer_norm(
         eps: added to the variance of each row, > 0.
 
     Other Parameters:
-        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, C <= 1024, fp32
-            statistics; forward and backward), ``"reference"`` / ``"torch"`` (``F.layer_norm``, any float dtype) or
-            None: Triton where it applies and autograd will not record the call (inference), else the reference.
+        backend: as for :func:`rms_norm`, with ``F.layer_norm`` as the reference.
 
     Returns:
         ``(..., C)`` in the dtype of ``x``, contiguous on the Triton backend.
@@ -451,12 +456,7 @@ def layer_norm(
         >>> layer_norm(torch.randn(2, 5, 64), torch.ones(64), torch.zeros(64)).shape
         torch.Size([2, 5, 64])
     """
-    _check_tensor("x", x)
-    if x.ndim == 0:
-        raise ValueError(f"x must have at least 1 dim (the normalised channels); got x.shape={tuple(x.shape)}.")
-    _check_weight("weight", weight, x, "x")
-    if bias is not None:
-        _check_weight("bias", bias, x, "x")
+    _check_rows(x, weight, bias)
     eps = _check_float("eps", eps, positive=True)
     args = dict(x=x, weight=weight, bias=bias)
     return _ln_registry.select(backend, args)(**args, eps=eps)
