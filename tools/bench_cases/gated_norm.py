@@ -16,15 +16,8 @@ written (5). The norm weights and biases are negligible.
 
 import torch
 
+import visionattn.ops as ops
 from tools.bench_cases._common import BenchCase, timed
-from visionattn.ops import (
-    gated_norm,
-    gated_norm_reference,
-    layer_norm,
-    layer_norm_reference,
-    rms_norm,
-    rms_norm_reference,
-)
 
 __all__ = ["cases"]
 
@@ -89,13 +82,13 @@ def _ln_inputs(fn, batch, tokens, channels):
 def cases(args) -> list[BenchCase]:
     on_gpu = args.device == "cuda"
     elt = torch.finfo(args.dtype).bits // 8
-    gated_peers = {"ours": lambda *t, **kw: gated_norm(*t, **kw, backend="triton"), "eager-glue": gated_norm_reference}
-    norm_peers = {"ours": lambda *t, **kw: rms_norm(*t, **kw, backend="triton"), "eager-glue": rms_norm_reference}
-    ln_peers = {"ours": lambda *t, **kw: layer_norm(*t, **kw, backend="triton"), "eager-glue": layer_norm_reference}
-    if on_gpu:
-        gated_peers["compiled-glue"] = torch.compile(gated_norm_reference, dynamic=False)
-        norm_peers["compiled-glue"] = torch.compile(rms_norm_reference, dynamic=False)
-        ln_peers["compiled-glue"] = torch.compile(layer_norm_reference, dynamic=False)
+    peers = {}
+    for name in ("gated_norm", "rms_norm", "layer_norm"):
+        op, reference = getattr(ops, name), getattr(ops, f"{name}_reference")
+        peers[name] = {"ours": lambda *t, op=op, **kw: op(*t, **kw, backend="triton"), "eager-glue": reference}
+        if on_gpu:
+            peers[name]["compiled-glue"] = torch.compile(reference, dynamic=False)
+    gated_peers, norm_peers, ln_peers = peers["gated_norm"], peers["rms_norm"], peers["layer_norm"]
     groups = []
     for label, batch, tokens, heads, dv, silu in SHAPES if on_gpu else CPU_SHAPES:
         builds = {impl: _gated_inputs(fn, batch, tokens, heads, dv, silu) for impl, fn in gated_peers.items()}
