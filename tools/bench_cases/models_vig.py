@@ -131,7 +131,9 @@ def cases(args) -> list[BenchCase]:
     vig_kwargs = {} if on_gpu else {"backend": "reference"}
     references = _reference_paths(on_gpu)
     train_baseline = list(references)[-1]
-    rows = []
+    # fla's rows run after every other row: its autotuning takes minutes (the backward more than 5 on the H100),
+    # which would otherwise stop a time-limited run before the rest were measured (rows join their group's table)
+    rows, fla_rows = [], []
     for group, mode, img, batch, peers, vig_name in _GPU_ROWS if on_gpu else _CPU_ROWS:
         common = dict(group=f"{group} B{batch}", mode=mode, items=batch)
         row = functools.partial(_row, img=img, batch=batch, mode=mode, args=args)
@@ -139,7 +141,9 @@ def cases(args) -> list[BenchCase]:
         for impl, fn in references.items():
             baseline = mode == "fwd+bwd" and impl == train_baseline
             make = row(vig_name, attention=fn, **vig_kwargs)
-            rows.append(BenchCase(impl=f"{vig_name} {impl}", make=make, baseline=baseline, **common))
+            (fla_rows if "fla" in impl else rows).append(
+                BenchCase(impl=f"{vig_name} {impl}", make=make, baseline=baseline, **common)
+            )
         for impl, name, baseline in peers:
             rows.append(BenchCase(impl=f"{impl} (timm)", make=row(name), baseline=baseline, **common))
-    return rows
+    return rows + fla_rows
