@@ -21,6 +21,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ..nn import LayerNorm
 from ._timm_api import ClassifierHeadMixin, StagedBackbone, create_backbone, init_linear, stage_group_matcher
 from .vig import _ATTENTION_RENAMES, _INTERMEDIATE_FMTS, ViGBlock, ViGStem, _rename, _swiglu_hidden_dim
 from .vig import _cfg as _vig_cfg
@@ -43,7 +44,7 @@ class HierViGDownsample(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.conv = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1, **dd)
-        self.norm = nn.LayerNorm(out_dim, eps=1e-5, **dd)
+        self.norm = LayerNorm(out_dim, eps=1e-5, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -80,7 +81,7 @@ class HierViGStage(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
         self.downsample = HierViGDownsample(dim, out_dim, **dd) if downsample else nn.Identity()
-        norm_layer = partial(nn.LayerNorm, eps=1e-5)
+        norm_layer = partial(LayerNorm, eps=1e-5)
         mlp_hidden_dim = _swiglu_hidden_dim(out_dim, mlp_multiple_of)
         self.blocks = nn.Sequential(
             *[
@@ -154,7 +155,7 @@ class HierViG(StagedBackbone, ClassifierHeadMixin, nn.Module):
             )
             self.feature_info.append(dict(num_chs=dim, reduction=_STEM_STRIDE * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-5, **dd)
+        self.norm = LayerNorm(dims[-1], eps=1e-5, **dd)
         self.head = ClassifierHead(
             dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC", **dd
         )
