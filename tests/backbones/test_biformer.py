@@ -158,6 +158,9 @@ def test_biformer_any_resolution_channels_last_amp_and_grad_checkpointing(rng):
     final, inter = model.forward_intermediates(x)
     assert_close("final", model.forward_features(x), final)
     assert [t.shape[-2:] for t in inter] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    # maps stay channels_last from the stem on (the blocks' token views need no copies), also at batch 1
+    single = model.forward_intermediates(x[:1], intermediates_only=True)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in inter + single)
     features = timm.create_model("biformer_tiny", features_only=True, out_indices=(1, 3), n_win=8, **SHALLOW).eval()
     assert [f.shape[1] for f in features(x)] == [128, 512]
 

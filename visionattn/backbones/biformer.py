@@ -30,7 +30,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
 from ..layout import TokenGrid
-from ..nn import BiLevelRoutingAttention, LePEAttention
+from ..nn import BiLevelRoutingAttention, LayerNorm, LePEAttention
 from ._timm_api import (
     LinearHeadMixin,
     StagedBackbone,
@@ -78,12 +78,12 @@ class BiFormerBlock(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.pos_embed = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
         # eps 1e-6: "important to avoid attention collapsing" (reference comment)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.norm1 = LayerNorm(dim, eps=1e-6, **dd)
         if topk == _FULL_ATTENTION:
             self.attn = LePEAttention(dim, num_heads=num_heads, **dd)
         else:
             self.attn = BiLevelRoutingAttention(dim, num_heads=num_heads, n_win=n_win, topk=topk, backend=backend, **dd)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.norm2 = LayerNorm(dim, eps=1e-6, **dd)
         self.mlp = Mlp(dim, int(mlp_ratio * dim), **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -94,7 +94,7 @@ class BiFormerBlock(nn.Module):
         t = x.flatten(2).transpose(1, 2)
         t = t + self.drop_path(self.attn(self.norm1(t), grid))
         t = t + self.drop_path(self.mlp(self.norm2(t)))
-        return t.transpose(1, 2).reshape(batch, channels, height, width)
+        return t.reshape(batch, height, width, channels).permute(0, 3, 1, 2)  # channels_last: no copy
 
 
 class BiFormerStage(nn.Module):
@@ -234,10 +234,11 @@ class BiFormer(StagedBackbone, LinearHeadMixin, nn.Module):
         return stage_group_matcher(coarse, stem=r"^stem", final=r"^norm")
 
     def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem(x)
+        # channels_last maps: each block's (B, N, C) token view of its NCHW map is then contiguous, no copies
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.stages(self.stem(x)))
+        return self.norm(self.stages(self._forward_stem(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
