@@ -111,16 +111,34 @@ def test_automatic_backend_is_pytorch_under_autograd(triton_on_cpu, op):
     assert len(calls) == 3
 
 
-def test_automatic_backend_traces_with_compile_fullgraph(triton_on_cpu):
-    """The grad-mode test is traced by torch.compile(fullgraph=True): both branches compile and pick as in eager."""
+def test_automatic_backend_under_compile_is_pytorch(triton_on_cpu):
+    """Traced by torch.compile(fullgraph=True), automatic selection takes the PyTorch form in both grad modes (so
+    inductor can fuse it); an explicitly named ``backend="triton"`` still runs the kernel there."""
     device, calls = triton_on_cpu
     x, w, b = (t.float().to(device) for t in _leaves((3, 5, 24)))
     fn = torch.compile(lambda x: layer_norm(x, w, b), fullgraph=True, backend="aot_eager")
     ref = F.layer_norm(x, (24,), w, b)
-    assert torch.equal(fn(x.clone().requires_grad_()), ref) and not calls
+    assert torch.equal(fn(x.clone().requires_grad_()), ref)
     with torch.no_grad():
-        assert_close("out", ref.double(), fn(x))
+        assert torch.equal(fn(x), ref)
+    assert not calls
+    with torch.no_grad():
+        explicit = torch.compile(lambda x: layer_norm(x, w, b, backend="triton"), fullgraph=True, backend="aot_eager")
+        assert_close("out", ref.double(), explicit(x))
     assert len(calls) == 1
+
+
+def test_glue_ops_pick_pytorch_while_compiling(monkeypatch):
+    """The constraint behind it, on every glue op's Triton backend: refused for automatic selection while
+    torch.compile traces, never for an explicitly named backend."""
+    _registry = importlib.import_module("visionattn.ops._registry")
+    swiglu_ops = importlib.import_module("visionattn.ops.swiglu")
+    registries = (norm_ops._registry, norm_ops._rms_registry, norm_ops._ln_registry, swiglu_ops._registry)
+    for registry in registries:
+        assert _registry._eager_only in registry._backends["triton"].constraints
+    assert _registry._eager_only({}, False) and _registry._eager_only({}, True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _registry._eager_only({}, False) and _registry._eager_only({}, True)
 
 
 @pytest.mark.gpu

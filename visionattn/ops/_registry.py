@@ -100,6 +100,17 @@ def _requires_triton_device(*names: str) -> _Constraint:
     return check
 
 
+def _eager_only(args: dict, raise_error: bool) -> bool:
+    """Automatic selection only: not while ``torch.compile`` traces the call.
+
+    For the memory-bound glue kernels (row norms, ViG's gated norm, SwiGLU): inductor fuses their PyTorch form with
+    the neighbouring element-wise work, as fast as or faster than the kernels on their own (H100,
+    docs/benchmarks/gated_norm_h100.md), while a custom op would stop that fusion. An explicitly named
+    ``backend="triton"`` still runs under compile.
+    """
+    return raise_error or not torch.compiler.is_compiling()
+
+
 def _requires_dtype(name: str, dtypes: tuple[torch.dtype, ...]) -> _Constraint:
     def check(args: dict, raise_error: bool) -> bool:
         dtype = args[name].dtype

@@ -19,7 +19,8 @@ Only the forward pays: H100, bf16, 262K rows of C = 192 (``python tools/bench.py
 ``rms_norm`` forward 0.142 ms against ``F.rms_norm``'s 0.202 ms (1.42x faster), but forward+backward 0.684 ms against
 eager's 0.524 ms (0.77x). So with ``backend=None`` the row norms run Triton only when autograd will not record the
 call (``torch.is_grad_enabled()`` off or no input requiring grad: inference) and PyTorch's fused kernels
-(``F.rms_norm``, ``F.layer_norm``) otherwise; ``backend="triton"`` runs the Triton forward and backward regardless.
+(``F.rms_norm``, ``F.layer_norm``) otherwise. While ``torch.compile`` traces, every op here picks its PyTorch form
+(inductor fuses it; ``_eager_only``); ``backend="triton"`` runs the Triton forward and backward regardless.
 """
 
 import torch
@@ -27,7 +28,14 @@ import torch.nn.functional as F
 
 from ._checks import _check_float, _check_tensor
 from ._eager import custom_op
-from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim_range, _requires_triton_device
+from ._registry import (
+    _BackendRegistry,
+    _eager_only,
+    _fail,
+    _requires_dtype,
+    _requires_head_dim_range,
+    _requires_triton_device,
+)
 
 __all__ = [
     "gated_norm",
@@ -78,6 +86,7 @@ def gated_norm_reference(
         _requires_dtype("weight_o", _TRITON_DTYPES),
         _requires_dtype("weight_local", _TRITON_DTYPES),
         _requires_head_dim_range("o", 1, _TRITON_MAX_HEAD_DIM),
+        _eager_only,
     ],
 )
 def _triton_backend(o, local, gate_logits, weight_o, weight_local, eps, silu):
@@ -277,6 +286,7 @@ _ROW_NORM_CONSTRAINTS = [
     _requires_dtype("weight", _TRITON_DTYPES),
     _requires_channels,
     _requires_no_autograd("x", "weight", "bias"),
+    _eager_only,
 ]
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ._checks import _check_tensor
 from ._eager import custom_op
-from ._registry import _BackendRegistry, _requires_dtype, _requires_triton_device
+from ._registry import _BackendRegistry, _eager_only, _requires_dtype, _requires_triton_device
 
 __all__ = ["swiglu", "swiglu_reference"]
 
@@ -34,7 +34,7 @@ def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
 
 @_registry.register(
     "triton",
-    constraints=[_requires_triton_device("x"), _requires_dtype("x", _TRITON_DTYPES)],
+    constraints=[_requires_triton_device("x"), _requires_dtype("x", _TRITON_DTYPES), _eager_only],
 )
 def _triton_backend(x):
     return _swiglu_fwd_op(x)
