@@ -158,9 +158,10 @@ def _fused_sdpa_agent_axis(agents, agent_v, bias_query):
     """Agents, their values and ``bias_query`` laid out so SDPA's fused kernels accept the query-side attention.
 
     The agent (key) axis is padded to a multiple of 8 with masked-out agents (bias ``-inf``, zero rows), and the
-    bias gets a unit stride along it. With 9, 16 or 49 agents, or a bias whose agent axis is strided (a permuted
-    view), SDPA otherwise falls back to its unfused math kernel (measured on an H100, agent_pvt_small at 1024 px:
-    49 % of the forward; 2x faster fused). The softmax over the padded axis is unchanged: ``exp(-inf) = 0``.
+    bias gets a unit stride along it. With a bias whose agent axis is strided (a permuted view) SDPA falls back to
+    its unfused math kernel (H100 profile of agent_pvt_small at 1024 px: 20 % of the forward's GPU time), and with
+    49 agents cuDNN's kernel took 0.87 ms against 0.43 ms padded to 56 (65,536 queries, d 64, batch 32). The
+    softmax over the padded axis is unchanged: ``exp(-inf) = 0``.
     """
     n_agents = agents.shape[2]
     pad = -n_agents % _AGENT_AXIS_MULTIPLE

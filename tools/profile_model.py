@@ -1,0 +1,93 @@
+"""Where a model's inference time goes: images/s, peak memory and the top kernels of ``torch.profiler``.
+
+The session-4 backbone work (docs/benchmarks/README.md, "backbones made faster by profiling") started from this
+table on the H100: bf16 weights and inputs, ``torch.no_grad``, eager. Timing: ``--iters`` forwards after
+``--warmup``, synchronised wall clock (host overhead included, as a user's loop pays it); then two forwards under
+the profiler, sorted by device time (CPU time on a machine without CUDA).
+
+Usage::
+
+    python tools/profile_model.py vig_tiny --img-size 1024 --batch 64
+    python tools/profile_model.py deit_tiny_patch16_224 --img-size 1024 --batch 64 --kwargs img_size=1024
+    python tools/profile_model.py mavit_tiny --img-size 1024 --batch 32 --kwargs attn_layout=linear
+"""
+
+import argparse
+import ast
+import time
+
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import visionattn  # noqa: F401  (registers the models)
+
+
+def _kwargs(pairs: list[str]) -> dict:
+    """``["a=1", "b=linear"]`` -> ``{"a": 1, "b": "linear"}`` (Python literals where they parse)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--kwargs entries must be key=value; got {pair!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="timm model name")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--kwargs", nargs="*", default=[], help="timm.create_model keyword arguments, key=value")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=25, help="kernels listed")
+    return parser.parse_args(argv)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> str:
+    args = _parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    model = timm.create_model(args.model, **_kwargs(args.kwargs)).to(args.device, dtype).eval()
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device, dtype=dtype)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            model(images)
+        _sync(args.device)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            model(images)
+        _sync(args.device)
+        seconds = (time.perf_counter() - start) / args.iters
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                model(images)
+            _sync(args.device)
+    peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device == "cuda" else ""
+    header = (
+        f"{args.model} {args.img_size}px B{args.batch} {args.dtype}: {seconds * 1e3:.1f} ms per forward, "
+        f"{args.batch / seconds:.0f} img/s{peak}"
+    )
+    sort_by = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=70)
+    report = f"{header}\n{table}"
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
