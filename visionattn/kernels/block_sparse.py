@@ -33,10 +33,12 @@ __all__ = [
     "empty_like_layout",
     "full_blocks_first",
     "launch_constexprs",
+    "leading_strides",
     "next_block",
     "pack_mask_kind",
     "predicate_args",
     "prune_configs",
+    "unit_last_stride",
 ]
 
 #: ``MASK_KIND`` values: no token predicate, ``NeighborhoodWindow``, ``CircularWindow``.
@@ -79,6 +81,16 @@ def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` on the host. ``triton.cdiv`` is a constexpr function in Triton 3.9: a host call through it
     costs microseconds, and the launchers and tile heuristics make dozens per op call."""
     return -(-a // b)
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a contiguous copy when its last dim is strided (the kernels index it as ``base + offset``)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def leading_strides(*tensors: torch.Tensor) -> list[int]:
+    """The strides of the three leading dims of each tensor in turn: the kernels' per-tensor stride arguments."""
+    return [s for t in tensors for s in t.stride()[:3]]
 
 
 def next_block(size: int) -> int:

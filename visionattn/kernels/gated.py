@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
-from .block_sparse import cdiv, empty_like_layout
+from .block_sparse import cdiv, empty_like_layout, leading_strides, unit_last_stride
 
 __all__ = ["GATED_SUB_BLOCK", "gated_fwd", "gated_states"]
 
@@ -319,14 +319,6 @@ def _exact_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride()[:3]
-
-
 def gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: int) -> torch.Tensor:
     """Chunk-entry states ``[B·H, passes, NT, Dk, Dv]`` (fp32) of every direction, plus the gradient scans if ``do``.
 
@@ -352,12 +344,12 @@ def gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: i
         log_gate_fwd,
         g_bwd,
         states,
-        *_bhn_strides(k),
-        *_bhn_strides(v),
-        *_bhn_strides(q),
-        *_bhn_strides(do),
-        *_bhn_strides(log_gate_fwd),
-        *_bhn_strides(g_bwd),
+        *leading_strides(k),
+        *leading_strides(v),
+        *leading_strides(q),
+        *leading_strides(do),
+        *leading_strides(log_gate_fwd),
+        *leading_strides(g_bwd),
         scale,
         length,
         num_chunks,
@@ -387,8 +379,8 @@ def gated_fwd(
 
     Two launches: the chunk-entry states, then one program per (chunk, batch·head) for the output.
     """
-    q, k, v, log_gate_fwd = map(_unit_last_stride, (q, k, v, log_gate_fwd))
-    log_gate_bwd = None if log_gate_bwd is None else _unit_last_stride(log_gate_bwd)
+    q, k, v, log_gate_fwd = map(unit_last_stride, (q, k, v, log_gate_fwd))
+    log_gate_bwd = None if log_gate_bwd is None else unit_last_stride(log_gate_bwd)
     batch, heads, length, dk = q.shape
     dv = v.shape[-1]
     num_dir = 1 if log_gate_bwd is None else 2
@@ -406,12 +398,12 @@ def gated_fwd(
         g_bwd,
         states,
         out,
-        *_bhn_strides(q),
-        *_bhn_strides(k),
-        *_bhn_strides(v),
-        *_bhn_strides(log_gate_fwd),
-        *_bhn_strides(g_bwd),
-        *_bhn_strides(out),
+        *leading_strides(q),
+        *leading_strides(k),
+        *leading_strides(v),
+        *leading_strides(log_gate_fwd),
+        *leading_strides(g_bwd),
+        *leading_strides(out),
         scale / num_dir,
         length,
         num_chunks,

@@ -17,11 +17,10 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
-from .block_sparse import cdiv, empty_like_layout
+from .block_sparse import cdiv, empty_like_layout, leading_strides, unit_last_stride
 from .gated import (
     _LOG_GATE_MIN,
     GATED_SUB_BLOCK,
-    _bhn_strides,
     _exact_dots,
     _gated_clamp_gate,
     _gated_dot,
@@ -33,7 +32,6 @@ from .gated import (
     _gated_ptrs,
     _gated_rows,
     _gated_sub_block_gates,
-    _unit_last_stride,
     gated_states,
 )
 
@@ -234,8 +232,8 @@ def gated_bwd(
     Two launches: chunk-entry states and gradient states of every direction, then one program per
     (chunk, batch·head) for all gradients of its tokens.
     """
-    q, k, v, do, log_gate_fwd = map(_unit_last_stride, (q, k, v, do, log_gate_fwd))
-    log_gate_bwd = None if log_gate_bwd is None else _unit_last_stride(log_gate_bwd)
+    q, k, v, do, log_gate_fwd = map(unit_last_stride, (q, k, v, do, log_gate_fwd))
+    log_gate_bwd = None if log_gate_bwd is None else unit_last_stride(log_gate_bwd)
     batch, heads, length, dk_dim = q.shape
     dv_dim = v.shape[-1]
     num_dir = 1 if log_gate_bwd is None else 2
@@ -263,17 +261,17 @@ def gated_bwd(
         dv,
         dg_fwd,
         dg_bwd_arg,
-        *_bhn_strides(q),
-        *_bhn_strides(k),
-        *_bhn_strides(v),
-        *_bhn_strides(log_gate_fwd),
-        *_bhn_strides(g_bwd),
-        *_bhn_strides(do),
-        *_bhn_strides(dq),
-        *_bhn_strides(dk),
-        *_bhn_strides(dv),
-        *_bhn_strides(dg_fwd),
-        *_bhn_strides(dg_bwd_arg),
+        *leading_strides(q),
+        *leading_strides(k),
+        *leading_strides(v),
+        *leading_strides(log_gate_fwd),
+        *leading_strides(g_bwd),
+        *leading_strides(do),
+        *leading_strides(dq),
+        *leading_strides(dk),
+        *leading_strides(dv),
+        *leading_strides(dg_fwd),
+        *leading_strides(dg_bwd_arg),
         scale,
         length,
         num_chunks,

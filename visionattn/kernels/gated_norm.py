@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune, is_interpreter
-from .block_sparse import cdiv, next_block
+from .block_sparse import cdiv, leading_strides, next_block, unit_last_stride
 
 __all__ = ["gated_norm_bwd", "gated_norm_fwd", "layer_norm_bwd", "layer_norm_fwd", "rms_norm_bwd", "rms_norm_fwd"]
 
@@ -340,16 +340,6 @@ def _row_norm_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself, or a contiguous copy when its last dim is strided (the kernels index it as ``base + o_d``)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _bnh_strides(*tensors: torch.Tensor) -> list[int]:
-    """The (B, N, H) strides of each ``(B, N, H, Dv)`` tensor in turn: the kernels' ``stride_*_{b,n,h}`` arguments."""
-    return [s for t in tensors for s in t.stride()[:3]]
-
-
 def gated_norm_fwd(
     o: torch.Tensor,
     local: torch.Tensor,
@@ -363,7 +353,7 @@ def gated_norm_fwd(
 
     Grid: one program per ``BLOCK_R`` rows of the ``B·N·H`` rows (raster order of the output).
     """
-    o, local, gate, weight_o, weight_local = map(_unit_last_stride, (o, local, gate, weight_o, weight_local))
+    o, local, gate, weight_o, weight_local = map(unit_last_stride, (o, local, gate, weight_o, weight_local))
     batch, tokens, heads, dv = o.shape
     y = torch.empty(o.shape, device=o.device, dtype=o.dtype)
     num_rows = batch * tokens * heads
@@ -380,7 +370,7 @@ def gated_norm_fwd(
         num_rows,
         tokens,
         heads,
-        *_bnh_strides(o, local, gate),
+        *leading_strides(o, local, gate),
         eps,
         DV=dv,
         BLOCK_D=next_block(dv),
@@ -419,7 +409,7 @@ def gated_norm_bwd(
     Grid: a fixed number of programs, each looping over row blocks ``pid, pid + P, ...`` and storing its partial
     weight gradients (fp32, ``[P, Dv]``), summed here.
     """
-    dy, o, local, gate, weight_o, weight_local = map(_unit_last_stride, (dy, o, local, gate, weight_o, weight_local))
+    dy, o, local, gate, weight_o, weight_local = map(unit_last_stride, (dy, o, local, gate, weight_o, weight_local))
     batch, tokens, heads, dv = o.shape
     num_rows = batch * tokens * heads
     grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (o, local, gate)]
@@ -439,7 +429,7 @@ def gated_norm_bwd(
             num_rows,
             tokens,
             heads,
-            *_bnh_strides(dy, o, local, gate),
+            *leading_strides(dy, o, local, gate),
             eps,
             DV=dv,
             BLOCK_D=next_block(dv),
@@ -458,7 +448,7 @@ def _partials(count: int, programs: int, dim: int, num_rows: int, device: torch.
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``(..., C)`` as ``(rows, C)`` with a unit last stride (a view where the layout allows)."""
-    return _unit_last_stride(x.reshape(-1, x.shape[-1]))
+    return unit_last_stride(x.reshape(-1, x.shape[-1]))
 
 
 def _row_norm_fwd(x, weight, bias, eps: float, center: bool) -> torch.Tensor:
@@ -466,8 +456,8 @@ def _row_norm_fwd(x, weight, bias, eps: float, center: bool) -> torch.Tensor:
 
     Grid: one program per ``BLOCK_R`` rows.
     """
-    rows, weight = _rows(x), _unit_last_stride(weight)
-    bias = weight if bias is None else _unit_last_stride(bias)  # a pointer the kernel never reads without HAS_BIAS
+    rows, weight = _rows(x), unit_last_stride(weight)
+    bias = weight if bias is None else unit_last_stride(bias)  # a pointer the kernel never reads without HAS_BIAS
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     num_rows, dim = rows.shape
     if y.numel():
@@ -491,7 +481,7 @@ def _row_norm_fwd(x, weight, bias, eps: float, center: bool) -> torch.Tensor:
 def _row_norm_bwd(dy, x, weight, eps: float, center: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``x`` (contiguous, its dtype), ``weight`` and, with ``center``, the bias ``Σ_rows dy`` (the
     weight's dtype; None without ``center``); grid and partials as ``gated_norm_bwd``."""
-    dy_rows, rows, weight = _rows(dy), _rows(x), _unit_last_stride(weight)
+    dy_rows, rows, weight = _rows(dy), _rows(x), unit_last_stride(weight)
     num_rows, dim = rows.shape
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     programs = _bwd_programs(x.device, num_rows)

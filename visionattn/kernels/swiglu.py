@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
-from .block_sparse import cdiv, next_block
+from .block_sparse import cdiv, next_block, unit_last_stride
 
 __all__ = ["swiglu_bwd", "swiglu_fwd"]
 
@@ -131,8 +131,7 @@ def _swiglu_bwd_kernel(
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``(..., C)`` as ``(rows, C)`` with a unit last stride: a view where the layout allows (strided rows stay
     strided), a copy only when the last dim itself is strided or the leading dims cannot be merged."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    return unit_last_stride(t.reshape(-1, t.shape[-1]))
 
 
 def _grid(num_rows: int, hidden: int):
