@@ -83,6 +83,34 @@ def test_sparse_linear_kernel_matches_reference_fp16(kernel_device, rng, poison_
     _check(kernel_device, torch.float16, rng, n=64, d=16, dv=16, block_q=32, block_k=16, topk_ratio=0.5)
 
 
+@pytest.mark.parametrize("critical_heads, negligible_heads", [(2, 1), (1, 2), (1, 1)], ids=str)
+def test_marginal_states_are_masked_sums_of_the_block_states(rng, critical_heads, negligible_heads):
+    """The marginal block matrix (critical and negligible CSRs broadcast over heads) and the per-row masked sums of
+    block states vs the dense block matrices of BlockMask and a float64 einsum."""
+    from visionattn.kernels.sparse_linear_state import marginal_block_matrix, masked_block_sums
+    from visionattn.layout.block_mask import BlockMask
+
+    batch, heads, mq, mk, d, dv = 2, 2, 5, 7, 3, 4
+
+    def random_mask(h):
+        keep = torch.rand(batch if h > 1 else 1, h, mq, mk, generator=rng) < 0.4
+        return BlockMask.from_block_matrix(keep, q_len=mq * 8, kv_len=mk * 8, block_q=8, block_k=8)
+
+    critical = random_mask(critical_heads)
+    negligible = random_mask(negligible_heads)
+    marginal = marginal_block_matrix(
+        critical.indptr, critical.indices, negligible.indptr, negligible.indices, mk, torch.float32
+    )
+    expected = ~(critical.to_block_matrix()[0] | negligible.to_block_matrix()[0])
+    assert torch.equal(marginal, expected.float())
+    states = torch.randn(batch * heads, mk, d, dv, generator=rng)
+    sums = torch.randn(batch * heads, mk, d, generator=rng)
+    total, total_z = masked_block_sums(marginal, states, sums, batch, heads)
+    weights = expected.expand(batch, heads, mq, mk).reshape(batch * heads, mq, mk).double()
+    assert_close("masked state sums", torch.einsum("bij,bjde->bide", weights, states.double()), total, tol=1e-6)
+    assert_close("masked z sums", torch.einsum("bij,bjd->bid", weights, sums.double()), total_z, tol=1e-6)
+
+
 def test_sparse_linear_kernel_traces_with_compile_and_counts_flops(kernel_device, rng):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -94,9 +122,11 @@ def test_sparse_linear_kernel_traces_with_compile_and_counts_flops(kernel_device
     counter = FlopCounterMode(display=False)
     _compare(rng, out, inputs, (mask, None), "softmax", TOLERANCES[torch.float32], backward_mode=counter)
     pairs = 2 * 2 * 16 * 16  # one critical 16 x 16 block per query block, 2 query blocks, 2 heads
-    linear = 2 * 2 * (32 + 32) * 16 * 16  # per-block states and φ(q)S over all keys and queries
+    # the linear branch's backward: states recomputed (32 keys), dS and dφ(q) (2 x 32 queries), dV and dφ(k)
+    # (2 x 32 keys), two masked sums over the 2 x 2 block pairs; each a (rows x 16) x (16 x 16) matmul per head
+    linear = 2 * 2 * (32 + 2 * 32 + 2 * 32 + 2 * 2 * 2) * 16 * 16
     proj = 2 * 2 * (2 * 32) * 16 * 16  # proj's input and weight gradients: two (B·H·N x Dv) x (Dv x Dv) matmuls
-    assert counter.get_total_flops() == 2 * pairs * (3 * 16 + 2 * 16) + 3 * linear + proj
+    assert counter.get_total_flops() == 2 * pairs * (3 * 16 + 2 * 16) + linear + proj
 
 
 @pytest.mark.gpu
@@ -128,15 +158,15 @@ def test_sparse_linear_kernel_real_sizes(rng, dtype, n, d, block_q, block_k, top
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", range(6))
 def test_sparse_linear_kernel_gpu_every_config(monkeypatch, rng, config):
-    """Each autotune config of the five kernels on its own (autotune would hide a broken one)."""
+    """Each autotune config of the four SLA kernels on its own (autotune would hide a broken one; the block-sparse
+    backward's configs are tested in test_block_sparse.py)."""
     from visionattn.kernels import sparse_linear, sparse_linear_bwd, sparse_linear_state
 
     kernels = [
         (sparse_linear_state._sparse_linear_fwd_kernel_state, sparse_linear_state._STATE_CONFIGS),
-        (sparse_linear_state._sparse_linear_bwd_kernel_state, sparse_linear_state._STATE_CONFIGS),
         (sparse_linear._sparse_linear_fwd_kernel, sparse_linear._FWD_CONFIGS),
-        (sparse_linear_bwd._sparse_linear_bwd_kernel_dq, sparse_linear_bwd._BWD_CONFIGS),
-        (sparse_linear_bwd._sparse_linear_bwd_kernel_dkdv, sparse_linear_bwd._BWD_CONFIGS),
+        (sparse_linear_bwd._sparse_linear_bwd_kernel_query, sparse_linear_state._STATE_CONFIGS),
+        (sparse_linear_bwd._sparse_linear_bwd_kernel_key, sparse_linear_state._STATE_CONFIGS),
     ]
     for kernel, configs in kernels:
         monkeypatch.setattr(kernel, "configs", [configs[config % len(configs)]])

@@ -6,10 +6,11 @@ per (batch, head, query block) in ``BlockMask`` form (``indptr (Bm, Hm, Mq + 1)`
 critical blocks (softmax) and the negligible blocks (skipped). Every other key block is marginal.
 
 Pass 1 (``sparse_linear_state.py``) reduces each logical key block ``j`` to ``h_j = φ(K_j)ᵀV_j`` ``(D, Dv)`` and
-``z_j = Σ φ(K_j)`` ``(D,)`` plus fp32 totals. Pass 2 (``_sparse_linear_fwd_kernel``, grid ``(Mq · Q_SUB, B·H)``)
-runs the block-sparse flash loop of ``block_sparse.py`` over the critical blocks, then forms the marginal state as
-the total minus the critical and negligible blocks' states (SLA-1's "sum minus selected" trick) and applies
-``φ(q)`` to it. The backward kernels live in ``sparse_linear_bwd.py`` and share the helpers here.
+``z_j = Σ φ(K_j)`` ``(D,)``, then forms every query block's marginal state ``H_b = Σ_{j marginal} h_j`` (and
+``z_b``) as one batched matmul with the 0/1 marginal block matrix (``masked_block_sums``). Pass 2
+(``_sparse_linear_fwd_kernel``, grid ``(Mq · Q_SUB, B·H)``) runs the block-sparse flash loop of ``block_sparse.py``
+over the critical blocks, then applies ``φ(q)`` to its block's ``H_b``, ``z_b``. The backward lives in
+``sparse_linear_bwd.py``.
 """
 
 import torch
@@ -36,7 +37,14 @@ from .block_sparse import (
     prune_configs,
 )
 from .linear import _phi
-from .sparse_linear_state import _sla_dot, dv_chunk, sparse_linear_state, state_dtype
+from .sparse_linear_state import (
+    _sla_dot,
+    dv_chunk,
+    marginal_block_matrix,
+    masked_block_sums,
+    sparse_linear_state,
+    state_dtype,
+)
 
 __all__ = ["sparse_linear_fwd"]
 
@@ -57,71 +65,14 @@ _AUTOTUNE_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "FEATURE"]
 
 
 @triton.jit
-def _sla_subtract_blocks(
-    s,
-    z,
-    s_base,
-    z_base,
-    indices_ptr,
-    start,
-    end,
-    o_d,
-    o_dv,
-    m_d,
-    m_dv,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-):
-    """Subtract the per-block states ``s_base[j]`` ``(D, Dv)`` and ``z_base[j]`` ``(D,)`` of the CSR entries
-    ``indices[start:end]`` from the fp32 running state ``(s, z)``."""
-    for i in range(start, end):
-        j = tl.load(indices_ptr + i).to(tl.int64)
-        p_s = s_base + j * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
-        s -= tl.load(p_s, mask=m_d[:, None] & m_dv[None, :], other=0.0).to(tl.float32)
-        z -= tl.load(z_base + j * HEAD_DIM + o_d, mask=m_d, other=0.0).to(tl.float32)
-    return s, z
-
-
-@triton.jit
-def _sla_marginal_state(
-    tot_s_ptr,
-    tot_z_ptr,
-    s_base,
-    z_base,
-    indices_ptr,
-    crit_start,
-    crit_end,
-    neg_indices_ptr,
-    neg_start,
-    neg_end,
-    num_blocks,
-    col0,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    COLS: tl.constexpr,
-):
-    """``(S[:, col0:col0 + COLS], z, has_marginal)``: the total state minus the critical and negligible blocks'
-    states, fp32, for one run of value columns (callers walk Dv in chunks to bound the registers a state takes).
-
-    ``has_marginal`` is False when the two sets cover all ``num_blocks`` blocks (the state is then exactly 0, so
-    callers zero the linear branch instead of trusting the cancellation residual).
-    """
+def _sla_state_slice(s_ptr, row, col0, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                     COLS: tl.constexpr):  # fmt: skip
+    """``S[row, :, col0:col0 + COLS]`` ``[BLOCK_D, COLS]`` of a precomputed marginal state ``S`` ``(R, D, Dv)``
+    (``masked_block_sums``), in its storage dtype; callers walk Dv in chunks to bound the registers a state takes."""
     o_d = tl.arange(0, BLOCK_D)
     o_dv = col0 + tl.arange(0, COLS)
-    m_d = o_d < HEAD_DIM
-    m_dv = o_dv < HEAD_DIM_V
-    # [BLOCK_D, COLS]
-    s = tl.load(tot_s_ptr + o_d[:, None] * HEAD_DIM_V + o_dv[None, :], mask=m_d[:, None] & m_dv[None, :], other=0.0)
-    z = tl.load(tot_z_ptr + o_d, mask=m_d, other=0.0)
-    s, z = _sla_subtract_blocks(
-        s, z, s_base, z_base, indices_ptr, crit_start, crit_end, o_d, o_dv, m_d, m_dv, HEAD_DIM, HEAD_DIM_V
-    )
-    s, z = _sla_subtract_blocks(
-        s, z, s_base, z_base, neg_indices_ptr, neg_start, neg_end, o_d, o_dv, m_d, m_dv, HEAD_DIM, HEAD_DIM_V
-    )
-    has_marginal = (num_blocks - (crit_end - crit_start) - (neg_end - neg_start)) > 0
-    return s, z, has_marginal
+    p_s = s_ptr + row.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
+    return tl.load(p_s, mask=(o_d < HEAD_DIM)[:, None] & (o_dv < HEAD_DIM_V)[None, :], other=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -141,10 +92,8 @@ def _sparse_linear_fwd_kernel(
     ol_ptr,
     lse_ptr,
     rden_ptr,
-    h_ptr,
-    z_ptr,
-    h_tot_ptr,
-    z_tot_ptr,
+    hm_ptr,
+    zm_ptr,
     indptr_ptr,
     indices_ptr,
     neg_indptr_ptr,
@@ -239,32 +188,20 @@ def _sparse_linear_fwd_kernel(
     b_lse = tl.where(empty, _NEG_INF_LSE, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
     p_row = i_bh.to(tl.int64) * q_len + start_m + o_m
     tl.store(lse_ptr + p_row, b_lse, mask=m_m)
-    # -- linear part: marginal state = total - critical - negligible, applied to φ(q)
+    # -- linear part: the query block's marginal state (masked_block_sums), applied to φ(q); 0 without marginal blocks
     neg_row = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_m
-    neg_start = tl.load(neg_row)
-    neg_end = tl.load(neg_row + 1)
+    num_marginal = num_kv_blocks - (crit_end - crit_start) - (tl.load(neg_row + 1) - tl.load(neg_row))
+    i_state = i_bh.to(tl.int64) * (tl.num_programs(0) // Q_SUB) + i_m
+    b_z = tl.load(zm_ptr + i_state * HEAD_DIM + o_d, mask=m_d, other=0.0)
+    # re-read the query tile (an L2 hit) rather than keep it live in registers across the flash loop
+    b_q = _bsa_load(p_q, m_m, m_d, EVEN_M, HEAD_DIM == BLOCK_D)
     b_phq = _phi(b_q.to(tl.float32), m_d, FEATURE)
+    b_rden = tl.where(num_marginal > 0, 1.0 / (tl.sum(b_phq * b_z[None, :], axis=1) + eps), 0.0)
+    # the dots take the state's dtype (bf16 for bf16 inputs): cast once, which also halves the tile's registers
+    b_phq = b_phq.to(hm_ptr.dtype.element_ty)
     for c in tl.static_range(0, BLOCK_DV, DV_CHUNK):
         # [BLOCK_D, DV_CHUNK]
-        b_s, b_z, has_marginal = _sla_marginal_state(
-            h_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
-            z_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
-            h_ptr + i_bh.to(tl.int64) * num_kv_blocks * (HEAD_DIM * HEAD_DIM_V),
-            z_ptr + i_bh.to(tl.int64) * num_kv_blocks * HEAD_DIM,
-            indices_ptr,
-            crit_start,
-            crit_end,
-            neg_indices_ptr,
-            neg_start,
-            neg_end,
-            num_kv_blocks,
-            c,
-            HEAD_DIM,
-            HEAD_DIM_V,
-            BLOCK_D,
-            DV_CHUNK,
-        )
-        b_rden = tl.where(has_marginal, 1.0 / (tl.sum(b_phq * b_z[None, :], axis=1) + eps), 0.0)
+        b_s = _sla_state_slice(hm_ptr, i_state, c, HEAD_DIM, HEAD_DIM_V, BLOCK_D, DV_CHUNK)
         b_ol = _sla_dot(b_phq, b_s, STATE_BF16, DOT_PRECISION) * b_rden[:, None]
         o_c = c + tl.arange(0, DV_CHUNK)
         p_ol = ol_ptr + i_b * stride_o_b + i_h * stride_o_h + (start_m + o_m)[:, None] * stride_o_n
@@ -290,14 +227,18 @@ def sparse_linear_fwd(
     feature: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two launches: the per-key-block states, then grid ``(Mq * Q_SUB, B * H)`` of fused query tiles.
+    """The per-key-block states, their masked sums per query block, then grid ``(Mq * Q_SUB, B * H)`` of fused
+    query tiles.
 
     Returns ``o_sparse``, ``o_linear`` ``(B, H, Nq, Dv)`` stored like q, and fp32 ``(B, H, Nq)`` rows: ``lse``
     (natural log, ``-inf`` without critical blocks) and ``rden = 1 / (φ(q)·z + eps)`` (0 without marginal blocks).
     """
     b, h, q_len, _ = q.shape
     kv_len = k.shape[2]
-    h_blocks, z_blocks, h_tot, z_tot = sparse_linear_state(k, v, block_k, feature)
+    h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
+    marginal = marginal_block_matrix(indptr, indices, neg_indptr, neg_indices, h_blocks.shape[1], h_blocks.dtype)
+    h_marginal, z_marginal = masked_block_sums(marginal, h_blocks, z_blocks, b, h)
+    del h_blocks
     o_sparse = empty_like_layout(q, v.shape[-1])
     o_linear = empty_like_layout(q, v.shape[-1])
     lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
@@ -311,10 +252,8 @@ def sparse_linear_fwd(
         o_linear,
         lse,
         rden,
-        h_blocks,
-        z_blocks,
-        h_tot,
-        z_tot,
+        h_marginal,
+        z_marginal,
         indptr,
         indices,
         neg_indptr,
@@ -330,7 +269,7 @@ def sparse_linear_fwd(
         kv_len,
         block_q,
         block_k,
-        h_blocks.shape[1],
+        marginal.shape[-1],
         scale * LOG2E,
         eps,
         *predicate_args(None, None, partial),

@@ -1,4 +1,5 @@
-"""Sparse-linear attention (SLA), backward: the block-sparse dQ/dK/dV loops plus the linear branch, fused.
+"""Sparse-linear attention (SLA), backward: the block-sparse backward for the softmax branch plus two streaming
+kernels that add the linear branch's gradients.
 
 With ``n_i = φ(q_i)ᵀS_b``, ``den_i = φ(q_i)·z_b + eps``, ``o_l,i = n_i / den_i`` (``S_b, z_b`` the marginal state of
 query block ``b``) and the upstream gradient ``dO_l``, the linear branch needs per query row
@@ -7,11 +8,12 @@ query block ``b``) and the upstream gradient ``dO_l``, the linear branch needs p
     dφ(q_i) = S_b dn_i + z_b dden_i,     dS_b = Σ_{i∈b} φ(q_i) dn_iᵀ,     dz_b = Σ_{i∈b} φ(q_i) dden_i,
     dφ(k_j) = A_j v_j + a_j,  dv_j += A_jᵀ φ(k_j),   A_j = Σ_{b: j marginal for b} dS_b  (a_j likewise from dz_b).
 
-``A_j`` is formed like the forward's marginal state, from the key side: the total over query blocks minus the
-query blocks for which ``j`` is critical or negligible (the transposed CSRs). Launches: the forward's per-key-block
-states (recomputed, not stored), a per-query-block pre-pass (``delta = rowsum(dO_s·O_s)``, ``dden``, ``dS_b``,
-``dz_b``), dQ per query tile over the critical row CSR, dK/dV per key tile over the transposed CSRs. Deterministic:
-every output tile has one owner program and the block totals are ``torch.sum``.
+Launches: the block-sparse backward of ``block_sparse_bwd.py`` on ``(dO_s, O_s)`` (the same kernels and tuned
+configs as ``block_sparse_attention``: the softmax branch is exactly block-sparse attention); the forward's marginal
+states ``S_b, z_b`` (recomputed, not stored: ``masked_block_sums``); one program per query block adding ``dφ(q)``
+through ``φ`` to dQ and emitting ``dS_b, dz_b``; their masked sums ``A_j, a_j`` per key block; one program per key
+block adding the key-side terms to dK and dV. Deterministic: every output tile has one owner program and the sums
+are matmuls.
 """
 
 import torch
@@ -19,97 +21,54 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
-from ._constants import LOG2E
-from .block_sparse import (
-    MASK_NONE,
-    TILE_HEURISTICS,
-    _bsa_load,
-    _bsa_program_tile,
-    _Dims,
-    _Operand,
-    _Predicate,
-    _Walk,
-    cdiv,
-    csr_strides,
-    empty_like_layout,
-    launch_constexprs,
-    next_block,
-    predicate_args,
-    prune_configs,
-)
-from .block_sparse_bwd import _block_sparse_bwd_dkdv_inner, _block_sparse_bwd_dq_inner
+from .block_sparse import MASK_NONE, cdiv, next_block
+from .block_sparse_bwd import block_sparse_bwd
 from .linear import _phi, _phi_bwd
-from .sparse_linear import _sla_marginal_state
+from .sparse_linear import _sla_state_slice
 from .sparse_linear_state import (
+    _STATE_CONFIGS,
+    _STATE_DEFAULT,
+    _STATE_KEY,
     _sla_dot,
-    _sparse_linear_bwd_kernel_state,
-    blocks_per_program,
-    dv_chunk,
+    marginal_block_matrix,
+    masked_block_sums,
     sparse_linear_state,
     state_dtype,
 )
 
 __all__ = ["sparse_linear_bwd"]
 
-_LOG2E = tl.constexpr(LOG2E)
-_INF = tl.constexpr(float("inf"))
 
-# TILE_M / TILE_N cap the query / key tiles of both kernels (dQ owns query rows, dK/dV key rows).
-# 8 warps only: with the linear branch's state slice, 4-warp tiles spill (ptxas for sm_90a at D = 128). The first
-# config (the only one with VISIONATTN_AUTOTUNE=0) is unpipelined: at D = 128 with fp32 states (fp16 inputs) the
-# dK/dV kernel needs 238 KB of shared memory (> 227 KB) with 2 stages even at 64 x 64 tiles; the autotuner skips
-# configs that do not fit.
-_BWD_CONFIGS = [
-    triton.Config({"TILE_M": m, "TILE_N": n}, num_warps=8, num_stages=s)
-    for m, n, s in [(64, 64, 1), (64, 64, 2), (64, 128, 2), (128, 64, 2), (64, 64, 3), (128, 128, 1)]
-]
-_BWD_DEFAULT = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_stages=2)
-_BWD_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "FEATURE"]
+@triton.jit
+def _sla_rows(base, stride_n, stride_d, rows, m_r, o_c, m_c):
+    """Pointers and mask of a ``[ROWS, COLS]`` tile of a ``(N, C)`` operand at ``base``."""
+    return base + rows[:, None] * stride_n + o_c[None, :] * stride_d, m_r[:, None] & m_c[None, :]
 
 
 @triton.autotune(
-    configs=autotune_configs(_BWD_CONFIGS, _BWD_DEFAULT),
-    key=_BWD_KEY,
-    prune_configs_by={"early_config_prune": prune_configs},
+    configs=autotune_configs(_STATE_CONFIGS, _STATE_DEFAULT),
+    key=_STATE_KEY,
     **autotune_kwargs(),
 )
-@triton.heuristics(TILE_HEURISTICS)
 @triton.jit
-def _sparse_linear_bwd_kernel_dq(
+def _sparse_linear_bwd_kernel_query(
     q_ptr,
-    k_ptr,
-    v_ptr,
-    dos_ptr,
+    ol_ptr,
     dol_ptr,
-    lse_ptr,
-    delta_ptr,
     rden_ptr,
-    dden_ptr,
-    h_ptr,
-    z_ptr,
-    h_tot_ptr,
-    z_tot_ptr,
+    hm_ptr,
+    zm_ptr,
     dq_ptr,
-    indptr_ptr,
-    indices_ptr,
-    neg_indptr_ptr,
-    neg_indices_ptr,
+    ds_ptr,
+    dz_ptr,
     stride_q_b,
     stride_q_h,
     stride_q_n,
     stride_q_d,
-    stride_k_b,
-    stride_k_h,
-    stride_k_n,
-    stride_k_d,
-    stride_v_b,
-    stride_v_h,
-    stride_v_n,
-    stride_v_d,
-    stride_dos_b,
-    stride_dos_h,
-    stride_dos_n,
-    stride_dos_d,
+    stride_o_b,
+    stride_o_h,
+    stride_o_n,
+    stride_o_d,
     stride_dol_b,
     stride_dol_h,
     stride_dol_n,
@@ -118,148 +77,84 @@ def _sparse_linear_bwd_kernel_dq(
     stride_dq_h,
     stride_dq_n,
     stride_dq_d,
-    stride_indptr_b,
-    stride_indptr_h,
-    stride_neg_b,
-    stride_neg_h,
     num_heads,
-    q_len,
-    kv_len,
-    block_q,
-    block_k,
-    num_kv_blocks,
-    scale,
-    qtab_ptr,
-    ktab_ptr,
-    tab_len,
-    TILE_M: tl.constexpr,
-    TILE_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    Q_SUB: tl.constexpr,
-    K_SUB: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    length,
+    block,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
-    MASK_KIND: tl.constexpr,
     FEATURE: tl.constexpr,
     STATE_BF16: tl.constexpr,
-    DV_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
 ):
+    """Grid ``(Mq, B·H)``: query block ``b``'s rows add ``φ'(q)ᵀ(dn S_bᵀ + dden z_b)`` to dQ (which holds the
+    softmax branch's gradient), and the block's ``dS_b = Σ φ(q) dnᵀ``, ``dz_b = Σ φ(q) dden`` are stored."""
+    i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // num_heads).to(tl.int64)
     i_h = (i_bh % num_heads).to(tl.int64)
-    i_m, start_m, m_valid = _bsa_program_tile(tl.program_id(0), block_q, q_len, Q_SUB, BLOCK_M)
-    o_m = tl.arange(0, BLOCK_M)
+    o_r = tl.arange(0, BLOCK_ROWS)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_m = o_m < m_valid
     m_d = o_d < HEAD_DIM
-    rows = (start_m + o_m)[:, None]
-    p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + rows * stride_q_n + o_d[None, :] * stride_q_d
-    p_dos = dos_ptr + i_b * stride_dos_b + i_h * stride_dos_h + rows * stride_dos_n + o_dv[None, :] * stride_dos_d
-    # [BLOCK_M, BLOCK_D]
-    b_q = _bsa_load(p_q, m_m, m_d, EVEN_M, HEAD_DIM == BLOCK_D)
-    # [BLOCK_M, BLOCK_DV]
-    b_dos = _bsa_load(p_dos, m_m, o_dv < HEAD_DIM_V, EVEN_M, HEAD_DIM_V == BLOCK_DV)
-    p_row = i_bh.to(tl.int64) * q_len + start_m + o_m
-    b_lse = tl.load(lse_ptr + p_row, mask=m_m, other=_INF)
-    b_lse2 = tl.where(b_lse == -_INF, _INF, b_lse * _LOG2E)
-    b_delta = tl.load(delta_ptr + p_row, mask=m_m, other=0.0)
-    row = indptr_ptr + i_b * stride_indptr_b + i_h * stride_indptr_h + i_m
-    crit_start = tl.load(row)
-    crit_end = tl.load(row + 1)
-    # -- linear part first: its D x Dv state is dead before the loop's tiles are live
-    # dφ(q) = dn Sᵀ + dden z, through φ
-    neg_row = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_m
-    neg_start = tl.load(neg_row)
-    neg_end = tl.load(neg_row + 1)
-    b_rden = tl.load(rden_ptr + p_row, mask=m_m, other=0.0)
-    b_dden = tl.load(dden_ptr + p_row, mask=m_m, other=0.0)
-    b_dphq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for c in tl.static_range(0, BLOCK_DV, DV_CHUNK):
-        # [BLOCK_D, DV_CHUNK]
-        b_s, b_z, _ = _sla_marginal_state(
-            h_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
-            z_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
-            h_ptr + i_bh.to(tl.int64) * num_kv_blocks * (HEAD_DIM * HEAD_DIM_V),
-            z_ptr + i_bh.to(tl.int64) * num_kv_blocks * HEAD_DIM,
-            indices_ptr,
-            crit_start,
-            crit_end,
-            neg_indices_ptr,
-            neg_start,
-            neg_end,
-            num_kv_blocks,
-            c,
-            HEAD_DIM,
-            HEAD_DIM_V,
-            BLOCK_D,
-            DV_CHUNK,
+    m_dv = o_dv < HEAD_DIM_V
+    i_state = i_bh.to(tl.int64) * tl.num_programs(0) + i_m
+    # [BLOCK_D, BLOCK_DV], [BLOCK_D]: the block's marginal state from the forward
+    b_s = _sla_state_slice(hm_ptr, i_state, 0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+    b_z = tl.load(zm_ptr + i_state * HEAD_DIM + o_d, mask=m_d, other=0.0)
+    b_ds = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
+    b_dz = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = i_m * block
+    end = tl.minimum(start + block, length)
+    for r in range(start, end, BLOCK_ROWS):
+        rows = r + o_r
+        m_r = rows < end
+        p_q, m_q = _sla_rows(q_ptr + i_b * stride_q_b + i_h * stride_q_h, stride_q_n, stride_q_d, rows, m_r, o_d, m_d)
+        p_ol, m_o = _sla_rows(
+            ol_ptr + i_b * stride_o_b + i_h * stride_o_h, stride_o_n, stride_o_d, rows, m_r, o_dv, m_dv
         )
-        o_c = c + tl.arange(0, DV_CHUNK)
-        p_dol = dol_ptr + i_b * stride_dol_b + i_h * stride_dol_h + rows * stride_dol_n + o_c[None, :] * stride_dol_d
-        # [BLOCK_M, DV_CHUNK]
-        b_dn = tl.load(p_dol, mask=m_m[:, None] & (o_c < HEAD_DIM_V)[None, :], other=0.0).to(tl.float32)
-        b_dphq += _sla_dot(b_dn * b_rden[:, None], tl.trans(b_s), STATE_BF16, DOT_PRECISION)
-    b_dphq += b_dden[:, None] * b_z[None, :]
-    b_qf = b_q.to(tl.float32)
-    b_phq = _phi(b_qf, m_d, FEATURE)
-    # the sparse loop accumulates unscaled and the sum is scaled once at the end
-    dq = _phi_bwd(b_qf, b_phq, b_dphq, FEATURE) / scale
-    # -- sparse part
-    dq = _block_sparse_bwd_dq_inner(
-        dq,
-        b_q,
-        b_dos,
-        b_lse2,
-        b_delta,
-        start_m + o_m,
-        _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d),
-        _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d),
-        scale * _LOG2E,
-        _Walk(indices_ptr, crit_start, crit_end, crit_end, block_k, kv_len, BLOCK_N, K_SUB, EVEN_N),
-        _Predicate(qtab_ptr, ktab_ptr, tab_len, 0.0, MASK_KIND),
-        _Dims(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PRECISION),
-    )
-    dq = dq * scale
-    p_dq = dq_ptr + i_b * stride_dq_b + i_h * stride_dq_h + rows * stride_dq_n + o_d[None, :] * stride_dq_d
-    tl.store(p_dq, dq.to(dq_ptr.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+        p_dol, _ = _sla_rows(
+            dol_ptr + i_b * stride_dol_b + i_h * stride_dol_h, stride_dol_n, stride_dol_d, rows, m_r, o_dv, m_dv
+        )
+        p_dq, _ = _sla_rows(
+            dq_ptr + i_b * stride_dq_b + i_h * stride_dq_h, stride_dq_n, stride_dq_d, rows, m_r, o_d, m_d
+        )
+        # [BLOCK_ROWS, BLOCK_D]
+        b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
+        b_phq = tl.where(m_r[:, None], _phi(b_q, m_d, FEATURE), 0.0)
+        # [BLOCK_ROWS, BLOCK_DV]
+        b_ol = tl.load(p_ol, mask=m_o, other=0.0).to(tl.float32)
+        b_dol = tl.load(p_dol, mask=m_o, other=0.0).to(tl.float32)
+        p_row = i_bh.to(tl.int64) * length + rows
+        b_rden = tl.load(rden_ptr + p_row, mask=m_r, other=0.0)
+        b_dden = -tl.sum(b_ol * b_dol, axis=1) * b_rden
+        b_dn = b_dol * b_rden[:, None]
+        b_ds += _sla_dot(tl.trans(b_phq), b_dn, STATE_BF16, DOT_PRECISION)
+        b_dz += tl.sum(b_phq * b_dden[:, None], axis=0)
+        # dφ(q) = dn Sᵀ + dden z, through φ, added to the softmax branch's dQ
+        b_dphq = _sla_dot(b_dn, tl.trans(b_s), STATE_BF16, DOT_PRECISION) + b_dden[:, None] * b_z[None, :]
+        b_dq = tl.load(p_dq, mask=m_q, other=0.0).to(tl.float32) + _phi_bwd(b_q, b_phq, b_dphq, FEATURE)
+        tl.store(p_dq, b_dq.to(dq_ptr.dtype.element_ty), mask=m_q)
+    p_ds = ds_ptr + i_state * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
+    tl.store(p_ds, b_ds.to(ds_ptr.dtype.element_ty), mask=m_d[:, None] & m_dv[None, :])
+    tl.store(dz_ptr + i_state * HEAD_DIM + o_d, b_dz, mask=m_d)
 
 
 @triton.autotune(
-    configs=autotune_configs(_BWD_CONFIGS, _BWD_DEFAULT),
-    key=_BWD_KEY,
-    prune_configs_by={"early_config_prune": prune_configs},
+    configs=autotune_configs(_STATE_CONFIGS, _STATE_DEFAULT),
+    key=_STATE_KEY,
     **autotune_kwargs(),
 )
-@triton.heuristics(TILE_HEURISTICS)
 @triton.jit
-def _sparse_linear_bwd_kernel_dkdv(
-    q_ptr,
+def _sparse_linear_bwd_kernel_key(
     k_ptr,
     v_ptr,
-    dos_ptr,
-    lse_ptr,
-    delta_ptr,
-    ds_ptr,
-    dz_ptr,
-    ds_tot_ptr,
-    dz_tot_ptr,
+    a_ptr,
+    az_ptr,
     dk_ptr,
     dv_ptr,
-    indptr_ptr,
-    indices_ptr,
-    neg_indptr_ptr,
-    neg_indices_ptr,
-    stride_q_b,
-    stride_q_h,
-    stride_q_n,
-    stride_q_d,
     stride_k_b,
     stride_k_h,
     stride_k_n,
@@ -268,10 +163,6 @@ def _sparse_linear_bwd_kernel_dkdv(
     stride_v_h,
     stride_v_n,
     stride_v_d,
-    stride_dos_b,
-    stride_dos_h,
-    stride_dos_n,
-    stride_dos_d,
     stride_dk_b,
     stride_dk_h,
     stride_dk_n,
@@ -280,107 +171,55 @@ def _sparse_linear_bwd_kernel_dkdv(
     stride_dv_h,
     stride_dv_n,
     stride_dv_d,
-    stride_indptr_b,
-    stride_indptr_h,
-    stride_neg_b,
-    stride_neg_h,
     num_heads,
-    q_len,
-    kv_len,
-    block_q,
-    block_k,
-    num_q_blocks,
-    scale,
-    qtab_ptr,
-    ktab_ptr,
-    tab_len,
-    TILE_M: tl.constexpr,
-    TILE_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    Q_SUB: tl.constexpr,
-    K_SUB: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    length,
+    block,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
-    MASK_KIND: tl.constexpr,
     FEATURE: tl.constexpr,
     STATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
 ):
+    """Grid ``(Mk, B·H)``: key block ``j``'s rows add ``φ(k) A_j`` to dV and ``φ'(k)ᵀ(v A_jᵀ + a_j)`` to dK (which
+    hold the softmax branch's gradients)."""
+    i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // num_heads).to(tl.int64)
     i_h = (i_bh % num_heads).to(tl.int64)
-    i_n, start_n, n_valid = _bsa_program_tile(tl.program_id(0), block_k, kv_len, K_SUB, BLOCK_N)
-    o_n = tl.arange(0, BLOCK_N)
+    o_r = tl.arange(0, BLOCK_ROWS)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    m_n = o_n < n_valid
     m_d = o_d < HEAD_DIM
     m_dv = o_dv < HEAD_DIM_V
-    rows = (start_n + o_n)[:, None]
-    p_k = k_ptr + i_b * stride_k_b + i_h * stride_k_h + rows * stride_k_n + o_d[None, :] * stride_k_d
-    p_v = v_ptr + i_b * stride_v_b + i_h * stride_v_h + rows * stride_v_n + o_dv[None, :] * stride_v_d
-    # [BLOCK_N, BLOCK_D]
-    b_k = _bsa_load(p_k, m_n, m_d, EVEN_N, HEAD_DIM == BLOCK_D)
-    # [BLOCK_N, BLOCK_DV]
-    b_v = _bsa_load(p_v, m_n, m_dv, EVEN_N, HEAD_DIM_V == BLOCK_DV)
-    col = indptr_ptr + i_b * stride_indptr_b + i_h * stride_indptr_h + i_n
-    crit_start = tl.load(col)
-    crit_end = tl.load(col + 1)
-    # -- linear part first (its D x Dv state dies before the loop):
-    # A = Σ of dS_b over the query blocks for which this key block is marginal
-    neg_col = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_n
-    b_a, b_az, has_marginal = _sla_marginal_state(
-        ds_tot_ptr + i_bh.to(tl.int64) * (HEAD_DIM * HEAD_DIM_V),
-        dz_tot_ptr + i_bh.to(tl.int64) * HEAD_DIM,
-        ds_ptr + i_bh.to(tl.int64) * num_q_blocks * (HEAD_DIM * HEAD_DIM_V),
-        dz_ptr + i_bh.to(tl.int64) * num_q_blocks * HEAD_DIM,
-        indices_ptr,
-        crit_start,
-        crit_end,
-        neg_indices_ptr,
-        tl.load(neg_col),
-        tl.load(neg_col + 1),
-        num_q_blocks,
-        0,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        BLOCK_D,
-        BLOCK_DV,
-    )
-    b_a = tl.where(has_marginal, b_a, 0.0)
-    b_az = tl.where(has_marginal, b_az, 0.0)
-    b_kf = b_k.to(tl.float32)
-    b_phk = _phi(b_kf, m_d, FEATURE)
-    dv = _sla_dot(b_phk, b_a, STATE_BF16, DOT_PRECISION)
-    b_dphk = _sla_dot(b_v.to(tl.float32), tl.trans(b_a), STATE_BF16, DOT_PRECISION) + b_az[None, :]
-    # the sparse loop accumulates dk unscaled and the sum is scaled once at the end
-    dk = _phi_bwd(b_kf, b_phk, b_dphk, FEATURE) / scale
-    # -- sparse part over the query blocks for which this key block is critical
-    dk, dv = _block_sparse_bwd_dkdv_inner(
-        dk,
-        dv,
-        b_k,
-        b_v,
-        start_n + o_n,
-        _Operand(q_ptr + i_b * stride_q_b + i_h * stride_q_h, stride_q_n, stride_q_d),
-        _Operand(dos_ptr + i_b * stride_dos_b + i_h * stride_dos_h, stride_dos_n, stride_dos_d),
-        lse_ptr + i_bh.to(tl.int64) * q_len,
-        delta_ptr + i_bh.to(tl.int64) * q_len,
-        scale * _LOG2E,
-        _Walk(indices_ptr, crit_start, crit_end, crit_end, block_q, q_len, BLOCK_M, Q_SUB, EVEN_M),
-        _Predicate(qtab_ptr, ktab_ptr, tab_len, 0.0, MASK_KIND),
-        _Dims(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PRECISION),
-    )
-    dk = dk * scale
-    p_dk = dk_ptr + i_b * stride_dk_b + i_h * stride_dk_h + rows * stride_dk_n + o_d[None, :] * stride_dk_d
-    p_dv = dv_ptr + i_b * stride_dv_b + i_h * stride_dv_h + rows * stride_dv_n + o_dv[None, :] * stride_dv_d
-    tl.store(p_dk, dk.to(dk_ptr.dtype.element_ty), mask=m_n[:, None] & m_d[None, :])
-    tl.store(p_dv, dv.to(dv_ptr.dtype.element_ty), mask=m_n[:, None] & m_dv[None, :])
+    i_state = i_bh.to(tl.int64) * tl.num_programs(0) + i_n
+    # [BLOCK_D, BLOCK_DV], [BLOCK_D]: Σ dS_b over the query blocks for which this key block is marginal
+    b_a = _sla_state_slice(a_ptr, i_state, 0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+    b_az = tl.load(az_ptr + i_state * HEAD_DIM + o_d, mask=m_d, other=0.0)
+    start = i_n * block
+    end = tl.minimum(start + block, length)
+    for r in range(start, end, BLOCK_ROWS):
+        rows = r + o_r
+        m_r = rows < end
+        p_k, m_k = _sla_rows(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d, rows, m_r, o_d, m_d)
+        p_v, m_v = _sla_rows(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d, rows, m_r, o_dv, m_dv)
+        p_dk, _ = _sla_rows(
+            dk_ptr + i_b * stride_dk_b + i_h * stride_dk_h, stride_dk_n, stride_dk_d, rows, m_r, o_d, m_d
+        )
+        p_dv, _ = _sla_rows(
+            dv_ptr + i_b * stride_dv_b + i_h * stride_dv_h, stride_dv_n, stride_dv_d, rows, m_r, o_dv, m_dv
+        )
+        # [BLOCK_ROWS, BLOCK_D], [BLOCK_ROWS, BLOCK_DV]
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_phk = _phi(b_k, m_d, FEATURE)
+        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
+        b_dv = tl.load(p_dv, mask=m_v, other=0.0).to(tl.float32) + _sla_dot(b_phk, b_a, STATE_BF16, DOT_PRECISION)
+        tl.store(p_dv, b_dv.to(dv_ptr.dtype.element_ty), mask=m_v)
+        b_dphk = _sla_dot(b_v, tl.trans(b_a), STATE_BF16, DOT_PRECISION) + b_az[None, :]
+        b_dk = tl.load(p_dk, mask=m_k, other=0.0).to(tl.float32) + _phi_bwd(b_k, b_phk, b_dphk, FEATURE)
+        tl.store(p_dk, b_dk.to(dk_ptr.dtype.element_ty), mask=m_k)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -396,7 +235,6 @@ def sparse_linear_bwd(
     rden: torch.Tensor,
     indptr: torch.Tensor,
     indices: torch.Tensor,
-    partial: torch.Tensor,
     neg_indptr: torch.Tensor,
     neg_indices: torch.Tensor,
     *,
@@ -404,141 +242,75 @@ def sparse_linear_bwd(
     block_q: int,
     block_k: int,
     feature: int,
-    key_major: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    key_major: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Four launches: key-block states, query-block pre-pass (``c`` blocks per program), dQ per query sub-tile,
-    dK/dV per key sub-tile over the transposed CSRs ``key_major`` = ``(indptr_t, indices_t, neg_indptr_t,
-    neg_indices_t)`` (``transpose_csr`` of the critical and negligible rows, built by the caller).
+    """The block-sparse backward over the critical CSR (rows ``indptr, indices``; dK/dV over ``key_major = (indptr_t,
+    indices_t)``, ``transpose_csr`` built by the caller; SLA masks have no partial blocks), then the linear branch
+    added by one program per query block and one per key block.
 
     Returns ``dq``, ``dk``, ``dv`` stored like ``q``, ``k``, ``v``.
     """
     b, h, q_len, d = q.shape
     kv_len, dv_dim = k.shape[2], v.shape[-1]
     mq, mk = cdiv(q_len, block_q), cdiv(kv_len, block_k)
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    h_blocks, z_blocks, h_tot, z_tot = sparse_linear_state(k, v, block_k, feature)
-    delta = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
-    dden = torch.empty_like(delta)
+    indptr_t, indices_t = key_major
+    # the softmax branch: without a token predicate every block is full and indptr stands in for the unread split
+    dq, dk, dv = block_sparse_bwd(
+        do_sparse, None, q, k, v, o_sparse, lse, indptr, indices, indptr,
+        scale=scale, block_q=block_q, block_k=block_k, mask_kind=MASK_NONE, query_table=None, key_table=None,
+        radius2=0.0, key_major=(indptr_t, indices_t, indptr_t),
+    )  # fmt: skip
+    marginal = marginal_block_matrix(indptr, indices, neg_indptr, neg_indices, mk, state_dtype(q.dtype))
+    h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
+    h_marginal, z_marginal = masked_block_sums(marginal, h_blocks, z_blocks, b, h)
+    del h_blocks
     ds_blocks = torch.empty(b * h, mq, d, dv_dim, device=q.device, dtype=state_dtype(q.dtype))
-    dz_blocks = torch.empty(b * h, mq, d, device=q.device, dtype=state_dtype(q.dtype))
-    chunk = blocks_per_program(mq, b * h)
-    chunks = cdiv(mq, chunk)
-    ds_part = torch.empty(b * h, chunks, d, dv_dim, device=q.device, dtype=torch.float32)
-    dz_part = torch.empty(b * h, chunks, d, device=q.device, dtype=torch.float32)
-    _sparse_linear_bwd_kernel_state[(chunks, b * h)](
-        q,
-        o_sparse,
-        o_linear,
-        do_sparse,
-        do_linear,
-        rden,
-        delta,
-        dden,
-        ds_blocks,
-        dz_blocks,
-        ds_part,
-        dz_part,
-        *q.stride(),
-        *o_sparse.stride(),
-        *do_sparse.stride(),
-        *do_linear.stride(),
-        h,
-        q_len,
-        block_q,
-        mq,
-        chunk,
+    dz_blocks = torch.empty(b * h, mq, d, device=q.device, dtype=torch.float32)
+    constexprs = dict(
         BLOCK_D=next_block(d),
         BLOCK_DV=next_block(dv_dim),
         HEAD_DIM=d,
         HEAD_DIM_V=dv_dim,
         FEATURE=feature,
         STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    ds_tot, dz_tot = ds_part.sum(1), dz_part.sum(1)
-    dq = empty_like_layout(q, d)
-    dk = empty_like_layout(k, d)
-    dv = empty_like_layout(v, dv_dim)
-    constexprs = dict(
-        FEATURE=feature,
-        STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
-        **launch_constexprs(q, v, MASK_NONE),
-    )
-    dq_constexprs = dict(constexprs, DV_CHUNK=dv_chunk(dv_dim))
-    no_predicate = predicate_args(None, None, partial)
-    grid_dq = lambda meta: (mq * meta["Q_SUB"], b * h)
-    _sparse_linear_bwd_kernel_dq[grid_dq](
+    _sparse_linear_bwd_kernel_query[(mq, b * h)](
         q,
-        k,
-        v,
-        do_sparse,
+        o_linear,
         do_linear,
-        lse,
-        delta,
         rden,
-        dden,
-        h_blocks,
-        z_blocks,
-        h_tot,
-        z_tot,
+        h_marginal,
+        z_marginal,
         dq,
-        indptr,
-        indices,
-        neg_indptr,
-        neg_indices,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *do_sparse.stride(),
-        *do_linear.stride(),
-        *dq.stride(),
-        *csr_strides(indptr),
-        *csr_strides(neg_indptr),
-        h,
-        q_len,
-        kv_len,
-        block_q,
-        block_k,
-        mk,
-        scale,
-        *no_predicate,
-        **dq_constexprs,
-    )
-    indptr_t, indices_t, neg_indptr_t, neg_indices_t = key_major
-    grid_dkdv = lambda meta: (mk * meta["K_SUB"], b * h)
-    _sparse_linear_bwd_kernel_dkdv[grid_dkdv](
-        q,
-        k,
-        v,
-        do_sparse,
-        lse,
-        delta,
         ds_blocks,
         dz_blocks,
-        ds_tot,
-        dz_tot,
-        dk,
-        dv,
-        indptr_t,
-        indices_t,
-        neg_indptr_t,
-        neg_indices_t,
         *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *do_sparse.stride(),
-        *dk.stride(),
-        *dv.stride(),
-        *csr_strides(indptr_t),
-        *csr_strides(neg_indptr_t),
+        *o_linear.stride(),
+        *do_linear.stride(),
+        *dq.stride(),
         h,
         q_len,
-        kv_len,
         block_q,
+        **constexprs,
+    )
+    del h_marginal
+    a_marginal, az_marginal = masked_block_sums(marginal.transpose(-1, -2), ds_blocks, dz_blocks, b, h)
+    del ds_blocks
+    _sparse_linear_bwd_kernel_key[(mk, b * h)](
+        k,
+        v,
+        a_marginal,
+        az_marginal,
+        dk,
+        dv,
+        *k.stride(),
+        *v.stride(),
+        *dk.stride(),
+        *dv.stride(),
+        h,
+        kv_len,
         block_k,
-        mq,
-        scale,
-        *no_predicate,
         **constexprs,
     )
     return dq, dk, dv

@@ -1,10 +1,12 @@
-"""Sparse-linear attention (SLA): the per-block state reductions of the forward and the backward.
+"""Sparse-linear attention (SLA): the per-key-block states and their masked sums.
 
-Layout as in ``sparse_linear.py``. ``_sparse_linear_fwd_kernel_state`` (grid ``(ceil(Mk / c), B·H)``) reduces each
-logical key block ``j`` to ``h_j = φ(K_j)ᵀV_j`` ``(D, Dv)`` and ``z_j = Σ φ(K_j)`` ``(D,)`` (fp32 accumulation,
-stored as ``state_dtype``) and each run of ``c`` blocks to an fp32 partial total; the host sums the few partials
-(deterministic ``torch.sum``). ``_sparse_linear_bwd_kernel_state`` (grid ``(ceil(Mq / c), B·H)``) is the backward's
-mirror image per query block: ``delta``, ``dden``, ``dS_b = φ(Q_b)ᵀ dn``, ``dz_b = φ(Q_b)ᵀ dden`` and partial totals.
+Layout as in ``sparse_linear.py``. ``_sparse_linear_fwd_kernel_state`` (grid ``(Mk, B·H)``) reduces each logical key
+block ``j`` to ``h_j = φ(K_j)ᵀV_j`` ``(D, Dv)`` (fp32 accumulation, stored as ``state_dtype``) and ``z_j = Σ φ(K_j)``
+``(D,)`` (fp32). ``masked_block_sums`` then forms every query block's marginal state ``H_b = Σ_j M_bj h_j`` (and the key side's
+``A_j = Σ_b M_bj dS_b``) as one batched matmul with the 0/1 marginal block matrix ``M`` ``(Mq, Mk)`` per head: on
+tensor cores, reading each block state once, instead of SLA-1's "total minus the selected blocks" loop, which
+re-reads one ``D x Dv`` state per (query block, critical block) pair inside the fused kernel (about 7 GB at the
+benchmark shape B2 H16 N32760 d128, 5 % critical) and has no cancellation error.
 """
 
 import torch
@@ -15,14 +17,15 @@ from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from .block_sparse import cdiv, next_block
 from .linear import _phi
 
-__all__ = ["blocks_per_program", "dv_chunk", "sparse_linear_state", "state_dtype"]
+__all__ = ["dv_chunk", "marginal_block_matrix", "masked_block_sums", "sparse_linear_state", "state_dtype"]
 
-# Row tiles of the per-block state reductions (one program walks a run of logical blocks).
-_STATE_CONFIGS = [triton.Config({"BLOCK_ROWS": r}, num_warps=w) for r in (32, 64) for w in (4, 8)]
+# Row tiles of the per-block streaming kernels (one program per logical block: the forward's states here, the
+# backward's query-side and key-side kernels in sparse_linear_bwd.py). The first (the only one with
+# VISIONATTN_AUTOTUNE=0) has no spills at D = Dv = 128 in all three (ptxas for sm_90a; 56 bytes of stack in the
+# query-side kernel); 64 rows x 4 warps is left out (0.8-4.4 KB of spills there).
+_STATE_CONFIGS = [triton.Config({"BLOCK_ROWS": r}, num_warps=w) for r, w in [(32, 8), (64, 8), (32, 4), (16, 8)]]
 _STATE_DEFAULT = triton.Config({"BLOCK_ROWS": 16}, num_warps=4, num_stages=1)
 _STATE_KEY = ["block", "HEAD_DIM", "HEAD_DIM_V", "FEATURE"]
-#: Bounds of ``blocks_per_program``: at most 16 blocks per program, at least ~4 programs per H100 SM.
-_MAX_BLOCKS_PER_PROGRAM, _MIN_STATE_PROGRAMS = 16, 4 * 132
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -49,8 +52,6 @@ def _sparse_linear_fwd_kernel_state(
     v_ptr,
     h_ptr,
     z_ptr,
-    h_part_ptr,
-    z_part_ptr,
     stride_k_b,
     stride_k_h,
     stride_k_n,
@@ -62,8 +63,6 @@ def _sparse_linear_fwd_kernel_state(
     num_heads,
     length,
     block,
-    num_blocks,
-    blocks_per_program,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -72,7 +71,7 @@ def _sparse_linear_fwd_kernel_state(
     DOT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
 ):
-    i_c = tl.program_id(0)
+    i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // num_heads).to(tl.int64)
     i_h = (i_bh % num_heads).to(tl.int64)
@@ -84,160 +83,39 @@ def _sparse_linear_fwd_kernel_state(
     m_dd = m_d[:, None] & m_dv[None, :]
     k_base = k_ptr + i_b * stride_k_b + i_h * stride_k_h
     v_base = v_ptr + i_b * stride_v_b + i_h * stride_v_h
-    b_h_part = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
-    b_z_part = tl.zeros([BLOCK_D], dtype=tl.float32)
-    first = i_c * blocks_per_program
-    for i_n in range(first, tl.minimum(first + blocks_per_program, num_blocks)):
-        start = i_n * block
-        end = tl.minimum(start + block, length)
-        b_h = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
-        b_z = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for r in range(start, end, BLOCK_ROWS):
-            m_r = (r + o_r) < end
-            # [BLOCK_ROWS, BLOCK_D]
-            b_k = tl.load(
-                k_base + (r + o_r)[:, None] * stride_k_n + o_d[None, :] * stride_k_d,
-                mask=m_r[:, None] & m_d[None, :],
-                other=0.0,
-            )
-            b_phi = tl.where(m_r[:, None], _phi(b_k.to(tl.float32), m_d, FEATURE), 0.0)
-            # [BLOCK_ROWS, BLOCK_DV], in v's dtype: the dot takes 16-bit operands like SLA-1's c_k
-            b_v = tl.load(
-                v_base + (r + o_r)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d,
-                mask=m_r[:, None] & m_dv[None, :],
-                other=0.0,
-            )
-            b_h += tl.dot(tl.trans(b_phi.to(b_v.dtype)), b_v, input_precision=DOT_PRECISION)
-            b_z += tl.sum(b_phi, axis=0)
-        b_hs = b_h.to(h_ptr.dtype.element_ty)
-        b_zs = b_z.to(z_ptr.dtype.element_ty)
-        i_state = i_bh.to(tl.int64) * num_blocks + i_n
-        p_h = h_ptr + i_state * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
-        tl.store(p_h, b_hs, mask=m_dd)
-        tl.store(z_ptr + i_state * HEAD_DIM + o_d, b_zs, mask=m_d)
-        # the partial totals add the stored (rounded) states, so total minus selected is exact up to fp32 rounding
-        b_h_part += b_hs.to(tl.float32)
-        b_z_part += b_zs.to(tl.float32)
-    i_part = i_bh.to(tl.int64) * tl.num_programs(0) + i_c
-    p_hp = h_part_ptr + i_part * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
-    tl.store(p_hp, b_h_part, mask=m_dd)
-    tl.store(z_part_ptr + i_part * HEAD_DIM + o_d, b_z_part, mask=m_d)
-
-
-# ---------------------------------------------------------------------------------------------- backward
-@triton.autotune(
-    configs=autotune_configs(_STATE_CONFIGS, _STATE_DEFAULT),
-    key=_STATE_KEY,
-    **autotune_kwargs(),
-)
-@triton.jit
-def _sparse_linear_bwd_kernel_state(
-    q_ptr,
-    os_ptr,
-    ol_ptr,
-    dos_ptr,
-    dol_ptr,
-    rden_ptr,
-    delta_ptr,
-    dden_ptr,
-    ds_ptr,
-    dz_ptr,
-    ds_part_ptr,
-    dz_part_ptr,
-    stride_q_b,
-    stride_q_h,
-    stride_q_n,
-    stride_q_d,
-    stride_o_b,
-    stride_o_h,
-    stride_o_n,
-    stride_o_d,
-    stride_dos_b,
-    stride_dos_h,
-    stride_dos_n,
-    stride_dos_d,
-    stride_dol_b,
-    stride_dol_h,
-    stride_dol_n,
-    stride_dol_d,
-    num_heads,
-    length,
-    block,
-    num_blocks,
-    blocks_per_program,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    FEATURE: tl.constexpr,
-    STATE_BF16: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-):
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // num_heads).to(tl.int64)
-    i_h = (i_bh % num_heads).to(tl.int64)
-    o_r = tl.arange(0, BLOCK_ROWS)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_d = o_d < HEAD_DIM
-    m_dv = o_dv < HEAD_DIM_V
-    m_dd = m_d[:, None] & m_dv[None, :]
-    b_ds_part = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
-    b_dz_part = tl.zeros([BLOCK_D], dtype=tl.float32)
-    first = i_c * blocks_per_program
-    for i_m in range(first, tl.minimum(first + blocks_per_program, num_blocks)):
-        start = i_m * block
-        end = tl.minimum(start + block, length)
-        b_ds = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
-        b_dz = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for r in range(start, end, BLOCK_ROWS):
-            rows = r + o_r
-            m_r = rows < end
-            m_rv = m_r[:, None] & m_dv[None, :]
-            p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + rows[:, None] * stride_q_n + o_d[None, :] * stride_q_d
-            # [BLOCK_ROWS, BLOCK_D]
-            b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-            b_phq = tl.where(m_r[:, None], _phi(b_q, m_d, FEATURE), 0.0)
-            p_o = i_b * stride_o_b + i_h * stride_o_h + rows[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
-            p_dos = (
-                i_b * stride_dos_b + i_h * stride_dos_h + rows[:, None] * stride_dos_n + o_dv[None, :] * stride_dos_d
-            )
-            p_dol = (
-                i_b * stride_dol_b + i_h * stride_dol_h + rows[:, None] * stride_dol_n + o_dv[None, :] * stride_dol_d
-            )
-            # [BLOCK_ROWS, BLOCK_DV]
-            b_os = tl.load(os_ptr + p_o, mask=m_rv, other=0.0).to(tl.float32)
-            b_dos = tl.load(dos_ptr + p_dos, mask=m_rv, other=0.0).to(tl.float32)
-            b_ol = tl.load(ol_ptr + p_o, mask=m_rv, other=0.0).to(tl.float32)
-            b_dol = tl.load(dol_ptr + p_dol, mask=m_rv, other=0.0).to(tl.float32)
-            p_row = i_bh.to(tl.int64) * length + rows
-            b_rden = tl.load(rden_ptr + p_row, mask=m_r, other=0.0)
-            b_dden = -tl.sum(b_ol * b_dol, axis=1) * b_rden
-            tl.store(delta_ptr + p_row, tl.sum(b_os * b_dos, axis=1), mask=m_r)
-            tl.store(dden_ptr + p_row, b_dden, mask=m_r)
-            b_ds += _sla_dot(tl.trans(b_phq), b_dol * b_rden[:, None], STATE_BF16, DOT_PRECISION)
-            b_dz += tl.sum(b_phq * b_dden[:, None], axis=0)
-        i_state = i_bh.to(tl.int64) * num_blocks + i_m
-        p_ds = ds_ptr + i_state * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
-        b_dss = b_ds.to(ds_ptr.dtype.element_ty)
-        b_dzs = b_dz.to(dz_ptr.dtype.element_ty)
-        tl.store(p_ds, b_dss, mask=m_dd)
-        tl.store(dz_ptr + i_state * HEAD_DIM + o_d, b_dzs, mask=m_d)
-        b_ds_part += b_dss.to(tl.float32)
-        b_dz_part += b_dzs.to(tl.float32)
-    i_part = i_bh.to(tl.int64) * tl.num_programs(0) + i_c
-    p_dsp = ds_part_ptr + i_part * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
-    tl.store(p_dsp, b_ds_part, mask=m_dd)
-    tl.store(dz_part_ptr + i_part * HEAD_DIM + o_d, b_dz_part, mask=m_d)
+    start = i_n * block
+    end = tl.minimum(start + block, length)
+    b_h = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
+    b_z = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for r in range(start, end, BLOCK_ROWS):
+        m_r = (r + o_r) < end
+        # [BLOCK_ROWS, BLOCK_D]
+        b_k = tl.load(
+            k_base + (r + o_r)[:, None] * stride_k_n + o_d[None, :] * stride_k_d,
+            mask=m_r[:, None] & m_d[None, :],
+            other=0.0,
+        )
+        b_phi = tl.where(m_r[:, None], _phi(b_k.to(tl.float32), m_d, FEATURE), 0.0)
+        # [BLOCK_ROWS, BLOCK_DV], in v's dtype: the dot takes 16-bit operands like SLA-1's c_k
+        b_v = tl.load(
+            v_base + (r + o_r)[:, None] * stride_v_n + o_dv[None, :] * stride_v_d,
+            mask=m_r[:, None] & m_dv[None, :],
+            other=0.0,
+        )
+        b_h += tl.dot(tl.trans(b_phi.to(b_v.dtype)), b_v, input_precision=DOT_PRECISION)
+        b_z += tl.sum(b_phi, axis=0)
+    i_state = i_bh.to(tl.int64) * tl.num_programs(0) + i_n
+    p_h = h_ptr + i_state * (HEAD_DIM * HEAD_DIM_V) + o_d[:, None] * HEAD_DIM_V + o_dv[None, :]
+    tl.store(p_h, b_h.to(h_ptr.dtype.element_ty), mask=m_dd)
+    tl.store(z_ptr + i_state * HEAD_DIM + o_d, b_z.to(z_ptr.dtype.element_ty), mask=m_d)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Storage of the per-block states: bf16 for bf16 inputs (as SLA-1 stores them in the input dtype), which halves
-    the bytes the fused kernels re-read per selected block; fp32 otherwise (fp16's range is too narrow for the
-    backward's ``dS_b``, and fp32 inputs are the exact test path). Running sums are always fp32."""
+    """Storage of the per-block and marginal states: bf16 for bf16 inputs (as SLA-1 stores them in the input dtype;
+    the fused kernels' dots take bf16 operands there anyway), which halves their bytes and runs the masked sums on
+    bf16 tensor cores; fp32 otherwise (fp16's range is too narrow for the backward's ``dS_b``, and fp32 inputs are
+    the exact test path). Accumulation is always fp32, and the normaliser sums ``z`` are fp32 throughout."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
@@ -247,46 +125,72 @@ def dv_chunk(dv: int) -> int:
     return min(next_block(dv), 16 if is_interpreter() else 64)
 
 
-def blocks_per_program(num_blocks: int, batch_heads: int) -> int:
-    """Logical blocks one state-reduction program walks: few enough partial totals that summing them is cheap
-    (the per-block states of a whole call are ~1 GB at the SLA benchmark shape), enough programs to fill the GPU."""
-    if is_interpreter():
-        return 2
-    return max(1, min(_MAX_BLOCKS_PER_PROGRAM, num_blocks * batch_heads // _MIN_STATE_PROGRAMS))
+def _csr_complement(indptr: torch.Tensor, indices: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(Bm, Hm, M, cols)`` in ``dtype``: 0 at the blocks of the CSR set ``(indptr (Bm, Hm, M + 1), indices)``, 1
+    elsewhere; static shapes, no host sync."""
+    bm, hm, rows = indptr.shape[0], indptr.shape[1], indptr.shape[2] - 1
+    counts = (indptr[..., 1:] - indptr[..., :-1]).flatten().long()
+    row_of_entry = torch.repeat_interleave(
+        torch.arange(bm * hm * rows, device=indptr.device), counts, output_size=indices.numel()
+    )
+    dense = torch.ones(bm * hm * rows * cols, dtype=dtype, device=indptr.device)
+    # scatter_ with a scalar: an index assignment of a Python number would synchronise the host
+    dense.scatter_(0, row_of_entry * cols + indices.long(), 0)
+    return dense.view(bm, hm, rows, cols)
+
+
+def marginal_block_matrix(
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    neg_indptr: torch.Tensor,
+    neg_indices: torch.Tensor,
+    num_kv_blocks: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``M`` ``(B', H', Mq, Mk)`` in ``dtype``: 1 where key block ``j`` is marginal for query block ``b`` (neither
+    critical nor negligible), else 0. ``B'``/``H'`` broadcast like the two CSRs' leading dims."""
+    marginal = _csr_complement(indptr, indices, num_kv_blocks, dtype)
+    if neg_indices.numel():
+        marginal = marginal * _csr_complement(neg_indptr, neg_indices, num_kv_blocks, dtype)
+    return marginal
+
+
+def masked_block_sums(
+    marginal: torch.Tensor, states: torch.Tensor, sums: torch.Tensor, batch: int, heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_j M_ij S_j, Σ_j M_ij z_j)`` for every row ``i`` of the 0/1 block matrix ``marginal`` ``(B', H', R, C)``
+    (broadcast to ``(batch, heads)``) over per-block states ``states`` ``(B·H, C, D, Dv)`` and fp32 ``sums``
+    ``(B·H, C, D)``: one batched matmul each (fp32 accumulation). Returns ``(B·H, R, D, Dv)`` in ``states``' dtype and
+    ``(B·H, R, D)`` fp32."""
+    bh, cols, d, dv = states.shape
+    weights = marginal.expand(batch, heads, -1, cols).reshape(bh, -1, cols)
+    total = torch.bmm(weights.to(states.dtype), states.reshape(bh, cols, d * dv)).view(bh, -1, d, dv)
+    total_z = torch.bmm(weights.to(torch.float32), sums)
+    return total, total_z
 
 
 def sparse_linear_state(
     k: torch.Tensor, v: torch.Tensor, block_k: int, feature: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grid ``(ceil(Mk / c), B * H)``: ``c`` consecutive key blocks per program, each reduced to
-    ``h_j = φ(K_j)ᵀV_j``, ``z_j = Σ φ(K_j)`` (fp32 accumulation), plus the program's fp32 partial totals.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid ``(Mk, B * H)``: each key block reduced to ``h_j = φ(K_j)ᵀV_j``, ``z_j = Σ φ(K_j)`` (fp32 accumulation).
 
-    Returns ``h (B·H, Mk, D, Dv)``, ``z (B·H, Mk, D)`` in ``state_dtype(k.dtype)`` and their fp32 sums over blocks
-    ``(B·H, D, Dv)``, ``(B·H, D)`` (partials summed in chunk order: deterministic).
+    Returns ``h (B·H, Mk, D, Dv)`` in ``state_dtype(k.dtype)`` and ``z (B·H, Mk, D)`` fp32.
     """
     b, h, n, d = k.shape
     dv = v.shape[-1]
     blocks = cdiv(n, block_k)
-    chunk = blocks_per_program(blocks, b * h)
-    chunks = cdiv(blocks, chunk)
     h_blocks = torch.empty(b * h, blocks, d, dv, device=k.device, dtype=state_dtype(k.dtype))
-    z_blocks = torch.empty(b * h, blocks, d, device=k.device, dtype=state_dtype(k.dtype))
-    h_part = torch.empty(b * h, chunks, d, dv, device=k.device, dtype=torch.float32)
-    z_part = torch.empty(b * h, chunks, d, device=k.device, dtype=torch.float32)
-    _sparse_linear_fwd_kernel_state[(chunks, b * h)](
+    z_blocks = torch.empty(b * h, blocks, d, device=k.device, dtype=torch.float32)
+    _sparse_linear_fwd_kernel_state[(blocks, b * h)](
         k,
         v,
         h_blocks,
         z_blocks,
-        h_part,
-        z_part,
         *k.stride(),
         *v.stride(),
         h,
         n,
         block_k,
-        blocks,
-        chunk,
         BLOCK_D=next_block(d),
         BLOCK_DV=next_block(dv),
         HEAD_DIM=d,
@@ -294,4 +198,4 @@ def sparse_linear_state(
         FEATURE=feature,
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
     )
-    return h_blocks, z_blocks, h_part.sum(1), z_part.sum(1)
+    return h_blocks, z_blocks

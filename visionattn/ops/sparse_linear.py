@@ -42,7 +42,7 @@ _EMPTY_CSRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] =
 
 def _empty_csr(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indptr, indices)`` of a block set keeping no block in any of ``rows`` rows, broadcast over batch and
-    heads (the negligible set without ``skip_ratio``: ``Mq`` rows, and its key-major form: ``Mk`` rows)."""
+    heads (the negligible set without ``skip_ratio``: ``Mq`` rows)."""
     make = lambda: (
         torch.zeros(1, 1, rows + 1, dtype=torch.int32, device=device),
         torch.zeros(0, dtype=torch.int32, device=device),
@@ -159,10 +159,8 @@ def _sla_fwd_op(
     eps: float,
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
-    neg_indptr_t: torch.Tensor,
-    neg_indices_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``indptr_t`` ... ``neg_indices_t``: the key-major CSRs of the dK/dV pass, only saved for the backward."""
+    """``indptr_t``, ``indices_t``: the key-major critical CSR of the dK/dV pass, only saved for the backward."""
     from ..kernels.sparse_linear import sparse_linear_fwd
 
     return sparse_linear_fwd(
@@ -203,7 +201,6 @@ def _sla_bwd_op(
     rden: torch.Tensor,
     indptr: torch.Tensor,
     indices: torch.Tensor,
-    partial: torch.Tensor,
     neg_indptr: torch.Tensor,
     neg_indices: torch.Tensor,
     scale: float,
@@ -212,8 +209,6 @@ def _sla_bwd_op(
     feature: int,
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
-    neg_indptr_t: torch.Tensor,
-    neg_indices_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.sparse_linear_bwd import sparse_linear_bwd
 
@@ -229,14 +224,13 @@ def _sla_bwd_op(
         rden,
         indptr,
         indices,
-        partial,
         neg_indptr,
         neg_indices,
         scale=scale,
         block_q=block_q,
         block_k=block_k,
         feature=feature,
-        key_major=(indptr_t, indices_t, neg_indptr_t, neg_indices_t),
+        key_major=(indptr_t, indices_t),
     )
 
 
@@ -252,8 +246,7 @@ def _setup_context(ctx, inputs, output):
         inputs
     )
     o_sparse, o_linear, lse, rden = output
-    csr = (indptr, indices, partial, neg_indptr, neg_indices)
-    ctx.save_for_backward(q, k, v, o_sparse, o_linear, lse, rden, *csr, *key_major)
+    ctx.save_for_backward(q, k, v, o_sparse, o_linear, lse, rden, indptr, indices, neg_indptr, neg_indices, *key_major)
     ctx.scale, ctx.block_q, ctx.block_k, ctx.feature = scale, block_q, block_k, feature
 
 
@@ -262,20 +255,25 @@ def _backward(ctx, do_sparse, do_linear, _dlse, _drden):
     do_sparse = torch.zeros_like(o_sparse) if do_sparse is None else do_sparse
     do_linear = torch.zeros_like(o_linear) if do_linear is None else do_linear
     dq, dk, dv = _sla_bwd_op(
-        do_sparse, do_linear, q, k, v, o_sparse, o_linear, lse, rden, *csrs[:5],
-        ctx.scale, ctx.block_q, ctx.block_k, ctx.feature, *csrs[5:],
+        do_sparse, do_linear, q, k, v, o_sparse, o_linear, lse, rden, *csrs[:4],
+        ctx.scale, ctx.block_q, ctx.block_k, ctx.feature, *csrs[4:],
     )  # fmt: skip
-    # q, k, v, the 5 row CSR tensors, scale, block_q, block_k, feature, eps, the 4 key-major CSR tensors
-    return dq, dk, dv, *[None] * 14
+    # q, k, v, the 5 row CSR tensors, scale, block_q, block_k, feature, eps, the 2 key-major CSR tensors
+    return dq, dk, dv, *[None] * 12
 
 
 _sla_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _linear_flops(q_shape, k_shape, v_shape) -> int:
-    """Per-block states ``φ(K_j)ᵀV_j`` over all keys and ``φ(q)S`` over all queries: 2·B·H·(Nq + Nk)·D·Dv."""
+def _linear_flops(q_shape, k_shape, v_shape, block_q: int, block_k: int, *, backward: bool) -> int:
+    """The linear branch's matmuls on ``D x Dv`` states, in units of ``2·B·H·D·Dv``: forward ``Nk`` (per-block
+    states ``φ(K_j)ᵀV_j``) + ``Nq`` (``φ(q)S``) + ``Mq·Mk`` (the masked sums of the states); backward ``Nk`` (states
+    recomputed) + ``2·Nq`` (``dS``, ``dφ(q)``) + ``2·Nk`` (``dV``, ``dφ(k)``) + ``2·Mq·Mk`` (two masked sums)."""
     b, h, nq, d = q_shape
-    return 2 * b * h * (nq + k_shape[2]) * d * v_shape[-1]
+    nk = k_shape[2]
+    blocks = -(-nq // block_q) * -(-nk // block_k)
+    rows = 3 * nk + 2 * nq + 2 * blocks if backward else nk + nq + blocks
+    return 2 * b * h * d * v_shape[-1] * rows
 
 
 def _critical_pairs(q_shape, indptr_shape, indices_shape, block_q: int, block_k: int) -> int:
@@ -288,17 +286,20 @@ def _fwd_flops(q_shape, k_shape, v_shape, indptr_shape, indices_shape, partial_s
                neg_indices_shape, scale, block_q, block_k, *_, **__):  # fmt: skip
     """QKᵀ and PV over the critical blocks plus the linear branch."""
     pairs = _critical_pairs(q_shape, indptr_shape, indices_shape, block_q, block_k)
-    return 2 * pairs * (q_shape[-1] + v_shape[-1]) + _linear_flops(q_shape, k_shape, v_shape)
+    return 2 * pairs * (q_shape[-1] + v_shape[-1]) + _linear_flops(
+        q_shape, k_shape, v_shape, block_q, block_k, backward=False
+    )
 
 
 @register_flop_formula(torch.ops.visionattn.sparse_linear_attention_bwd)
 def _bwd_flops(do_s_shape, do_l_shape, q_shape, k_shape, v_shape, o_s_shape, o_l_shape, lse_shape, rden_shape,
-               indptr_shape, indices_shape, partial_shape, neg_indptr_shape, neg_indices_shape, scale, block_q,
-               block_k, *_, **__):  # fmt: skip
-    """Five block-sparse matmuls over the critical blocks plus three times the linear branch (state recompute,
-    dS, dQ and dK/dV)."""
+               indptr_shape, indices_shape, neg_indptr_shape, neg_indices_shape, scale, block_q, block_k, *_,
+               **__):  # fmt: skip
+    """Five block-sparse matmuls over the critical blocks plus the linear branch's backward matmuls."""
     pairs = _critical_pairs(q_shape, indptr_shape, indices_shape, block_q, block_k)
-    return 2 * pairs * (3 * q_shape[-1] + 2 * v_shape[-1]) + 3 * _linear_flops(q_shape, k_shape, v_shape)
+    return 2 * pairs * (3 * q_shape[-1] + 2 * v_shape[-1]) + _linear_flops(
+        q_shape, k_shape, v_shape, block_q, block_k, backward=True
+    )
 
 
 @_REGISTRY.register(
@@ -319,15 +320,11 @@ def _sparse_linear_triton(q, k, v, critical: BlockMask, negligible: BlockMask | 
         neg_csr = _empty_csr(critical.num_q_blocks, q.device)
     else:
         neg_csr = negligible.indptr, negligible.indices
-    # The key-major CSRs of the dK/dV pass are built here, so that the backward only launches kernels; cached per
-    # mask (a block_mask reused across calls is transposed once). Without a gradient the rows stand in, unread.
-    key_major = csr[:2] + neg_csr
+    # The key-major critical CSR of the dK/dV pass is built here, so that the backward only launches kernels; cached
+    # per mask (a block_mask reused across calls is transposed once). Without a gradient the rows stand in, unread.
+    key_major = csr[:2]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        if negligible is None:
-            neg_key_major = _empty_csr(critical.num_kv_blocks, q.device)
-        else:
-            neg_key_major = _mask_launch_args(negligible, True)[2][:2]
-        key_major = _mask_launch_args(critical, True)[2][:2] + neg_key_major
+        key_major = _mask_launch_args(critical, True)[2][:2]
     o_sparse, o_linear, _, _ = _sla_fwd_op(
         q,
         k,
