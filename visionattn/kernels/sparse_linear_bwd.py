@@ -40,6 +40,16 @@ __all__ = ["sparse_linear_bwd"]
 
 
 @triton.jit
+def _sla_block_state(s_ptr, z_ptr, i_state, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr):  # fmt: skip
+    """Row ``i_state`` of a masked-sum state pair: ``S`` ``[BLOCK_D, BLOCK_DV]`` in its storage dtype, ``z``
+    ``[BLOCK_D]`` fp32."""
+    o_d = tl.arange(0, BLOCK_D)
+    b_z = tl.load(z_ptr + i_state * HEAD_DIM + o_d, mask=o_d < HEAD_DIM, other=0.0)
+    return _sla_state_slice(s_ptr, i_state, 0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV), b_z
+
+
+@triton.jit
 def _sla_rows(base, stride_n, stride_d, rows, m_r, o_c, m_c):
     """Pointers and mask of a ``[ROWS, COLS]`` tile of a ``(N, C)`` operand at ``base``."""
     return base + rows[:, None] * stride_n + o_c[None, :] * stride_d, m_r[:, None] & m_c[None, :]
@@ -102,8 +112,7 @@ def _sparse_linear_bwd_kernel_query(
     m_dv = o_dv < HEAD_DIM_V
     i_state = i_bh.to(tl.int64) * tl.num_programs(0) + i_m
     # [BLOCK_D, BLOCK_DV], [BLOCK_D]: the block's marginal state from the forward
-    b_s = _sla_state_slice(hm_ptr, i_state, 0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-    b_z = tl.load(zm_ptr + i_state * HEAD_DIM + o_d, mask=m_d, other=0.0)
+    b_s, b_z = _sla_block_state(hm_ptr, zm_ptr, i_state, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     b_ds = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
     b_dz = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = i_m * block
@@ -196,8 +205,7 @@ def _sparse_linear_bwd_kernel_key(
     m_dv = o_dv < HEAD_DIM_V
     i_state = i_bh.to(tl.int64) * tl.num_programs(0) + i_n
     # [BLOCK_D, BLOCK_DV], [BLOCK_D]: Σ dS_b over the query blocks for which this key block is marginal
-    b_a = _sla_state_slice(a_ptr, i_state, 0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-    b_az = tl.load(az_ptr + i_state * HEAD_DIM + o_d, mask=m_d, other=0.0)
+    b_a, b_az = _sla_block_state(a_ptr, az_ptr, i_state, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     start = i_n * block
     end = tl.minimum(start + block, length)
     for r in range(start, end, BLOCK_ROWS):
