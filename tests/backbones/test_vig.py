@@ -47,7 +47,7 @@ def test_vig_small_flops_match_abstract(monkeypatch):
     """
     monkeypatch.setattr(
         "visionattn.nn.gated_attention2d.gated_linear_attention",
-        lambda q, k, v, a, b=None, *, scale=None, backend=None: v.new_empty(v.shape),
+        lambda q, k, v, a, b=None, *, scale=None, gate_normalizer=None, backend=None: v.new_empty(v.shape),
     )
     macs = {}
     for name in ("vig_small", "deit_base_patch16_224"):

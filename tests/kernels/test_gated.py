@@ -141,6 +141,53 @@ def test_gated_kernel_gates_at_the_clamp(kernel_device):
     assert all(torch.isfinite(g).all() for g in grads[3:])
 
 
+@pytest.mark.parametrize(
+    ("bidirectional", "dtype"), [(False, torch.float32), (True, torch.float32), (True, torch.float16)], ids=str
+)
+def test_gated_kernel_gate_logits(bidirectional, dtype, kernel_device, poison_empty):
+    """``gate_normalizer``: gate logits in, ``logsigmoid(x) / c`` computed in-kernel. Output and the gradients of
+    q, k, v and the logits vs the float64 recurrence on float64 ``logsigmoid(x) / c``, with logits from -300 (a
+    log gate of -75: clamped in-kernel to -16, a constant, where the true gradient is ~exp(-75)) to +30 (no decay)."""
+    q, k, v, _, _ = _inputs(1, 2, 40, 16, 16)
+    gen = torch.Generator().manual_seed(3)
+    logits = [3 * torch.randn(1, 2, 40, 16, generator=gen, dtype=torch.float64) for _ in range(2)]
+    logits[0][..., 5, :], logits[1][..., 9, :] = -300.0, -300.0
+    logits[0][..., 7, ::2], logits[1][..., 2, 1::2] = 30.0, 30.0
+    if not bidirectional:
+        logits[1] = None
+    low = _to((q, k, v), kernel_device, dtype) + _to(logits, kernel_device, torch.float32)
+    leaves = [t for t in low if t is not None]
+    master = [None if t is None else t.detach().double().requires_grad_() for t in low]
+    grad_out = torch.randn(v.shape, generator=gen, dtype=torch.float64).to(kernel_device)
+    to_log = lambda x: None if x is None else F.logsigmoid(x) / 4.0
+    ref, ref_grads = _forward_backward(
+        lambda q, k, v, x, y: gated_linear_attention_reference(q, k, v, to_log(x), to_log(y), scale=0.3),
+        master,
+        grad_out,
+    )
+    out, grads = _forward_backward(
+        lambda *t: gated_linear_attention(*t, scale=0.3, gate_normalizer=4.0, backend="triton"), low, grad_out
+    )
+    assert len(grads) == len(leaves) and out.dtype == dtype
+    assert_close("o", ref, out, dtype)
+    for name, g_ref, g_out in zip(_GRAD_NAMES, ref_grads, grads):
+        assert g_out.dtype == torch.float32 if name.startswith("dlog") else g_out.dtype == dtype
+        assert_close(name, g_ref, g_out, dtype)
+
+
+def test_gated_gate_logits_agree_across_backends(kernel_device):
+    """The torch and reference backends apply the same ``logsigmoid(x) / c`` before their recurrences."""
+    q, k, v, _, _ = _inputs(1, 1, 20, 16, 16)
+    x, y = (torch.randn(1, 1, 20, 16, dtype=torch.float64) * 2 for _ in range(2))
+    expected = gated_linear_attention_reference(q, k, v, F.logsigmoid(x) / 16, F.logsigmoid(y) / 16)
+    out = gated_linear_attention(q, k, v, x, y, gate_normalizer=16, backend="reference")
+    assert_close("reference", expected, out, tol=1e-12)
+    out = gated_linear_attention(*(t.float() for t in (q, k, v, x, y)), gate_normalizer=16, backend="torch")
+    assert_close("torch", expected, out)
+    with pytest.raises(ValueError, match="gate_normalizer"):
+        gated_linear_attention(q, k, v, x, y, gate_normalizer=0.0)
+
+
 def test_gated_kernel_positive_gates_act_as_zero(kernel_device):
     """Positive log gates (invalid: no decay) are clamped to 0 in-kernel: output and gradients equal the recurrence
     on ``min(gate, 0)``, and a clamped gate gets gradient 0."""
@@ -169,7 +216,7 @@ def test_gated_kernel_chunk_sizes(chunk, kernel_device):
     grad_out = torch.randn(low[2].shape, dtype=torch.float64).to(kernel_device)
     ref, ref_grads = _forward_backward(lambda *x: gated_linear_attention_reference(*x, scale=0.5), master, grad_out)
     op = torch.ops.visionattn.gated_linear_attention_fwd
-    out, grads = _forward_backward(lambda *x: op(*x, 0.5, chunk), low, grad_out)
+    out, grads = _forward_backward(lambda *x: op(*x, 0.5, chunk, 0.0), low, grad_out)
     assert_close("o", ref, out)
     for name, g_ref, g_out in zip(_GRAD_NAMES, ref_grads, grads):
         assert_close(name, g_ref, g_out)
@@ -193,7 +240,8 @@ def test_gated_kernel_empty_sequence(kernel_device):
 
 def test_gated_kernel_opcheck(kernel_device):
     q, k, v, a, b = (t.float().to(kernel_device) for t in _inputs(1, 1, 9, 16, 16))
-    torch.library.opcheck(torch.ops.visionattn.gated_linear_attention_fwd, (q, k, v, a, b, 0.25, 16))
+    torch.library.opcheck(torch.ops.visionattn.gated_linear_attention_fwd, (q, k, v, a, b, 0.25, 16, 0.0))
+    torch.library.opcheck(torch.ops.visionattn.gated_linear_attention_fwd, (q, k, v, a, b, 0.25, 16, 16.0))
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])

@@ -86,7 +86,7 @@ def cases(args) -> list[BenchCase]:
     if on_gpu:
         # the op's chunk size (64) against 128: half the stored states and sequential state steps, half the programs
         op = torch.ops.visionattn.gated_linear_attention_fwd
-        peers["ours-chunk128"] = lambda q, k, v, a, b: op(q, k, v, a, b, q.shape[-1] ** -0.5, 128)
+        peers["ours-chunk128"] = lambda q, k, v, a, b: op(q, k, v, a, b, q.shape[-1] ** -0.5, 128, 0.0)
     if fla is not None:
         peers["fla-chunk_gla-concat"] = fla
     rows = []

@@ -17,6 +17,7 @@ import functools
 
 import timm
 import torch
+import torch.nn.functional as F
 
 import visionattn  # noqa: F401  (registers the models)
 import visionattn.nn.gated_attention2d as gated_attention2d
@@ -70,12 +71,18 @@ _CPU_ROWS = [
 ]
 
 
+def _log_gates(logits: torch.Tensor, gate_normalizer: float | None) -> torch.Tensor:
+    """The module passes gate logits and ``gate_normalizer``; the reference paths take fp32 ``logsigmoid(x) / c``."""
+    return logits if gate_normalizer is None else F.logsigmoid(logits.float()) / gate_normalizer
+
+
 def _concat_flip_path(causal):
     """The bidirectional op computed ViG's training way from a causal GLA ``causal(q, k, v, log_gate)``."""
 
-    def run(q, k, v, log_gate_fwd, log_gate_bwd, *, scale=None, backend=None):
+    def run(q, k, v, gate_fwd, gate_bwd, *, scale=None, gate_normalizer=None, backend=None):
         cat = lambda x, y: torch.cat([x, y.flip(2)])
-        o_fwd, o_bwd = causal(cat(q, q), cat(k, k), cat(v, v), cat(log_gate_fwd, log_gate_bwd), backend).chunk(2)
+        log_gates = cat(_log_gates(gate_fwd, gate_normalizer), _log_gates(gate_bwd, gate_normalizer))
+        o_fwd, o_bwd = causal(cat(q, q), cat(k, k), cat(v, v), log_gates, backend).chunk(2)
         return (o_fwd + o_bwd.flip(2)) / 2
 
     return run
@@ -87,7 +94,11 @@ def _reference_paths(on_gpu: bool) -> dict:
     paths = {"ref: our causal op on [x; flip(x)]": _concat_flip_path(ours)}
     fla = _fla_bidirectional() if on_gpu else None
     if fla is not None:
-        paths["ref: fla chunk_gla on [x; flip(x)]"] = lambda q, k, v, a, b, scale=None, backend=None: fla(q, k, v, a, b)
+
+        def fla_path(q, k, v, a, b, *, scale=None, gate_normalizer=None, backend=None):
+            return fla(q, k, v, _log_gates(a, gate_normalizer), _log_gates(b, gate_normalizer))
+
+        paths["ref: fla chunk_gla on [x; flip(x)]"] = fla_path
     return paths
 
 

@@ -83,8 +83,23 @@ def _gated_clamp_gate(b_g):
 
 
 @triton.jit
-def _gated_load_gate(p_g, mask):
-    return _gated_clamp_gate(tl.load(p_g, mask=mask, other=0.0).to(tl.float32))
+def _gated_log_gate(b_raw, mask, GATE_NORMALIZER: tl.constexpr):
+    """Log gates from the loaded gate tile ``b_raw`` (fp32): as given for ``GATE_NORMALIZER = 0``, else ViG's
+    ``logsigmoid(x) / GATE_NORMALIZER`` of gate logits ``x`` (``min(x, 0) - log(1 + exp(-|x|))``, in fp32 here, so
+    that callers need not materialise fp32 log gates); 0 outside ``mask``, so masked rows never decay."""
+    if GATE_NORMALIZER == 0:
+        b_g = b_raw
+    else:
+        b_logsig = tl.minimum(b_raw, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_raw)))
+        b_g = tl.where(mask, b_logsig / GATE_NORMALIZER, 0.0)
+    return b_g
+
+
+@triton.jit
+def _gated_load_gate(p_g, mask, GATE_NORMALIZER: tl.constexpr):
+    """Clamped log gates ``[rows, Dk]`` (fp32) of the gate tile at ``p_g`` (``_gated_log_gate``)."""
+    b_raw = tl.load(p_g, mask=mask, other=0.0).to(tl.float32)
+    return _gated_clamp_gate(_gated_log_gate(b_raw, mask, GATE_NORMALIZER))
 
 
 @triton.jit
@@ -182,6 +197,7 @@ def _gated_kernel_state(
     BV: tl.constexpr,
     NUM_DIR: tl.constexpr,
     NUM_PASS: tl.constexpr,
+    GATE_NORMALIZER: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     i_v, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -217,10 +233,10 @@ def _gated_kernel_state(
         ).to(tl.float32)
         # [BT, DK]
         b_g = _gated_load_gate(
-            _gated_ptrs(g_fwd, i_b, i_h, stride_gf_b, stride_gf_h, stride_gf_n, o_n, o_k), m_f[:, None]
+            _gated_ptrs(g_fwd, i_b, i_h, stride_gf_b, stride_gf_h, stride_gf_n, o_n, o_k), m_f[:, None], GATE_NORMALIZER
         )
         b_g += _gated_load_gate(
-            _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k), m_b[:, None]
+            _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k), m_b[:, None], GATE_NORMALIZER
         )
         # decay from each token to the chunk end: exclusive suffix for the state, inclusive for the gradient state
         b_w = tl.cumsum(b_g, axis=0, reverse=True) - tl.where(is_grad, 0.0, b_g)
@@ -269,6 +285,7 @@ def _gated_fwd_kernel_output(
     BT: tl.constexpr,
     BC: tl.constexpr,
     NUM_DIR: tl.constexpr,
+    GATE_NORMALIZER: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     # the factor bounds of _gated_intra_factors hold for 16-token sub-blocks
@@ -295,7 +312,7 @@ def _gated_fwd_kernel_output(
                 p_g = _gated_ptrs(g_fwd, i_b, i_h, stride_gf_b, stride_gf_h, stride_gf_n, o_n, o_k)
             else:
                 p_g = _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k)
-            b_gc, b_gs, b_gt = _gated_sub_block_gates(_gated_load_gate(p_g, m_n))
+            b_gc, b_gs, b_gt = _gated_sub_block_gates(_gated_load_gate(p_g, m_n, GATE_NORMALIZER))
             # [BC, DV]
             b_v = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_n, 0.0)
             b_v = b_v.to(tl.float32)
@@ -319,7 +336,9 @@ def _exact_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
 
 
-def gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: int) -> torch.Tensor:
+def gated_states(
+    q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: int, gate_normalizer: float
+) -> torch.Tensor:
     """Chunk-entry states ``[B·H, passes, NT, Dk, Dv]`` (fp32) of every direction, plus the gradient scans if ``do``.
 
     Grid ``(Dv blocks, B·H, passes)``; passes are the directions, then (with ``do``) their gradient scans.
@@ -359,6 +378,7 @@ def gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: i
         BT=chunk,
         NUM_DIR=num_dir,
         NUM_PASS=num_pass,
+        GATE_NORMALIZER=gate_normalizer,
         IEEE=_exact_dots(q.dtype),
     )
     return states
@@ -372,10 +392,13 @@ def gated_fwd(
     log_gate_bwd: torch.Tensor | None,
     scale: float,
     chunk: int,
+    gate_normalizer: float,
 ) -> torch.Tensor:
     """GLA output ``(B, H, N, Dv)`` (causal if ``log_gate_bwd`` is None, else the mean of both scans).
 
-    ``chunk``: tokens per chunk, a power of two >= 16 (one stored state per chunk and scan).
+    ``chunk``: tokens per chunk, a power of two >= 16 (one stored state per chunk and scan). ``gate_normalizer``: 0
+    if the gate tensors are log gates, else they are logits ``x`` and the log gates ``logsigmoid(x) /
+    gate_normalizer`` (computed in-kernel, ``_gated_log_gate``).
 
     Two launches: the chunk-entry states, then one program per (chunk, batch·head) for the output.
     """
@@ -387,7 +410,7 @@ def gated_fwd(
     out = empty_like_layout(v, dv)
     if out.numel() == 0:
         return out
-    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, None, scale, chunk)
+    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, None, scale, chunk, gate_normalizer)
     g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
     num_chunks = cdiv(length, chunk)
     _gated_fwd_kernel_output[(num_chunks, batch * heads)](
@@ -413,6 +436,7 @@ def gated_fwd(
         BT=chunk,
         BC=GATED_SUB_BLOCK,
         NUM_DIR=num_dir,
+        GATE_NORMALIZER=gate_normalizer,
         IEEE=_exact_dots(q.dtype),
     )
     return out

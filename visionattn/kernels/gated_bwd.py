@@ -29,6 +29,7 @@ from .gated import (
     _gated_intra_masks,
     _gated_intra_scores,
     _gated_load_gate,
+    _gated_log_gate,
     _gated_ptrs,
     _gated_rows,
     _gated_sub_block_gates,
@@ -102,6 +103,7 @@ def _gated_bwd_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     NUM_DIR: tl.constexpr,
+    GATE_NORMALIZER: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     NS: tl.constexpr = BT // BC
@@ -132,7 +134,7 @@ def _gated_bwd_kernel(
                 p_g = _gated_ptrs(g_fwd, i_b, i_h, stride_gf_b, stride_gf_h, stride_gf_n, o_n, o_k)
             else:
                 p_g = _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k)
-            b_g = _gated_load_gate(p_g, m_n)
+            b_g = _gated_load_gate(p_g, m_n, GATE_NORMALIZER)
             b_gc, b_gs, b_gt = _gated_sub_block_gates(b_g)
             # [BC, DV]
             b_v = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_n, 0.0)
@@ -168,7 +170,8 @@ def _gated_bwd_kernel(
                 p_g = _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k)
                 p_dg = _gated_ptrs(dg_bwd, i_b, i_h, stride_dgb_b, stride_dgb_h, stride_dgb_n, o_n, o_k)
             b_graw = tl.load(p_g, mask=m_n, other=0.0).to(tl.float32)
-            b_gc, b_gs, b_gt = _gated_sub_block_gates(_gated_clamp_gate(b_graw))
+            b_glog = _gated_log_gate(b_graw, m_n, GATE_NORMALIZER)
+            b_gc, b_gs, b_gt = _gated_sub_block_gates(_gated_clamp_gate(b_glog))
             # [BC, DV]
             b_v = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_n, 0.0)
             b_v = b_v.to(tl.float32)
@@ -198,7 +201,10 @@ def _gated_bwd_kernel(
             b_dga = tl.cumsum(b_dg, axis=0, reverse=True) + b_carry[None, :]
             b_carry += tl.sum(b_dg, axis=0)
             # a clamped gate is a constant of the computation
-            b_dga = tl.where((b_graw < _LOG_GATE_MIN) | (b_graw > 0.0), 0.0, b_dga)
+            b_dga = tl.where((b_glog < _LOG_GATE_MIN) | (b_glog > 0.0), 0.0, b_dga)
+            if GATE_NORMALIZER != 0:
+                # through logsigmoid(x) / normalizer: d/dx = sigmoid(-x) / normalizer (0 where exp(x) overflows)
+                b_dga = b_dga / (GATE_NORMALIZER * (1.0 + tl.exp(b_graw)))
             tl.store(p_dg, b_dga.to(p_dg.dtype.element_ty), mask=m_n)
             b_dh = b_dh * tl.exp(b_gt)[:, None] + _gated_dot(tl.trans(b_q * tl.exp(b_gc)), b_do, IEEE)
             # dq, dk, dv of both directions add up; the second direction reads the first one's partial sums
@@ -226,8 +232,10 @@ def gated_bwd(
     log_gate_bwd: torch.Tensor | None,
     scale: float,
     chunk: int,
+    gate_normalizer: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients ``(dq, dk, dv, d log_gate_fwd, d log_gate_bwd or None)`` of ``gated_fwd`` for output gradient ``do``.
+    """Gradients ``(dq, dk, dv, d log_gate_fwd, d log_gate_bwd or None)`` of ``gated_fwd`` for output gradient ``do``
+    (the gate gradients are with respect to the gate tensors as given: logits when ``gate_normalizer`` is set).
 
     Two launches: chunk-entry states and gradient states of every direction, then one program per
     (chunk, batch·head) for all gradients of its tokens.
@@ -244,7 +252,7 @@ def gated_bwd(
     dg_bwd = None if log_gate_bwd is None else empty_like_layout(log_gate_bwd, dk_dim)
     if dv.numel() == 0:
         return dq, dk, dv, dg_fwd, dg_bwd
-    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale, chunk)
+    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale, chunk, gate_normalizer)
     g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
     dg_bwd_arg = dg_fwd if dg_bwd is None else dg_bwd
     num_chunks = cdiv(length, chunk)
@@ -281,6 +289,7 @@ def gated_bwd(
         BT=chunk,
         BC=GATED_SUB_BLOCK,
         NUM_DIR=num_dir,
+        GATE_NORMALIZER=gate_normalizer,
         IEEE=_exact_dots(q.dtype),
     )
     return dq, dk, dv, dg_fwd, dg_bwd

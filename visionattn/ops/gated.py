@@ -17,6 +17,7 @@ log gates (ViG: ``logsigmoid(x) / 16``).
 """
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ..kernels._config import is_interpreter
@@ -78,9 +79,18 @@ def gated_linear_attention_reference(
     return out.to(out_dtype)
 
 
+def _log_gates(gates: torch.Tensor | None, gate_normalizer: float | None) -> torch.Tensor | None:
+    """The log gates of the PyTorch backends: as given, or ``logsigmoid(x) / gate_normalizer`` of logits ``x`` in
+    (at least) fp32, as the Triton kernels compute them on load."""
+    if gates is None or gate_normalizer is None:
+        return gates
+    return F.logsigmoid(gates.to(torch.promote_types(gates.dtype, torch.float32))) / gate_normalizer
+
+
 @_registry.register("reference")
-def _reference_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale):
-    return gated_linear_attention_reference(q, k, v, log_gate_fwd, log_gate_bwd, scale=scale)
+def _reference_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale, gate_normalizer):
+    log_gates = _log_gates(log_gate_fwd, gate_normalizer), _log_gates(log_gate_bwd, gate_normalizer)
+    return gated_linear_attention_reference(q, k, v, *log_gates, scale=scale)
 
 
 @custom_op("visionattn::gated_linear_attention_fwd")
@@ -92,14 +102,16 @@ def _gated_fwd_op(
     log_gate_bwd: torch.Tensor | None,
     scale: float,
     chunk: int,
+    gate_normalizer: float,
 ) -> torch.Tensor:
+    """``gate_normalizer``: 0 for log gates, else the gates are logits (``gated_linear_attention``)."""
     from ..kernels.gated import gated_fwd
 
-    return gated_fwd(q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk)
+    return gated_fwd(q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk, gate_normalizer)
 
 
 @_gated_fwd_op.register_fake
-def _(q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk):
+def _(q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk, gate_normalizer):
     from ..kernels.block_sparse import empty_like_layout
 
     return empty_like_layout(v, v.shape[-1])
@@ -115,16 +127,17 @@ def _gated_bwd_op(
     log_gate_bwd: torch.Tensor | None,
     scale: float,
     chunk: int,
+    gate_normalizer: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v and both gates; the last is an empty tensor in causal mode (an op returns no None)."""
     from ..kernels.gated_bwd import gated_bwd
 
-    dq, dk, dv, dg_fwd, dg_bwd = gated_bwd(do, q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk)
+    dq, dk, dv, dg_fwd, dg_bwd = gated_bwd(do, q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk, gate_normalizer)
     return dq, dk, dv, dg_fwd, q.new_empty(0) if dg_bwd is None else dg_bwd
 
 
 @_gated_bwd_op.register_fake
-def _(do, q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk):
+def _(do, q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk, gate_normalizer):
     from ..kernels.block_sparse import empty_like_layout
 
     grads = [empty_like_layout(t, t.shape[-1]) for t in (q, k, v, log_gate_fwd)]
@@ -132,16 +145,18 @@ def _(do, q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk = inputs
+    q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk, gate_normalizer = inputs
     ctx.save_for_backward(q, k, v, log_gate_fwd, log_gate_bwd)
-    ctx.scale, ctx.chunk = scale, chunk
+    ctx.scale, ctx.chunk, ctx.gate_normalizer = scale, chunk, gate_normalizer
 
 
 def _backward(ctx, do):
     q, k, v, log_gate_fwd, log_gate_bwd = ctx.saved_tensors
-    dq, dk, dv, dg_fwd, dg_bwd = _gated_bwd_op(do, q, k, v, log_gate_fwd, log_gate_bwd, ctx.scale, ctx.chunk)
-    # slots: q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk
-    return dq, dk, dv, dg_fwd, None if log_gate_bwd is None else dg_bwd, None, None
+    dq, dk, dv, dg_fwd, dg_bwd = _gated_bwd_op(
+        do, q, k, v, log_gate_fwd, log_gate_bwd, ctx.scale, ctx.chunk, ctx.gate_normalizer
+    )
+    # slots: q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk, gate_normalizer
+    return dq, dk, dv, dg_fwd, None if log_gate_bwd is None else dg_bwd, None, None, None
 
 
 _gated_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -188,13 +203,14 @@ def _requires_gate_dtypes(args: dict, raise_error: bool) -> bool:
         _requires_head_dim("v", _TRITON_HEAD_DIMS),
     ],
 )
-def _triton_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale):
-    return _gated_fwd_op(q, k, v, log_gate_fwd, log_gate_bwd, scale, _TRITON_CHUNK)
+def _triton_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale, gate_normalizer):
+    return _gated_fwd_op(q, k, v, log_gate_fwd, log_gate_bwd, scale, _TRITON_CHUNK, gate_normalizer or 0.0)
 
 
 @_registry.register("torch", constraints=[requires_torch_dtype])
-def _torch_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale):
-    return gated_linear_attention_chunked(q, k, v, log_gate_fwd, log_gate_bwd, scale)
+def _torch_backend(q, k, v, log_gate_fwd, log_gate_bwd, scale, gate_normalizer):
+    log_gates = _log_gates(log_gate_fwd, gate_normalizer), _log_gates(log_gate_bwd, gate_normalizer)
+    return gated_linear_attention_chunked(q, k, v, *log_gates, scale)
 
 
 def _check_gate(name: str, gate, k: torch.Tensor) -> None:
@@ -208,6 +224,12 @@ def _check_gate(name: str, gate, k: torch.Tensor) -> None:
         raise ValueError(f"{name} must be on the device of k; got {name}.device={gate.device}, {k.device=}.")
 
 
+def _check_gate_normalizer(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"gate_normalizer must be a positive finite number or None; got gate_normalizer={value!r}.")
+    return float(value)
+
+
 def gated_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -216,6 +238,7 @@ def gated_linear_attention(
     log_gate_bwd: torch.Tensor | None = None,
     *,
     scale: float | None = None,
+    gate_normalizer: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     r"""Gated linear attention: causal with one gate set, bidirectional (ViG) with two.
@@ -241,6 +264,10 @@ def gated_linear_attention(
             positions (``b_t`` gates the step from token ``t + 1`` to ``t``), or None for the causal scan only.
             Same sign rule as ``log_gate_fwd``.
         scale: query scale; None means ``Dk ** -0.5``.
+        gate_normalizer: None, or ViG's ``gate_logit_normalizer`` ``c > 0``: then ``log_gate_fwd`` and
+            ``log_gate_bwd`` are gate *logits* ``x`` (any real values, e.g. the bf16 output of the gate projection)
+            and the log gates are ``logsigmoid(x) / c``, computed in fp32 where the gates are read (in-kernel for
+            Triton), so no fp32 log-gate tensor is materialised; the gate gradients are then with respect to ``x``.
 
     Other Parameters:
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32, Dk and Dv in
@@ -264,6 +291,9 @@ def gated_linear_attention(
         >>> a, b = torch.nn.functional.logsigmoid(torch.randn(2, 2, 3, 10, 16)) / 16
         >>> gated_linear_attention(q, k, v, a, b).shape
         torch.Size([2, 3, 10, 32])
+        >>> x, y = torch.randn(2, 2, 3, 10, 16)  # gate logits: the same form, computed inside
+        >>> gated_linear_attention(q, k, v, x, y, gate_normalizer=16.0).shape
+        torch.Size([2, 3, 10, 32])
     """
     _check_attention_inputs(q, k, v)
     if q.shape[2] != k.shape[2]:
@@ -275,5 +305,15 @@ def gated_linear_attention(
     if log_gate_bwd is not None:
         _check_gate("log_gate_bwd", log_gate_bwd, k)
     scale = _check_scale(scale, q.shape[-1])
-    args = dict(q=q, k=k, v=v, log_gate_fwd=log_gate_fwd, log_gate_bwd=log_gate_bwd, scale=scale)
+    if gate_normalizer is not None:
+        gate_normalizer = _check_gate_normalizer(gate_normalizer)
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        log_gate_fwd=log_gate_fwd,
+        log_gate_bwd=log_gate_bwd,
+        scale=scale,
+        gate_normalizer=gate_normalizer,
+    )
     return _registry.select(backend, args)(**args)
