@@ -3,7 +3,9 @@
 The session-4 backbone work (docs/benchmarks/README.md, "backbones made faster by profiling") started from this
 table on the H100: bf16 weights and inputs, ``torch.no_grad``, eager. Timing: ``--iters`` forwards after
 ``--warmup``, synchronised wall clock (host overhead included, as a user's loop pays it); then two forwards under
-the profiler, sorted by device time (CPU time on a machine without CUDA).
+the profiler, sorted by device time (CPU time on a machine without CUDA). Peak memory: CUDA's allocator high-water
+mark on a GPU; on CPU the high-water mark of the profiled forwards' tensor allocations (the running sum of the
+profiler's allocation and free events, so activations only: weights and inputs were allocated before).
 
 Usage::
 
@@ -51,6 +53,20 @@ def _parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _cpu_activation_peak(prof) -> int:
+    """Bytes: the highest running sum of the profiler's ``[memory]`` events (+size on allocation, -size on free)."""
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -73,11 +89,14 @@ def main(argv=None) -> str:
         _sync(args.device)
         seconds = (time.perf_counter() - start) / args.iters
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, profile_memory=args.device == "cpu") as prof:
             for _ in range(2):
                 model(images)
             _sync(args.device)
-    peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device == "cuda" else ""
+    if args.device == "cuda":
+        peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    else:
+        peak = f", activation peak {_cpu_activation_peak(prof) / 2**20:.1f} MiB"
     header = (
         f"{args.model} {args.img_size}px B{args.batch} {args.dtype}: {seconds * 1e3:.1f} ms per forward, "
         f"{args.batch / seconds:.0f} img/s{peak}"
