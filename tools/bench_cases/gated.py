@@ -79,9 +79,15 @@ def cases(args) -> list[BenchCase]:
         # fla's kernels run float32 matmuls in TF32; ours follow torch's switch, so compare like with like
         torch.set_float32_matmul_precision("high")
     fla = _fla_bidirectional() if on_gpu else None
+    # "ours-logits" reads the gate tensors as logits (logsigmoid(x) / 16 in-kernel, as GatedLinearAttention2d calls
+    # it); "ours-fp32-gate-glue" is the call it replaced: fp32 cast, logsigmoid and divide in PyTorch, then the op
     peers = {
         "ours": lambda q, k, v, a, b: gated_linear_attention(q, k, v, a, b),
         "ours-causal": lambda q, k, v, a, b: gated_linear_attention(q, k, v, a),
+        "ours-logits": lambda q, k, v, a, b: gated_linear_attention(q, k, v, a, b, gate_normalizer=16.0),
+        "ours-fp32-gate-glue": lambda q, k, v, a, b: gated_linear_attention(
+            q, k, v, F.logsigmoid(a.float()) / 16, F.logsigmoid(b.float()) / 16
+        ),
     }
     if on_gpu:
         # the op's chunk size (64) against 128: half the stored states and sequential state steps, half the programs
