@@ -17,13 +17,13 @@ import functools
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import visionattn  # noqa: F401  (registers the models)
 import visionattn.nn.gated_attention2d as gated_attention2d
 from tools.bench_cases._common import BenchCase, image_batch, model_step
 from tools.bench_cases.gated import _fla_bidirectional
 from visionattn.ops import gated_linear_attention
+from visionattn.ops.gated import _log_gates  # the log gates of the PyTorch backends
 
 __all__ = ["cases"]
 
@@ -69,11 +69,6 @@ _CPU_ROWS = [
     ("infer 64px vig_tiny vs deit_tiny", "fwd", 64, 2, [("deit_tiny", "deit_tiny_patch16_224", True)], "vig_tiny"),
     ("train 64px vig_h_tiny", "fwd+bwd", 64, 2, [("convnext_atto", "convnext_atto", False)], "vig_h_tiny"),
 ]
-
-
-def _log_gates(logits: torch.Tensor, gate_normalizer: float | None) -> torch.Tensor:
-    """The module passes gate logits and ``gate_normalizer``; the reference paths take fp32 ``logsigmoid(x) / c``."""
-    return logits if gate_normalizer is None else F.logsigmoid(logits.float()) / gate_normalizer
 
 
 def _concat_flip_path(causal):
