@@ -172,7 +172,8 @@ def _linear_fwd_kernel_query_mean(
     i_b, i_h = i_bh // H, i_bh % H
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    b_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # [BLOCK_N, BLOCK_D]: summed over rows after the loop (see _linear_fwd_kernel_state)
+    b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     start = i_c * chunk_len
     end = tl.minimum(start + chunk_len, N)
     for n0 in range(start, end, BLOCK_N):
@@ -181,8 +182,8 @@ def _linear_fwd_kernel_query_mean(
         p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + o_n[:, None] * stride_q_n + o_d[None, :] * stride_q_d
         # [BLOCK_N, BLOCK_D]
         b_phi = _phi(_load_rows(p_q, m_n, m_d), m_d, FEATURE)
-        b_acc += tl.sum(tl.where(m_n[:, None], b_phi, 0.0), axis=0)
-    tl.store(part_ptr + (i_c * tl.num_programs(1) + i_bh) * D + o_d, b_acc, mask=m_d)
+        b_acc += tl.where(m_n[:, None], b_phi, 0.0)
+    tl.store(part_ptr + (i_c * tl.num_programs(1) + i_bh) * D + o_d, tl.sum(b_acc, axis=0), mask=m_d)
 
 
 @triton.autotune(
@@ -243,10 +244,12 @@ def _linear_fwd_kernel_state(
     m_d = o_d < D
     m_e = o_e < DV
     b_kv = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
-    b_ks = tl.zeros([BLOCK_D], dtype=tl.float32)
-    b_vs = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    # row-tile shaped sums, reduced over rows once after the loop: a reduction across the warps in the loop would
+    # cost shared-memory round trips and barriers every iteration
+    b_ks = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_vs = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_N], dtype=tl.float32)
     b_m = tl.max(tl.full([BLOCK_N], _NEG_INF, tl.float32), axis=0)
-    b_l = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0)
     if WEIGHT == 2:
         b_qm = tl.load(qm_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
     start = i_c * chunk_len
@@ -271,7 +274,7 @@ def _linear_fwd_kernel_state(
             b_u = tl.exp(b_s - b_m_new)
             b_kv *= b_alpha
             b_ks *= b_alpha
-            b_l = b_l * b_alpha + tl.sum(b_u, axis=0)
+            b_l = b_l * b_alpha + b_u
             b_m = b_m_new
         elif WEIGHT == 1:
             p_w = w_ptr + i_b * stride_w_b + i_h * stride_w_h + o_n * stride_w_n
@@ -280,15 +283,15 @@ def _linear_fwd_kernel_state(
             b_u = tl.where(m_n, 1.0, 0.0)
         b_uk = (b_phir * b_u[:, None]).to(b_v.dtype)
         b_kv += tl.dot(tl.trans(b_uk), b_v, input_precision=DOT_PRECISION)
-        b_ks += tl.sum(b_phin * b_u[:, None], axis=0)
-        b_vs += tl.sum(b_v.to(tl.float32), axis=0)
+        b_ks += b_phin * b_u[:, None]
+        b_vs += b_v.to(tl.float32)
     i_part = i_c * tl.num_programs(1) + i_bh
     p_kv = kv_part_ptr + i_part * D * DV + o_d[:, None] * DV + o_e[None, :]
     tl.store(p_kv, b_kv, mask=m_d[:, None] & m_e[None, :])
-    tl.store(ks_part_ptr + i_part * D + o_d, b_ks, mask=m_d)
-    tl.store(vs_part_ptr + i_part * DV + o_e, b_vs, mask=m_e)
+    tl.store(ks_part_ptr + i_part * D + o_d, tl.sum(b_ks, axis=0), mask=m_d)
+    tl.store(vs_part_ptr + i_part * DV + o_e, tl.sum(b_vs, axis=0), mask=m_e)
     tl.store(ml_part_ptr + i_part * 2, b_m)
-    tl.store(ml_part_ptr + i_part * 2 + 1, b_l)
+    tl.store(ml_part_ptr + i_part * 2 + 1, tl.sum(b_l, axis=0))
 
 
 @triton.jit

@@ -175,8 +175,9 @@ def _linear_bwd_kernel_apply(
     b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
     b_vm = tl.load(vm_ptr + i_bh * DV + o_e, mask=m_e, other=0.0)
     b_dkv = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
-    b_dks = tl.zeros([BLOCK_D], dtype=tl.float32)
-    b_dvm = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    # row-tile shaped sums, reduced over rows once after the loop (see linear._linear_fwd_kernel_state)
+    b_dks = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dvm = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     start = i_c * chunk_len
     end = tl.minimum(start + chunk_len, N)
     for n0 in range(start, end, BLOCK_N):
@@ -202,13 +203,13 @@ def _linear_bwd_kernel_apply(
             b_dnum = b_do * (1.0 + 1.0 / (b_z + eps))[:, None]
             b_dz = -tl.sum(b_do * b_num, axis=1) / ((b_z + eps) * (b_z + eps)) - tl.sum(b_do * b_vm[None, :], axis=1)
             b_dt = scale * b_dz
-            b_dvm -= tl.sum(b_z[:, None] * b_do, axis=0)
+            b_dvm -= b_z[:, None] * b_do
         else:
             b_dnum = b_do
             b_dt = tl.sum(b_do * 0.0, axis=1)
         b_dnum_op = _operand(b_dnum, BF16_STATE)
         b_dkv += num_scale * tl.dot(tl.trans(_operand(b_phir, BF16_STATE)), b_dnum_op, input_precision=DOT_PRECISION)
-        b_dks += tl.sum(b_dt[:, None] * b_phin, axis=0)
+        b_dks += b_dt[:, None] * b_phin
         b_dphir = num_scale * tl.dot(b_dnum_op, tl.trans(b_kv), input_precision=DOT_PRECISION)
         b_dphi = _rope_bwd(b_dphir, b_cos, b_sin, HAS_ROPE, BLOCK_N, BLOCK_D)
         b_dphin = b_dt[:, None] * b_ks[None, :]
@@ -228,8 +229,8 @@ def _linear_bwd_kernel_apply(
     i_part = i_c * tl.num_programs(1) + i_bh
     p_dkv = dkv_part_ptr + i_part * D * DV + o_d[:, None] * DV + o_e[None, :]
     tl.store(p_dkv, b_dkv, mask=m_d[:, None] & m_e[None, :])
-    tl.store(dks_part_ptr + i_part * D + o_d, b_dks, mask=m_d)
-    tl.store(dvm_part_ptr + i_part * DV + o_e, b_dvm, mask=m_e)
+    tl.store(dks_part_ptr + i_part * D + o_d, tl.sum(b_dks, axis=0), mask=m_d)
+    tl.store(dvm_part_ptr + i_part * DV + o_e, tl.sum(b_dvm, axis=0), mask=m_e)
 
 
 @triton.autotune(
@@ -321,7 +322,7 @@ def _linear_bwd_kernel_state(
         b_c0 = tl.load(c0_ptr + i_bh)
         b_qm = tl.load(qm_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
         b_lse = tl.load(lse_ptr + i_bh)
-    b_dqm = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_dqm = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     start = i_c * chunk_len
     end = tl.minimum(start + chunk_len, N)
     for n0 in range(start, end, BLOCK_N):
@@ -361,7 +362,7 @@ def _linear_bwd_kernel_state(
         if WEIGHT == 2:
             b_ds = tl.where(m_n, b_alpha * (b_g - b_c0), 0.0)
             b_dphin += (scale * b_ds)[:, None] * b_qm[None, :]
-            b_dqm += tl.sum((scale * b_ds)[:, None] * b_phin, axis=0)
+            b_dqm += (scale * b_ds)[:, None] * b_phin
         p_dk = dk_ptr + i_b * stride_dk_b + i_h * stride_dk_h + o_n[:, None] * stride_dk_n + o_d[None, :] * stride_dk_d
         if HAS_K_NORM:
             _store_rows(p_dk, _phi_bwd(b_k, b_phi, b_dphi, FEATURE), m_n, m_d)
@@ -376,7 +377,7 @@ def _linear_bwd_kernel_state(
         else:
             _store_rows(p_dk, _phi_bwd(b_k, b_phi, b_dphi + b_dphin, FEATURE), m_n, m_d)
     if WEIGHT == 2:
-        tl.store(dqm_part_ptr + (i_c * tl.num_programs(1) + i_bh) * D + o_d, b_dqm, mask=m_d)
+        tl.store(dqm_part_ptr + (i_c * tl.num_programs(1) + i_bh) * D + o_d, tl.sum(b_dqm, axis=0), mask=m_d)
 
 
 # ------------------------------------------------------------------------------------------------ host launchers
