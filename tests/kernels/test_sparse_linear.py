@@ -83,6 +83,52 @@ def test_sparse_linear_kernel_matches_reference_fp16(kernel_device, rng, poison_
     _check(kernel_device, torch.float16, rng, n=64, d=16, dv=16, block_q=32, block_k=16, topk_ratio=0.5)
 
 
+def _check_inference(device, dtype, gen, *, n, d, dv, block_q, block_k, topk_ratio, skip_ratio=0.0, heads=2,
+                     bnhd=False, proj="weight+bias", weight_dtype=None):  # fmt: skip
+    """Without autograd the kernel forms ``o_s + Proj(o_l)`` in its epilogue (``sparse_linear_fwd_combined``): vs
+    the float64 reference and vs the autograd path's separate branches; ``proj`` names the Proj tensors given."""
+    from visionattn.kernels import sparse_linear as kernels
+
+    inputs = _make_inputs(device, dtype, gen, n=n, d=d, dv=dv, heads=heads, bnhd=bnhd)
+    q, k, v, weight, bias = (t.detach() for t in inputs)
+    weight = weight.to(weight_dtype or dtype) if "weight" in proj else None
+    bias = bias.to(weight_dtype or dtype) if "bias" in proj else None
+    kw = dict(topk_ratio=topk_ratio, skip_ratio=skip_ratio, block_q=block_q, block_k=block_k)
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("sparse_linear_fwd", "sparse_linear_fwd_combined"):
+            launcher = getattr(kernels, name)
+            patch.setattr(kernels, name, lambda *a, _f=launcher, _n=name, **k_: calls.append(_n) or _f(*a, **k_))
+        with torch.no_grad():
+            out = sparse_linear_attention(q, k, v, weight, bias, backend="triton", **kw)
+    assert calls == ["sparse_linear_fwd_combined"]
+    if bnhd:
+        assert out.transpose(1, 2).is_contiguous()
+    blocks = _select_blocks(q, k, topk_ratio, skip_ratio, block_q, block_k)
+    proj_args = [None if t is None else t.double() for t in (weight, bias)]
+    ref = sparse_linear_attention_reference(*(t.double() for t in (q, k, v)), *blocks, *proj_args)
+    assert_close("out", ref, out, tol=TOLERANCES[dtype])
+    unfused = sparse_linear_attention(q.requires_grad_(True), k, v, weight, bias, backend="triton", **kw)
+    assert_close("out vs the autograd path", unfused.detach().double(), out, tol=TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize(
+    "dtype, weight_dtype, proj, bnhd",
+    [
+        (torch.float32, torch.float32, "weight+bias", False),
+        (torch.float32, torch.float32, "none", True),
+        (torch.float32, torch.float32, "bias", False),
+        (torch.float16, torch.float16, "weight+bias", True),
+        (torch.float16, torch.float32, "weight", False),  # an fp32 Proj on fp16 activations runs in fp32
+    ],
+    ids=str,
+)
+def test_sparse_linear_inference_epilogue_matches_reference(kernel_device, rng, poison_empty, dtype, weight_dtype,
+                                                            proj, bnhd):  # fmt: skip
+    _check_inference(kernel_device, dtype, rng, n=72, d=16, dv=32, block_q=16, block_k=16, topk_ratio=0.34,
+                     skip_ratio=0.25, bnhd=bnhd, proj=proj, weight_dtype=weight_dtype)  # fmt: skip
+
+
 @pytest.mark.parametrize("critical_heads, negligible_heads", [(2, 1), (1, 2), (1, 1)], ids=str)
 def test_marginal_states_are_masked_sums_of_the_block_states(rng, critical_heads, negligible_heads):
     """The marginal block matrix (critical and negligible CSRs broadcast over heads) and the per-row masked sums of
@@ -153,6 +199,10 @@ def test_sparse_linear_kernel_gpu_compile_fullgraph(rng):
 def test_sparse_linear_kernel_real_sizes(rng, dtype, n, d, block_q, block_k, topk_ratio, skip_ratio, feature_map):
     _check(torch.device("cuda"), dtype, rng, n=n, d=d, dv=d, block_q=block_q, block_k=block_k,
            topk_ratio=topk_ratio, skip_ratio=skip_ratio, feature_map=feature_map, heads=3, bnhd=d == 128)  # fmt: skip
+    if feature_map == "softmax":
+        _check_inference(torch.device("cuda"), dtype, rng, n=n, d=d, dv=d, block_q=block_q, block_k=block_k,
+                         topk_ratio=topk_ratio, skip_ratio=skip_ratio, heads=3, bnhd=d == 128,
+                         weight_dtype=torch.float32 if d == 64 else None)  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -176,8 +226,10 @@ def test_sparse_linear_kernel_gpu_every_config(monkeypatch, rng, config):
     ran = 0
     for dtype, n, d, dv, block_q, block_k, topk_ratio, skip_ratio in shapes:
         try:
-            _check(torch.device("cuda"), dtype, rng, n=n, d=d, dv=dv, block_q=block_q, block_k=block_k,
-                   topk_ratio=topk_ratio, skip_ratio=skip_ratio)  # fmt: skip
+            blocks = dict(n=n, d=d, dv=dv, block_q=block_q, block_k=block_k, topk_ratio=topk_ratio)
+            _check(torch.device("cuda"), dtype, rng, skip_ratio=skip_ratio, **blocks)
+            # the fused kernel compiled with the inference epilogue (COMBINE)
+            _check_inference(torch.device("cuda"), dtype, rng, skip_ratio=skip_ratio, **blocks)
             ran += 1
         except triton.runtime.errors.OutOfResources:
             # a config too large for this shape's shared memory: the autotuner skips it, so it never runs

@@ -46,7 +46,7 @@ from .sparse_linear_state import (
     state_dtype,
 )
 
-__all__ = ["sparse_linear_fwd"]
+__all__ = ["sparse_linear_fwd", "sparse_linear_fwd_combined"]
 
 _NEG_INF = tl.constexpr(NEG_INF)
 _NEG_INF_LSE = tl.constexpr(float("-inf"))
@@ -75,6 +75,22 @@ def _sla_state_slice(s_ptr, row, col0, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.co
     return tl.load(p_s, mask=(o_d < HEAD_DIM)[:, None] & (o_dv < HEAD_DIM_V)[None, :], other=0.0)
 
 
+@triton.jit
+def _sla_proj_chunk(b_ol, w_ptr, stride_w_out, stride_w_in, o_c, o_dv, HEAD_DIM_V: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """``o_l[:, c] Wᵀ[c, :]`` ``[BLOCK_M, BLOCK_DV]`` fp32: one ``DV_CHUNK``-column slice ``b_ol`` of the linear
+    branch through ``Proj`` (weight ``W (Dv, Dv)``, in W's dtype as ``F.linear`` runs it); without a weight the
+    slice itself, placed at its columns by a 0/1 selection matrix (an exact product)."""
+    m_c = o_c < HEAD_DIM_V
+    if HAS_WEIGHT:
+        # [DV_CHUNK, BLOCK_DV]: Wᵀ[c, j] = W[j, c]
+        p_w = w_ptr + o_dv[None, :] * stride_w_out + o_c[:, None] * stride_w_in
+        b_w = tl.load(p_w, mask=m_c[:, None] & (o_dv < HEAD_DIM_V)[None, :], other=0.0)
+    else:
+        b_w = tl.where(o_c[:, None] == o_dv[None, :], 1.0, 0.0).to(b_ol.dtype)
+    return tl.dot(b_ol.to(b_w.dtype), b_w, input_precision=DOT_PRECISION)
+
+
 # ---------------------------------------------------------------------------------------------- forward
 @triton.autotune(
     configs=autotune_configs(_FWD_CONFIGS, _DEFAULT_CONFIG),
@@ -98,6 +114,8 @@ def _sparse_linear_fwd_kernel(
     indices_ptr,
     neg_indptr_ptr,
     neg_indices_ptr,
+    w_ptr,
+    bias_ptr,
     stride_q_b,
     stride_q_h,
     stride_q_n,
@@ -118,6 +136,8 @@ def _sparse_linear_fwd_kernel(
     stride_indptr_h,
     stride_neg_b,
     stride_neg_h,
+    stride_w_out,
+    stride_w_in,
     num_heads,
     q_len,
     kv_len,
@@ -146,6 +166,9 @@ def _sparse_linear_fwd_kernel(
     STATE_BF16: tl.constexpr,
     DV_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    COMBINE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     i_bh = tl.program_id(1)
     i_b = (i_bh // num_heads).to(tl.int64)
@@ -182,12 +205,15 @@ def _sparse_linear_fwd_kernel(
     )
     empty = l_i == 0.0
     o_row = (start_m + o_m)[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
-    m_o = m_m[:, None] & (o_dv < HEAD_DIM_V)[None, :]
+    m_dv = o_dv < HEAD_DIM_V
+    m_o = m_m[:, None] & m_dv[None, :]
+    # [BLOCK_M, BLOCK_DV]: o_s; with COMBINE the output accumulator, which the linear chunks add into
     b_os = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(os_ptr + i_b * stride_o_b + i_h * stride_o_h + o_row, b_os.to(os_ptr.dtype.element_ty), mask=m_o)
-    b_lse = tl.where(empty, _NEG_INF_LSE, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
     p_row = i_bh.to(tl.int64) * q_len + start_m + o_m
-    tl.store(lse_ptr + p_row, b_lse, mask=m_m)
+    if not COMBINE:
+        tl.store(os_ptr + i_b * stride_o_b + i_h * stride_o_h + o_row, b_os.to(os_ptr.dtype.element_ty), mask=m_o)
+        b_lse = tl.where(empty, _NEG_INF_LSE, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
+        tl.store(lse_ptr + p_row, b_lse, mask=m_m)
     # -- linear part: the query block's marginal state (masked_block_sums), applied to φ(q); 0 without marginal blocks
     neg_row = neg_indptr_ptr + i_b * stride_neg_b + i_h * stride_neg_h + i_m
     num_marginal = num_kv_blocks - (crit_end - crit_start) - (tl.load(neg_row + 1) - tl.load(neg_row))
@@ -202,15 +228,75 @@ def _sparse_linear_fwd_kernel(
     for c in tl.static_range(0, BLOCK_DV, DV_CHUNK):
         # [BLOCK_D, DV_CHUNK]
         b_s = _sla_state_slice(hm_ptr, i_state, c, HEAD_DIM, HEAD_DIM_V, BLOCK_D, DV_CHUNK)
-        b_ol = _sla_dot(b_phq, b_s, STATE_BF16, DOT_PRECISION) * b_rden[:, None]
+        # [BLOCK_M, DV_CHUNK], rounded to the output dtype as the unfused o_linear is
+        b_ol = (_sla_dot(b_phq, b_s, STATE_BF16, DOT_PRECISION) * b_rden[:, None]).to(os_ptr.dtype.element_ty)
         o_c = c + tl.arange(0, DV_CHUNK)
-        p_ol = ol_ptr + i_b * stride_o_b + i_h * stride_o_h + (start_m + o_m)[:, None] * stride_o_n
-        p_ol += o_c[None, :] * stride_o_d
-        tl.store(p_ol, b_ol.to(ol_ptr.dtype.element_ty), mask=m_m[:, None] & (o_c < HEAD_DIM_V)[None, :])
-    tl.store(rden_ptr + p_row, b_rden, mask=m_m)
+        if COMBINE:
+            b_os += _sla_proj_chunk(b_ol, w_ptr, stride_w_out, stride_w_in, o_c, o_dv, HEAD_DIM_V, HAS_WEIGHT,
+                                    DOT_PRECISION)  # fmt: skip
+        else:
+            p_ol = ol_ptr + i_b * stride_o_b + i_h * stride_o_h + (start_m + o_m)[:, None] * stride_o_n
+            p_ol += o_c[None, :] * stride_o_d
+            tl.store(p_ol, b_ol, mask=m_m[:, None] & (o_c < HEAD_DIM_V)[None, :])
+    if COMBINE:
+        if HAS_BIAS:
+            b_os += tl.load(bias_ptr + o_dv, mask=m_dv, other=0.0).to(tl.float32)[None, :]
+        tl.store(os_ptr + i_b * stride_o_b + i_h * stride_o_h + o_row, b_os.to(os_ptr.dtype.element_ty), mask=m_o)
+    else:
+        tl.store(rden_ptr + p_row, b_rden, mask=m_m)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
+def _launch_fwd(q, k, v, csrs, outputs, proj, *, scale, block_q, block_k, feature, combine):
+    """The per-key-block states, their masked sums per query block, then grid ``(Mq * Q_SUB, B * H)`` of fused
+    query tiles writing ``outputs`` (``o_sparse, o_linear, lse, rden``, or ``out`` four times with ``combine``)."""
+    indptr, indices, partial, neg_indptr, neg_indices = csrs
+    proj_weight, proj_bias, eps = proj
+    b, h, q_len, _ = q.shape
+    h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
+    marginal = marginal_block_matrix(indptr, indices, neg_indptr, neg_indices, h_blocks.shape[1], h_blocks.dtype)
+    h_marginal, z_marginal = masked_block_sums(marginal, h_blocks, z_blocks, b, h)
+    del h_blocks
+    grid = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
+    _sparse_linear_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        *outputs,
+        h_marginal,
+        z_marginal,
+        indptr,
+        indices,
+        neg_indptr,
+        neg_indices,
+        q if proj_weight is None else proj_weight,
+        q if proj_bias is None else proj_bias,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *outputs[0].stride(),
+        *csr_strides(indptr),
+        *csr_strides(neg_indptr),
+        *(proj_weight.stride() if proj_weight is not None else (0, 0)),
+        h,
+        q_len,
+        k.shape[2],
+        block_q,
+        block_k,
+        marginal.shape[-1],
+        scale * LOG2E,
+        eps,
+        *predicate_args(None, None, partial),
+        FEATURE=feature,
+        STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
+        DV_CHUNK=dv_chunk(v.shape[-1]),
+        COMBINE=combine,
+        HAS_WEIGHT=proj_weight is not None,
+        HAS_BIAS=proj_bias is not None,
+        **launch_constexprs(q, v, MASK_NONE),
+    )
+
+
 def sparse_linear_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -227,55 +313,45 @@ def sparse_linear_fwd(
     feature: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The per-key-block states, their masked sums per query block, then grid ``(Mq * Q_SUB, B * H)`` of fused
-    query tiles.
+    """The forward that the backward needs: both branches and the softmax/normaliser rows.
 
     Returns ``o_sparse``, ``o_linear`` ``(B, H, Nq, Dv)`` stored like q, and fp32 ``(B, H, Nq)`` rows: ``lse``
     (natural log, ``-inf`` without critical blocks) and ``rden = 1 / (φ(q)·z + eps)`` (0 without marginal blocks).
     """
     b, h, q_len, _ = q.shape
-    kv_len = k.shape[2]
-    h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
-    marginal = marginal_block_matrix(indptr, indices, neg_indptr, neg_indices, h_blocks.shape[1], h_blocks.dtype)
-    h_marginal, z_marginal = masked_block_sums(marginal, h_blocks, z_blocks, b, h)
-    del h_blocks
     o_sparse = empty_like_layout(q, v.shape[-1])
     o_linear = empty_like_layout(q, v.shape[-1])
     lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
     rden = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
-    grid = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
-    _sparse_linear_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        o_sparse,
-        o_linear,
-        lse,
-        rden,
-        h_marginal,
-        z_marginal,
-        indptr,
-        indices,
-        neg_indptr,
-        neg_indices,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *o_sparse.stride(),
-        *csr_strides(indptr),
-        *csr_strides(neg_indptr),
-        h,
-        q_len,
-        kv_len,
-        block_q,
-        block_k,
-        marginal.shape[-1],
-        scale * LOG2E,
-        eps,
-        *predicate_args(None, None, partial),
-        FEATURE=feature,
-        STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
-        DV_CHUNK=dv_chunk(v.shape[-1]),
-        **launch_constexprs(q, v, MASK_NONE),
-    )
+    csrs = indptr, indices, partial, neg_indptr, neg_indices
+    _launch_fwd(q, k, v, csrs, (o_sparse, o_linear, lse, rden), (None, None, eps), scale=scale, block_q=block_q,
+                block_k=block_k, feature=feature, combine=False)  # fmt: skip
     return o_sparse, o_linear, lse, rden
+
+
+def sparse_linear_fwd_combined(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    partial: torch.Tensor,
+    neg_indptr: torch.Tensor,
+    neg_indices: torch.Tensor,
+    proj_weight: torch.Tensor | None,
+    proj_bias: torch.Tensor | None,
+    *,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    feature: int,
+    eps: float,
+) -> torch.Tensor:
+    """The inference forward: ``out = o_s + Proj(o_l)`` ``(B, H, Nq, Dv)`` (stored like q) formed in the kernel's
+    epilogue, so neither branch nor the row statistics reach memory (``Proj``: weight ``(Dv, Dv)`` and bias
+    ``(Dv,)``, each optional, fp16/bf16/fp32)."""
+    out = empty_like_layout(q, v.shape[-1])
+    csrs = indptr, indices, partial, neg_indptr, neg_indices
+    _launch_fwd(q, k, v, csrs, (out,) * 4, (proj_weight, proj_bias, eps), scale=scale, block_q=block_q,
+                block_k=block_k, feature=feature, combine=True)  # fmt: skip
+    return out

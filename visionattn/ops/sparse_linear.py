@@ -188,6 +188,53 @@ def _(q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q
     return empty_like_layout(q, v.shape[-1]), empty_like_layout(q, v.shape[-1]), rows, torch.empty_like(rows)
 
 
+@custom_op("visionattn::sparse_linear_attention_infer")
+def _sla_infer_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    partial: torch.Tensor,
+    neg_indptr: torch.Tensor,
+    neg_indices: torch.Tensor,
+    proj_weight: torch.Tensor | None,
+    proj_bias: torch.Tensor | None,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    feature: int,
+    eps: float,
+) -> torch.Tensor:
+    """The forward without autograd: ``o_s + Proj(o_l)`` from the kernel's epilogue (no branch outputs, no rows)."""
+    from ..kernels.sparse_linear import sparse_linear_fwd_combined
+
+    return sparse_linear_fwd_combined(
+        q,
+        k,
+        v,
+        indptr,
+        indices,
+        partial,
+        neg_indptr,
+        neg_indices,
+        proj_weight,
+        proj_bias,
+        scale=scale,
+        block_q=block_q,
+        block_k=block_k,
+        feature=feature,
+        eps=eps,
+    )
+
+
+@_sla_infer_op.register_fake
+def _(q, k, v, *args):
+    from ..kernels.block_sparse import empty_like_layout
+
+    return empty_like_layout(q, v.shape[-1])
+
+
 @custom_op("visionattn::sparse_linear_attention_bwd")
 def _sla_bwd_op(
     do_sparse: torch.Tensor,
@@ -291,6 +338,15 @@ def _fwd_flops(q_shape, k_shape, v_shape, indptr_shape, indices_shape, partial_s
     )
 
 
+@register_flop_formula(torch.ops.visionattn.sparse_linear_attention_infer)
+def _infer_flops(q_shape, k_shape, v_shape, indptr_shape, indices_shape, partial_shape, neg_indptr_shape,
+                 neg_indices_shape, proj_weight_shape, proj_bias_shape, scale, block_q, block_k, *_, **__):  # fmt: skip
+    """The forward's matmuls plus ``Proj`` (``2·B·H·Nq·Dv²`` with a weight)."""
+    proj = 2 * q_shape[0] * q_shape[1] * q_shape[2] * v_shape[-1] ** 2 if proj_weight_shape is not None else 0
+    return proj + _fwd_flops(q_shape, k_shape, v_shape, indptr_shape, indices_shape, partial_shape, neg_indptr_shape,
+                             neg_indices_shape, scale, block_q, block_k)  # fmt: skip
+
+
 @register_flop_formula(torch.ops.visionattn.sparse_linear_attention_bwd)
 def _bwd_flops(do_s_shape, do_l_shape, q_shape, k_shape, v_shape, o_s_shape, o_l_shape, lse_shape, rden_shape,
                indptr_shape, indices_shape, neg_indptr_shape, neg_indices_shape, scale, block_q, block_k, *_,
@@ -312,7 +368,9 @@ def _bwd_flops(do_s_shape, do_l_shape, q_shape, k_shape, v_shape, o_s_shape, o_l
         _triton_supports_blocks,
     ],
 )
-def _sparse_linear_triton(q, k, v, critical: BlockMask, negligible: BlockMask | None, *, feature_map: str, scale, eps):
+def _sparse_linear_triton(
+    q, k, v, critical: BlockMask, negligible: BlockMask | None, *, feature_map: str, scale, eps, proj_weight, proj_bias
+):
     from ..kernels.linear import FEATURE_CODES
 
     csr = critical.indptr, critical.indices, critical.partial
@@ -320,28 +378,23 @@ def _sparse_linear_triton(q, k, v, critical: BlockMask, negligible: BlockMask | 
         neg_csr = _empty_csr(critical.num_q_blocks, q.device)
     else:
         neg_csr = negligible.indptr, negligible.indices
+    consts = critical.block_q, critical.block_k, FEATURE_CODES[feature_map], eps
+    proj = [t for t in (proj_weight, proj_bias) if t is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *proj))) and all(
+        t.dtype in _TRITON_DTYPES for t in proj
+    ):
+        # nothing to differentiate: Proj and the sum run in the kernel's epilogue
+        return _sla_infer_op(q, k, v, *csr, *neg_csr, proj_weight, proj_bias, scale, *consts)
     # The key-major critical CSR of the dK/dV pass is built here, so that the backward only launches kernels; cached
     # per mask (a block_mask reused across calls is transposed once). Without a gradient the rows stand in, unread.
     key_major = csr[:2]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         key_major = _mask_launch_args(critical, True)[2][:2]
-    o_sparse, o_linear, _, _ = _sla_fwd_op(
-        q,
-        k,
-        v,
-        *csr,
-        *neg_csr,
-        scale,
-        critical.block_q,
-        critical.block_k,
-        FEATURE_CODES[feature_map],
-        eps,
-        *key_major,
-    )
-    return o_sparse, o_linear
+    o_sparse, o_linear, _, _ = _sla_fwd_op(q, k, v, *csr, *neg_csr, scale, *consts, *key_major)
+    return _combine(o_sparse, o_linear, proj_weight, proj_bias)
 
 
-_REGISTRY.register("reference")(_reference_branches)
+_REGISTRY.register("reference")(sparse_linear_attention_reference)
 
 
 # ---------------------------------------------------------------------------------------------- public op
@@ -459,6 +512,8 @@ def sparse_linear_attention(
         critical, negligible = block_mask, None
     args = {"q": q, "k": k, "v": v, "critical": critical}
     fn = _REGISTRY.select(backend, args)
-    o_sparse, o_linear = fn(q, k, v, critical, negligible, feature_map=feature_map, scale=scale, eps=eps)
-    out = _combine(o_sparse, o_linear, proj_weight, proj_bias)
+    out = fn(
+        q, k, v, critical, negligible, feature_map=feature_map, scale=scale, eps=eps, proj_weight=proj_weight,
+        proj_bias=proj_bias,
+    )  # fmt: skip
     return (out, critical.density()) if return_sparsity else out
