@@ -63,13 +63,22 @@ def _forward_backward(fn, inputs, grad_out):
     return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
 
 
-def _check_against_reference(low, dtype, scale=None, run=None):
-    """Kernel (or ``run(*low)``) vs float64 recurrence on the same (rounded) inputs ``low``: output, every gradient."""
+def _check_against_reference(low, dtype, scale=None, run=None, gate_normalizer=None):
+    """Kernel (or ``run(*low)``) vs float64 recurrence on the same (rounded) inputs ``low``: output, every gradient.
+
+    With ``gate_normalizer = c`` the gates in ``low`` are logits ``x``, the reference's log gates ``logsigmoid(x) / c``.
+    """
     master = [None if t is None else t.detach().double().requires_grad_() for t in low]
     gen = torch.Generator().manual_seed(1)
     grad_out = torch.randn(*low[2].shape, generator=gen, dtype=torch.float64).to(low[2].device)
-    ref, ref_grads = _forward_backward(lambda *x: gated_linear_attention_reference(*x, scale=scale), master, grad_out)
-    run = run or (lambda *x: gated_linear_attention(*x, scale=scale, backend="triton"))
+
+    def reference(q, k, v, a, b):
+        if gate_normalizer is not None:
+            a, b = (None if x is None else F.logsigmoid(x) / gate_normalizer for x in (a, b))
+        return gated_linear_attention_reference(q, k, v, a, b, scale=scale)
+
+    ref, ref_grads = _forward_backward(reference, master, grad_out)
+    run = run or (lambda *x: gated_linear_attention(*x, scale=scale, gate_normalizer=gate_normalizer, backend="triton"))
     out, grads = _forward_backward(run, low, grad_out)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close("o", ref, out, dtype)
@@ -105,6 +114,14 @@ def test_gated_kernel_half_inputs_float32_gates(dtype, kernel_device, poison_emp
     q, k, v, a, b = _inputs(1, 1, 40, 16, 32)
     low = _to((q, k, v), kernel_device, dtype) + _to((a, b), kernel_device, torch.float32)
     _check_against_reference(low, dtype)
+
+
+def test_gated_kernel_mixed_gate_dtypes(kernel_device, poison_empty):
+    """Forward and backward gates of different dtypes (the state kernel reads both through one pointer)."""
+    q, k, v, a, b = _inputs(1, 1, 40, 16, 16)
+    q, k, v, b = _to((q, k, v, b), kernel_device, torch.float16)
+    (a,) = _to((a,), kernel_device, torch.float32)
+    _check_against_reference((q, k, v, a, b), torch.float16)
 
 
 def test_gated_kernel_strided_inputs(kernel_device, poison_empty):
@@ -285,6 +302,21 @@ def test_gated_kernel_real_sizes_bf16(label, batch, heads, length, dk, dv, bidir
     _check_against_reference(_to(inputs, torch.device("cuda"), torch.bfloat16), torch.bfloat16)
 
 
+def _gate_logits(inputs, seed=5):
+    """``inputs`` with its gates replaced by ViG-like gate logits (spread 4: log gates from ~-1 to ~0 at c = 16)."""
+    gen = torch.Generator().manual_seed(seed)
+    logit = lambda t: None if t is None else 4 * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+    return (*inputs[:3], logit(inputs[3]), logit(inputs[4]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("label", "batch", "heads", "length", "dk", "dv"), GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
+def test_gated_kernel_gate_logits_real_sizes_bf16(label, batch, heads, length, dk, dv):
+    """ViG's call: bf16 q, k, v and bf16 gate logits, ``gate_normalizer=16`` (logsigmoid in-kernel)."""
+    inputs = _gate_logits(_inputs(batch, heads, length, dk, dv))
+    _check_against_reference(_to(inputs, torch.device("cuda"), torch.bfloat16), torch.bfloat16, gate_normalizer=16.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dv", [16, 32, 64])
@@ -297,7 +329,8 @@ def test_gated_kernel_head_dims(dk, dv, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel_name", ["state", "output", "bwd"])
 def test_gated_kernel_every_config(kernel_name, monkeypatch):
-    """Each autotune config of each kernel gives the right answer (autotune may pick any of them)."""
+    """Each autotune config of each kernel gives the right answer (autotune may pick any of them), for log gates and
+    for gate logits."""
     from visionattn.kernels import gated, gated_bwd
 
     kernel = {
@@ -310,6 +343,8 @@ def test_gated_kernel_every_config(kernel_name, monkeypatch):
         monkeypatch.setattr(kernel, "configs", [config])
         monkeypatch.setattr(kernel, "cache", {})
         _check_against_reference(_to(inputs, torch.device("cuda"), torch.bfloat16), torch.bfloat16)
+        low = _to(_gate_logits(inputs), torch.device("cuda"), torch.bfloat16)
+        _check_against_reference(low, torch.bfloat16, gate_normalizer=16.0)
 
 
 @pytest.mark.gpu

@@ -24,8 +24,9 @@ Layout: q, k ``(B, H, N, Dk)``, v ``(B, H, N, Dv)``, gates ``(B, H, N, Dk)``, an
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from ._config import autotune_configs, autotune_kwargs
+from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from .block_sparse import cdiv, empty_like_layout, leading_strides, unit_last_stride
 
 __all__ = ["GATED_SUB_BLOCK", "gated_fwd", "gated_states"]
@@ -36,6 +37,11 @@ GATED_SUB_BLOCK = 16
 #: ~1e-7 relative at most, while every exponent inside a sub-block stays within 4 gates of its reference: factors
 #: lie in [exp(-64), exp(64)], far from float32 overflow, and gates of -1e4 or -inf stay finite.
 _LOG_GATE_MIN = tl.constexpr(-16.0)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+#: ``log2`` of gate logits through the hardware approximation (``lg2.approx``, absolute error ~2^-22 on the
+#: ``[1, 2]`` it gets here) rather than ``tl.log2``'s libdevice polynomial; the interpreter has no libdevice.
+_FAST_LOG2 = tl.constexpr(not is_interpreter())
 
 # the state scan streams chunks through one program, so pipelined loads (2-3 stages) are what it tunes
 _STATE_CONFIGS = [
@@ -54,9 +60,21 @@ def _prune_state_configs(configs, nargs, **kwargs):
 
 # ------------------------------------------------------------------------------------------------------- helpers
 @triton.jit
+def _gated_head(base, i_b, i_h, stride_b, stride_h):
+    """Pointer to the start of one (batch, head) of a tensor."""
+    return base + i_b * stride_b + i_h * stride_h
+
+
+@triton.jit
+def _gated_tile(head, stride_n, o_n, o_d):
+    """Pointers to the tile rows ``o_n``, columns ``o_d`` of one (batch, head) ``head`` with a unit last stride."""
+    return head + o_n[:, None] * stride_n + o_d[None, :]
+
+
+@triton.jit
 def _gated_ptrs(base, i_b, i_h, stride_b, stride_h, stride_n, o_n, o_d):
     """Pointers to the tile rows ``o_n``, columns ``o_d`` of one (batch, head) of a unit-last-stride tensor."""
-    return base + i_b * stride_b + i_h * stride_h + o_n[:, None] * stride_n + o_d[None, :]
+    return _gated_tile(_gated_head(base, i_b, i_h, stride_b, stride_h), stride_n, o_n, o_d)
 
 
 @triton.jit
@@ -83,15 +101,43 @@ def _gated_clamp_gate(b_g):
 
 
 @triton.jit
+def _gated_softplus2(b_raw):
+    """``log2(1 + exp(-|x|))`` of gate logits ``x`` (fp32): one ``exp2`` and one ``log2`` (``_FAST_LOG2``)."""
+    b_arg = 1.0 + tl.exp2(tl.abs(b_raw) * -_LOG2E)
+    if _FAST_LOG2:
+        b_log = libdevice.fast_log2f(b_arg)
+    else:
+        b_log = tl.log2(b_arg)
+    return b_log
+
+
+@triton.jit
+def _gated_logit_gate(b_raw, b_sp, mask, GATE_NORMALIZER: tl.constexpr):
+    """ViG's log gates ``logsigmoid(x) / c`` (``c = GATE_NORMALIZER``) of gate logits ``x`` (fp32) from ``b_sp =
+    _gated_softplus2(x)``, as ``(min(x, 0) - ln 2 · log2(1 + exp(-|x|))) / c`` (``1 / c`` and ``ln 2 / c`` are
+    constants); 0 outside ``mask``, so masked rows never decay."""
+    INV_C: tl.constexpr = 1.0 / GATE_NORMALIZER
+    LN2_C: tl.constexpr = _LN2 / GATE_NORMALIZER
+    return tl.where(mask, tl.minimum(b_raw, 0.0) * INV_C - b_sp * LN2_C, 0.0)
+
+
+@triton.jit
+def _gated_log_gate_slope(b_raw, b_sp, GATE_NORMALIZER: tl.constexpr):
+    """``d/dx logsigmoid(x) / c = sigmoid(-x) / c = exp(logsigmoid(-x)) / c`` of gate logits ``x``, with
+    ``logsigmoid(-x) = -max(x, 0) - ln 2 · b_sp`` (``b_sp = _gated_softplus2(x)``, shared with the forward): one
+    ``exp2``, no division, never overflows (0 for ``x -> inf``, ``1 / c`` for ``x -> -inf``)."""
+    INV_C: tl.constexpr = 1.0 / GATE_NORMALIZER
+    return tl.exp2(tl.maximum(b_raw, 0.0) * -_LOG2E - b_sp) * INV_C
+
+
+@triton.jit
 def _gated_log_gate(b_raw, mask, GATE_NORMALIZER: tl.constexpr):
-    """Log gates from the loaded gate tile ``b_raw`` (fp32): as given for ``GATE_NORMALIZER = 0``, else ViG's
-    ``logsigmoid(x) / GATE_NORMALIZER`` of gate logits ``x`` (``min(x, 0) - log(1 + exp(-|x|))``, in fp32 here, so
-    that callers need not materialise fp32 log gates); 0 outside ``mask``, so masked rows never decay."""
+    """Log gates from the loaded gate tile ``b_raw`` (fp32): as given for ``GATE_NORMALIZER = 0``, else
+    ``_gated_logit_gate`` (computed in fp32 here, so that callers need not materialise fp32 log gates)."""
     if GATE_NORMALIZER == 0:
         b_g = b_raw
     else:
-        b_logsig = tl.minimum(b_raw, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_raw)))
-        b_g = tl.where(mask, b_logsig / GATE_NORMALIZER, 0.0)
+        b_g = _gated_logit_gate(b_raw, _gated_softplus2(b_raw), mask, GATE_NORMALIZER)
     return b_g
 
 
@@ -206,6 +252,19 @@ def _gated_kernel_state(
     is_grad = i_p >= NUM_DIR
     # the gradient scan of a direction runs against that direction's order: scan backwards in time iff one holds
     reverse = (i_dir + i_p // NUM_DIR) % 2
+    # the pass's inputs, selected once as scalars (one load and one gate transform per tile, not two masked ones):
+    # keys and values for the state, scaled queries and output gradients for the gradient state
+    x_q, x_k = _gated_head(q, i_b, i_h, stride_q_b, stride_q_h), _gated_head(k, i_b, i_h, stride_k_b, stride_k_h)
+    y_do, y_v = _gated_head(do, i_b, i_h, stride_do_b, stride_do_h), _gated_head(v, i_b, i_h, stride_v_b, stride_v_h)
+    g_f, g_b = (
+        _gated_head(g_fwd, i_b, i_h, stride_gf_b, stride_gf_h),
+        _gated_head(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h),
+    )
+    x, y, g = tl.where(is_grad, x_q, x_k), tl.where(is_grad, y_do, y_v), tl.where(i_dir == 0, g_f, g_b)
+    stride_x_n = tl.where(is_grad, stride_q_n, stride_k_n)
+    stride_y_n = tl.where(is_grad, stride_do_n, stride_v_n)
+    stride_g_n = tl.where(i_dir == 0, stride_gf_n, stride_gb_n)
+    x_scale = tl.where(is_grad, scale, 1.0)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, DK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -217,27 +276,12 @@ def _gated_kernel_state(
         i_c = i + reverse * (NT - 1 - 2 * i)
         tl.store(p_state + i_c * (DK * DV), b_h, mask=m_v[None, :])
         o_n = _gated_rows(i_c, 0, o_t, BT, BT, reverse)
-        # masks that select one of two inputs by pass: bounds of N or 0 (the interpreter mishandles tensor & scalar)
-        n_x, n_f = tl.where(is_grad, 0, N), tl.where(i_dir == 0, N, 0)
-        m_x, m_q = o_n < n_x, o_n < N - n_x
-        m_f, m_b = o_n < n_f, o_n < N - n_f
-        # [BT, DK]: keys for the state, scaled queries for the gradient state (masked loads pick one)
-        b_x = tl.load(_gated_ptrs(k, i_b, i_h, stride_k_b, stride_k_h, stride_k_n, o_n, o_k), m_x[:, None], 0.0)
-        b_x = b_x.to(tl.float32) + scale * tl.load(
-            _gated_ptrs(q, i_b, i_h, stride_q_b, stride_q_h, stride_q_n, o_n, o_k), m_q[:, None], 0.0
-        ).to(tl.float32)
-        # [BT, BV]: values for the state, output gradients for the gradient state
-        b_y = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_x[:, None] & m_v, 0.0)
-        b_y = b_y.to(tl.float32) + tl.load(
-            _gated_ptrs(do, i_b, i_h, stride_do_b, stride_do_h, stride_do_n, o_n, o_v), m_q[:, None] & m_v, 0.0
-        ).to(tl.float32)
+        m_n = (o_n < N)[:, None]
         # [BT, DK]
-        b_g = _gated_load_gate(
-            _gated_ptrs(g_fwd, i_b, i_h, stride_gf_b, stride_gf_h, stride_gf_n, o_n, o_k), m_f[:, None], GATE_NORMALIZER
-        )
-        b_g += _gated_load_gate(
-            _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k), m_b[:, None], GATE_NORMALIZER
-        )
+        b_x = tl.load(_gated_tile(x, stride_x_n, o_n, o_k), m_n, 0.0).to(tl.float32) * x_scale
+        b_g = _gated_load_gate(_gated_tile(g, stride_g_n, o_n, o_k), m_n, GATE_NORMALIZER)
+        # [BT, BV]
+        b_y = tl.load(_gated_tile(y, stride_y_n, o_n, o_v), m_n & m_v[None, :], 0.0).to(tl.float32)
         # decay from each token to the chunk end: exclusive suffix for the state, inclusive for the gradient state
         b_w = tl.cumsum(b_g, axis=0, reverse=True) - tl.where(is_grad, 0.0, b_g)
         b_h = b_h * tl.exp(tl.sum(b_g, axis=0))[:, None] + _gated_dot(tl.trans(b_x * tl.exp(b_w)), b_y, IEEE)
@@ -336,6 +380,15 @@ def _exact_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
 
 
+def _one_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` in one dtype: the state kernel reads one of them per pass through one selected pointer. Mixed
+    dtypes (rare: the kernels read any float dtype) are promoted, an exact copy."""
+    if a.dtype == b.dtype:
+        return a, b
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
 def gated_states(
     q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: int, gate_normalizer: float
 ) -> torch.Tensor:
@@ -349,8 +402,11 @@ def gated_states(
     num_pass = num_dir * (1 if do is None else 2)
     num_chunks = cdiv(length, chunk)
     states = torch.empty(batch * heads, num_pass, num_chunks, dk, dv, device=k.device, dtype=torch.float32)
-    g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
-    q, do = (k, v) if do is None else (q, do)
+    g_fwd, g_bwd = _one_dtype(log_gate_fwd, log_gate_fwd if log_gate_bwd is None else log_gate_bwd)
+    if do is None:
+        q, do = k, v
+    else:
+        (k, q), (v, do) = _one_dtype(k, q), _one_dtype(v, do)
 
     def grid(meta):
         return cdiv(dv, meta["BV"]), batch * heads, num_pass
@@ -360,14 +416,14 @@ def gated_states(
         v,
         q,
         do,
-        log_gate_fwd,
+        g_fwd,
         g_bwd,
         states,
         *leading_strides(k),
         *leading_strides(v),
         *leading_strides(q),
         *leading_strides(do),
-        *leading_strides(log_gate_fwd),
+        *leading_strides(g_fwd),
         *leading_strides(g_bwd),
         scale,
         length,

@@ -29,9 +29,11 @@ from .gated import (
     _gated_intra_masks,
     _gated_intra_scores,
     _gated_load_gate,
-    _gated_log_gate,
+    _gated_log_gate_slope,
+    _gated_logit_gate,
     _gated_ptrs,
     _gated_rows,
+    _gated_softplus2,
     _gated_sub_block_gates,
     gated_states,
 )
@@ -170,7 +172,12 @@ def _gated_bwd_kernel(
                 p_g = _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k)
                 p_dg = _gated_ptrs(dg_bwd, i_b, i_h, stride_dgb_b, stride_dgb_h, stride_dgb_n, o_n, o_k)
             b_graw = tl.load(p_g, mask=m_n, other=0.0).to(tl.float32)
-            b_glog = _gated_log_gate(b_graw, m_n, GATE_NORMALIZER)
+            if GATE_NORMALIZER == 0:
+                b_glog = b_graw
+            else:
+                # gate logits: log2(1 + exp(-|x|)) serves the log gate and its slope
+                b_sp = _gated_softplus2(b_graw)
+                b_glog = _gated_logit_gate(b_graw, b_sp, m_n, GATE_NORMALIZER)
             b_gc, b_gs, b_gt = _gated_sub_block_gates(_gated_clamp_gate(b_glog))
             # [BC, DV]
             b_v = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_n, 0.0)
@@ -203,8 +210,8 @@ def _gated_bwd_kernel(
             # a clamped gate is a constant of the computation
             b_dga = tl.where((b_glog < _LOG_GATE_MIN) | (b_glog > 0.0), 0.0, b_dga)
             if GATE_NORMALIZER != 0:
-                # through logsigmoid(x) / normalizer: d/dx = sigmoid(-x) / normalizer (0 where exp(x) overflows)
-                b_dga = b_dga / (GATE_NORMALIZER * (1.0 + tl.exp(b_graw)))
+                # through logsigmoid(x) / normalizer: d/dx = sigmoid(-x) / normalizer
+                b_dga *= _gated_log_gate_slope(b_graw, b_sp, GATE_NORMALIZER)
             tl.store(p_dg, b_dga.to(p_dg.dtype.element_ty), mask=m_n)
             b_dh = b_dh * tl.exp(b_gt)[:, None] + _gated_dot(tl.trans(b_q * tl.exp(b_gc)), b_do, IEEE)
             # dq, dk, dv of both directions add up; the second direction reads the first one's partial sums
