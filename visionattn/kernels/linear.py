@@ -5,8 +5,8 @@ key weights ``(B, H, Nk)``, RoPE tables ``cos``/``sin`` ``(N, D)``; any strides 
 place). Head dims sit in power-of-two tiles (>= 16), masked. Pass 1 (``_linear_fwd_kernel_state``, grid
 ``(chunks, B·H)``) reduces a chunk of keys to fp32 partials ``Σ u_j R_jφ(k_j) v_jᵀ``, ``Σ u_j φ(k̃_j)``, ``Σ v_j``; for
 RALA ``u_j = exp(s_j − m)`` with the chunk's running max ``m`` rescaled online (flash style) and ``l = Σ u_j``.
-Pass 1b (``_linear_fwd_kernel_state_merge``, grid ``(B·H,)``) sums the partials in chunk order (deterministic, no
-atomics), rescaled by ``exp(m_c − max m)``, into the mean-normalised ``S̄, z̄, v̄`` and ``lse``. Pass 2
+Pass 1b (``linear_merge.py``) sums the partials in a fixed order (deterministic, no atomics), rescaled by
+``exp(m_c − max m)``, into the mean-normalised ``S̄, z̄, v̄`` and ``lse``. Pass 2
 (``_linear_fwd_kernel_apply``, grid ``(chunks, B·H)``) maps chunks of query rows through the state. RALA's ``q̄``
 comes from ``_linear_fwd_kernel_query_mean`` first. Backward kernels: ``linear_bwd.py`` (sharing the helpers here).
 """
@@ -20,6 +20,7 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from ._constants import NEG_INF
 from .block_sparse import cdiv, empty_like_layout, next_block
+from .linear_merge import merge_state_partials
 
 __all__ = [
     "FEATURE_CODES",
@@ -294,62 +295,6 @@ def _linear_fwd_kernel_state(
     tl.store(ml_part_ptr + i_part * 2 + 1, tl.sum(b_l, axis=0))
 
 
-@triton.jit
-def _linear_fwd_kernel_state_merge(
-    kv_part_ptr,
-    ks_part_ptr,
-    vs_part_ptr,
-    ml_part_ptr,
-    kv_ptr,
-    ks_ptr,
-    vm_ptr,
-    lse_ptr,
-    BH,
-    N,
-    num_chunks,
-    D: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    RALA: tl.constexpr,
-):
-    i_bh = tl.program_id(0)
-    o_d = tl.arange(0, BLOCK_D)
-    o_e = tl.arange(0, BLOCK_DV)
-    m_d = o_d < D
-    m_e = o_e < DV
-    m_de = m_d[:, None] & m_e[None, :]
-    b_max = tl.load(ml_part_ptr + i_bh * 2)
-    if RALA:
-        for c in range(1, num_chunks):
-            b_max = tl.maximum(b_max, tl.load(ml_part_ptr + (c * BH + i_bh) * 2))
-    b_kv = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
-    b_ks = tl.zeros([BLOCK_D], dtype=tl.float32)
-    b_vs = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    b_l = b_max * 0.0
-    for c in range(num_chunks):
-        i_part = c * BH + i_bh
-        if RALA:
-            b_coef = tl.exp(tl.load(ml_part_ptr + i_part * 2) - b_max)
-            b_l += b_coef * tl.load(ml_part_ptr + i_part * 2 + 1)
-        else:
-            b_coef = 1.0
-        p_kv = kv_part_ptr + i_part * D * DV + o_d[:, None] * DV + o_e[None, :]
-        b_kv += b_coef * tl.load(p_kv, mask=m_de, other=0.0)
-        b_ks += b_coef * tl.load(ks_part_ptr + i_part * D + o_d, mask=m_d, other=0.0)
-        b_vs += tl.load(vs_part_ptr + i_part * DV + o_e, mask=m_e, other=0.0)
-    if RALA:
-        b_norm = b_l
-        b_lse = b_max + tl.log(b_l)
-    else:
-        b_norm = b_max * 0.0 + N
-        b_lse = tl.log(b_norm)
-    tl.store(kv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :], b_kv / b_norm, mask=m_de)
-    tl.store(ks_ptr + i_bh * D + o_d, b_ks / b_norm, mask=m_d)
-    tl.store(vm_ptr + i_bh * DV + o_e, b_vs / N, mask=m_e)
-    tl.store(lse_ptr + i_bh, b_lse)
-
-
 @triton.autotune(
     configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
     key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE"],
@@ -498,7 +443,7 @@ def linear_state_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean-normalised state ``(S̄ (B,H,D,Dv), z̄ (B,H,D), v̄ (B,H,Dv), lse (B,H))``, fp32.
 
-    RALA weights are used when ``query_mean`` is given. Grid ``(chunks, B·H)`` then ``(B·H,)`` for the merge.
+    RALA weights are used when ``query_mean`` is given. Grid ``(chunks, B·H)``, then the merge of ``linear_merge.py``.
     """
     b, h, n, d = k.shape
     dv = v.shape[-1]
@@ -540,14 +485,8 @@ def linear_state_fwd(
         HAS_ROPE=cos is not None,
         DOT_PRECISION=dot_precision(k.dtype),
     )
-    kv = torch.empty(b, h, d, dv, **f32)
-    ks = torch.empty(b, h, d, **f32)
-    vm = torch.empty(b, h, dv, **f32)
-    lse = torch.empty(b, h, **f32)
-    _linear_fwd_kernel_state_merge[(b * h,)](
-        kv_part, ks_part, vs_part, ml_part, kv, ks, vm, lse, b * h, n, chunks, **tiles, RALA=rala
-    )
-    return kv, ks, vm, lse
+    merged = merge_state_partials(kv_part, ks_part, vs_part, ml_part, n, rala)
+    return tuple(t.view(b, h, *t.shape[1:]) for t in merged)
 
 
 def linear_apply_fwd(
