@@ -24,13 +24,19 @@ def _block_mean(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) 
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     n = x.shape[-2]
     blocks = -(-n // block)
-    if valid is None and n % block == 0:  # the same sums over a contiguous copy as below, without padding or weights
-        # (`to` keeps a same-dtype tensor as it is, whatever the memory format: `contiguous` makes it contiguous)
-        full = x.detach().to(compute, memory_format=torch.contiguous_format).contiguous()
-        return full.unflatten(-2, (blocks, block)).sum(-2) / block
-    weight = torch.ones(n, dtype=compute, device=x.device) if valid is None else valid.to(compute)
+    x = x.detach()
+    if valid is None:
+        # sums in the compute dtype straight from x's storage (no upcast copy): the whole blocks as one view, then
+        # the short last block
+        whole = n // block
+        sums = x[..., : whole * block, :].unflatten(-2, (whole, block)).sum(-2, dtype=compute) / block
+        if whole == blocks:
+            return sums
+        tail = x[..., whole * block :, :].sum(-2, keepdim=True, dtype=compute) / (n - whole * block)
+        return torch.cat([sums, tail], dim=-2)
+    weight = valid.to(compute)
     padded = torch.zeros(*x.shape[:-2], blocks * block, x.shape[-1], dtype=compute, device=x.device)
-    padded[..., :n, :] = x.detach().to(compute) * weight[:, None]
+    padded[..., :n, :] = x.to(compute) * weight[:, None]
     counts = torch.zeros(blocks * block, dtype=compute, device=x.device)
     counts[:n] = weight
     sums = padded.unflatten(-2, (blocks, block)).sum(-2)
