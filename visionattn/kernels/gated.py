@@ -18,6 +18,11 @@ Chunked algorithm (both directions in each launch):
    however strong the gates are. The second direction adds its half of the output to the first one's (same
    program, after a barrier).
 
+Inside the kernels gates are kept in base 2 (``log2(e)`` times the log gate, scaled where a gate tile is loaded), so
+every ``exp`` above is one ``exp2`` with no multiply. With ``GATE_NORMALIZER = c`` the gate tensors hold ViG's gate
+logits ``x`` and the log gates ``logsigmoid(x) / c`` are computed on load (``_gated_logit_gate``: one ``exp2`` and one
+``lg2.approx`` per element, constants for ``1 / c``).
+
 Layout: q, k ``(B, H, N, Dk)``, v ``(B, H, N, Dv)``, gates ``(B, H, N, Dk)``, any strides with a unit last stride.
 """
 
@@ -27,6 +32,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
+from ._constants import LOG2E
 from .block_sparse import cdiv, empty_like_layout, leading_strides, unit_last_stride
 
 __all__ = ["GATED_SUB_BLOCK", "gated_fwd", "gated_states"]
@@ -36,9 +42,11 @@ GATED_SUB_BLOCK = 16
 #: Log gates are clamped here on load. exp(-16) ~ 1.1e-7 is at the level of float32 rounding, so results move by
 #: ~1e-7 relative at most, while every exponent inside a sub-block stays within 4 gates of its reference: factors
 #: lie in [exp(-64), exp(64)], far from float32 overflow, and gates of -1e4 or -inf stay finite.
-_LOG_GATE_MIN = tl.constexpr(-16.0)
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
+_LOG_GATE_MIN = -16.0
+_LOG2E = tl.constexpr(LOG2E)
+#: The kernels keep gates in base 2 (``log2 gate = log gate · log2(e)``), so that each exponential is one ``exp2``
+#: with no multiply; this is the clamp in those units.
+_LOG2_GATE_MIN = tl.constexpr(_LOG_GATE_MIN * LOG2E)
 #: ``log2`` of gate logits through the hardware approximation (``lg2.approx``, absolute error ~2^-22 on the
 #: ``[1, 2]`` it gets here) rather than ``tl.log2``'s libdevice polynomial; the interpreter has no libdevice.
 _FAST_LOG2 = tl.constexpr(not is_interpreter())
@@ -94,10 +102,24 @@ def _gated_dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _gated_clamp_gate(b_g):
-    """Log gates clamped to ``[-16, 0]``: below, ``exp(-16)`` is float32 rounding; above, a gate would not decay
-    (invalid input, see ``ops.gated_linear_attention``): it acts as 0."""
-    return tl.minimum(tl.maximum(b_g, _LOG_GATE_MIN), 0.0)
+def _gated_clamp_gate(b_g, GATE_NORMALIZER: tl.constexpr):
+    """Base-2 log gates clamped to ``[-16, 0] · log2(e)``: below, ``exp(-16)`` is float32 rounding; above, a gate
+    would not decay (invalid input, see ``ops.gated_linear_attention``): it acts as 0. Gates from logits are
+    ``<= 0`` by construction (up to ``lg2.approx``'s ~1e-8), so they are only clamped from below."""
+    b_g = tl.maximum(b_g, _LOG2_GATE_MIN)
+    if GATE_NORMALIZER == 0:
+        b_g = tl.minimum(b_g, 0.0)
+    return b_g
+
+
+@triton.jit
+def _gated_clamped(b_g, GATE_NORMALIZER: tl.constexpr):
+    """Where ``_gated_clamp_gate`` changes the base-2 log gates ``b_g``: there they are constants (gradient 0)."""
+    if GATE_NORMALIZER == 0:
+        m_c = (b_g < _LOG2_GATE_MIN) | (b_g > 0.0)
+    else:
+        m_c = b_g < _LOG2_GATE_MIN
+    return m_c
 
 
 @triton.jit
@@ -113,29 +135,30 @@ def _gated_softplus2(b_raw):
 
 @triton.jit
 def _gated_logit_gate(b_raw, b_sp, mask, GATE_NORMALIZER: tl.constexpr):
-    """ViG's log gates ``logsigmoid(x) / c`` (``c = GATE_NORMALIZER``) of gate logits ``x`` (fp32) from ``b_sp =
-    _gated_softplus2(x)``, as ``(min(x, 0) - ln 2 · log2(1 + exp(-|x|))) / c`` (``1 / c`` and ``ln 2 / c`` are
+    """ViG's log gates ``logsigmoid(x) / c`` (``c = GATE_NORMALIZER``) of gate logits ``x`` (fp32) in base 2, from
+    ``b_sp = _gated_softplus2(x)``: ``log2(e) · logsigmoid(x) / c = min(x, 0) · log2(e) / c - b_sp / c`` (two
     constants); 0 outside ``mask``, so masked rows never decay."""
+    LOG2E_C: tl.constexpr = _LOG2E / GATE_NORMALIZER
     INV_C: tl.constexpr = 1.0 / GATE_NORMALIZER
-    LN2_C: tl.constexpr = _LN2 / GATE_NORMALIZER
-    return tl.where(mask, tl.minimum(b_raw, 0.0) * INV_C - b_sp * LN2_C, 0.0)
+    return tl.where(mask, tl.minimum(b_raw, 0.0) * LOG2E_C - b_sp * INV_C, 0.0)
 
 
 @triton.jit
 def _gated_log_gate_slope(b_raw, b_sp, GATE_NORMALIZER: tl.constexpr):
     """``d/dx logsigmoid(x) / c = sigmoid(-x) / c = exp(logsigmoid(-x)) / c`` of gate logits ``x``, with
-    ``logsigmoid(-x) = -max(x, 0) - ln 2 · b_sp`` (``b_sp = _gated_softplus2(x)``, shared with the forward): one
-    ``exp2``, no division, never overflows (0 for ``x -> inf``, ``1 / c`` for ``x -> -inf``)."""
+    ``log2(e) · logsigmoid(-x) = -max(x, 0) · log2(e) - b_sp`` (``b_sp = _gated_softplus2(x)``, shared with the
+    forward): one ``exp2``, no division, never overflows (0 for ``x -> inf``, ``1 / c`` for ``x -> -inf``)."""
     INV_C: tl.constexpr = 1.0 / GATE_NORMALIZER
     return tl.exp2(tl.maximum(b_raw, 0.0) * -_LOG2E - b_sp) * INV_C
 
 
 @triton.jit
 def _gated_log_gate(b_raw, mask, GATE_NORMALIZER: tl.constexpr):
-    """Log gates from the loaded gate tile ``b_raw`` (fp32): as given for ``GATE_NORMALIZER = 0``, else
-    ``_gated_logit_gate`` (computed in fp32 here, so that callers need not materialise fp32 log gates)."""
+    """Base-2 log gates from the loaded gate tile ``b_raw`` (fp32): ``log2(e) · b_raw`` for ``GATE_NORMALIZER = 0``
+    (log gates; masked rows load 0), else ``_gated_logit_gate`` (computed in fp32 here, so that callers need not
+    materialise fp32 log gates)."""
     if GATE_NORMALIZER == 0:
-        b_g = b_raw
+        b_g = b_raw * _LOG2E
     else:
         b_g = _gated_logit_gate(b_raw, _gated_softplus2(b_raw), mask, GATE_NORMALIZER)
     return b_g
@@ -143,9 +166,9 @@ def _gated_log_gate(b_raw, mask, GATE_NORMALIZER: tl.constexpr):
 
 @triton.jit
 def _gated_load_gate(p_g, mask, GATE_NORMALIZER: tl.constexpr):
-    """Clamped log gates ``[rows, Dk]`` (fp32) of the gate tile at ``p_g`` (``_gated_log_gate``)."""
+    """Clamped base-2 log gates ``[rows, Dk]`` (fp32) of the gate tile at ``p_g`` (``_gated_log_gate``)."""
     b_raw = tl.load(p_g, mask=mask, other=0.0).to(tl.float32)
-    return _gated_clamp_gate(_gated_log_gate(b_raw, mask, GATE_NORMALIZER))
+    return _gated_clamp_gate(_gated_log_gate(b_raw, mask, GATE_NORMALIZER), GATE_NORMALIZER)
 
 
 @triton.jit
@@ -169,7 +192,7 @@ def _gated_intra_factors(b_gc, o_i, BC: tl.constexpr):
     """Row and column factors with ``exp(g_cum,i - g_cum,j) = f_row,i · f_col,j`` for the pairs of each mask.
 
     Pairs within a half use the half's middle token as reference, pairs across the halves the last token of the first
-    half, so ``A = (q ⊙ f_row)(k ⊙ f_col)ᵀ`` is a matmul with no exponent beyond 4 clamped gates (``|.| <= 64``).
+    half, so ``A = (q ⊙ f_row)(k ⊙ f_col)ᵀ`` is a matmul with no exponent beyond 4 clamped gates (``|.| <= 64``, i.e. ``<= 92.3`` in base 2).
     Factors of rows or columns a mask does not use are clamped to <= 1 rather than overflowing.
     """
     HALF: tl.constexpr = BC // 2
@@ -178,9 +201,9 @@ def _gated_intra_factors(b_gc, o_i, BC: tl.constexpr):
     g_mid = tl.sum(tl.where(row == HALF - 1, b_gc, 0.0), axis=0)
     g_hi = tl.sum(tl.where(row == HALF + HALF // 2 - 1, b_gc, 0.0), axis=0)
     b_ref = tl.where(row < HALF, g_lo[None, :], g_hi[None, :])
-    b_row_same, b_col_same = tl.exp(b_gc - b_ref), tl.exp(b_ref - b_gc)
-    b_row_cross = tl.exp(tl.minimum(b_gc - g_mid[None, :], 0.0))
-    b_col_cross = tl.exp(tl.minimum(g_mid[None, :] - b_gc, 0.0))
+    b_row_same, b_col_same = tl.exp2(b_gc - b_ref), tl.exp2(b_ref - b_gc)
+    b_row_cross = tl.exp2(tl.minimum(b_gc - g_mid[None, :], 0.0))
+    b_col_cross = tl.exp2(tl.minimum(g_mid[None, :] - b_gc, 0.0))
     return b_row_same, b_col_same, b_row_cross, b_col_cross
 
 
@@ -284,7 +307,7 @@ def _gated_kernel_state(
         b_y = tl.load(_gated_tile(y, stride_y_n, o_n, o_v), m_n & m_v[None, :], 0.0).to(tl.float32)
         # decay from each token to the chunk end: exclusive suffix for the state, inclusive for the gradient state
         b_w = tl.cumsum(b_g, axis=0, reverse=True) - tl.where(is_grad, 0.0, b_g)
-        b_h = b_h * tl.exp(tl.sum(b_g, axis=0))[:, None] + _gated_dot(tl.trans(b_x * tl.exp(b_w)), b_y, IEEE)
+        b_h = b_h * tl.exp2(tl.sum(b_g, axis=0))[:, None] + _gated_dot(tl.trans(b_x * tl.exp2(b_w)), b_y, IEEE)
 
 
 # ------------------------------------------------------------------------------------------------ forward output
@@ -363,8 +386,8 @@ def _gated_fwd_kernel_output(
             # [BC, BC]
             b_rs, b_cs, b_rc, b_cc = _gated_intra_factors(b_gc, o_i, BC)
             b_a = _gated_intra_scores(b_q, b_k, b_rs, b_cs, b_rc, b_cc, m_same, m_cross, IEEE)
-            b_o = _gated_dot(b_q * tl.exp(b_gc), b_s, IEEE) + _gated_dot(b_a, b_v, IEEE)
-            b_s = b_s * tl.exp(b_gt)[:, None] + _gated_dot(tl.trans(b_k * tl.exp(b_gs)), b_v, IEEE)
+            b_o = _gated_dot(b_q * tl.exp2(b_gc), b_s, IEEE) + _gated_dot(b_a, b_v, IEEE)
+            b_s = b_s * tl.exp2(b_gt)[:, None] + _gated_dot(tl.trans(b_k * tl.exp2(b_gs)), b_v, IEEE)
             p_o = _gated_ptrs(o, i_b, i_h, stride_o_b, stride_o_h, stride_o_n, o_n, o_v)
             if i_dir == 1:
                 b_o += tl.load(p_o, mask=m_n, other=0.0).to(tl.float32)

@@ -19,16 +19,17 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs
 from .block_sparse import cdiv, empty_like_layout, leading_strides, unit_last_stride
 from .gated import (
-    _LOG_GATE_MIN,
     GATED_SUB_BLOCK,
     _exact_dots,
     _gated_clamp_gate,
+    _gated_clamped,
     _gated_dot,
     _gated_intra_apply,
     _gated_intra_factors,
     _gated_intra_masks,
     _gated_intra_scores,
     _gated_load_gate,
+    _gated_log_gate,
     _gated_log_gate_slope,
     _gated_logit_gate,
     _gated_ptrs,
@@ -146,12 +147,12 @@ def _gated_bwd_kernel(
             # [BC, BC]: dO_i · v_j
             b_dov = _gated_dot(b_do, tl.trans(b_v), IEEE)
             b_rs, b_cs, b_rc, b_cc = _gated_intra_factors(b_gc, o_i, BC)
-            b_dq = tl.exp(b_gc) * _gated_dot(b_do, tl.trans(b_s), IEEE)
+            b_dq = tl.exp2(b_gc) * _gated_dot(b_do, tl.trans(b_s), IEEE)
             b_dq += _gated_intra_apply(
                 tl.where(m_same, b_dov, 0.0), tl.where(m_cross, b_dov, 0.0), b_k, b_rs, b_cs, b_rc, b_cc, IEEE
             )
             b_dq_all = tl.where(o_s[:, None, None] == i_s, b_dq[None, :, :], b_dq_all)
-            b_s = b_s * tl.exp(b_gt)[:, None] + _gated_dot(tl.trans(b_k * tl.exp(b_gs)), b_v, IEEE)
+            b_s = b_s * tl.exp2(b_gt)[:, None] + _gated_dot(tl.trans(b_k * tl.exp2(b_gs)), b_v, IEEE)
         # b_s is now the state at the chunk's end: Σ_e S ⊙ dH is the gate gradient of everything beyond the chunk
         # [DK]
         b_carry = tl.sum(b_s * b_dh, axis=1)
@@ -173,12 +174,12 @@ def _gated_bwd_kernel(
                 p_dg = _gated_ptrs(dg_bwd, i_b, i_h, stride_dgb_b, stride_dgb_h, stride_dgb_n, o_n, o_k)
             b_graw = tl.load(p_g, mask=m_n, other=0.0).to(tl.float32)
             if GATE_NORMALIZER == 0:
-                b_glog = b_graw
+                b_glog = _gated_log_gate(b_graw, m_n, GATE_NORMALIZER)
             else:
                 # gate logits: log2(1 + exp(-|x|)) serves the log gate and its slope
                 b_sp = _gated_softplus2(b_graw)
                 b_glog = _gated_logit_gate(b_graw, b_sp, m_n, GATE_NORMALIZER)
-            b_gc, b_gs, b_gt = _gated_sub_block_gates(_gated_clamp_gate(b_glog))
+            b_gc, b_gs, b_gt = _gated_sub_block_gates(_gated_clamp_gate(b_glog, GATE_NORMALIZER))
             # [BC, DV]
             b_v = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_n, 0.0)
             b_v = b_v.to(tl.float32)
@@ -189,7 +190,7 @@ def _gated_bwd_kernel(
             b_a = _gated_intra_scores(b_q, b_k, b_rs, b_cs, b_rc, b_cc, m_same, m_cross, IEEE)
             b_dov = _gated_dot(b_do, tl.trans(b_v), IEEE)
             # [BC, DK]
-            b_dk = tl.exp(b_gs) * _gated_dot(b_v, tl.trans(b_dh), IEEE)
+            b_dk = tl.exp2(b_gs) * _gated_dot(b_v, tl.trans(b_dh), IEEE)
             b_dk += _gated_intra_apply(
                 tl.trans(tl.where(m_same, b_dov, 0.0)),
                 tl.trans(tl.where(m_cross, b_dov, 0.0)),
@@ -201,19 +202,19 @@ def _gated_bwd_kernel(
                 IEEE,
             )
             # [BC, DV]
-            b_dv = _gated_dot(tl.trans(b_a), b_do, IEEE) + _gated_dot(b_k * tl.exp(b_gs), b_dh, IEEE)
+            b_dv = _gated_dot(tl.trans(b_a), b_do, IEEE) + _gated_dot(b_k * tl.exp2(b_gs), b_dh, IEEE)
             # [BC, DK]
             b_dq = tl.sum(tl.where(o_s[:, None, None] == i_s, b_dq_all, 0.0), axis=0)
             b_dg = b_q * b_dq - b_k * b_dk
             b_dga = tl.cumsum(b_dg, axis=0, reverse=True) + b_carry[None, :]
             b_carry += tl.sum(b_dg, axis=0)
             # a clamped gate is a constant of the computation
-            b_dga = tl.where((b_glog < _LOG_GATE_MIN) | (b_glog > 0.0), 0.0, b_dga)
+            b_dga = tl.where(_gated_clamped(b_glog, GATE_NORMALIZER), 0.0, b_dga)
             if GATE_NORMALIZER != 0:
                 # through logsigmoid(x) / normalizer: d/dx = sigmoid(-x) / normalizer
                 b_dga *= _gated_log_gate_slope(b_graw, b_sp, GATE_NORMALIZER)
             tl.store(p_dg, b_dga.to(p_dg.dtype.element_ty), mask=m_n)
-            b_dh = b_dh * tl.exp(b_gt)[:, None] + _gated_dot(tl.trans(b_q * tl.exp(b_gc)), b_do, IEEE)
+            b_dh = b_dh * tl.exp2(b_gt)[:, None] + _gated_dot(tl.trans(b_q * tl.exp2(b_gc)), b_do, IEEE)
             # dq, dk, dv of both directions add up; the second direction reads the first one's partial sums
             b_dq *= scale
             p_dq = _gated_ptrs(dq, i_b, i_h, stride_dq_b, stride_dq_h, stride_dq_n, o_n, o_k)
