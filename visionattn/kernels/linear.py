@@ -54,7 +54,9 @@ _REDUCE_CONFIGS = [
     triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS
 ]
 _REDUCE_DEFAULT = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
-_QUERY_MEAN_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=4, num_stages=3) for n in (64, 128)]
+_QUERY_MEAN_CONFIGS = [
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=3) for n, w in ((64, 4), (128, 4), (128, 8))
+]
 _BLOCK_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (64, 128) for w in (4, 8)]
 _BLOCK_DEFAULT = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
 #: Aim for this many programs per streaming multiprocessor, so short or few-head inputs still fill the GPU.
