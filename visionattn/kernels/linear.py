@@ -191,7 +191,7 @@ def _linear_fwd_kernel_query_mean(
 
 @triton.autotune(
     configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
-    key=["D", "DV", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE"],
+    key=["D", "DV", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE", "V_SUM"],
     prune_configs_by={"early_config_prune": _prune_reduce_configs},
     **autotune_kwargs(),
 )
@@ -238,6 +238,7 @@ def _linear_fwd_kernel_state(
     HAS_K_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    V_SUM: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -287,7 +288,8 @@ def _linear_fwd_kernel_state(
         b_uk = (b_phir * b_u[:, None]).to(b_v.dtype)
         b_kv += tl.dot(tl.trans(b_uk), b_v, input_precision=DOT_PRECISION)
         b_ks += b_phin * b_u[:, None]
-        b_vs += b_v.to(tl.float32)
+        if V_SUM:
+            b_vs += b_v.to(tl.float32)
     i_part = i_c * tl.num_programs(1) + i_bh
     p_kv = kv_part_ptr + i_part * D * DV + o_d[:, None] * DV + o_e[None, :]
     tl.store(p_kv, b_kv, mask=m_d[:, None] & m_e[None, :])
@@ -442,8 +444,10 @@ def linear_state_fwd(
     sin: torch.Tensor | None,
     feature_map: str,
     scale: float,
+    with_v_mean: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean-normalised state ``(S̄ (B,H,D,Dv), z̄ (B,H,D), v̄ (B,H,Dv), lse (B,H))``, fp32.
+    """Mean-normalised state ``(S̄ (B,H,D,Dv), z̄ (B,H,D), v̄ (B,H,Dv), lse (B,H))``, fp32; ``v̄`` is zero unless
+    ``with_v_mean`` (only MALA's additive normalisation reads it).
 
     RALA weights are used when ``query_mean`` is given. Grid ``(chunks, B·H)``, then the merge of ``linear_merge.py``.
     """
@@ -486,6 +490,7 @@ def linear_state_fwd(
         HAS_K_NORM=k_norm is not None,
         HAS_ROPE=cos is not None,
         DOT_PRECISION=dot_precision(k.dtype),
+        V_SUM=with_v_mean,
     )
     merged = merge_state_partials(kv_part, ks_part, vs_part, ml_part, n, rala)
     return tuple(t.view(b, h, *t.shape[1:]) for t in merged)

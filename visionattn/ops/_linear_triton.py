@@ -73,14 +73,15 @@ def state_op(
     sin: _Opt,
     feature_map: str,
     scale: float,
+    with_v_mean: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.linear import linear_state_fwd
 
-    return linear_state_fwd(k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale)
+    return linear_state_fwd(k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale, with_v_mean)
 
 
 @state_op.register_fake
-def _(k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale):
+def _(k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale, with_v_mean):
     b, h, _, d = k.shape
     dv = v.shape[-1]
     f32 = dict(dtype=torch.float32)
@@ -126,7 +127,7 @@ def _(k, v, k_norm, key_weight, query_mean, cos, sin, kv, k_sum, lse, d_kv, d_k_
 
 
 def _state_setup(ctx, inputs, output):
-    k, v, k_norm, key_weight, query_mean, cos, sin, ctx.feature_map, ctx.scale = inputs
+    k, v, k_norm, key_weight, query_mean, cos, sin, ctx.feature_map, ctx.scale, _ = inputs
     kv, k_sum, _, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(k, v, k_norm, key_weight, query_mean, cos, sin, kv, k_sum, lse)
@@ -152,8 +153,8 @@ def _state_backward(ctx, d_kv, d_k_sum, d_v_mean, _d_lse):
         ctx.feature_map,
         ctx.scale,
     )
-    # slots: k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale
-    return dk, dv, _or_none(dkn), _or_none(dw), _or_none(dqm), None, None, None, None
+    # slots: k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale, with_v_mean
+    return dk, dv, _or_none(dkn), _or_none(dw), _or_none(dqm), None, None, None, None, None
 
 
 state_op.register_autograd(_state_backward, setup_context=_state_setup)

@@ -159,7 +159,9 @@ def _state_reference(
     query_mean: torch.Tensor | None,
     rope,
     scale: float,
+    v_mean: bool = True,
 ) -> LinearAttentionState:
+    # ``v_mean=False`` lets a backend skip v̄ (only MALA's additive form reads it); this one always computes it
     dtype = _compute_dtype(k.dtype)
     k, v = k.to(dtype), v.to(dtype)
     nk = k.shape[-2]
@@ -282,7 +284,9 @@ def merge_linear_attention_states(states) -> LinearAttentionState:
 
 
 class _LinearBackend(NamedTuple):
-    """The three passes of one backend: RALA's query mean, the key/value reduction, the per-query apply."""
+    """The three passes of one backend: RALA's query mean, the key/value reduction, the per-query apply.
+
+    ``state(..., v_mean=False)`` may return a zero ``v_mean`` (callers whose normalisation does not read it)."""
 
     query_mean: Callable
     state: Callable
@@ -301,11 +305,13 @@ def _rope_operands(rope, like: torch.Tensor):
     return tuple(t.to(dtype) for t in rope)
 
 
-def _triton_state(k, v, *, feature_map, k_norm, key_weight, query_mean, rope, scale) -> "LinearAttentionState":
+def _triton_state(
+    k, v, *, feature_map, k_norm, key_weight, query_mean, rope, scale, v_mean=True
+) -> "LinearAttentionState":
     cos, sin = _rope_operands(rope, k)
     weight = key_weight if isinstance(key_weight, torch.Tensor) else None
-    kv, k_sum, v_mean, lse = _linear_triton.state_op(k, v, k_norm, weight, query_mean, cos, sin, feature_map, scale)
-    return LinearAttentionState(kv, k_sum, v_mean, lse, k.shape[2])
+    state = _linear_triton.state_op(k, v, k_norm, weight, query_mean, cos, sin, feature_map, scale, v_mean)
+    return LinearAttentionState(*state, k.shape[2])
 
 
 def _triton_apply(q, state, *, feature_map, normalize, q_norm, rope, scale, eps) -> torch.Tensor:
@@ -542,7 +548,7 @@ def linear_attention(
     scale = _check_scale(scale, q.shape[-1])
     impl = _REGISTRY.select(backend, {"q": q, "k": k, "v": v, "q_norm": q_norm, "k_norm": k_norm})
     query_mean = impl.query_mean(q if q_norm is None else q_norm, feature_map) if isinstance(key_weight, str) else None
-    state = impl.state(k, v, query_mean=query_mean, scale=scale, **key_args)
+    state = impl.state(k, v, query_mean=query_mean, scale=scale, v_mean=normalize == "additive", **key_args)
     return impl.apply(q, state, scale=scale, **query_args)
 
 
