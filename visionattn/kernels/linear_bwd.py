@@ -7,7 +7,8 @@ Nk for divisive, additive, plain), the apply backward (``_linear_bwd_kernel_appl
 ``dk``, ``dv``, ``dk̃`` and the weight gradient ``g_j = (R_jφ(k_j))ᵀ dS̄ v_j + φ(k̃_j)·dz̄``: a tensor weight gets
 ``g_j / Nk``; RALA's softmax gets ``ds_j = α_j (g_j − ⟨S̄, dS̄⟩ − z̄·dz̄)`` (the softmax's ``Σ_l α_l g_l`` is a
 state inner product, so no extra pass is needed), which flows into ``k̃_j`` and into chunk partials of ``dq̄``.
-``_linear_bwd_kernel_query_mean`` maps ``dq̄`` to every query.
+``_linear_bwd_kernel_query_mean`` maps ``dq̄`` to every query, into its own tensor or added in place into the apply
+backward's ``dq`` (``dq̃``) when one autograd node owns both.
 """
 
 import torch
@@ -62,7 +63,9 @@ def _store_rows(p, x, m_n, m_d):
 
 @triton.autotune(
     configs=autotune_configs(_BLOCK_CONFIGS, _BLOCK_DEFAULT),
-    key=["D", "FEATURE"],
+    key=["D", "FEATURE", "ACCUMULATE"],
+    # with ACCUMULATE the kernel adds into dq: every config the autotuner times must start from the same dq
+    restore_value=["dq_ptr"],
     **autotune_kwargs(),
 )
 @triton.jit
@@ -83,6 +86,7 @@ def _linear_bwd_kernel_query_mean(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     FEATURE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -97,6 +101,8 @@ def _linear_bwd_kernel_query_mean(
     b_g = tl.load(dqm_ptr + i_bh * D + o_d, mask=m_d, other=0.0) / N
     b_dq = _phi_bwd(b_q, _phi(b_q, m_d, FEATURE), b_g[None, :] + b_q * 0.0, FEATURE)
     p_dq = dq_ptr + i_b * stride_dq_b + i_h * stride_dq_h + o_n[:, None] * stride_dq_n + o_d[None, :] * stride_dq_d
+    if ACCUMULATE:
+        b_dq += _load_rows(p_dq, m_n, m_d)
     _store_rows(p_dq, b_dq, m_n, m_d)
 
 
@@ -392,10 +398,14 @@ def bf16_state(dtype: torch.dtype, d: int, dv: int) -> bool:
     return dtype == torch.bfloat16 or (dtype == torch.float16 and big)
 
 
-def linear_query_mean_bwd(q: torch.Tensor, d_mean: torch.Tensor, feature_map: str) -> torch.Tensor:
-    """``dq_i = J_φ(q_i)ᵀ d_mean / Nq``. Grid ``(cdiv(Nq, BLOCK_M), B·H)``."""
+def linear_query_mean_bwd(
+    q: torch.Tensor, d_mean: torch.Tensor, feature_map: str, dq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``dq_i = J_φ(q_i)ᵀ d_mean / Nq``, or with ``dq`` (shaped like q) ``dq_i += …`` in place (one read of dq
+    instead of a second gradient tensor and autograd's sum of the two). Grid ``(cdiv(Nq, BLOCK_M), B·H)``."""
     b, h, n, d = q.shape
-    dq = torch.empty_like(q)
+    accumulate = dq is not None
+    dq = torch.empty_like(q) if dq is None else dq
     grid = lambda meta: (cdiv(n, meta["BLOCK_M"]), b * h)
     _linear_bwd_kernel_query_mean[grid](
         q,
@@ -408,6 +418,7 @@ def linear_query_mean_bwd(q: torch.Tensor, d_mean: torch.Tensor, feature_map: st
         D=d,
         BLOCK_D=next_block(d),
         FEATURE=FEATURE_CODES[feature_map],
+        ACCUMULATE=accumulate,
     )
     return dq
 

@@ -3,7 +3,8 @@
 ``visionattn::linear_query_mean`` (RALA's ``q̄``), ``visionattn::linear_state`` (keys and values to ``S̄, z̄, v̄, lse``)
 and ``visionattn::linear_apply`` (queries through the state) compose to the full op, so autograd, ``torch.compile``
 (``fullgraph=True``) and ``FlopCounterMode`` see each pass, and a sequence-parallel all-reduce can sit between the
-state and the apply. ``lse`` only serves merging and carries no gradient; RoPE tables are constants (no gradient).
+state and the apply. ``linear_attention(key_weight="rala")`` runs the same three passes as one node,
+``visionattn::linear_attention_rala``, whose backward adds the query mean's gradient into ``dq`` in place. ``lse`` only serves merging and carries no gradient; RoPE tables are constants (no gradient).
 Kernels are imported lazily so that importing ``visionattn`` never needs Triton.
 """
 
@@ -236,6 +237,110 @@ def _apply_backward(ctx, do):
 apply_op.register_autograd(_apply_backward, setup_context=_apply_setup)
 
 
+# ------------------------------------------------------------------------------------------------ RALA, one node
+@custom_op("visionattn::linear_attention_rala")
+def rala_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm: _Opt,
+    k_norm: _Opt,
+    cos: _Opt,
+    sin: _Opt,
+    feature_map: str,
+    normalize: str | None,
+    scale: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``linear_attention(key_weight="rala")`` as one autograd node: ``(o, q̄, S̄, z̄, v̄, lse)``, all but ``o``
+    saved for the backward only.
+
+    The three passes are the kernels of the ops above. Being one node lets the backward add the query mean's
+    gradient into the apply's ``dq`` in place (one read and write of dq) rather than writing a second gradient of
+    q's size that autograd then sums with the first (two more reads and a write)."""
+    from ..kernels.linear import linear_apply_fwd, linear_query_mean_fwd, linear_state_fwd
+
+    q_mean = linear_query_mean_fwd(q if q_norm is None else q_norm, feature_map)
+    kv, k_sum, v_mean, lse = linear_state_fwd(
+        k, v, k_norm, None, q_mean, cos, sin, feature_map, scale, normalize == "additive"
+    )
+    o = linear_apply_fwd(q, q_norm, cos, sin, kv, k_sum, v_mean, feature_map, normalize, scale, eps, k.shape[2])
+    return o, q_mean, kv, k_sum, v_mean, lse
+
+
+@rala_op.register_fake
+def _(q, k, v, q_norm, k_norm, cos, sin, feature_map, normalize, scale, eps):
+    from ..kernels.block_sparse import empty_like_layout
+
+    (b, h, _, d), dv = q.shape, v.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    return (
+        empty_like_layout(q, dv),
+        q.new_empty(b, h, d, **f32),
+        q.new_empty(b, h, d, dv, **f32),
+        q.new_empty(b, h, d, **f32),
+        q.new_empty(b, h, dv, **f32),
+        q.new_empty(b, h, **f32),
+    )
+
+
+@custom_op("visionattn::linear_attention_rala_bwd")
+def _rala_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm: _Opt,
+    k_norm: _Opt,
+    cos: _Opt,
+    sin: _Opt,
+    q_mean: torch.Tensor,
+    kv: torch.Tensor,
+    k_sum: torch.Tensor,
+    v_mean: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    feature_map: str,
+    normalize: str | None,
+    scale: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.linear_bwd import linear_apply_bwd, linear_query_mean_bwd, linear_state_bwd
+
+    n = k.shape[2]
+    dq, dqn, d_kv, d_k_sum, d_v_mean = linear_apply_bwd(
+        q, q_norm, cos, sin, kv, k_sum, v_mean, do, feature_map, normalize, scale, eps, n
+    )
+    dk, dv, dkn, _, d_q_mean = linear_state_bwd(
+        k, v, k_norm, None, q_mean, cos, sin, kv, k_sum, lse, d_kv, d_k_sum, d_v_mean, feature_map, scale
+    )
+    # q̄ is the mean of φ(q̃): its gradient joins the normaliser queries' gradient, in place
+    linear_query_mean_bwd(q if q_norm is None else q_norm, d_q_mean, feature_map, dq if dqn is None else dqn)
+    empty = q.new_empty(0)
+    return dq, dk, dv, empty if dqn is None else dqn, empty if dkn is None else dkn
+
+
+@_rala_bwd_op.register_fake
+def _(q, k, v, q_norm, k_norm, cos, sin, q_mean, kv, k_sum, v_mean, lse, do, feature_map, normalize, scale, eps):
+    maybe = lambda t: torch.empty_like(t) if t is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), maybe(q_norm), maybe(k_norm)
+
+
+def _rala_setup(ctx, inputs, output):
+    q, k, v, q_norm, k_norm, cos, sin, *ctx.consts = inputs
+    _, *saved = output
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(q, k, v, q_norm, k_norm, cos, sin, *saved)
+
+
+def _rala_backward(ctx, do, *_):
+    dq, dk, dv, dqn, dkn = _rala_bwd_op(*ctx.saved_tensors, do, *ctx.consts)
+    # slots: q, k, v, q_norm, k_norm, cos, sin, feature_map, normalize, scale, eps
+    return dq, dk, dv, _or_none(dqn), _or_none(dkn), None, None, None, None, None, None
+
+
+rala_op.register_autograd(_rala_backward, setup_context=_rala_setup)
+
+
 # ------------------------------------------------------------------------------------------------ FLOP counts
 def _state_flops(k_shape, v_shape):
     b, h, n, d = k_shape
@@ -260,3 +365,18 @@ def _(q_shape, q_norm_shape, cos_shape, sin_shape, kv_shape, *args, **kwargs) ->
 @register_flop_formula(torch.ops.visionattn.linear_apply_bwd)
 def _(q_shape, q_norm_shape, cos_shape, sin_shape, kv_shape, *args, **kwargs) -> int:
     return 4 * q_shape[0] * q_shape[1] * q_shape[2] * kv_shape[-2] * kv_shape[-1]
+
+
+def _rala_flops(q_shape, k_shape, v_shape):
+    """State plus apply: ``2·B·H·(Nk + Nq)·D·Dv``."""
+    return _state_flops(k_shape, v_shape) + _state_flops(q_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.visionattn.linear_attention_rala)
+def _(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    return _rala_flops(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.visionattn.linear_attention_rala_bwd)
+def _(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    return 2 * _rala_flops(q_shape, k_shape, v_shape)

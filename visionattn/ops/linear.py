@@ -286,11 +286,13 @@ def merge_linear_attention_states(states) -> LinearAttentionState:
 class _LinearBackend(NamedTuple):
     """The three passes of one backend: RALA's query mean, the key/value reduction, the per-query apply.
 
-    ``state(..., v_mean=False)`` may return a zero ``v_mean`` (callers whose normalisation does not read it)."""
+    ``state(..., v_mean=False)`` may return a zero ``v_mean`` (callers whose normalisation does not read it).
+    ``rala``, where given, is the whole ``key_weight="rala"`` op in one call (``linear_attention`` uses it)."""
 
     query_mean: Callable
     state: Callable
     apply: Callable
+    rala: Callable | None = None
 
 
 _REGISTRY = _BackendRegistry("linear_attention")
@@ -331,8 +333,14 @@ def _triton_supports(args: dict, raise_error: bool) -> bool:
     return all(_requires_head_dim_range(name, *_TRITON_HEAD_DIMS)(args, raise_error) for name in names)
 
 
+def _triton_rala(q, k, v, *, feature_map, normalize, q_norm, k_norm, rope, scale, eps) -> torch.Tensor:
+    """The three passes as one autograd node (its backward adds q̄'s gradient into dq in place)."""
+    cos, sin = _rope_operands(rope, q)
+    return _linear_triton.rala_op(q, k, v, q_norm, k_norm, cos, sin, feature_map, normalize, scale, eps)[0]
+
+
 _REGISTRY.register("triton", constraints=[_triton_supports])(
-    _LinearBackend(_linear_triton.query_mean_op, _triton_state, _triton_apply)
+    _LinearBackend(_linear_triton.query_mean_op, _triton_state, _triton_apply, _triton_rala)
 )
 
 
@@ -547,6 +555,8 @@ def linear_attention(
     query_args = _parse_query_args(q, feature_map, normalize, q_norm, rope, eps)
     scale = _check_scale(scale, q.shape[-1])
     impl = _REGISTRY.select(backend, {"q": q, "k": k, "v": v, "q_norm": q_norm, "k_norm": k_norm})
+    if isinstance(key_weight, str) and impl.rala is not None:
+        return impl.rala(q, k, v, k_norm=k_norm, scale=scale, **query_args)
     query_mean = impl.query_mean(q if q_norm is None else q_norm, feature_map) if isinstance(key_weight, str) else None
     state = impl.state(k, v, query_mean=query_mean, scale=scale, v_mean=normalize == "additive", **key_args)
     return impl.apply(q, state, scale=scale, **query_args)
