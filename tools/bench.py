@@ -6,7 +6,7 @@
     python tools/bench.py attention --device cpu          # tiny shapes: checks that everything runs
 
 Each case module in ``tools/bench_cases`` describes ``BenchCase`` rows (see ``_common.py``) without building them.
-``--mode``, ``--filter`` (group substring) and ``--impl`` (impl substrings) select rows first; then each selected
+``--mode``, ``--filter`` (group substring) and ``--impl`` (impl substrings, or ``=name`` for exactly one) select rows first; then each selected
 row is built (its ``make`` allocates inputs, models), warmed up (compilation, autotuning: ``warmup_s``), timed with
 CUDA events (median of ``--iters``), its peak memory recorded, and freed before the next. Rows that fail (e.g. out
 of memory, a peer that is not installed) are reported with the error instead of stopping the run.
@@ -56,7 +56,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20 on CUDA, 2 on CPU)")
     parser.add_argument("--filter", default=None, help="only rows whose group contains this substring")
     parser.add_argument(
-        "--impl", default=None, help="only rows whose impl contains one of these comma-separated substrings"
+        "--impl",
+        default=None,
+        help="only rows whose impl contains one of these comma-separated substrings ('=name': exactly name)",
     )
     parser.add_argument(
         "--cuda-graph",
@@ -194,7 +196,8 @@ def _selected(case: BenchCase, args) -> bool:
     """``--mode``, ``--filter`` and ``--impl`` decide from the row's description alone, before anything is built."""
     if args.mode not in ("both", case.mode) or (args.filter and args.filter not in case.group):
         return False
-    return not args.impl or any(part in case.impl for part in args.impl.split(",") if part)
+    parts = [part for part in (args.impl or "").split(",") if part]
+    return not parts or any(case.impl == part[1:] if part[0] == "=" else part in case.impl for part in parts)
 
 
 def _run_row(case: BenchCase, args) -> dict:

@@ -47,9 +47,11 @@ def test_bench_builds_only_the_selected_rows(monkeypatch, tmp_path):
 
         return BenchCase(group=group, impl=impl, mode=mode, make=make, baseline=impl == "sdpa")
 
-    rows = [row(g, i, m) for g in ("keep A", "drop B") for m in ("fwd", "fwd+bwd") for i in ("ours", "sdpa", "flex")]
+    impls = ("ours", "ours-causal", "sdpa", "flex")
+    rows = [row(g, i, m) for g in ("keep A", "drop B") for m in ("fwd", "fwd+bwd") for i in impls]
     monkeypatch.setitem(sys.modules, "tools.bench_cases._fake", types.SimpleNamespace(cases=lambda args: rows))
-    argv = ["attention", "--device", "cpu", "--iters", "1", "--warmup", "1", "--filter", "keep", "--impl", "ours,fl"]
+    # "=ours" selects that impl exactly (not ours-causal), "fl" any impl containing it
+    argv = ["attention", "--device", "cpu", "--iters", "1", "--warmup", "1", "--filter", "keep", "--impl", "=ours,fl"]
     args = _parse_args([*argv, "--mode", "fwd+bwd"])
     args.case_names = ["_fake"]
     report = run_cases(args)
