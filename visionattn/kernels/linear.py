@@ -170,14 +170,19 @@ def _linear_fwd_kernel_query_mean(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     FEATURE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    # [BLOCK_N, BLOCK_D]: summed over rows after the loop (see _linear_fwd_kernel_state)
-    b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # the row sum as a product with a ones matrix (16 identical rows, the smallest dot tile): the tensor cores
+    # reduce, the accumulator is 16 rows instead of BLOCK_N, and a load that feeds a dot is software-pipelined
+    # through shared memory (num_stages), so more of q is in flight per program than registers would hold. The
+    # operands take q's dtype (φ(q) rounded to it, as the state pass's dot operands are; sums stay fp32).
+    b_ones = tl.full([16, BLOCK_N], 1.0, dtype=q_ptr.dtype.element_ty)
+    b_acc = tl.zeros([16, BLOCK_D], dtype=tl.float32)
     start = i_c * chunk_len
     end = tl.minimum(start + chunk_len, N)
     for n0 in range(start, end, BLOCK_N):
@@ -186,8 +191,10 @@ def _linear_fwd_kernel_query_mean(
         p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + o_n[:, None] * stride_q_n + o_d[None, :] * stride_q_d
         # [BLOCK_N, BLOCK_D]
         b_phi = _phi(_load_rows(p_q, m_n, m_d), m_d, FEATURE)
-        b_acc += tl.where(m_n[:, None], b_phi, 0.0)
-    tl.store(part_ptr + (i_c * tl.num_programs(1) + i_bh) * D + o_d, tl.sum(b_acc, axis=0), mask=m_d)
+        b_phi = tl.where(m_n[:, None], b_phi, 0.0).to(q_ptr.dtype.element_ty)
+        b_acc = tl.dot(b_ones, b_phi, b_acc, input_precision=DOT_PRECISION)
+    b_mean = tl.sum(tl.where(tl.arange(0, 16)[:, None] == 0, b_acc, 0.0), axis=0) / N
+    tl.store(part_ptr + (i_c * tl.num_programs(1) + i_bh) * D + o_d, b_mean, mask=m_d)
 
 
 @triton.autotune(
@@ -425,14 +432,24 @@ def rope_strides(cos: torch.Tensor | None) -> tuple[int, int]:
 
 
 def linear_query_mean_fwd(q: torch.Tensor, feature_map: str) -> torch.Tensor:
-    """``(1/Nq) Σ_i φ(q_i)``, ``(B, H, D)`` fp32. Grid ``(chunks, B·H)``; partials summed in chunk order."""
+    """``(1/Nq) Σ_i φ(q_i)``, ``(B, H, D)`` fp32. Grid ``(chunks, B·H)``; partials (already divided by Nq) summed
+    in chunk order."""
     b, h, n, d = q.shape
     chunk_len, chunks = chunking(n, b * h, q.device)
     part = torch.empty(chunks, b, h, d, device=q.device, dtype=torch.float32)
     _linear_fwd_kernel_query_mean[(chunks, b * h)](
-        q, part, *q.stride(), h, n, chunk_len, D=d, BLOCK_D=next_block(d), FEATURE=FEATURE_CODES[feature_map]
+        q,
+        part,
+        *q.stride(),
+        h,
+        n,
+        chunk_len,
+        D=d,
+        BLOCK_D=next_block(d),
+        FEATURE=FEATURE_CODES[feature_map],
+        DOT_PRECISION=dot_precision(q.dtype),
     )
-    return part.sum(dim=0) / n
+    return part.sum(dim=0)
 
 
 def linear_state_fwd(
