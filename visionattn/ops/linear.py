@@ -287,12 +287,14 @@ class _LinearBackend(NamedTuple):
     """The three passes of one backend: RALA's query mean, the key/value reduction, the per-query apply.
 
     ``state(..., v_mean=False)`` may return a zero ``v_mean`` (callers whose normalisation does not read it).
-    ``rala``, where given, is the whole ``key_weight="rala"`` op in one call (``linear_attention`` uses it)."""
+    ``rala``, where given, is the whole ``key_weight="rala"`` op in one call (``linear_attention`` uses it);
+    ``rope``, where given, maps ``(cos, sin)`` to the tables the passes read, once per ``linear_attention`` call."""
 
     query_mean: Callable
     state: Callable
     apply: Callable
     rala: Callable | None = None
+    rope: Callable | None = None
 
 
 _REGISTRY = _BackendRegistry("linear_attention")
@@ -300,7 +302,8 @@ _REGISTRY.register("reference")(_LinearBackend(_query_mean_reference, _state_ref
 
 
 def _rope_operands(rope, like: torch.Tensor):
-    """RoPE tables in the 16-bit input dtype: every (batch, head) re-reads them, so halving them halves that traffic."""
+    """RoPE tables in the 16-bit input dtype: every (batch, head) re-reads them, so halving them halves that traffic.
+    Tables already in that dtype are returned as they are."""
     if rope is None:
         return None, None
     dtype = like.dtype if like.dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -340,7 +343,7 @@ def _triton_rala(q, k, v, *, feature_map, normalize, q_norm, k_norm, rope, scale
 
 
 _REGISTRY.register("triton", constraints=[_triton_supports])(
-    _LinearBackend(_linear_triton.query_mean_op, _triton_state, _triton_apply, _triton_rala)
+    _LinearBackend(_linear_triton.query_mean_op, _triton_state, _triton_apply, _triton_rala, _rope_operands)
 )
 
 
@@ -555,6 +558,9 @@ def linear_attention(
     query_args = _parse_query_args(q, feature_map, normalize, q_norm, rope, eps)
     scale = _check_scale(scale, q.shape[-1])
     impl = _REGISTRY.select(backend, {"q": q, "k": k, "v": v, "q_norm": q_norm, "k_norm": k_norm})
+    if rope is not None and impl.rope is not None:
+        # converted once here, so the state and apply passes do not each convert them (a no-op for them now)
+        key_args["rope"] = query_args["rope"] = impl.rope(rope, q)
     if isinstance(key_weight, str) and impl.rala is not None:
         return impl.rala(q, k, v, k_norm=k_norm, scale=scale, **query_args)
     query_mean = impl.query_mean(q if q_norm is None else q_norm, feature_map) if isinstance(key_weight, str) else None
