@@ -254,7 +254,8 @@ def _linear_bwd_kernel_state(
     qm_ptr,
     cos_ptr,
     sin_ptr,
-    c0_ptr,
+    kv_ptr,
+    ks_ptr,
     lse_ptr,
     dkv_ptr,
     dks_ptr,
@@ -323,9 +324,13 @@ def _linear_bwd_kernel_state(
     b_dkv = tl.load(dkv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :], mask=m_de, other=0.0)
     b_dks = tl.load(dks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
     b_dvm = tl.load(dvm_ptr + i_bh * DV + o_e, mask=m_e, other=0.0)
+    if WEIGHT == 2:
+        # the softmax's Σ_l α_l g_l = ⟨S̄, dS̄⟩ + z̄·dz̄, from the fp32 state and its fp32 gradient
+        b_kv = tl.load(kv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :], mask=m_de, other=0.0)
+        b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
+        b_c0 = tl.sum(tl.sum(b_kv * b_dkv, axis=1), axis=0) + tl.sum(b_ks * b_dks, axis=0)
     b_dkv = _operand(b_dkv, BF16_STATE)
     if WEIGHT == 2:
-        b_c0 = tl.load(c0_ptr + i_bh)
         b_qm = tl.load(qm_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
         b_lse = tl.load(lse_ptr + i_bh)
     b_dqm = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -524,8 +529,8 @@ def linear_state_bwd(
         f32(query_mean) if rala else k,
         k if cos is None else cos,
         k if sin is None else sin,
-        # RALA's softmax backward needs Σ_l α_l g_l = ⟨S̄, dS̄⟩ + z̄·dz̄, one scalar per (batch, head)
-        ((kv * d_kv).sum(dim=(-2, -1)) + (k_sum * d_k_sum).sum(dim=-1)).float().contiguous() if rala else k,
+        f32(kv) if rala else k,
+        f32(k_sum) if rala else k,
         f32(lse),
         f32(d_kv),
         f32(d_k_sum),
