@@ -144,10 +144,14 @@ def test_linear_attention_kernel_traces_with_fullgraph(kernel_device, rng):
     _check_against_reference(rng, inputs, kwargs, torch.float32, run=fn)
 
 
-def test_linear_attention_kernel_reports_flops(kernel_device, rng):
+@pytest.mark.parametrize("key_weight", [None, "rala"])
+def test_linear_attention_kernel_reports_flops(kernel_device, rng, key_weight):
+    """Under FlopCounterMode every op goes through the dispatcher (which also checks that returns do not alias);
+    RALA's one-node op counts the same state and apply products."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    inputs, kwargs = _inputs(rng, ("elu1", "divisive", None, False), device=kernel_device, nq=20, nk=20, d=16, dv=16)
+    variant = ("elu1", "divisive", key_weight, False)
+    inputs, kwargs = _inputs(rng, variant, device=kernel_device, nq=20, nk=20, d=16, dv=16)
     with FlopCounterMode(display=False) as counter:
         out = linear_attention(**inputs, **kwargs, backend="triton")
         out.sum().backward()

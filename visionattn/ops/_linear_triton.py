@@ -315,8 +315,7 @@ def _rala_bwd_op(
     )
     # q̄ is the mean of φ(q̃): its gradient joins the normaliser queries' gradient, in place
     linear_query_mean_bwd(q if q_norm is None else q_norm, d_q_mean, feature_map, dq if dqn is None else dqn)
-    empty = q.new_empty(0)
-    return dq, dk, dv, empty if dqn is None else dqn, empty if dkn is None else dkn
+    return dq, dk, dv, q.new_empty(0) if dqn is None else dqn, q.new_empty(0) if dkn is None else dkn
 
 
 @_rala_bwd_op.register_fake
