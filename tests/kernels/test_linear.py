@@ -92,6 +92,19 @@ def test_linear_attention_kernel_handles_shapes_and_strides(kernel_device, poiso
     _check_against_reference(rng, inputs, kwargs, torch.float32)
 
 
+@pytest.mark.parametrize("variant", [("elu1", "additive", None, False), ("softmax", "divisive", "rala", True)])
+def test_linear_attention_kernel_takes_pair_rope_tables(kernel_device, poison_empty, rng, variant):
+    """(N, D/2) tables (one angle per channel pair; the kernels read them as one interleaved table) vs float64, and
+    equal to the same rotation given as (N, D) tables."""
+    inputs, kwargs = _inputs(rng, variant, device=kernel_device)
+    full = tuple(t.to(device=kernel_device, dtype=torch.float32) for t in rope_tables(20, 16))
+    kwargs["rope"] = tuple(t[:, ::2].contiguous() for t in full)
+    _check_against_reference(rng, inputs, kwargs, torch.float32)
+    out = linear_attention(**inputs, **kwargs, backend="triton")
+    ref = linear_attention(**inputs, **{**kwargs, "rope": full}, backend="triton")
+    assert_close("out", ref, out, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("variant", [VARIANTS[1], VARIANTS[4]], ids=_variant_id)
 def test_linear_attention_kernel_matches_reference_fp16(kernel_device, rng, variant):
     inputs, kwargs = _inputs(rng, variant, device=kernel_device, dtype=torch.float16)
@@ -218,6 +231,22 @@ def test_linear_attention_kernel_other_head_dims_gpu(monkeypatch, rng, case):
     _pin_config(monkeypatch, _config_for(d))
     inputs, kwargs = _inputs(rng, variant, b=b, h=h, nq=n, nk=n, d=d, dv=d, dtype=dtype, device="cuda")
     _check_against_reference(rng, inputs, kwargs, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-H{}-N{}-D{}-{}".format(*c))
+def test_linear_attention_kernel_pair_rope_tables_gpu(monkeypatch, rng, case):
+    """(N, D/2) tables at real sizes: vs float64, and equal to the (N, D) tables of the same rotation (both are
+    rounded to the same 16-bit values)."""
+    b, h, n, d, dtype = case
+    _pin_config(monkeypatch, _config_for(d))
+    variant = ("elu1", "additive", "rala", True)
+    inputs, kwargs = _inputs(rng, variant, b=b, h=h, nq=n, nk=n, d=d, dv=d, dtype=dtype, device="cuda")
+    full = kwargs["rope"]
+    kwargs["rope"] = tuple(t[:, ::2] for t in full)
+    _check_against_reference(rng, inputs, kwargs, dtype)
+    out = linear_attention(**inputs, **kwargs, backend="triton")
+    assert_close("out", linear_attention(**inputs, **{**kwargs, "rope": full}, backend="triton"), out, dtype=dtype)
 
 
 @pytest.mark.gpu

@@ -136,6 +136,15 @@ def test_linear_attention_reference_matches_brute_force(rng, variant):
         assert_close(f"d{name}", a, b)
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.get("rope")][-2:], ids=_variant_id)
+def test_linear_attention_reference_takes_pair_rope_tables(rng, variant):
+    """(N, D/2) tables, one angle per channel pair, rotate like the equal-pair (N, D) tables."""
+    inputs, kwargs = _build(rng, variant)
+    ref = brute_force(**inputs, **kwargs)
+    kwargs["rope"] = tuple(t[:, ::2] for t in kwargs["rope"])
+    assert_close("out", ref, linear_attention_reference(**inputs, **kwargs))
+
+
 @pytest.mark.parametrize("variant", VARIANTS[12:], ids=_variant_id)
 def test_linear_attention_dispatches_to_reference(rng, variant):
     inputs, kwargs = _build(rng, variant)
@@ -198,6 +207,8 @@ def test_linear_attention_rejects_bad_arguments(rng):
         linear_attention(q2, k2, v2, rope=torch.ones(13, 8))
     with pytest.raises(ValueError, match="rope"):
         linear_attention(q2, k2, v2, rope=rope_tables(13, 6))
+    with pytest.raises(ValueError, match="rope"):  # (N, D) cos with (N, D/2) sin
+        linear_attention(q2, k2, v2, rope=(rope_tables(13, 8)[0], rope_tables(13, 8)[1][:, ::2]))
     with pytest.raises(ValueError, match="query_mean"):
         linear_attention_state(k, v, key_weight="rala")
     with pytest.raises(ValueError, match="query_mean"):

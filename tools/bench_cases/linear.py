@@ -42,7 +42,7 @@ def naive_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ep
 
 def _variants() -> dict:
     """Our rows: the plain kernel and each variant the issue asks to keep within 1.3x of it (``rope=True``: the
-    row's RoPE tables)."""
+    row's ``(N, D)`` RoPE tables; ``"pairs"``: the same tables as ``(N, D/2)``)."""
     return {
         "ours-plain": dict(normalize="divisive"),
         "ours-mala": dict(normalize="additive"),
@@ -50,11 +50,16 @@ def _variants() -> dict:
         "ours-rope": dict(normalize="divisive", rope=True),
         "ours-mala-rope": dict(normalize="additive", rope=True),
         "ours-rala-rope": dict(normalize="divisive", key_weight="rala", rope=True),
+        "ours-mala-rope-pairs": dict(normalize="additive", rope="pairs"),
+        "ours-rala-rope-pairs": dict(normalize="divisive", key_weight="rala", rope="pairs"),
     }
 
 
 def _with_rope(kwargs: dict, rope) -> dict:
-    return {**kwargs, "rope": rope} if kwargs.get("rope") else kwargs
+    """``rope="pairs"``: the same rotation as ``(N, D/2)`` tables, one angle per channel pair (views, no copy)."""
+    if not kwargs.get("rope"):
+        return kwargs
+    return {**kwargs, "rope": tuple(t[:, ::2] for t in rope) if kwargs["rope"] == "pairs" else rope}
 
 
 def _fla():

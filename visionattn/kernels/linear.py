@@ -126,10 +126,14 @@ def _features(
     FEATURE: tl.constexpr,
     HAS_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    ROPE_PAIRS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Load one row tile and return (x, φ(x), x̃, φ(x̃), R·φ(x), cos, sin); unused entries alias φ(x)."""
+    """Load one row tile and return (x, φ(x), x̃, φ(x̃), R·φ(x), cos, sin); unused entries alias φ(x).
+
+    With ``ROPE_PAIRS`` the table at ``p_cos`` is ``(cos θ_0, sin θ_0, cos θ_1, sin θ_1, …)``, one angle per channel
+    pair (half the bytes of two full tables); split and re-interleaved in registers."""
     # [ROWS, BLOCK_D]
     b_x = _load_rows(p_x, m_n, m_d)
     b_phi = _phi(b_x, m_d, FEATURE)
@@ -140,8 +144,13 @@ def _features(
         b_xn = b_x
         b_phin = b_phi
     if HAS_ROPE:
-        b_cos = _load_rows(p_cos, m_n, m_d)
-        b_sin = _load_rows(p_sin, m_n, m_d)
+        if ROPE_PAIRS:
+            b_cos, b_sin = tl.split(tl.reshape(_load_rows(p_cos, m_n, m_d), [ROWS, BLOCK_D // 2, 2]))
+            b_cos = tl.reshape(tl.join(b_cos, b_cos), [ROWS, BLOCK_D])
+            b_sin = tl.reshape(tl.join(b_sin, b_sin), [ROWS, BLOCK_D])
+        else:
+            b_cos = _load_rows(p_cos, m_n, m_d)
+            b_sin = _load_rows(p_sin, m_n, m_d)
         b_phir = b_phi * b_cos + _rotate_every_two(b_phi, ROWS, BLOCK_D) * b_sin
     else:
         b_cos = b_phi
@@ -199,7 +208,7 @@ def _linear_fwd_kernel_query_mean(
 
 @triton.autotune(
     configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
-    key=["D", "DV", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE", "V_SUM"],
+    key=["D", "DV", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE", "ROPE_PAIRS", "V_SUM"],
     prune_configs_by={"early_config_prune": _prune_reduce_configs},
     **autotune_kwargs(),
 )
@@ -245,6 +254,7 @@ def _linear_fwd_kernel_state(
     WEIGHT: tl.constexpr,
     HAS_K_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    ROPE_PAIRS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     V_SUM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -274,7 +284,7 @@ def _linear_fwd_kernel_state(
         p_cos = cos_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
         p_sin = sin_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
         _, _, _, b_phin, b_phir, _, _ = _features(
-            p_k, p_kn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_K_NORM, HAS_ROPE, BLOCK_N, BLOCK_D
+            p_k, p_kn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_K_NORM, HAS_ROPE, ROPE_PAIRS, BLOCK_N, BLOCK_D
         )
         p_v = v_ptr + i_b * stride_v_b + i_h * stride_v_h + o_n[:, None] * stride_v_n + o_e[None, :] * stride_v_d
         # [BLOCK_N, BLOCK_DV], in v's dtype: the dot takes 16-bit operands (half the registers and shared memory)
@@ -309,7 +319,7 @@ def _linear_fwd_kernel_state(
 
 @triton.autotune(
     configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
-    key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE"],
+    key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE", "ROPE_PAIRS"],
     prune_configs_by={"early_config_prune": _prune_reduce_configs},
     **autotune_kwargs(),
 )
@@ -351,6 +361,7 @@ def _linear_fwd_kernel_apply(
     NORMALIZE: tl.constexpr,
     HAS_Q_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    ROPE_PAIRS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -377,7 +388,7 @@ def _linear_fwd_kernel_apply(
         p_cos = cos_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
         p_sin = sin_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
         _, _, _, b_phin, b_phir, _, _ = _features(
-            p_q, p_qn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_Q_NORM, HAS_ROPE, BLOCK_N, BLOCK_D
+            p_q, p_qn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_Q_NORM, HAS_ROPE, ROPE_PAIRS, BLOCK_N, BLOCK_D
         )
         b_num = num_scale * tl.dot(b_phir, b_kv, input_precision=DOT_PRECISION)
         if NORMALIZE == 0:
@@ -507,6 +518,7 @@ def linear_state_fwd(
         WEIGHT=weight,
         HAS_K_NORM=k_norm is not None,
         HAS_ROPE=cos is not None,
+        ROPE_PAIRS=cos is not None and sin is None,
         DOT_PRECISION=dot_precision(k.dtype),
         V_SUM=with_v_mean,
     )
@@ -560,6 +572,7 @@ def linear_apply_fwd(
         NORMALIZE=NORMALIZE_CODES[normalize],
         HAS_Q_NORM=q_norm is not None,
         HAS_ROPE=cos is not None,
+        ROPE_PAIRS=cos is not None and sin is None,
         DOT_PRECISION=dot_precision(q.dtype),
     )
     return o

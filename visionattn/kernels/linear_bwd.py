@@ -108,7 +108,7 @@ def _linear_bwd_kernel_query_mean(
 
 @triton.autotune(
     configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
-    key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE"],
+    key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE", "ROPE_PAIRS"],
     prune_configs_by={"early_config_prune": _prune_reduce_configs},
     **autotune_kwargs(),
 )
@@ -163,6 +163,7 @@ def _linear_bwd_kernel_apply(
     NORMALIZE: tl.constexpr,
     HAS_Q_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    ROPE_PAIRS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BF16_STATE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -194,7 +195,7 @@ def _linear_bwd_kernel_apply(
         p_cos = cos_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
         p_sin = sin_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
         b_q, b_phi, b_qn, b_phin, b_phir, b_cos, b_sin = _features(
-            p_q, p_qn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_Q_NORM, HAS_ROPE, BLOCK_N, BLOCK_D
+            p_q, p_qn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_Q_NORM, HAS_ROPE, ROPE_PAIRS, BLOCK_N, BLOCK_D
         )
         p_do = do_ptr + i_b * stride_do_b + i_h * stride_do_h + o_n[:, None] * stride_do_n + o_e[None, :] * stride_do_d
         # [BLOCK_N, BLOCK_DV]
@@ -241,7 +242,7 @@ def _linear_bwd_kernel_apply(
 
 @triton.autotune(
     configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
-    key=["D", "DV", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE"],
+    key=["D", "DV", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE", "ROPE_PAIRS"],
     prune_configs_by={"early_config_prune": _prune_reduce_configs},
     **autotune_kwargs(),
 )
@@ -309,6 +310,7 @@ def _linear_bwd_kernel_state(
     WEIGHT: tl.constexpr,
     HAS_K_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    ROPE_PAIRS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BF16_STATE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -344,7 +346,7 @@ def _linear_bwd_kernel_state(
         p_cos = cos_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
         p_sin = sin_ptr + o_n[:, None] * stride_cos_n + o_d[None, :] * stride_cos_d
         b_k, b_phi, b_kn, b_phin, b_phir, b_cos, b_sin = _features(
-            p_k, p_kn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_K_NORM, HAS_ROPE, BLOCK_N, BLOCK_D
+            p_k, p_kn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_K_NORM, HAS_ROPE, ROPE_PAIRS, BLOCK_N, BLOCK_D
         )
         p_v = v_ptr + i_b * stride_v_b + i_h * stride_v_h + o_n[:, None] * stride_v_n + o_e[None, :] * stride_v_d
         # [BLOCK_N, BLOCK_DV]
@@ -487,6 +489,7 @@ def linear_apply_bwd(
         NORMALIZE=NORMALIZE_CODES[normalize],
         HAS_Q_NORM=q_norm is not None,
         HAS_ROPE=cos is not None,
+        ROPE_PAIRS=cos is not None and sin is None,
         DOT_PRECISION=dot_precision(q.dtype),
         BF16_STATE=bf16_state(q.dtype, d, dv),
     )
@@ -561,6 +564,7 @@ def linear_state_bwd(
         WEIGHT=weight,
         HAS_K_NORM=k_norm is not None,
         HAS_ROPE=cos is not None,
+        ROPE_PAIRS=cos is not None and sin is None,
         DOT_PRECISION=dot_precision(k.dtype),
         BF16_STATE=bf16_state(k.dtype, d, dvd),
     )

@@ -93,16 +93,17 @@ def _check_key_weight(key_weight, k: torch.Tensor):
 
 
 def _check_rope(rope, rows: int, head_dim: int, device: torch.device, name: str = "rope"):
-    """``rope`` is None or ``(cos, sin)``, each ``(rows, head_dim)`` with an even head dim."""
+    """``rope`` is None or ``(cos, sin)``, each ``(rows, head_dim)`` or ``(rows, head_dim // 2)`` (one angle per
+    channel pair), with an even head dim."""
     if rope is None:
         return None
     if not isinstance(rope, (tuple, list)) or len(rope) != 2:
         raise TypeError(f"{name} must be None or a pair (cos, sin) of (N, D) tensors; got {type(rope)=}.")
     for part, t in zip(("cos", "sin"), rope):
         _check_tensor(f"{name}[{part}]", t, ndim=2)
-        if t.shape != (rows, head_dim) or t.device != device:
+        if t.shape not in ((rows, head_dim), (rows, head_dim // 2)) or t.shape != rope[0].shape or t.device != device:
             raise ValueError(
-                f"{name} tables must have shape (N, D)={(rows, head_dim)} on {device}; "
+                f"{name} tables must both have shape (N, D)={(rows, head_dim)} or (N, D/2) on {device}; "
                 f"got {name}[{part}].shape={tuple(t.shape)} on {t.device}."
             )
     if head_dim % 2:
@@ -135,7 +136,7 @@ def _rotate(x: torch.Tensor, rope) -> torch.Tensor:
     """MALA/RALA's ``theta_shift``: ``x·cos + rotate_every_two(x)·sin``, pairs ``(x0, x1) -> (-x1, x0)``."""
     if rope is None:
         return x
-    cos, sin = (t.to(x.dtype) for t in rope)
+    cos, sin = (t.to(x.dtype) if t.shape[-1] == x.shape[-1] else t.to(x.dtype).repeat_interleave(2, -1) for t in rope)
     swapped = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     return x * cos + swapped * sin
 
@@ -302,11 +303,14 @@ _REGISTRY.register("reference")(_LinearBackend(_query_mean_reference, _state_ref
 
 
 def _rope_operands(rope, like: torch.Tensor):
-    """RoPE tables in the 16-bit input dtype: every (batch, head) re-reads them, so halving them halves that traffic.
-    Tables already in that dtype are returned as they are."""
-    if rope is None:
-        return None, None
+    """RoPE tables in the 16-bit input dtype (every (batch, head) re-reads them); ``(N, D/2)`` tables interleaved
+    into one ``(N, D)`` table ``(cos θ_0, sin θ_0, cos θ_1, …)``, returned as ``(table, None)``: half the bytes of
+    two full tables. Prepared tables (``sin`` None, or already in the dtype) are returned as they are."""
+    if rope is None or rope[1] is None:
+        return (None, None) if rope is None else tuple(rope)
     dtype = like.dtype if like.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    if rope[0].shape[-1] != like.shape[-1]:
+        return torch.stack(tuple(rope), dim=-1).flatten(-2).to(dtype), None
     return tuple(t.to(dtype) for t in rope)
 
 
@@ -407,7 +411,7 @@ def linear_attention_state(
             ``w_j = Nk·softmax_j(scale·q̄·φ(k̃_j))``.
         query_mean: ``(B, H, D)`` ``q̄`` from :func:`linear_attention_query_mean`; required for ``"rala"``,
             an error otherwise.
-        rope: optional ``(cos, sin)``, each ``(Nk, D)``, rotating the numerator keys.
+        rope: optional ``(cos, sin)``, each ``(Nk, D)`` or ``(Nk, D/2)``, rotating the numerator keys.
         scale: RALA's score scale; ``None`` means ``D ** -0.5``.
 
     Other Parameters:
@@ -466,7 +470,7 @@ def linear_attention_apply(
         state: from :func:`linear_attention_state` (possibly merged across ranks), on q's device; float32
             (float64 for float64 q).
         feature_map, normalize, q_norm, scale, eps: as in :func:`linear_attention`.
-        rope: optional ``(cos, sin)``, each ``(Nq, D)``, rotating the numerator queries.
+        rope: optional ``(cos, sin)``, each ``(Nq, D)`` or ``(Nq, D/2)``, rotating the numerator queries.
 
     Other Parameters:
         backend: ``None``, ``"triton"`` or ``"reference"``.
@@ -532,7 +536,8 @@ def linear_attention(
         k_norm: optional ``(B, H, Nk, D)`` normaliser keys ``k̃``.
         key_weight: ``None``, a ``(B, H, Nk)`` tensor of ``w_j``, or ``"rala"``.
         rope: optional ``(cos, sin)``, each ``(N, D)`` (needs ``Nq == Nk == N``), interleaved pairs:
-            ``R x = x·cos + (−x1, x0, −x3, x2, …)·sin`` (MALA/RALA ``theta_shift``).
+            ``R x = x·cos + (−x1, x0, −x3, x2, …)·sin`` (MALA/RALA ``theta_shift``); or each ``(N, D/2)``, one angle
+            per channel pair (the usual tables, whose pairs are equal; the Triton kernels then read half the bytes).
         scale: ``None`` means ``D ** -0.5``; used by ``"additive"`` and by ``"rala"`` weights.
         eps: added to the normaliser.
 
