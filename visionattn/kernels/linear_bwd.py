@@ -369,7 +369,7 @@ def _linear_bwd_kernel_state(
         b_dphi = _rope_bwd(b_wn[:, None] * b_sv, b_cos, b_sin, HAS_ROPE, BLOCK_N, BLOCK_D)
         b_dphin = b_wn[:, None] * b_dks[None, :]
         if WEIGHT != 0:
-            b_g = tl.sum(b_phir * b_sv, axis=1) + tl.sum(b_phin * b_dks[None, :], axis=1)
+            b_g = tl.sum(b_phir * b_sv + b_phin * b_dks[None, :], axis=1)
         if WEIGHT == 1:
             tl.store(dw_ptr + i_b * stride_dw_b + i_h * stride_dw_h + o_n * stride_dw_n, b_g / N, mask=m_n)
         if WEIGHT == 2:
