@@ -129,6 +129,26 @@ def test_sparse_linear_inference_epilogue_matches_reference(kernel_device, rng, 
                      skip_ratio=0.25, bnhd=bnhd, proj=proj, weight_dtype=weight_dtype)  # fmt: skip
 
 
+def test_sparse_linear_inference_epilogue_traces_with_compile_and_counts_flops(kernel_device, rng):
+    """The inference op under ``torch.compile(fullgraph=True)`` equals eager, and its FLOP formula adds Proj."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v, weight, bias = (t.detach() for t in _make_inputs(kernel_device, torch.float32, rng, n=32, d=16, dv=16))
+    mask = topk_ratio_block_mask(q, k, 16, 16, 0.5)
+    fn = lambda q, k, v, w, b: sparse_linear_attention(q, k, v, w, b, block_mask=mask, backend="triton")
+    with torch.no_grad():
+        eager = fn(q, k, v, weight, bias)
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, weight, bias)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn(q, k, v, weight, bias)
+    assert torch.equal(eager, compiled)
+    pairs = 2 * 2 * 16 * 16  # one critical 16 x 16 block per query block, 2 query blocks, 2 heads
+    linear = 2 * 2 * (32 + 32 + 2 * 2) * 16 * 16  # states (32 keys), φ(q)S (32 queries), masked sums (2 x 2 blocks)
+    proj = 2 * 2 * 32 * 16 * 16
+    assert counter.get_total_flops() == 2 * pairs * (16 + 16) + linear + proj
+
+
 @pytest.mark.parametrize("critical_heads, negligible_heads", [(2, 1), (1, 2), (1, 1)], ids=str)
 def test_marginal_states_are_masked_sums_of_the_block_states(rng, critical_heads, negligible_heads):
     """The marginal block matrix (critical and negligible CSRs broadcast over heads) and the per-row masked sums of
