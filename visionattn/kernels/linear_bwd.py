@@ -208,7 +208,9 @@ def _linear_bwd_kernel_apply(
         elif NORMALIZE == 1:
             b_z = scale * tl.sum(b_phin * b_ks[None, :], axis=1)
             b_dnum = b_do * (1.0 + 1.0 / (b_z + eps))[:, None]
-            b_dz = -tl.sum(b_do * b_num, axis=1) / ((b_z + eps) * (b_z + eps)) - tl.sum(b_do * b_vm[None, :], axis=1)
+            # one row reduction (two would each need their own layout conversion)
+            b_r = 1.0 / ((b_z + eps) * (b_z + eps))
+            b_dz = -tl.sum(b_do * (b_num * b_r[:, None] + b_vm[None, :]), axis=1)
             b_dt = scale * b_dz
             b_dvm -= b_z[:, None] * b_do
         else:
