@@ -26,6 +26,11 @@ def test_rope2d_tables_match_brute_force(shape, head_dim):
     assert_close("sin", sin_ref, sin)
     module_cos, module_sin = RoPE2d(head_dim)(TokenGrid(shape), torch.empty(0, dtype=torch.float64))
     assert torch.equal(module_cos, cos) and torch.equal(module_sin, sin)
+    # pair tables: the one angle both channels of a pair share
+    pair_cos, pair_sin = RoPE2d(head_dim, pairs=True)(TokenGrid(shape), torch.empty(0, dtype=torch.float64))
+    for table, full in ((pair_cos, cos), (pair_sin, sin)):
+        assert table.shape == (shape[0] * shape[1], head_dim // 2)
+        assert torch.equal(table, full[:, ::2]) and torch.equal(table, full[:, 1::2])
 
 
 def test_apply_rope2d_rotates_interleaved_pairs(rng):
@@ -86,6 +91,8 @@ def test_attention2d_precomputed_rope_equals_computed(rng, kind):
     x = torch.randn(2, 20, 32, generator=rng, dtype=torch.float64)
     grid = TokenGrid((4, 5))
     rope = rope2d_tables(grid, 16, dtype=torch.float64)
+    # the module computes pair tables for linear attention: the same output as the full tables
+    assert module.rope.pairs == (kind != "softmax")
     assert_close("out", module(x, grid), module(x, grid, rope))
 
 

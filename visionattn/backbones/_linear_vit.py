@@ -224,7 +224,8 @@ class LinearViTStage(nn.Module):
         super().__init__()
         self.grad_checkpointing = False
         self.downsample = _Downsample(in_dim, dim, **dd) if downsample else nn.Identity()
-        self.rope = RoPE2d(dim // num_heads)
+        # linear stages take the half-size pair tables; softmax blocks rotate with apply_rope2d's full tables
+        self.rope = RoPE2d(dim // num_heads, pairs=attn_type != "softmax")
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
             LinearViTBlock(

@@ -33,8 +33,11 @@ _KINDS = {
 class _GatedAttention2d(nn.Module):
     """Parameters and reshapes shared by the linear and softmax token mixers of the MAViT/RAVLT skeleton.
 
-    Subclasses define ``_attend(q, k, v, rope) -> (B, H, N, d)`` on ``(B, H, N, d)`` views.
+    Subclasses define ``_attend(q, k, v, rope) -> (B, H, N, d)`` on ``(B, H, N, d)`` views, and ``_rope_pairs``: whether
+    ``_attend`` takes RoPE tables with one angle per channel pair (``RoPE2d(pairs=True)``).
     """
+
+    _rope_pairs = False
 
     def __init__(
         self,
@@ -54,7 +57,7 @@ class _GatedAttention2d(nn.Module):
         self.qkvo = nn.Linear(dim, 4 * dim, **dd)
         self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.rope = RoPE2d(self.head_dim)
+        self.rope = RoPE2d(self.head_dim, pairs=self._rope_pairs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -75,7 +78,8 @@ class _GatedAttention2d(nn.Module):
             x: tokens ``(B, N, C)``.
             grid: ``TokenGrid((Y, X))`` of the tokens.
             rope: precomputed ``(cos, sin)`` tables ``(N, head_dim)`` (a stage computes them once for all its
-                blocks); computed here from ``grid`` when None.
+                blocks); linear attention also takes ``(N, head_dim / 2)`` pair tables (``RoPE2d(pairs=True)``,
+                half the bytes for its kernels, what it computes from ``grid`` when None).
 
         Returns:
             ``(B, N, C)``.
@@ -110,6 +114,8 @@ class LinearAttention2d(_GatedAttention2d):
     Parameter names and shapes follow the official modules except that the 1x1 convolutions ``qkvo`` and ``proj``
     are ``nn.Linear`` on ``(B, N, C)`` tokens (the backbones' ``checkpoint_filter_fn`` squeezes their weights).
     """
+
+    _rope_pairs = True  # the kernels then read half the table bytes
 
     def __init__(
         self,

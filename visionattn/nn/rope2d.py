@@ -39,8 +39,11 @@ def rope2d_tables(
     base: float = 10000.0,
     device=None,
     dtype: torch.dtype = torch.float32,
+    pairs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)`` tables of a 2D grid in raster order, each ``(Y·X, head_dim)``.
+    """``(cos, sin)`` tables of a 2D grid in raster order, each ``(Y·X, head_dim)``, or with ``pairs`` each
+    ``(Y·X, head_dim / 2)``: one angle per interleaved pair (the two channels of a pair share it), the form
+    ``visionattn.ops.linear_attention``'s kernels read at half the bytes.
 
     Args:
         grid: 2D ``TokenGrid((Y, X))`` without extra tokens.
@@ -48,16 +51,18 @@ def rope2d_tables(
         base: frequency base (10000 in the reference).
         device: device of the tables.
         dtype: dtype the tables are computed and returned in.
+        pairs: return one column per channel pair instead of one per channel.
     """
     rows, cols = _check_grid_2d(grid)
     head_dim = _check_head_dim(head_dim)
     theta = 1.0 / base ** torch.linspace(0, 1, head_dim // 4, device=device, dtype=dtype)
-    theta = theta.repeat_interleave(2)  # one angle per interleaved pair
-    angle_y = torch.arange(rows, device=device, dtype=dtype)[:, None] * theta  # (Y, D/2)
-    angle_x = torch.arange(cols, device=device, dtype=dtype)[:, None] * theta  # (X, D/2)
+    if not pairs:
+        theta = theta.repeat_interleave(2)  # the pair's angle on both of its channels
+    angle_y = torch.arange(rows, device=device, dtype=dtype)[:, None] * theta  # (Y, D/2), or (Y, D/4) with pairs
+    angle_x = torch.arange(cols, device=device, dtype=dtype)[:, None] * theta
     angle = torch.cat(
         (angle_y[:, None, :].expand(rows, cols, -1), angle_x[None, :, :].expand(rows, cols, -1)), dim=-1
-    ).reshape(rows * cols, head_dim)
+    ).reshape(rows * cols, -1)
     return angle.cos(), angle.sin()
 
 
@@ -74,26 +79,30 @@ class RoPE2d(nn.Module):
         self,
         head_dim: int,
         base: float = 10000.0,
+        pairs: bool = False,
     ):
         """
         Args:
             head_dim: per-head channels ``D`` (a multiple of 4).
             base: frequency base.
+            pairs: produce ``(Y·X, head_dim / 2)`` tables, one angle per channel pair (``rope2d_tables``), for
+                ``visionattn.ops.linear_attention``; ``apply_rope2d`` takes the full ``(Y·X, head_dim)`` form.
         """
         super().__init__()
         self.head_dim = _check_head_dim(head_dim)
         self.base = base
+        self.pairs = pairs
 
     def forward(self, grid: TokenGrid, like: torch.Tensor | None = None):
-        """``(cos, sin)``, each ``(Y·X, head_dim)``, for the 2D ``grid``.
+        """``(cos, sin)``, each ``(Y·X, head_dim)`` (``(Y·X, head_dim / 2)`` with ``pairs``), for the 2D ``grid``.
 
         Tables are on ``like``'s device, in float64 when ``like`` is float64 and in float32 otherwise (low-precision
         activations are rotated with fp32 tables, as the reference does under autocast).
         """
         if like is None:
-            return rope2d_tables(grid, self.head_dim, base=self.base)
+            return rope2d_tables(grid, self.head_dim, base=self.base, pairs=self.pairs)
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return rope2d_tables(grid, self.head_dim, base=self.base, device=like.device, dtype=dtype)
+        return rope2d_tables(grid, self.head_dim, base=self.base, device=like.device, dtype=dtype, pairs=self.pairs)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, base={self.base}"
+        return f"head_dim={self.head_dim}, base={self.base}, pairs={self.pairs}"
