@@ -83,14 +83,18 @@ def state_op(
 
 @state_op.register_fake
 def _(k, v, k_norm, key_weight, query_mean, cos, sin, feature_map, scale, with_v_mean):
-    b, h, _, d = k.shape
-    dv = v.shape[-1]
+    return _empty_state(k, v.shape[-1])
+
+
+def _empty_state(like: torch.Tensor, dv: int) -> tuple[torch.Tensor, ...]:
+    """Fake fp32 ``(S̄ (B,H,D,Dv), z̄ (B,H,D), v̄ (B,H,Dv), lse (B,H))`` for ``like`` ``(B, H, N, D)``."""
+    b, h, _, d = like.shape
     f32 = dict(dtype=torch.float32)
     return (
-        k.new_empty(b, h, d, dv, **f32),
-        k.new_empty(b, h, d, **f32),
-        k.new_empty(b, h, dv, **f32),
-        k.new_empty(b, h, **f32),
+        like.new_empty(b, h, d, dv, **f32),
+        like.new_empty(b, h, d, **f32),
+        like.new_empty(b, h, dv, **f32),
+        like.new_empty(b, h, **f32),
     )
 
 
@@ -273,15 +277,7 @@ def _(q, k, v, q_norm, k_norm, cos, sin, feature_map, normalize, scale, eps):
     from ..kernels.block_sparse import empty_like_layout
 
     (b, h, _, d), dv = q.shape, v.shape[-1]
-    f32 = dict(dtype=torch.float32)
-    return (
-        empty_like_layout(q, dv),
-        q.new_empty(b, h, d, **f32),
-        q.new_empty(b, h, d, dv, **f32),
-        q.new_empty(b, h, d, **f32),
-        q.new_empty(b, h, dv, **f32),
-        q.new_empty(b, h, **f32),
-    )
+    return empty_like_layout(q, dv), q.new_empty(b, h, d, dtype=torch.float32), *_empty_state(q, dv)
 
 
 @custom_op("visionattn::linear_attention_rala_bwd")
