@@ -85,7 +85,7 @@ def test_sparse_linear_kernel_matches_reference_fp16(kernel_device, rng, poison_
 
 def _check_inference(device, dtype, gen, *, n, d, dv, block_q, block_k, topk_ratio, skip_ratio=0.0, heads=2,
                      bnhd=False, proj="weight+bias", weight_dtype=None):  # fmt: skip
-    """Without autograd the kernel forms ``o_s + Proj(o_l)`` in its epilogue (``sparse_linear_fwd_combined``): vs
+    """Without autograd the kernel forms ``o_s + Proj(o_l)`` in its epilogue (``sparse_linear_fwd(proj=...)``): vs
     the float64 reference and vs the autograd path's separate branches; ``proj`` names the Proj tensors given."""
     from visionattn.kernels import sparse_linear as kernels
 
@@ -94,14 +94,13 @@ def _check_inference(device, dtype, gen, *, n, d, dv, block_q, block_k, topk_rat
     weight = weight.to(weight_dtype or dtype) if "weight" in proj else None
     bias = bias.to(weight_dtype or dtype) if "bias" in proj else None
     kw = dict(topk_ratio=topk_ratio, skip_ratio=skip_ratio, block_q=block_q, block_k=block_k)
-    calls = []
+    calls = []  # the launcher's proj argument per call: None is the autograd forward (separate branches)
+    launcher = kernels.sparse_linear_fwd
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("sparse_linear_fwd", "sparse_linear_fwd_combined"):
-            launcher = getattr(kernels, name)
-            patch.setattr(kernels, name, lambda *a, _f=launcher, _n=name, **k_: calls.append(_n) or _f(*a, **k_))
+        patch.setattr(kernels, "sparse_linear_fwd", lambda *a, **k_: calls.append(k_.get("proj")) or launcher(*a, **k_))
         with torch.no_grad():
             out = sparse_linear_attention(q, k, v, weight, bias, backend="triton", **kw)
-    assert calls == ["sparse_linear_fwd_combined"]
+    assert len(calls) == 1 and calls[0] is not None and calls[0][0] is weight and calls[0][1] is bias
     if bnhd:
         assert out.transpose(1, 2).is_contiguous()
     blocks = _select_blocks(q, k, topk_ratio, skip_ratio, block_q, block_k)

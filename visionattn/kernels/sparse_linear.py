@@ -46,7 +46,7 @@ from .sparse_linear_state import (
     state_dtype,
 )
 
-__all__ = ["sparse_linear_fwd", "sparse_linear_fwd_combined"]
+__all__ = ["sparse_linear_fwd"]
 
 _NEG_INF = tl.constexpr(NEG_INF)
 _NEG_INF_LSE = tl.constexpr(float("-inf"))
@@ -247,12 +247,39 @@ def _sparse_linear_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _launch_fwd(q, k, v, csrs, outputs, proj, *, scale, block_q, block_k, feature, combine):
+def sparse_linear_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    partial: torch.Tensor,
+    neg_indptr: torch.Tensor,
+    neg_indices: torch.Tensor,
+    *,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    feature: int,
+    eps: float,
+    proj: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
     """The per-key-block states, their masked sums per query block, then grid ``(Mq * Q_SUB, B * H)`` of fused
-    query tiles writing ``outputs`` (``o_sparse, o_linear, lse, rden``, or ``out`` four times with ``combine``)."""
-    indptr, indices, partial, neg_indptr, neg_indices = csrs
-    proj_weight, proj_bias, eps = proj
+    query tiles.
+
+    Without ``proj`` (the forward that the backward needs) returns ``o_sparse``, ``o_linear`` ``(B, H, Nq, Dv)``
+    stored like q, and fp32 ``(B, H, Nq)`` rows: ``lse`` (natural log, ``-inf`` without critical blocks) and
+    ``rden = 1 / (φ(q)·z + eps)`` (0 without marginal blocks). With ``proj = (weight (Dv, Dv) or None, bias (Dv,)
+    or None)`` (inference, fp16/bf16/fp32) returns only ``out = o_s + Proj(o_l)`` ``(B, H, Nq, Dv)``, formed in the
+    kernel's epilogue, so neither branch nor the row statistics reach memory.
+    """
     b, h, q_len, _ = q.shape
+    proj_weight, proj_bias = proj or (None, None)
+    if proj is None:
+        rows = lambda: torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
+        outputs = empty_like_layout(q, v.shape[-1]), empty_like_layout(q, v.shape[-1]), rows(), rows()
+    else:
+        outputs = (empty_like_layout(q, v.shape[-1]),) * 4
     h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
     marginal = marginal_block_matrix(indptr, indices, neg_indptr, neg_indices, h_blocks.shape[1], h_blocks.dtype)
     h_marginal, z_marginal = masked_block_sums(marginal, h_blocks, z_blocks, b, h)
@@ -290,68 +317,9 @@ def _launch_fwd(q, k, v, csrs, outputs, proj, *, scale, block_q, block_k, featur
         FEATURE=feature,
         STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
         DV_CHUNK=dv_chunk(v.shape[-1]),
-        COMBINE=combine,
+        COMBINE=proj is not None,
         HAS_WEIGHT=proj_weight is not None,
         HAS_BIAS=proj_bias is not None,
         **launch_constexprs(q, v, MASK_NONE),
     )
-
-
-def sparse_linear_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    indptr: torch.Tensor,
-    indices: torch.Tensor,
-    partial: torch.Tensor,
-    neg_indptr: torch.Tensor,
-    neg_indices: torch.Tensor,
-    *,
-    scale: float,
-    block_q: int,
-    block_k: int,
-    feature: int,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward that the backward needs: both branches and the softmax/normaliser rows.
-
-    Returns ``o_sparse``, ``o_linear`` ``(B, H, Nq, Dv)`` stored like q, and fp32 ``(B, H, Nq)`` rows: ``lse``
-    (natural log, ``-inf`` without critical blocks) and ``rden = 1 / (φ(q)·z + eps)`` (0 without marginal blocks).
-    """
-    b, h, q_len, _ = q.shape
-    o_sparse = empty_like_layout(q, v.shape[-1])
-    o_linear = empty_like_layout(q, v.shape[-1])
-    lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
-    rden = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
-    csrs = indptr, indices, partial, neg_indptr, neg_indices
-    _launch_fwd(q, k, v, csrs, (o_sparse, o_linear, lse, rden), (None, None, eps), scale=scale, block_q=block_q,
-                block_k=block_k, feature=feature, combine=False)  # fmt: skip
-    return o_sparse, o_linear, lse, rden
-
-
-def sparse_linear_fwd_combined(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    indptr: torch.Tensor,
-    indices: torch.Tensor,
-    partial: torch.Tensor,
-    neg_indptr: torch.Tensor,
-    neg_indices: torch.Tensor,
-    proj_weight: torch.Tensor | None,
-    proj_bias: torch.Tensor | None,
-    *,
-    scale: float,
-    block_q: int,
-    block_k: int,
-    feature: int,
-    eps: float,
-) -> torch.Tensor:
-    """The inference forward: ``out = o_s + Proj(o_l)`` ``(B, H, Nq, Dv)`` (stored like q) formed in the kernel's
-    epilogue, so neither branch nor the row statistics reach memory (``Proj``: weight ``(Dv, Dv)`` and bias
-    ``(Dv,)``, each optional, fp16/bf16/fp32)."""
-    out = empty_like_layout(q, v.shape[-1])
-    csrs = indptr, indices, partial, neg_indptr, neg_indices
-    _launch_fwd(q, k, v, csrs, (out,) * 4, (proj_weight, proj_bias, eps), scale=scale, block_q=block_q,
-                block_k=block_k, feature=feature, combine=True)  # fmt: skip
-    return out
+    return outputs if proj is None else outputs[0]

@@ -207,25 +207,11 @@ def _sla_infer_op(
     eps: float,
 ) -> torch.Tensor:
     """The forward without autograd: ``o_s + Proj(o_l)`` from the kernel's epilogue (no branch outputs, no rows)."""
-    from ..kernels.sparse_linear import sparse_linear_fwd_combined
+    from ..kernels.sparse_linear import sparse_linear_fwd
 
-    return sparse_linear_fwd_combined(
-        q,
-        k,
-        v,
-        indptr,
-        indices,
-        partial,
-        neg_indptr,
-        neg_indices,
-        proj_weight,
-        proj_bias,
-        scale=scale,
-        block_q=block_q,
-        block_k=block_k,
-        feature=feature,
-        eps=eps,
-    )
+    csrs = indptr, indices, partial, neg_indptr, neg_indices
+    consts = dict(scale=scale, block_q=block_q, block_k=block_k, feature=feature, eps=eps)
+    return sparse_linear_fwd(q, k, v, *csrs, proj=(proj_weight, proj_bias), **consts)
 
 
 @_sla_infer_op.register_fake
