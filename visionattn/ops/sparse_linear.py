@@ -366,16 +366,14 @@ def _sparse_linear_triton(
         neg_csr = negligible.indptr, negligible.indices
     consts = critical.block_q, critical.block_k, FEATURE_CODES[feature_map], eps
     proj = [t for t in (proj_weight, proj_bias) if t is not None]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *proj))) and all(
-        t.dtype in _TRITON_DTYPES for t in proj
-    ):
+    grad = torch.is_grad_enabled()
+    qkv_grad = grad and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not (qkv_grad or grad and any(t.requires_grad for t in proj)) and all(t.dtype in _TRITON_DTYPES for t in proj):
         # nothing to differentiate: Proj and the sum run in the kernel's epilogue
         return _sla_infer_op(q, k, v, *csr, *neg_csr, proj_weight, proj_bias, scale, *consts)
     # The key-major critical CSR of the dK/dV pass is built here, so that the backward only launches kernels; cached
     # per mask (a block_mask reused across calls is transposed once). Without a gradient the rows stand in, unread.
-    key_major = csr[:2]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        key_major = _mask_launch_args(critical, True)[2][:2]
+    key_major = _mask_launch_args(critical, True)[2][:2] if qkv_grad else csr[:2]
     o_sparse, o_linear, _, _ = _sla_fwd_op(q, k, v, *csr, *neg_csr, scale, *consts, *key_major)
     return _combine(o_sparse, o_linear, proj_weight, proj_bias)
 
