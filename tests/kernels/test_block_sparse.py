@@ -146,11 +146,16 @@ def test_block_sparse_kernel_fp16_broadcast_mask_bnhd(kernel_device, poison_empt
     ],
     ids=lambda x: str(x),
 )
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-axis"])
 def test_block_sparse_kernel_neighborhood(
-    kernel_device, poison_empty, rng, grid, tile, kernel, stride, dilation, causal
+    monkeypatch, kernel_device, poison_empty, rng, grid, tile, kernel, stride, dilation, causal, packed
 ):
+    """Both encodings of a neighborhood: one packed word (every case here fits) and, forced, the per-axis tables."""
+    if not packed:
+        monkeypatch.setattr(NeighborhoodWindow, "packed_kernel_tables", lambda self, device: None)
     layout = TokenLayout(TokenGrid(grid, extra_before=3 if len(grid) < 3 else 0, extra_after=2), tile=tile)
     pred = NeighborhoodWindow(layout, kernel, stride, dilation, causal)
+    assert (pred.packed_kernel_tables("cpu") is not None) == packed
     heads = 2 if len(grid) == 1 else 1  # per-head masks on the cheap 1D cases (interpreter time)
     mask = _mask_from_predicate(pred, layout.num_tokens, math.prod(tile), heads=heads, drop=0.3, gen=rng)
     assert bool(mask.partial.any())

@@ -19,13 +19,14 @@ import triton
 import triton.language as tl
 
 from ..layout.predicates import KEY_GLOBAL, KEY_VALID
-from ._config import autotune_configs, autotune_kwargs
+from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from ._constants import LN2, LOG2E, NEG_INF
 
 __all__ = [
     "MASK_CIRCULAR",
     "MASK_NEIGHBORHOOD",
     "MASK_NONE",
+    "MASK_PACKED_NEIGHBORHOOD",
     "TILE_HEURISTICS",
     "block_sparse_fwd",
     "cdiv",
@@ -41,17 +42,21 @@ __all__ = [
     "unit_last_stride",
 ]
 
-#: ``MASK_KIND`` values: no token predicate, ``NeighborhoodWindow``, ``CircularWindow``.
-MASK_NONE, MASK_NEIGHBORHOOD, MASK_CIRCULAR = 0, 1, 2
+#: ``MASK_KIND`` values: no token predicate, ``NeighborhoodWindow`` from ``KernelTables`` or from
+#: ``PackedWindowTables``, ``CircularWindow``.
+MASK_NONE, MASK_NEIGHBORHOOD, MASK_CIRCULAR, MASK_PACKED_NEIGHBORHOOD = 0, 1, 2, 3
 
 
-def pack_mask_kind(kind: int, grid_shape: tuple[int, ...]) -> int:
-    """The ``MASK_KIND`` constexpr: ``kind | 4 * axes``, so the kernels compile only the tests a predicate needs.
-    ``axes`` has bit 0/1/2 for X/Y/T; axes of size 1 (including the front padding of 1D/2D grids to 3 axes) admit
-    every pair and are left out."""
+def pack_mask_kind(kind: int, grid) -> int:
+    """The ``MASK_KIND`` constexpr of a predicate on ``grid`` (a ``TokenGrid``), so the kernels compile only the
+    tests it needs: ``kind | 4 * axes`` with ``axes`` bit 0/1/2 for X/Y/T (axes of size 1, including the front
+    padding of 1D/2D grids to 3 axes, admit every pair and are left out); packed, ``kind | 4 * has_global_keys``
+    (the packed word tests every axis at once)."""
     if kind == MASK_NONE:
         return MASK_NONE
-    shape = (1,) * (3 - len(grid_shape)) + tuple(grid_shape)
+    if kind == MASK_PACKED_NEIGHBORHOOD:
+        return kind + 4 * int(grid.extra_before + grid.extra_after > 0)
+    shape = (1,) * (3 - grid.ndim) + tuple(grid.shape)
     axes = sum(bit for bit, size in zip((4, 2, 1), shape) if size > 1)
     return kind + 4 * axes
 
@@ -59,6 +64,7 @@ def pack_mask_kind(kind: int, grid_shape: tuple[int, ...]) -> int:
 #: Score of a masked (query, key) pair: exp2(-inf - m) = 0 for any finite running max m.
 _MASKED = tl.constexpr(float("-inf"))
 _NEIGHBORHOOD = tl.constexpr(MASK_NEIGHBORHOOD)
+_PACKED = tl.constexpr(MASK_PACKED_NEIGHBORHOOD)
 _NONE = tl.constexpr(MASK_NONE)
 _NEG_INF = tl.constexpr(NEG_INF)
 _LOG2E = tl.constexpr(LOG2E)
@@ -192,12 +198,57 @@ def _bsa_axis(q_pos, k_pos, pred, AXIS: tl.constexpr):
     return out
 
 
+#: The packed-window rule in PTX, one block per score: ``$0 = $1`` (the score) if ``(($2 - $3) & ($4 - $2) & $5) ==
+#: $5`` (key, lo, hi2, G), else -inf; the second form also admits ``$6 != 0`` (a global key).
+_PACKED_WINDOW_PTX = (
+    "{ .reg .b32 u, v; .reg .pred p; sub.s32 u, $2, $3; sub.s32 v, $4, $2; and.b32 u, u, v; and.b32 u, u, $5; "
+    "setp.eq.b32 p, u, $5; %s selp.f32 $0, $1, 0fFF800000, p; }"
+)
+_PACKED_WINDOW_ASM = tl.constexpr(_PACKED_WINDOW_PTX % "")
+_PACKED_WINDOW_OR_GLOBAL_ASM = tl.constexpr(_PACKED_WINDOW_PTX % "setp.ne.or.b32 p, $6, 0, p;")
+#: Whether kernels may use inline PTX (the interpreter cannot run it).
+_PTX = tl.constexpr(not is_interpreter())
+
+
+@triton.jit
+def _bsa_packed_window_scores(b_s, q_pos, k_pos, pred):
+    """Scores ``b_s`` with the pairs outside a neighborhood from ``PackedWindowTables`` set to -inf: every axis in
+    one word, ``((key - lo) & (hi2 - key) & G) == G``, or a global key (``MASK_KIND`` bit 2: the grid has global
+    tokens). On the GPU the rule is inline PTX: written in Triton, LLVM vectorises the compare into ``<64 x i1>``
+    masks and packs them into 16-bit words, 8 instructions per score where the rule needs 5 (sm_90 SASS)."""
+    lo = tl.load(pred.qtab_ptr + q_pos)
+    hi2 = tl.load(pred.qtab_ptr + pred.tab_len + q_pos)
+    guard = tl.load(pred.qtab_ptr + 2 * pred.tab_len)
+    key = tl.load(pred.ktab_ptr + k_pos)
+    if pred.MASK_KIND // 4 == 1:
+        key_global = tl.load(pred.ktab_ptr + pred.tab_len + k_pos) & _KEY_GLOBAL
+        if _PTX:
+            out = tl.inline_asm_elementwise(
+                _PACKED_WINDOW_OR_GLOBAL_ASM,
+                "=f,f,r,r,r,r,r",
+                [b_s, key, lo, hi2, guard, key_global],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            ok = (((key - lo) & (hi2 - key) & guard) == guard) | (key_global != 0)
+            out = tl.where(ok, b_s, _MASKED)
+    else:
+        if _PTX:
+            out = tl.inline_asm_elementwise(
+                _PACKED_WINDOW_ASM, "=f,f,r,r,r,r", [b_s, key, lo, hi2, guard], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            out = tl.where(((key - lo) & (hi2 - key) & guard) == guard, b_s, _MASKED)
+    return out
+
+
 @triton.jit
 def _bsa_allowed(q_pos, k_pos, pred):
-    """The exact token predicate ``pred`` on a score tile for query positions ``q_pos`` and key positions ``k_pos``
-    (a ``[n, 1]`` and a ``[1, n]`` tensor, either way round)."""
-    q_pos = tl.minimum(q_pos, pred.tab_len - 1)  # rows/columns past the sequence are masked by the caller
-    k_pos = tl.minimum(k_pos, pred.tab_len - 1)
+    """A neighborhood or circular window from ``KernelTables`` on a score tile, one axis at a time (``MASK_KIND``
+    bits 3/4: the Y/T axes exist), for query positions ``q_pos`` and key positions ``k_pos`` (a ``[n, 1]`` and a
+    ``[1, n]`` tensor, either way round)."""
     local = _bsa_axis(q_pos, k_pos, pred, 2)
     if pred.MASK_KIND % 4 == _NEIGHBORHOOD:
         if (pred.MASK_KIND // 8) % 2 == 1:
@@ -229,14 +280,16 @@ def _bsa_mask_scores(b_s, fixed_pos, loop_pos, n_valid, pred, walk, PREDICATE: t
     their tile is ragged.
     """
     if PREDICATE:
-        if ROWS_ARE_Q:
-            ok = _bsa_allowed(fixed_pos[:, None], loop_pos[None, :], pred)
+        # positions past the sequence read the last table entry; their scores are masked below or by the caller
+        # (an even walk has none in its columns)
+        rows = tl.minimum(fixed_pos, pred.tab_len - 1)[:, None]
+        cols = loop_pos[None, :] if walk.EVEN else tl.minimum(loop_pos, pred.tab_len - 1)[None, :]
+        q_pos, k_pos = (rows, cols) if ROWS_ARE_Q else (cols, rows)
+        if pred.MASK_KIND % 4 == _PACKED:
+            b_s = _bsa_packed_window_scores(b_s, q_pos, k_pos, pred)
         else:
-            ok = _bsa_allowed(loop_pos[None, :], fixed_pos[:, None], pred)
-        if not walk.EVEN:
-            ok = ok & (tl.arange(0, walk.TILE) < n_valid)[None, :]
-        b_s = tl.where(ok, b_s, _MASKED)
-    elif not walk.EVEN:
+            b_s = tl.where(_bsa_allowed(q_pos, k_pos, pred), b_s, _MASKED)
+    if not walk.EVEN:
         if n_valid < walk.TILE:
             b_s = tl.where((tl.arange(0, walk.TILE) < n_valid)[None, :], b_s, _MASKED)
     return b_s
@@ -316,12 +369,13 @@ def _bsa_load_step(x, y, walk, t, dims):
 
 
 @triton.jit
-def _bsa_key_tile_scores(b_q, q_pos, t, k, v, qk_scale, keys, pred, dims, PREDICATE: tl.constexpr):
+def _bsa_key_tile_scores(b_q, q_pos, t, k, v, keys, pred, dims, PREDICATE: tl.constexpr):
     """Step ``t`` of a query tile's walk ``keys`` over the key blocks: the key tile ``[BLOCK_N, BLOCK_D]`` of ``k``,
-    value tile ``[BLOCK_N, BLOCK_DV]`` of ``v`` and the masked scores ``[BLOCK_M, BLOCK_N]`` (log2 units), shared by
-    the forward and the dQ pass."""
+    value tile ``[BLOCK_N, BLOCK_DV]`` of ``v`` and the masked, unscaled scores ``q·k`` ``[BLOCK_M, BLOCK_N]``,
+    shared by the forward and the dQ pass. The callers scale inside ``exp2(s * qk_scale - m)``, one FMA per score
+    (``qk_scale > 0``, so the row maximum of the scaled scores is the scaled maximum)."""
     b_k, b_v, start_n, _, n_valid = _bsa_load_step(k, v, keys, t, dims)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=dims.DOT_PRECISION) * qk_scale
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=dims.DOT_PRECISION)
     b_s = _bsa_mask_scores(b_s, q_pos, start_n + tl.arange(0, keys.TILE), n_valid, pred, keys, PREDICATE, True)
     return b_k, b_v, b_s
 
@@ -332,9 +386,9 @@ def _block_sparse_fwd_inner(acc, m_i, l_i, b_q, q_pos, k, v, qk_scale, keys, pre
     for phase in tl.static_range(1 if pred.MASK_KIND == _NONE else 2):
         lo, hi = _bsa_phase_range(phase, keys)
         for t in range(lo, hi):
-            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, k, v, qk_scale, keys, pred, dims, phase == 1)
-            m_new = tl.maximum(m_i, tl.max(b_s, 1))
-            b_p = tl.math.exp2(b_s - m_new[:, None])
+            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, k, v, keys, pred, dims, phase == 1)
+            m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
+            b_p = tl.math.exp2(b_s * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(b_p, 1)
             acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=dims.DOT_PRECISION)

@@ -103,8 +103,8 @@ def _block_sparse_bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, q_pos, k, v, qk_s
     for phase in tl.static_range(1 if pred.MASK_KIND == _NONE else 2):
         lo, hi = _bsa_phase_range(phase, keys)
         for t in range(lo, hi):
-            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, k, v, qk_scale, keys, pred, dims, phase == 1)
-            b_p = tl.math.exp2(b_s - b_lse2[:, None])
+            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, k, v, keys, pred, dims, phase == 1)
+            b_p = tl.math.exp2(b_s * qk_scale - b_lse2[:, None])
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=dims.DOT_PRECISION)
             b_ds = b_p * (b_dp - b_delta[:, None])
             dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=dims.DOT_PRECISION)
@@ -234,9 +234,9 @@ def _block_sparse_bwd_dkdv_inner(dk, dv, b_k, b_v, k_pos, q, do, lse_base, delta
             b_lse2 = tl.where(b_lse == -_INF, _INF, b_lse * _LOG2E)
             b_delta = tl.load(delta_base + start_m + o_m, mask=m_m, other=0.0)
             # [BLOCK_N, BLOCK_M]
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=dims.DOT_PRECISION) * qk_scale
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=dims.DOT_PRECISION)
             b_st = _bsa_mask_scores(b_st, k_pos, start_m + o_m, m_valid, pred, queries, phase == 1, False)
-            b_pt = tl.math.exp2(b_st - b_lse2[None, :])
+            b_pt = tl.math.exp2(b_st * qk_scale - b_lse2[None, :])
             dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=dims.DOT_PRECISION)
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=dims.DOT_PRECISION)
             b_dst = b_pt * (b_dpt - b_delta[None, :])

@@ -82,15 +82,27 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _predicate_args(token_mask, device) -> tuple[int, torch.Tensor | None, torch.Tensor | None, float]:
-    """``(MASK_KIND, query_table, key_table, radius2)`` the kernels evaluate for ``token_mask`` (``KernelTables``)."""
-    from ..kernels.block_sparse import MASK_CIRCULAR, MASK_NEIGHBORHOOD, MASK_NONE, pack_mask_kind
+    """``(MASK_KIND, query_table, key_table, radius2)`` the kernels evaluate for ``token_mask``: a neighborhood's
+    ``PackedWindowTables`` where its axes fit one word, else its ``KernelTables``."""
+    from ..kernels.block_sparse import (
+        MASK_CIRCULAR,
+        MASK_NEIGHBORHOOD,
+        MASK_NONE,
+        MASK_PACKED_NEIGHBORHOOD,
+        pack_mask_kind,
+    )
 
     if token_mask is None:
         return MASK_NONE, None, None, 0.0
+    grid = token_mask.layout.grid
+    if isinstance(token_mask, CircularWindow):
+        tables = token_mask.kernel_tables(device)
+        return pack_mask_kind(MASK_CIRCULAR, grid), tables.query, tables.key, float(token_mask.radius) ** 2
+    tables = token_mask.packed_kernel_tables(device)
+    if tables is not None:
+        return pack_mask_kind(MASK_PACKED_NEIGHBORHOOD, grid), tables.query, tables.key, 0.0
     tables = token_mask.kernel_tables(device)
-    kind = MASK_NEIGHBORHOOD if isinstance(token_mask, NeighborhoodWindow) else MASK_CIRCULAR
-    radius2 = float(token_mask.radius) ** 2 if kind == MASK_CIRCULAR else 0.0
-    return pack_mask_kind(kind, token_mask.layout.grid.shape), tables.query, tables.key, radius2
+    return pack_mask_kind(MASK_NEIGHBORHOOD, grid), tables.query, tables.key, 0.0
 
 
 #: Per ``BlockMask`` (masks are immutable): its predicate arguments, row CSR and, once a gradient was needed, its
