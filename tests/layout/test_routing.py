@@ -109,6 +109,25 @@ def test_topk_ratio_block_mask_matches_brute_force(rng, nq, nk, bq, bk, ratio):
         assert torch.equal(keep[bi, hi], _topk_rows(expected, count))
 
 
+def test_topk_ratio_block_mask_takes_given_pooled_blocks(rng):
+    """``pooled`` replaces the pooling: its own block means give the same mask and scores, other ones decide."""
+    q = torch.randn(2, 3, 70, 8, generator=rng)
+    k = torch.randn(2, 3, 45, 8, generator=rng)
+    mask, scores = topk_ratio_block_mask(q, k, 16, 8, 0.4, return_scores=True)
+    pooled = (q.unflatten(2, (-1, 10)).mean(3)[:, :, :5], k.unflatten(2, (-1, 5)).mean(3)[:, :, :6])
+    given, given_scores = topk_ratio_block_mask(q, k, 16, 8, 0.4, return_scores=True, pooled=pooled)
+    torch.testing.assert_close(given_scores, pooled[0] @ pooled[1].transpose(-1, -2))
+    keep = given.to_block_matrix()[0]
+    assert torch.equal(keep, torch.zeros_like(keep).scatter_(-1, given_scores.topk(2, dim=-1).indices, True))
+    centred = k - k.mean(2, keepdim=True)
+    means = lambda x, b: torch.stack([x[:, :, s : s + b].mean(2) for s in range(0, x.shape[2], b)], dim=2)
+    same, same_scores = topk_ratio_block_mask(
+        q, k, 16, 8, 0.4, return_scores=True, pooled=(means(q, 16), means(centred, 8))
+    )
+    torch.testing.assert_close(same_scores, scores)
+    assert torch.equal(same.to_dense(), mask.to_dense())
+
+
 def test_topk_ratio_block_mask_rejects_bad_arguments():
     q = torch.randn(1, 2, 64, 8)
     with pytest.raises(ValueError, match="ratio"):
@@ -117,3 +136,8 @@ def test_topk_ratio_block_mask_rejects_bad_arguments():
         topk_ratio_block_mask(q, q, 16, 0, 0.5)
     with pytest.raises(ValueError, match="q and k"):
         topk_ratio_block_mask(q, q[:, :1], 16, 16, 0.5)
+    pooled = (q[:, :, :4], q[:, :, :4])
+    with pytest.raises(ValueError, match="pooled"):
+        topk_ratio_block_mask(q, q, 16, 32, 0.5, pooled=pooled)
+    with pytest.raises(TypeError, match="pooled"):
+        topk_ratio_block_mask(q, q, 16, 16, 0.5, pooled=list(pooled))

@@ -6,7 +6,10 @@ Shapes follow SLA's kernel benchmark (thu-ml/SLA ``evaluate/bench_kernel.py``: B
 ``ours-sla`` is ``sparse_linear_attention`` on a precomputed critical mask (the kernel alone, as SLA times it);
 ``ours-sla+select`` adds the block selection (pooling, top-k, CSR build); ``ours-block-sparse`` is the sparse part
 alone (``block_sparse_attention``, same mask), so ``ours-sla`` over it is the cost of the linear branch. ``flops``
-are dense-equivalent (SLA's "effective" FLOP/s), ``density`` is the kept block fraction.
+are dense-equivalent (SLA's "effective" FLOP/s), ``density`` is the kept block fraction. Forward only, the selection
+alone: ``ours-select`` as ``sparse_linear_attention`` runs it (block means from the fused pooling kernel on CUDA),
+``ours-select-torch`` with the layout's PyTorch pooling (``topk_ratio_block_mask``); their ``bytes`` are the
+pooling's minimum traffic, q read once and k twice.
 
     python tools/bench.py attention --cases sparse_linear --mode both --dtype bf16 --out docs/benchmarks/sparse_linear_h100
 """
@@ -20,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tools.bench_cases._common import BenchCase, attention_flops, compiled_flex_attention, random_qkv, timed
 from visionattn.layout import topk_ratio_block_mask
 from visionattn.ops import block_sparse_attention, sparse_linear_attention
+from visionattn.ops.sparse_linear import _select_blocks
 
 __all__ = ["cases"]
 
@@ -62,6 +66,10 @@ def _peer(impl: str, weight, mask, flex_mask, blocks: tuple[int, int], ratio: fl
         return functools.partial(sparse_linear_attention, block_mask=mask, **sla)
     if impl == "ours-sla+select":
         return functools.partial(sparse_linear_attention, topk_ratio=ratio, block_q=blocks[0], block_k=blocks[1], **sla)
+    if impl == "ours-select":
+        return lambda q, k, v: _select_blocks(q, k, ratio, 0.0, *blocks)
+    if impl == "ours-select-torch":
+        return lambda q, k, v: topk_ratio_block_mask(q, k, *blocks, ratio)
     if impl == "ours-block-sparse":
         return functools.partial(block_sparse_attention, block_mask=mask)
     if impl == "flex":
@@ -94,6 +102,7 @@ def cases(args) -> list[BenchCase]:
         dense_peers = {"sdpa-math": SDPBackend.MATH}
     baseline = next(iter(dense_peers))
     impls = ("ours-sla", "ours-sla+select", "ours-block-sparse", *dense_peers) + (("flex",) if on_gpu else ())
+    selection = ("ours-select", "ours-select-torch")
     rows = []
     for label, batch, heads, n, dim in SHAPES if on_gpu else CPU_SHAPES:
         shape_args = (batch, heads, n, dim)
@@ -115,6 +124,17 @@ def cases(args) -> list[BenchCase]:
                             density=1.0 if impl.startswith("sdpa") else density,
                             note=f"blocks {blocks[0]}x{blocks[1]}" if impl.startswith(("ours", "flex")) else "",
                             **common,
+                        )
+                    )
+                for impl in selection if mode == "fwd" else ():
+                    rows.append(
+                        BenchCase(
+                            group=common["group"],
+                            impl=impl,
+                            mode=mode,
+                            make=_row(impl, masks[ratio], shape_args, blocks, ratio, dense_peers, mode, args),
+                            bytes=3 * batch * heads * n * dim * args.dtype.itemsize,
+                            note=f"selection only, blocks {blocks[0]}x{blocks[1]}",
                         )
                     )
     return rows

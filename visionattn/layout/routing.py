@@ -124,6 +124,26 @@ def topk_routing_block_mask(q: torch.Tensor, k: torch.Tensor, layout: TokenLayou
     )
 
 
+def _centred_block_means(
+    q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q̄, K̄)`` of :func:`topk_ratio_block_mask`: block means of q and of ``K − 1μ_Kᵀ`` (materialised in k's dtype,
+    as the reference's ``k - k.mean(dim=-2, keepdim=True)``), ``(B, H, Mq, D)`` and ``(B, H, Mk, D)`` in q's and
+    k's dtypes."""
+    q, k = q.detach(), k.detach()
+    centred = k - k.mean(dim=-2, keepdim=True)
+    return _block_mean(q, block_q).to(q.dtype), _block_mean(centred, block_k).to(k.dtype)
+
+
+def _check_pooled(pooled, q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> None:
+    if not (isinstance(pooled, tuple) and len(pooled) == 2 and all(isinstance(t, torch.Tensor) for t in pooled)):
+        raise TypeError(f"pooled must be a (Q̄, K̄) pair of tensors or None; got {type(pooled)=}.")
+    expected = [(*t.shape[:2], -(-t.shape[2] // block), t.shape[3]) for t, block in ((q, block_q), (k, block_k))]
+    got = [tuple(t.shape) for t in pooled]
+    if got != expected:
+        raise ValueError(f"pooled must hold (B, H, Mq, D) and (B, H, Mk, D) block means {expected}; got {got}.")
+
+
 def topk_ratio_block_mask(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -132,6 +152,7 @@ def topk_ratio_block_mask(
     ratio: float,
     *,
     return_scores: bool = False,
+    pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> BlockMask | tuple[BlockMask, torch.Tensor]:
     r"""SLA's critical-block selection: each query block keeps the ``int(ratio * Mk)`` key blocks of highest score.
 
@@ -154,14 +175,18 @@ def topk_ratio_block_mask(
 
     Other Parameters:
         return_scores: also return the pooled scores ``P``.
+        pooled: ``(Q̄, K̄)`` ``(B, H, Mq, D)``, ``(B, H, Mk, D)`` in q's and k's dtypes when the caller already
+            pooled them as described (``sparse_linear_attention`` does, with a fused kernel that reads q and k in
+            place); ``None`` pools here in PyTorch.
 
     Returns:
         ``BlockMask`` with batch/heads ``(B, H)`` and no partial blocks; with ``return_scores`` also ``P``
         ``(B, H, Mq, Mk)`` in q's dtype.
 
     Raises:
-        TypeError: ``q``/``k`` are not float tensors.
-        ValueError: shapes disagree, a block size is not a positive int, or ``ratio`` is outside ``[0, 1]``.
+        TypeError: ``q``/``k`` are not float tensors, or ``pooled`` is not a pair of tensors.
+        ValueError: shapes disagree (``pooled`` included), a block size is not a positive int, or ``ratio`` is
+            outside ``[0, 1]``.
 
     Example:
         >>> q, k = torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
@@ -180,10 +205,11 @@ def topk_ratio_block_mask(
             raise ValueError(f"{name} must be a positive int; got {name}={value!r}.")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
         raise ValueError(f"ratio must be a float in [0, 1]; got {ratio=}.")
-    q, k = q.detach(), k.detach()
-    centred = k - k.mean(dim=-2, keepdim=True)
-    pooled_q = _block_mean(q, block_q).to(q.dtype)
-    pooled_k = _block_mean(centred, block_k).to(k.dtype)
+    if pooled is None:
+        pooled = _centred_block_means(q, k, block_q, block_k)
+    else:
+        _check_pooled(pooled, q, k, block_q, block_k)
+    pooled_q, pooled_k = pooled
     scores = pooled_q @ pooled_k.transpose(-1, -2)
     num_k = scores.shape[-1]
     count = min(num_k, int(ratio * num_k))

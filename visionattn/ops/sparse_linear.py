@@ -13,11 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from ..kernels._config import is_interpreter
 from ..layout import topk_ratio_block_mask
 from ..layout.block_mask import BlockMask
 from ._checks import _check_attention_inputs, _check_choice, _check_scale, _check_tensor
 from ._eager import custom_op
-from ._registry import _BackendRegistry, _fail, _requires_dtype, _requires_head_dim_range, _requires_triton_device
+from ._registry import (
+    _BackendRegistry,
+    _fail,
+    _requires_dtype,
+    _requires_head_dim_range,
+    _requires_triton_device,
+    _triton_available,
+)
 from .block_sparse import _check_block_mask, _mask_launch_args, block_sparse_attention_reference
 from .linear import _check_eps, _feature_map
 
@@ -55,14 +63,43 @@ def _empty_csr(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return _EMPTY_CSRS[rows, device]
 
 
+#: Largest head dim of the selection's pooling kernel (one ``[rows, D]`` tile per load).
+_POOL_MAX_HEAD_DIM = 128
+
+
+@custom_op("visionattn::sparse_linear_block_means")
+def _block_means_op(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q̄, K̄)`` of ``topk_ratio_block_mask`` from the kernel: q and k read in place, ``K − 1μᵀ`` never stored."""
+    from ..kernels.block_pool import block_pool_fwd
+
+    return block_pool_fwd(q, k, block_q, block_k)
+
+
+@_block_means_op.register_fake
+def _(q, k, block_q, block_k):
+    means = lambda t, block: t.new_empty(*t.shape[:2], -(-t.shape[2] // block), t.shape[3])
+    return means(q, block_q), means(k, block_k)
+
+
+def _pooled_blocks(q, k, block_q: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The selection's block means from the kernel where Triton runs (CUDA, or CPU under the interpreter: the tests)
+    on its dtypes and head dims; else None, and the layout pools in PyTorch (the same values up to the order of the
+    fp32 sums)."""
+    on_triton = q.device.type == "cuda" or (q.device.type == "cpu" and is_interpreter())
+    if not (_triton_available() and on_triton and q.dtype in _TRITON_DTYPES and q.shape[-1] <= _POOL_MAX_HEAD_DIM):
+        return None
+    return _block_means_op(q.detach(), k.detach(), block_q, block_k)
+
+
 def _select_blocks(q, k, topk_ratio: float, skip_ratio: float, block_q: int, block_k: int):
     """``(critical, negligible)`` BlockMasks: top ``int(topk_ratio·Mk)`` and bottom ``int(skip_ratio·Mk)`` blocks
     of each query block's pooled scores (the bottom count is capped so that the two sets never overlap);
     ``negligible`` is None for ``skip_ratio == 0``. Every query block keeps the same number of blocks, so both CSRs
     have static shapes: no host sync."""
+    pooled = _pooled_blocks(q, k, block_q, block_k)
     if skip_ratio == 0:
-        return topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio), None
-    critical, scores = topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio, return_scores=True)
+        return topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio, pooled=pooled), None
+    critical, scores = topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio, return_scores=True, pooled=pooled)
     num_k = scores.shape[-1]
     kept = min(num_k, int(topk_ratio * num_k))
     keep = torch.zeros_like(scores, dtype=torch.bool)
