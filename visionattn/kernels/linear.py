@@ -8,8 +8,10 @@ place). Head dims sit in power-of-two tiles (>= 16), masked. Pass 1 (``_linear_f
 and ``l = Σ u_j``.
 Pass 1b (``linear_merge.py``) sums the partials in a fixed order (deterministic, no atomics), rescaled by
 ``exp(m_c − max m)``, into the mean-normalised ``S̄, z̄, v̄`` and ``lse``. Pass 2
-(``_linear_fwd_kernel_apply``, grid ``(chunks, B·H)``) maps chunks of query rows through the state. RALA's ``q̄``
-comes from ``_linear_fwd_kernel_query_mean`` first. Backward kernels: ``linear_bwd.py`` (sharing the helpers here).
+(``_linear_fwd_kernel_apply``, grid ``(chunks, B·H)``) maps chunks of query rows through the state; without a
+backward to save the state for, and with at most ``FOLD_MAX_CHUNKS`` key chunks, it merges the partials itself
+(``FOLD``) and pass 1b is not launched. RALA's ``q̄`` comes from ``_linear_fwd_kernel_query_mean`` first.
+Backward kernels: ``linear_bwd.py`` (sharing the helpers here).
 """
 
 import functools
@@ -21,10 +23,11 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from ._constants import NEG_INF
 from .block_sparse import cdiv, empty_like_layout, next_block
-from .linear_merge import merge_state_partials
+from .linear_merge import merge_state_partials, merged_state
 
 __all__ = [
     "FEATURE_CODES",
+    "FOLD_MAX_CHUNKS",
     "NORMALIZE_CODES",
     "chunking",
     "dot_precision",
@@ -62,6 +65,12 @@ _BLOCK_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (64, 128) 
 _BLOCK_DEFAULT = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
 #: Aim for this many programs per streaming multiprocessor, so short or few-head inputs still fill the GPU.
 _PROGRAMS_PER_SM = 4
+#: Up to this many key chunks, the apply kernel merges the state pass's partials itself (``linear_apply_fwd``): every
+#: apply program of a (batch, head) re-reads all of its partials from L2, instead of one merge kernel launch.
+FOLD_MAX_CHUNKS = 4
+#: Register budget of that merge in fp32 elements: ``BLOCK_C = _FOLD_LOAD // (D·Dv)`` chunks (1 to FOLD_MAX_CHUNKS)
+#: per load, whatever the chunk count (one compiled variant per head dims).
+_FOLD_LOAD = 2048
 
 
 def _prune_reduce_configs(configs, nargs, **kwargs):
@@ -319,7 +328,7 @@ def _linear_fwd_kernel_state(
 
 @triton.autotune(
     configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
-    key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE", "ROPE_PAIRS"],
+    key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE", "ROPE_PAIRS", "FOLD", "RALA"],
     prune_configs_by={"early_config_prune": _prune_reduce_configs},
     **autotune_kwargs(),
 )
@@ -332,6 +341,7 @@ def _linear_fwd_kernel_apply(
     kv_ptr,
     ks_ptr,
     vm_ptr,
+    ml_ptr,
     o_ptr,
     stride_q_b,
     stride_q_h,
@@ -349,6 +359,8 @@ def _linear_fwd_kernel_apply(
     stride_o_d,
     H,
     N,
+    NK,
+    state_chunks,
     chunk_len,
     num_scale,
     scale,
@@ -363,6 +375,9 @@ def _linear_fwd_kernel_apply(
     HAS_ROPE: tl.constexpr,
     ROPE_PAIRS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FOLD: tl.constexpr,
+    RALA: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # one program walks a chunk of query rows, so the D x Dv state is read from L2 once per chunk, not per tile
@@ -372,12 +387,18 @@ def _linear_fwd_kernel_apply(
     o_e = tl.arange(0, BLOCK_DV)
     m_d = o_d < D
     m_e = o_e < DV
-    # [BLOCK_D, BLOCK_DV]
-    b_kv = tl.load(
-        kv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :], mask=m_d[:, None] & m_e[None, :], other=0.0
-    )
-    b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
-    b_vm = tl.load(vm_ptr + i_bh * DV + o_e, mask=m_e, other=0.0)
+    if FOLD:
+        # kv/ks/vm/ml_ptr hold the state pass's chunk partials: merged here (one program per query chunk repeats it)
+        b_kv, b_ks, b_vm = merged_state(
+            kv_ptr, ks_ptr, vm_ptr, ml_ptr, i_bh, tl.num_programs(1), NK, state_chunks, D, DV, BLOCK_D, BLOCK_DV,
+            RALA, BLOCK_C,
+        )  # fmt: skip
+    else:
+        # [BLOCK_D, BLOCK_DV]
+        p_kv = kv_ptr + i_bh * D * DV + o_d[:, None] * DV + o_e[None, :]
+        b_kv = tl.load(p_kv, mask=m_d[:, None] & m_e[None, :], other=0.0)
+        b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
+        b_vm = tl.load(vm_ptr + i_bh * DV + o_e, mask=m_e, other=0.0)
     start = i_c * chunk_len
     end = tl.minimum(start + chunk_len, N)
     for n0 in range(start, end, BLOCK_N):
@@ -474,11 +495,14 @@ def linear_state_fwd(
     feature_map: str,
     scale: float,
     with_v_mean: bool = True,
+    merge: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean-normalised state ``(S̄ (B,H,D,Dv), z̄ (B,H,D), v̄ (B,H,Dv), lse (B,H))``, fp32; ``v̄`` is zero unless
     ``with_v_mean`` (only MALA's additive normalisation reads it).
 
-    RALA weights are used when ``query_mean`` is given. Grid ``(chunks, B·H)``, then the merge of ``linear_merge.py``.
+    RALA weights are used when ``query_mean`` is given. Grid ``(chunks, B·H)``, then the merge of ``linear_merge.py``;
+    without ``merge``, the chunk partials ``(chunks, B·H, D, Dv)``, ``(chunks, B·H, D)``, ``(chunks, B·H, Dv)``,
+    ``(chunks, B·H, 2)`` instead (for ``linear_apply_fwd(partials=...)``).
     """
     b, h, n, d = k.shape
     dv = v.shape[-1]
@@ -522,6 +546,8 @@ def linear_state_fwd(
         DOT_PRECISION=dot_precision(k.dtype),
         V_SUM=with_v_mean,
     )
+    if not merge:
+        return kv_part, ks_part, vs_part, ml_part
     merged = merge_state_partials(kv_part, ks_part, vs_part, ml_part, n, rala)
     return tuple(t.view(b, h, *t.shape[1:]) for t in merged)
 
@@ -539,40 +565,30 @@ def linear_apply_fwd(
     scale: float,
     eps: float,
     length: int,
+    partials: tuple[torch.Tensor, bool] | None = None,
 ) -> torch.Tensor:
-    """``o (B, H, Nq, Dv)`` in q's dtype. Grid ``(chunks, B·H)``: one chunk of query rows per program."""
+    """``o (B, H, Nq, Dv)`` in q's dtype. Grid ``(chunks, B·H)``: one chunk of query rows per program.
+
+    With ``partials=(ml, rala)``, ``kv, k_sum, v_mean, ml`` are the unmerged output of ``linear_state_fwd``
+    (``merge=False``): up to ``FOLD_MAX_CHUNKS`` chunks each program merges them itself (``merged_state``; the
+    merge kernel's sums up to their grouping), else the merge kernel runs first."""
     b, h, n, d = q.shape
     dv = kv.shape[-1]
+    if partials is not None and kv.shape[0] > FOLD_MAX_CHUNKS:
+        kv, k_sum, v_mean, _ = merge_state_partials(kv, k_sum, v_mean, partials[0], length, partials[1])
+        partials = None
     o = empty_like_layout(q, dv)
     chunk_len, chunks = chunking(n, b * h, q.device)
+    fold = partials is not None
+    fold_load = max(1, min(FOLD_MAX_CHUNKS, _FOLD_LOAD // (next_block(d) * next_block(dv))))
     _linear_fwd_kernel_apply[(chunks, b * h)](
-        q,
-        q if q_norm is None else q_norm,
-        q if cos is None else cos,
-        q if sin is None else sin,
-        kv,
-        k_sum,
-        v_mean,
-        o,
-        *q.stride(),
-        *strides4(q_norm),
-        *rope_strides(cos),
-        *o.stride(),
-        h,
-        n,
-        chunk_len,
-        numerator_scale(normalize, scale, length),
-        scale,
-        eps,
-        D=d,
-        DV=dv,
-        BLOCK_D=next_block(d),
-        BLOCK_DV=next_block(dv),
-        FEATURE=FEATURE_CODES[feature_map],
-        NORMALIZE=NORMALIZE_CODES[normalize],
-        HAS_Q_NORM=q_norm is not None,
-        HAS_ROPE=cos is not None,
-        ROPE_PAIRS=cos is not None and sin is None,
-        DOT_PRECISION=dot_precision(q.dtype),
-    )
+        q, q if q_norm is None else q_norm, q if cos is None else cos, q if sin is None else sin,
+        kv, k_sum, v_mean, partials[0] if fold else kv, o,
+        *q.stride(), *strides4(q_norm), *rope_strides(cos), *o.stride(),
+        h, n, length, kv.shape[0] if fold else 1, chunk_len, numerator_scale(normalize, scale, length), scale, eps,
+        D=d, DV=dv, BLOCK_D=next_block(d), BLOCK_DV=next_block(dv), FEATURE=FEATURE_CODES[feature_map],
+        NORMALIZE=NORMALIZE_CODES[normalize], HAS_Q_NORM=q_norm is not None, HAS_ROPE=cos is not None,
+        ROPE_PAIRS=cos is not None and sin is None, DOT_PRECISION=dot_precision(q.dtype),
+        FOLD=fold, RALA=fold and partials[1], BLOCK_C=fold_load if fold else 1,
+    )  # fmt: skip
     return o

@@ -4,7 +4,9 @@
 and ``visionattn::linear_apply`` (queries through the state) compose to the full op, so autograd, ``torch.compile``
 (``fullgraph=True``) and ``FlopCounterMode`` see each pass, and a sequence-parallel all-reduce can sit between the
 state and the apply. ``linear_attention(key_weight="rala")`` runs the same three passes as one node,
-``visionattn::linear_attention_rala``, whose backward adds the query mean's gradient into ``dq`` in place. ``lse`` only serves merging and carries no gradient; RoPE tables are constants (no gradient).
+``visionattn::linear_attention_rala``, whose backward adds the query mean's gradient into ``dq`` in place. Without
+a gradient, ``linear_attention`` is one node, ``visionattn::linear_attention_infer``: nothing to save, so the state
+stays unmerged chunk partials that the apply kernel merges itself when they are few (one launch fewer). ``lse`` only serves merging and carries no gradient; RoPE tables are constants (no gradient).
 Kernels are imported lazily so that importing ``visionattn`` never needs Triton.
 """
 
@@ -21,6 +23,18 @@ _Opt = torch.Tensor | None
 def _or_none(t: torch.Tensor) -> _Opt:
     """Custom ops return tensors, never None: an absent optional gradient travels as an empty 1-D tensor."""
     return None if t.numel() == 0 and t.ndim == 1 else t
+
+
+def rope_operands(rope, like: torch.Tensor):
+    """RoPE tables in the 16-bit input dtype (every (batch, head) re-reads them); ``(N, D/2)`` tables interleaved
+    into one ``(N, D)`` table ``(cos θ_0, sin θ_0, cos θ_1, …)``, returned as ``(table, None)``: half the bytes of
+    two full tables. Prepared tables (``sin`` None, or already in the dtype) are returned as they are."""
+    if rope is None or rope[1] is None:
+        return (None, None) if rope is None else tuple(rope)
+    dtype = like.dtype if like.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    if rope[0].shape[-1] != like.shape[-1]:
+        return torch.stack(tuple(rope), dim=-1).flatten(-2).to(dtype), None
+    return tuple(t.to(dtype) for t in rope)
 
 
 # ------------------------------------------------------------------------------------------------ query mean
@@ -336,6 +350,49 @@ def _rala_backward(ctx, do, *_):
 rala_op.register_autograd(_rala_backward, setup_context=_rala_setup)
 
 
+# ------------------------------------------------------------------------------------------------ inference
+@custom_op("visionattn::linear_attention_infer")
+def infer_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm: _Opt,
+    k_norm: _Opt,
+    key_weight: _Opt,
+    cos: _Opt,
+    sin: _Opt,
+    feature_map: str,
+    normalize: str | None,
+    rala: bool,
+    scale: float,
+    eps: float,
+) -> torch.Tensor:
+    """``linear_attention`` without autograd (``rala``: ``key_weight="rala"``, else the ``key_weight`` tensor or
+    None): the state pass's chunk partials go to the apply kernel unmerged (``linear_apply_fwd(partials=...)``)."""
+    from ..kernels.linear import linear_apply_fwd, linear_query_mean_fwd, linear_state_fwd
+
+    q_mean = linear_query_mean_fwd(q if q_norm is None else q_norm, feature_map) if rala else None
+    kv, ks, vs, ml = linear_state_fwd(
+        k, v, k_norm, key_weight, q_mean, cos, sin, feature_map, scale, normalize == "additive", merge=False
+    )
+    n = k.shape[2]
+    return linear_apply_fwd(q, q_norm, cos, sin, kv, ks, vs, feature_map, normalize, scale, eps, n, (ml, rala))
+
+
+@infer_op.register_fake
+def _(q, k, v, *args):
+    from ..kernels.block_sparse import empty_like_layout
+
+    return empty_like_layout(q, v.shape[-1])
+
+
+def infer(q, k, v, *, feature_map, normalize, q_norm, k_norm, key_weight, rope, scale, eps) -> torch.Tensor:
+    """``linear_attention``'s Triton entry for inputs that need no gradient (its keyword arguments): ``infer_op``."""
+    weight = key_weight if isinstance(key_weight, torch.Tensor) else None
+    consts = feature_map, normalize, isinstance(key_weight, str), scale, eps
+    return infer_op(q, k, v, q_norm, k_norm, weight, *rope_operands(rope, q), *consts)
+
+
 # ------------------------------------------------------------------------------------------------ FLOP counts
 def _state_flops(k_shape, v_shape):
     b, h, n, d = k_shape
@@ -368,6 +425,11 @@ def _rala_flops(q_shape, k_shape, v_shape):
 
 
 @register_flop_formula(torch.ops.visionattn.linear_attention_rala)
+def _(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    return _rala_flops(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.visionattn.linear_attention_infer)
 def _(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
     return _rala_flops(q_shape, k_shape, v_shape)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import _linear_triton
 from ._checks import _check_attention_inputs, _check_choice, _check_scale, _check_tensor
+from ._linear_triton import rope_operands as _rope_operands
 from ._registry import _BackendRegistry, _requires_dtype, _requires_head_dim_range, _requires_triton_device
 
 __all__ = [
@@ -289,29 +290,19 @@ class _LinearBackend(NamedTuple):
 
     ``state(..., v_mean=False)`` may return a zero ``v_mean`` (callers whose normalisation does not read it).
     ``rala``, where given, is the whole ``key_weight="rala"`` op in one call (``linear_attention`` uses it);
-    ``rope``, where given, maps ``(cos, sin)`` to the tables the passes read, once per ``linear_attention`` call."""
+    ``rope``, where given, maps ``(cos, sin)`` to the tables the passes read, once per ``linear_attention`` call;
+    ``infer``, where given, is the whole op in one call for inputs that need no gradient."""
 
     query_mean: Callable
     state: Callable
     apply: Callable
     rala: Callable | None = None
     rope: Callable | None = None
+    infer: Callable | None = None
 
 
 _REGISTRY = _BackendRegistry("linear_attention")
 _REGISTRY.register("reference")(_LinearBackend(_query_mean_reference, _state_reference, _apply_reference))
-
-
-def _rope_operands(rope, like: torch.Tensor):
-    """RoPE tables in the 16-bit input dtype (every (batch, head) re-reads them); ``(N, D/2)`` tables interleaved
-    into one ``(N, D)`` table ``(cos θ_0, sin θ_0, cos θ_1, …)``, returned as ``(table, None)``: half the bytes of
-    two full tables. Prepared tables (``sin`` None, or already in the dtype) are returned as they are."""
-    if rope is None or rope[1] is None:
-        return (None, None) if rope is None else tuple(rope)
-    dtype = like.dtype if like.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    if rope[0].shape[-1] != like.shape[-1]:
-        return torch.stack(tuple(rope), dim=-1).flatten(-2).to(dtype), None
-    return tuple(t.to(dtype) for t in rope)
 
 
 def _triton_state(
@@ -347,7 +338,9 @@ def _triton_rala(q, k, v, *, feature_map, normalize, q_norm, k_norm, rope, scale
 
 
 _REGISTRY.register("triton", constraints=[_triton_supports])(
-    _LinearBackend(_linear_triton.query_mean_op, _triton_state, _triton_apply, _triton_rala, _rope_operands)
+    _LinearBackend(
+        _linear_triton.query_mean_op, _triton_state, _triton_apply, _triton_rala, _rope_operands, _linear_triton.infer
+    )
 )
 
 
@@ -566,6 +559,10 @@ def linear_attention(
     if rope is not None and impl.rope is not None:
         # converted once here, so the state and apply passes do not each convert them (a no-op for them now)
         key_args["rope"] = query_args["rope"] = impl.rope(rope, q)
+    inputs = (q, k, v, q_norm, k_norm, key_weight if isinstance(key_weight, torch.Tensor) else None)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if impl.infer is not None and not grad:
+        return impl.infer(q, k, v, k_norm=k_norm, key_weight=key_weight, scale=scale, **query_args)
     if isinstance(key_weight, str) and impl.rala is not None:
         return impl.rala(q, k, v, k_norm=k_norm, scale=scale, **query_args)
     query_mean = impl.query_mean(q if q_norm is None else q_norm, feature_map) if isinstance(key_weight, str) else None
