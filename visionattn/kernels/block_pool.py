@@ -10,7 +10,7 @@ PyTorch's CUDA mean and its division by a Python number do) and are stored in th
 Two passes over k, one over q:
 
 1. ``_block_pool_fwd_kernel_key_sum`` (grid ``(chunks, B·H)``): fp32 sums of k over each chunk of rows, per channel,
-   into ``(B·H, chunks, BLOCK_D)`` partials (a few KB).
+   into ``(B·H, chunks, BLOCK_D)`` partials (at most 32 KB per ``(b, h)``).
 2. ``_block_pool_fwd_kernel`` (grid ``(programs, B·H)``, each program a run of consecutive blocks), launched for q and
    for k (``CENTRED``): for k each program first reduces the partials of its ``(b, h)`` to ``μ``.
 
@@ -177,7 +177,7 @@ def block_pool_fwd(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int)
     """``(Q̄ (B, H, Mq, D), K̄ (B, H, Mk, D))``: block means of q and of the mean-centred k, in their dtypes.
 
     Pass 1 (grid ``(chunks, B·H)``, a power of two of at most ``_MAX_CHUNKS`` chunks of about ``_PROGRAM_ROWS`` rows)
-    sums k; pass 2 (grid ``(ceil(M / runs), B·H)``) pools q and then the centred k.
+    sums k; pass 2 (grid ``(ceil(M / blocks per program), B·H)``) pools q and then the centred k.
     """
     b, h, n, d = k.shape
     chunks = min(_MAX_CHUNKS, 1 << (cdiv(n, _PROGRAM_ROWS) - 1).bit_length())
