@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..layout import TokenGrid, TokenLayout, circular_window_block_mask, topk_ratio_block_mask
+from ..layout import TokenGrid, TokenLayout, circular_window_block_mask
 from ..layout.radial import radial_block_mask
 from ..nn import SparseLinearAttention
 from ..ops import (
@@ -34,6 +34,7 @@ from ..ops.linear import _REGISTRY as _LINEAR_BACKENDS
 from ..ops.linear import _check_eps
 from ..ops.neighborhood import default_neighborhood_tile
 from ..ops.sparse_linear import _REGISTRY as _SPARSE_LINEAR_BACKENDS
+from ..ops.sparse_linear import _select_blocks
 from ._agent import agent_tokens
 from ._density import block_mask_density, circle_pairs, neighborhood_pairs, with_text
 
@@ -333,8 +334,8 @@ class SparseLinearMethod(_AttentionMethod):
         if length % block == 0:
             blocks = length // block
             return sla(q, k, v), min(blocks, int(sla.topk * blocks)) / blocks
-        # the block map the op would select, selected here once so that its exact area is known
-        critical = topk_ratio_block_mask(q, k, sla.block_q, block, sla.topk)
+        # the block map the op would select (same pooling kernel), selected here once so that its exact area is known
+        critical = _select_blocks(q, k, sla.topk, 0.0, sla.block_q, block)[0]
         if sla.skip_ratio:  # negligible blocks need the pooled scores: the op selects again
             return sla(q, k, v), block_mask_density(critical)
         out = sparse_linear_attention(
