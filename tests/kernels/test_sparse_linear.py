@@ -176,6 +176,34 @@ def test_marginal_states_are_masked_sums_of_the_block_states(rng, critical_heads
     assert_close("masked z sums", torch.einsum("bij,bjd->bid", weights, sums.double()), total_z, tol=1e-6)
 
 
+@pytest.mark.parametrize("critical_count, negligible_count", [(3, 2), (0, 4), (7, 0), (2, None)], ids=str)
+def test_marginal_block_matrix_of_uniform_rows_equals_the_general_path(rng, critical_count, negligible_count):
+    """CSRs with the same count in every row (``_from_row_topk``, ``_uniform_rows``) take the (rows, count) scatter:
+    the same 0/1 matrix as the row expansion from ``indptr`` and as the dense block matrices (None: the op's empty
+    negligible set)."""
+    from visionattn.kernels.sparse_linear_state import marginal_block_matrix
+    from visionattn.layout.block_mask import BlockMask
+    from visionattn.ops.sparse_linear import _empty_csr
+
+    batch, heads, mq, mk = 2, 3, 5, 9
+    order = torch.rand(batch, heads, mq, mk, generator=rng).argsort(-1)
+    masks = [
+        BlockMask._from_row_topk(cols, q_len=mq * 8, kv_len=mk * 8, block_q=8, block_k=8)
+        for cols in (order[..., :critical_count], order[..., mk - (negligible_count or 0) :])
+    ]
+    assert all(mask._uniform_rows for mask in masks)
+    neg_csr = (
+        (masks[1].indptr, masks[1].indices) if negligible_count is not None else _empty_csr(mq, torch.device("cpu"))
+    )
+    args = masks[0].indptr, masks[0].indices, *neg_csr, mk, torch.bfloat16
+    uniform, general = marginal_block_matrix(*args, True), marginal_block_matrix(*args, False)
+    expected = ~masks[0].to_block_matrix()[0]
+    if negligible_count is not None:
+        expected &= ~masks[1].to_block_matrix()[0]
+    assert uniform.dtype == torch.bfloat16 and torch.equal(uniform, general)
+    assert torch.equal(uniform, expected.to(torch.bfloat16))
+
+
 def test_sparse_linear_kernel_traces_with_compile_and_counts_flops(kernel_device, rng):
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -83,3 +83,26 @@ def test_block_mask_rejects_inconsistent_inputs():
         BlockMask.from_block_matrix(keep.int(), q_len=16, kv_len=16, block_q=8, block_k=8)
     with pytest.raises(ValueError, match="token_mask"):
         BlockMask.from_block_matrix(keep, partial=keep, q_len=16, kv_len=16, block_q=8, block_k=8)
+
+
+def test_row_topk_masks_share_their_shape_constants(rng):
+    """``_from_row_topk``'s ``indptr`` and ``partial`` depend only on the shape: made once per shape and device and
+    reused (outside inference mode, so a backward may save them), never cached under a ``TorchDispatchMode`` (fake
+    tensors), and equal to the offsets of the same mask built from its block matrix."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    cols = lambda mq: torch.rand(2, 3, mq, 6, generator=rng).argsort(-1)[..., :2]
+    make = lambda c: BlockMask._from_row_topk(c, q_len=c.shape[2] * 4, kv_len=24, block_q=4, block_k=4)
+    with torch.inference_mode():
+        first = make(cols(5))
+    second, other = make(cols(5)), make(cols(4))
+    assert first.indptr is second.indptr and first.partial is second.partial
+    assert not first.indptr.is_inference() and other.indptr is not first.indptr
+    keep, _ = second.to_block_matrix()
+    dense = BlockMask.from_block_matrix(keep, q_len=20, kv_len=24, block_q=4, block_k=4)
+    assert torch.equal(second.indptr, dense.indptr) and torch.equal(second.indices, dense.indices)
+    assert second._uniform_rows and not dense._uniform_rows
+    with FakeTensorMode() as mode:
+        fake = make(mode.from_tensor(cols(3)))
+    assert isinstance(fake.indptr, FakeTensor)
+    assert not isinstance(make(cols(3)).indptr, FakeTensor)

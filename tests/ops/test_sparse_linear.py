@@ -179,6 +179,30 @@ def test_sparse_linear_topk_does_not_sync_the_host():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.gpu
+def test_sparse_linear_topk_captured_in_a_cuda_graph_before_its_shape_constants_exist():
+    """A CUDA graph captured while the selection's shape constants are not cached yet: nothing is cached during the
+    capture (it would record their filling kernels without running them), and replay and later eager calls agree."""
+    from visionattn.layout import _utils
+
+    q, k, v = (torch.randn(1, 4, 1000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    fn = lambda: sparse_linear_attention(q, k, v, topk_ratio=0.2, skip_ratio=0.2, block_q=64, block_k=32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        expected = fn()  # the autotuner's warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    _utils._SHAPE_CONSTANTS.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    assert not _utils._SHAPE_CONSTANTS
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+    assert torch.equal(fn(), expected) and _utils._SHAPE_CONSTANTS
+
+
 def test_sparse_linear_rejects_bad_arguments(rng):
     q = torch.randn(1, 2, 32, 8, generator=rng)
     with pytest.raises(ValueError, match="topk_ratio"):
@@ -195,6 +219,10 @@ def test_sparse_linear_rejects_bad_arguments(rng):
         sparse_linear_attention(q, q, q, None, torch.zeros(4), topk_ratio=0.5)
     with pytest.raises(ValueError, match="eps"):
         sparse_linear_attention(q, q, q, topk_ratio=0.5, eps=-1.0)
+    with pytest.raises(ValueError, match="block_q"):
+        sparse_linear_attention(q, q, q, topk_ratio=0.5, block_q=0)
+    with pytest.raises(TypeError, match="block_k"):
+        sparse_linear_attention(q, q, q, topk_ratio=0.5, block_k=16.0)
     mask = topk_ratio_block_mask(q, q, 16, 16, 0.5)
     with pytest.raises(ValueError, match="topk_ratio and block_mask"):
         sparse_linear_attention(q, q, q, topk_ratio=0.5, block_mask=mask)

@@ -263,6 +263,7 @@ def sparse_linear_fwd(
     feature: int,
     eps: float,
     proj: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    uniform_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
     """The per-key-block states, their masked sums per query block, then grid ``(Mq * Q_SUB, B * H)`` of fused
     query tiles.
@@ -271,7 +272,8 @@ def sparse_linear_fwd(
     stored like q, and fp32 ``(B, H, Nq)`` rows: ``lse`` (natural log, ``-inf`` without critical blocks) and
     ``rden = 1 / (φ(q)·z + eps)`` (0 without marginal blocks). With ``proj = (weight (Dv, Dv) or None, bias (Dv,)
     or None)`` (inference, fp16/bf16/fp32) returns only ``out = o_s + Proj(o_l)`` ``(B, H, Nq, Dv)``, formed in the
-    kernel's epilogue, so neither branch nor the row statistics reach memory.
+    kernel's epilogue, so neither branch nor the row statistics reach memory. ``uniform_rows``: both CSRs keep the
+    same number of blocks in every row (``BlockMask._uniform_rows``; fewer small kernels for the marginal matrix).
     """
     b, h, q_len, _ = q.shape
     proj_weight, proj_bias = proj or (None, None)
@@ -281,7 +283,9 @@ def sparse_linear_fwd(
     else:
         outputs = (empty_like_layout(q, v.shape[-1]),) * 4
     h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
-    marginal = marginal_block_matrix(indptr, indices, neg_indptr, neg_indices, h_blocks.shape[1], h_blocks.dtype)
+    marginal = marginal_block_matrix(
+        indptr, indices, neg_indptr, neg_indices, h_blocks.shape[1], h_blocks.dtype, uniform_rows
+    )
     h_marginal, z_marginal = masked_block_sums(marginal, h_blocks, z_blocks, b, h)
     del h_blocks
     grid = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)

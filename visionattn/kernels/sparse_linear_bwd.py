@@ -251,10 +251,11 @@ def sparse_linear_bwd(
     block_k: int,
     feature: int,
     key_major: tuple[torch.Tensor, torch.Tensor],
+    uniform_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block-sparse backward over the critical CSR (rows ``indptr, indices``; dK/dV over ``key_major = (indptr_t,
     indices_t)``, ``transpose_csr`` built by the caller; SLA masks have no partial blocks), then the linear branch
-    added by one program per query block and one per key block.
+    added by one program per query block and one per key block. ``uniform_rows`` as in ``sparse_linear_fwd``.
 
     Returns ``dq``, ``dk``, ``dv`` stored like ``q``, ``k``, ``v``.
     """
@@ -268,7 +269,7 @@ def sparse_linear_bwd(
         scale=scale, block_q=block_q, block_k=block_k, mask_kind=MASK_NONE, query_table=None, key_table=None,
         radius2=0.0, key_major=(indptr_t, indices_t, indptr_t),
     )  # fmt: skip
-    marginal = marginal_block_matrix(indptr, indices, neg_indptr, neg_indices, mk, state_dtype(q.dtype))
+    marginal = marginal_block_matrix(indptr, indices, neg_indptr, neg_indices, mk, state_dtype(q.dtype), uniform_rows)
     h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
     h_marginal, z_marginal = masked_block_sums(marginal, h_blocks, z_blocks, b, h)
     del h_blocks

@@ -125,10 +125,19 @@ def dv_chunk(dv: int) -> int:
     return min(next_block(dv), 16 if is_interpreter() else 64)
 
 
-def _csr_complement(indptr: torch.Tensor, indices: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
+def _csr_complement(
+    indptr: torch.Tensor, indices: torch.Tensor, cols: int, dtype: torch.dtype, uniform_rows: bool
+) -> torch.Tensor:
     """``(Bm, Hm, M, cols)`` in ``dtype``: 0 at the blocks of the CSR set ``(indptr (Bm, Hm, M + 1), indices)``, 1
-    elsewhere; static shapes, no host sync."""
+    elsewhere; static shapes, no host sync. ``uniform_rows``: every row keeps ``indices.numel() / (Bm·Hm·M)`` blocks
+    (``BlockMask._uniform_rows``), so ``indices`` is a ``(rows, count)`` matrix and the row of an entry need not be
+    expanded from ``indptr``."""
     bm, hm, rows = indptr.shape[0], indptr.shape[1], indptr.shape[2] - 1
+    if uniform_rows:
+        total = bm * hm * rows
+        dense = torch.ones(total, cols, dtype=dtype, device=indptr.device)
+        dense.scatter_(1, indices.view(total, indices.numel() // max(total, 1)).long(), 0)
+        return dense.view(bm, hm, rows, cols)
     counts = (indptr[..., 1:] - indptr[..., :-1]).flatten().long()
     row_of_entry = torch.repeat_interleave(
         torch.arange(bm * hm * rows, device=indptr.device), counts, output_size=indices.numel()
@@ -146,12 +155,14 @@ def marginal_block_matrix(
     neg_indices: torch.Tensor,
     num_kv_blocks: int,
     dtype: torch.dtype,
+    uniform_rows: bool = False,
 ) -> torch.Tensor:
     """``M`` ``(B', H', Mq, Mk)`` in ``dtype``: 1 where key block ``j`` is marginal for query block ``b`` (neither
-    critical nor negligible), else 0. ``B'``/``H'`` broadcast like the two CSRs' leading dims."""
-    marginal = _csr_complement(indptr, indices, num_kv_blocks, dtype)
+    critical nor negligible), else 0. ``B'``/``H'`` broadcast like the two CSRs' leading dims. ``uniform_rows``:
+    each of the two CSRs keeps the same number of blocks in every row (``BlockMask._uniform_rows``)."""
+    marginal = _csr_complement(indptr, indices, num_kv_blocks, dtype, uniform_rows)
     if neg_indices.numel():
-        marginal = marginal * _csr_complement(neg_indptr, neg_indices, num_kv_blocks, dtype)
+        marginal = marginal * _csr_complement(neg_indptr, neg_indices, num_kv_blocks, dtype, uniform_rows)
     return marginal
 
 

@@ -25,6 +25,32 @@ _BoxRelation = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.
 #: Upper bound on ``rows x key blocks x boxes x boxes`` evaluated at once (bounds builder memory to ~100 MB).
 _CHUNK_ELEMENTS = 1 << 22
 
+#: ``(key, device) -> tensors`` of :func:`_shape_constants`; cleared when it reaches ``_MAX_SHAPE_CONSTANTS`` entries.
+_SHAPE_CONSTANTS: dict[tuple, object] = {}
+_MAX_SHAPE_CONSTANTS = 256
+# Private torch hook: a TorchDispatchMode (FakeTensorMode, FlopCounterMode) is active; without it nothing is cached.
+_DISPATCH_STACK_LEN = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
+def _shape_constants(key: tuple, device: torch.device, make: Callable[[], object]):
+    """``make()``, tensors on ``device`` that depend only on the plain values ``key`` (e.g. the row offsets of a CSR
+    with a fixed count per row), built once and reused by later eager calls: saves their allocation and the small
+    kernels that fill them on every call. Read-only: callers never write to them. Built afresh while
+    ``torch.compile`` traces, under a ``TorchDispatchMode`` (fake tensors must not be cached or mixed with real ones)
+    and, on a miss, while the current CUDA stream captures a graph (the capture records the kernels that fill them
+    without running them). Made outside inference mode, so that autograd may save them for a later backward."""
+    if _DISPATCH_STACK_LEN is None or torch.compiler.is_compiling() or _DISPATCH_STACK_LEN() > 0:
+        return make()
+    found = _SHAPE_CONSTANTS.get((key, device))
+    if found is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return make()
+        if len(_SHAPE_CONSTANTS) >= _MAX_SHAPE_CONSTANTS:
+            _SHAPE_CONSTANTS.clear()
+        with torch.inference_mode(False):
+            found = _SHAPE_CONSTANTS[key, device] = make()
+    return found
+
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
     """An int ``>= minimum`` (bools rejected): ``TypeError`` for other types, ``ValueError`` below ``minimum``."""

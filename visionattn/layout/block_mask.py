@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._utils import _shape_constants
+
 __all__ = ["BlockMask"]
 
 #: ``token_mask(q_idx, kv_idx) -> bool`` on broadcastable int64 layout positions.
@@ -55,6 +57,9 @@ class BlockMask:
     _transposed: "BlockMask | None" = field(default=None, repr=False)
     #: Set only by trusted builders whose ``partial`` is all False by construction: skips the device sync of the check.
     _no_partial: bool = field(default=False, repr=False)
+    #: Set only by builders whose rows each keep the same number of blocks, ``indices.numel() / indptr[..., 1:].numel()``
+    #: (``indptr`` is that count times the row number): consumers may then view ``indices`` as ``(rows, count)``.
+    _uniform_rows: bool = field(default=False, repr=False)
 
     def __post_init__(self):
         if self.indptr.ndim != 3 or self.indptr.shape[-1] != self.num_q_blocks + 1:
@@ -118,11 +123,17 @@ class BlockMask:
         no partial check, so no host sync (and traceable by ``torch.compile(fullgraph=True)``).
         """
         b, h, mq, count = cols.shape
-        rows = torch.arange(b * h, dtype=torch.int32, device=cols.device).view(b, h, 1) * mq
-        indptr = (rows + torch.arange(mq + 1, dtype=torch.int32, device=cols.device)) * count
+        device = cols.device
+
+        def offsets() -> tuple[torch.Tensor, torch.Tensor]:
+            rows = torch.arange(b * h, dtype=torch.int32, device=device).view(b, h, 1) * mq
+            indptr = (rows + torch.arange(mq + 1, dtype=torch.int32, device=device)) * count
+            return indptr, torch.zeros(b * h * mq * count, dtype=torch.bool, device=device)
+
+        # indptr and partial depend only on the shape: made once per shape and device (5 small kernels per call)
+        indptr, partial = _shape_constants(("row_topk", b, h, mq, count), device, offsets)
         indices = cols.sort(-1).values.flatten().to(torch.int32)
-        partial = torch.zeros(indices.shape, dtype=torch.bool, device=cols.device)
-        return cls(indptr, indices, partial, q_len, kv_len, block_q, block_k, _no_partial=True)
+        return cls(indptr, indices, partial, q_len, kv_len, block_q, block_k, _no_partial=True, _uniform_rows=True)
 
     # ------------------------------------------------------------------ shape
     @property

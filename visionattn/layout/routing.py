@@ -205,10 +205,25 @@ def topk_ratio_block_mask(
             raise ValueError(f"{name} must be a positive int; got {name}={value!r}.")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
         raise ValueError(f"ratio must be a float in [0, 1]; got {ratio=}.")
+    if pooled is not None:
+        _check_pooled(pooled, q, k, block_q, block_k)
+    return _topk_ratio_select(q, k, block_q, block_k, ratio, return_scores=return_scores, pooled=pooled)
+
+
+def _topk_ratio_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    ratio: float,
+    *,
+    return_scores: bool = False,
+    pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> BlockMask | tuple[BlockMask, torch.Tensor]:
+    """:func:`topk_ratio_block_mask` on arguments its caller has already checked (``sparse_linear_attention``
+    validates them once per call, and its ``pooled`` comes from its own kernel)."""
     if pooled is None:
         pooled = _centred_block_means(q, k, block_q, block_k)
-    else:
-        _check_pooled(pooled, q, k, block_q, block_k)
     pooled_q, pooled_k = pooled
     scores = pooled_q @ pooled_k.transpose(-1, -2)
     num_k = scores.shape[-1]

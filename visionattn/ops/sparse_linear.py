@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ..kernels._config import is_interpreter
-from ..layout import topk_ratio_block_mask
+from ..layout._utils import _shape_constants
 from ..layout.block_mask import BlockMask
-from ._checks import _check_attention_inputs, _check_choice, _check_scale, _check_tensor
+from ..layout.routing import _topk_ratio_select
+from ._checks import _check_attention_inputs, _check_choice, _check_int, _check_scale, _check_tensor
 from ._eager import custom_op
 from ._registry import (
     _BackendRegistry,
@@ -44,23 +45,14 @@ def _check_ratio(name: str, value) -> float:
     return float(value)
 
 
-#: ``(rows, device) -> (indptr, indices)`` of ``_empty_csr`` in eager mode (read-only; saves allocations per call).
-_EMPTY_CSRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def _empty_csr(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indptr, indices)`` of a block set keeping no block in any of ``rows`` rows, broadcast over batch and
-    heads (the negligible set without ``skip_ratio``: ``Mq`` rows)."""
+    heads (the negligible set without ``skip_ratio``: ``Mq`` rows); made once per ``rows`` and device."""
     make = lambda: (
         torch.zeros(1, 1, rows + 1, dtype=torch.int32, device=device),
         torch.zeros(0, dtype=torch.int32, device=device),
     )
-    if torch.compiler.is_compiling():
-        return make()
-    if (rows, device) not in _EMPTY_CSRS:
-        with torch.inference_mode(False):  # a cached inference tensor could not be saved for a later backward
-            _EMPTY_CSRS[rows, device] = make()
-    return _EMPTY_CSRS[rows, device]
+    return _shape_constants(("sla_empty_csr", rows), device, make)
 
 
 #: Largest head dim of the selection's pooling kernel (one ``[rows, D]`` tile per load).
@@ -95,11 +87,11 @@ def _select_blocks(q, k, topk_ratio: float, skip_ratio: float, block_q: int, blo
     """``(critical, negligible)`` BlockMasks: top ``int(topk_ratio·Mk)`` and bottom ``int(skip_ratio·Mk)`` blocks
     of each query block's pooled scores (the bottom count is capped so that the two sets never overlap);
     ``negligible`` is None for ``skip_ratio == 0``. Every query block keeps the same number of blocks, so both CSRs
-    have static shapes: no host sync."""
+    have static shapes: no host sync. The arguments are checked by the caller (as ``sparse_linear_attention`` does)."""
     pooled = _pooled_blocks(q, k, block_q, block_k)
     if skip_ratio == 0:
-        return topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio, pooled=pooled), None
-    critical, scores = topk_ratio_block_mask(q, k, block_q, block_k, topk_ratio, return_scores=True, pooled=pooled)
+        return _topk_ratio_select(q, k, block_q, block_k, topk_ratio, pooled=pooled), None
+    critical, scores = _topk_ratio_select(q, k, block_q, block_k, topk_ratio, return_scores=True, pooled=pooled)
     num_k = scores.shape[-1]
     kept = min(num_k, int(topk_ratio * num_k))
     keep = torch.zeros_like(scores, dtype=torch.bool)
@@ -194,10 +186,12 @@ def _sla_fwd_op(
     block_k: int,
     feature: int,
     eps: float,
+    uniform_rows: bool,
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``indptr_t``, ``indices_t``: the key-major critical CSR of the dK/dV pass, only saved for the backward."""
+    """``uniform_rows``: both CSRs keep the same number of blocks in every row (``BlockMask._uniform_rows``);
+    ``indptr_t``, ``indices_t``: the key-major critical CSR of the dK/dV pass, only saved for the backward."""
     from ..kernels.sparse_linear import sparse_linear_fwd
 
     return sparse_linear_fwd(
@@ -214,11 +208,12 @@ def _sla_fwd_op(
         block_k=block_k,
         feature=feature,
         eps=eps,
+        uniform_rows=uniform_rows,
     )
 
 
 @_sla_fwd_op.register_fake
-def _(q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps, *key_major):
+def _(q, k, v, *args):
     from ..kernels.block_sparse import empty_like_layout
 
     rows = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
@@ -242,12 +237,13 @@ def _sla_infer_op(
     block_k: int,
     feature: int,
     eps: float,
+    uniform_rows: bool,
 ) -> torch.Tensor:
     """The forward without autograd: ``o_s + Proj(o_l)`` from the kernel's epilogue (no branch outputs, no rows)."""
     from ..kernels.sparse_linear import sparse_linear_fwd
 
     csrs = indptr, indices, partial, neg_indptr, neg_indices
-    consts = dict(scale=scale, block_q=block_q, block_k=block_k, feature=feature, eps=eps)
+    consts = dict(scale=scale, block_q=block_q, block_k=block_k, feature=feature, eps=eps, uniform_rows=uniform_rows)
     return sparse_linear_fwd(q, k, v, *csrs, proj=(proj_weight, proj_bias), **consts)
 
 
@@ -277,6 +273,7 @@ def _sla_bwd_op(
     block_q: int,
     block_k: int,
     feature: int,
+    uniform_rows: bool,
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -301,6 +298,7 @@ def _sla_bwd_op(
         block_k=block_k,
         feature=feature,
         key_major=(indptr_t, indices_t),
+        uniform_rows=uniform_rows,
     )
 
 
@@ -312,12 +310,11 @@ def _(do_sparse, do_linear, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps, *key_major = (
-        inputs
-    )
+    q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps, *rest = inputs
+    uniform_rows, *key_major = rest
     o_sparse, o_linear, lse, rden = output
     ctx.save_for_backward(q, k, v, o_sparse, o_linear, lse, rden, indptr, indices, neg_indptr, neg_indices, *key_major)
-    ctx.scale, ctx.block_q, ctx.block_k, ctx.feature = scale, block_q, block_k, feature
+    ctx.scale, ctx.block_q, ctx.block_k, ctx.feature, ctx.uniform_rows = scale, block_q, block_k, feature, uniform_rows
 
 
 def _backward(ctx, do_sparse, do_linear, _dlse, _drden):
@@ -326,10 +323,10 @@ def _backward(ctx, do_sparse, do_linear, _dlse, _drden):
     do_linear = torch.zeros_like(o_linear) if do_linear is None else do_linear
     dq, dk, dv = _sla_bwd_op(
         do_sparse, do_linear, q, k, v, o_sparse, o_linear, lse, rden, *csrs[:4],
-        ctx.scale, ctx.block_q, ctx.block_k, ctx.feature, *csrs[4:],
+        ctx.scale, ctx.block_q, ctx.block_k, ctx.feature, ctx.uniform_rows, *csrs[4:],
     )  # fmt: skip
-    # q, k, v, the 5 row CSR tensors, scale, block_q, block_k, feature, eps, the 2 key-major CSR tensors
-    return dq, dk, dv, *[None] * 12
+    # q, k, v, the 5 row CSR tensors, scale, block_q, block_k, feature, eps, uniform_rows, the 2 key-major CSR tensors
+    return dq, dk, dv, *[None] * 13
 
 
 _sla_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -401,7 +398,9 @@ def _sparse_linear_triton(
         neg_csr = _empty_csr(critical.num_q_blocks, q.device)
     else:
         neg_csr = negligible.indptr, negligible.indices
-    consts = critical.block_q, critical.block_k, FEATURE_CODES[feature_map], eps
+    # the empty negligible set has uniform rows (none)
+    uniform_rows = critical._uniform_rows and (negligible is None or negligible._uniform_rows)
+    consts = critical.block_q, critical.block_k, FEATURE_CODES[feature_map], eps, uniform_rows
     proj = [t for t in (proj_weight, proj_bias) if t is not None]
     grad = torch.is_grad_enabled()
     qkv_grad = grad and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -503,9 +502,10 @@ def sparse_linear_attention(
         ``out`` ``(B, H, Nq, Dv)`` in q's dtype, and with ``return_sparsity`` also the density (a float).
 
     Raises:
-        TypeError: tensors of the wrong type or dtype, or ``block_mask`` not a ``BlockMask``.
-        ValueError: shapes disagree, ratios outside ``[0, 1]``, both or neither of ``topk_ratio`` and
-            ``block_mask``, or an unknown ``feature_map``.
+        TypeError: tensors of the wrong type or dtype, ``block_mask`` not a ``BlockMask``, or a block size not an
+            int.
+        ValueError: shapes disagree, ratios outside ``[0, 1]``, a block size below 1, both or neither of
+            ``topk_ratio`` and ``block_mask``, or an unknown ``feature_map``.
         NotImplementedError: the named backend cannot run this input.
 
     Example:
@@ -527,6 +527,7 @@ def sparse_linear_attention(
         )
     if block_mask is None:
         topk_ratio = _check_ratio("topk_ratio", topk_ratio)
+        block_q, block_k = _check_int("block_q", block_q), _check_int("block_k", block_k)
         critical, negligible = _select_blocks(q, k, topk_ratio, skip_ratio, block_q, block_k)
     else:
         _check_critical_mask(block_mask, q, k, skip_ratio)
