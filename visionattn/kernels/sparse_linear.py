@@ -276,13 +276,14 @@ def sparse_linear_fwd(
     same number of blocks in every row (``BlockMask._uniform_rows``; fewer small kernels for the marginal matrix).
     """
     b, h, q_len, _ = q.shape
+    # the state pass first: the GPU starts on it while the host builds the rest
+    h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
     proj_weight, proj_bias = proj or (None, None)
     if proj is None:
         rows = lambda: torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
         outputs = empty_like_layout(q, v.shape[-1]), empty_like_layout(q, v.shape[-1]), rows(), rows()
     else:
         outputs = (empty_like_layout(q, v.shape[-1]),) * 4
-    h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
     marginal = marginal_block_matrix(
         indptr, indices, neg_indptr, neg_indices, h_blocks.shape[1], h_blocks.dtype, uniform_rows
     )
