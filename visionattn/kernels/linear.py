@@ -73,12 +73,22 @@ FOLD_MAX_CHUNKS = 4
 _FOLD_LOAD = 2048
 
 
+def _state_family(configs, state_bytes: int):
+    """The configs of the state size's family (see ``_SMALL_STATE_CONFIGS``): autotuning compiles every config."""
+    family = _BIG_STATE_CONFIGS if state_bytes > 64 * 128 * 4 else _SMALL_STATE_CONFIGS
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in family] or configs[:1]
+
+
 def _prune_reduce_configs(configs, nargs, **kwargs):
-    """Keep the config family of the state size (see ``_SMALL_STATE_CONFIGS``): autotuning compiles every config."""
+    """The family of an fp32 state (the split-N reductions accumulate it in fp32)."""
     args = {**nargs, **kwargs}
-    family = _BIG_STATE_CONFIGS if args["BLOCK_D"] * args["BLOCK_DV"] > 64 * 128 else _SMALL_STATE_CONFIGS
-    kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in family]
-    return kept or configs[:1]
+    return _state_family(configs, args["BLOCK_D"] * args["BLOCK_DV"] * 4)
+
+
+def _prune_apply_configs(configs, nargs, **kwargs):
+    """The family of the apply kernel's state operand, in the input dtype (16-bit 128 x 128: the deep pipelines)."""
+    args = {**nargs, **kwargs}
+    return _state_family(configs, args["BLOCK_D"] * args["BLOCK_DV"] * args["q_ptr"].element_size())
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
@@ -329,7 +339,7 @@ def _linear_fwd_kernel_state(
 @triton.autotune(
     configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
     key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE", "ROPE_PAIRS", "FOLD", "RALA"],
-    prune_configs_by={"early_config_prune": _prune_reduce_configs},
+    prune_configs_by={"early_config_prune": _prune_apply_configs},
     **autotune_kwargs(),
 )
 @triton.jit
@@ -399,6 +409,9 @@ def _linear_fwd_kernel_apply(
         b_kv = tl.load(p_kv, mask=m_d[:, None] & m_e[None, :], other=0.0)
         b_ks = tl.load(ks_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
         b_vm = tl.load(vm_ptr + i_bh * DV + o_e, mask=m_e, other=0.0)
+    # a 16-bit dot operand for 16-bit inputs (fp32 sums), as in the backward: an fp32 128 x 128 state would fill the
+    # shared memory that deep query-tile pipelines need
+    b_kv = b_kv.to(q_ptr.dtype.element_ty)
     start = i_c * chunk_len
     end = tl.minimum(start + chunk_len, N)
     for n0 in range(start, end, BLOCK_N):
@@ -411,7 +424,7 @@ def _linear_fwd_kernel_apply(
         _, _, _, b_phin, b_phir, _, _ = _features(
             p_q, p_qn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_Q_NORM, HAS_ROPE, ROPE_PAIRS, BLOCK_N, BLOCK_D
         )
-        b_num = num_scale * tl.dot(b_phir, b_kv, input_precision=DOT_PRECISION)
+        b_num = num_scale * tl.dot(b_phir.to(b_kv.dtype), b_kv, input_precision=DOT_PRECISION)
         if NORMALIZE == 0:
             b_t = tl.sum(b_phin * b_ks[None, :], axis=1)
             b_o = b_num / (b_t + eps)[:, None]
