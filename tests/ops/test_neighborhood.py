@@ -123,6 +123,58 @@ def test_neighborhood_attention_triton_matches_reference(kernel_device, rng, com
         assert_close(name, r, o)
 
 
+def _count_gathered(monkeypatch) -> list:
+    """Record each call of the gathered (no-permutation) inference path of ``neighborhood_attention``."""
+    from visionattn.ops import neighborhood as module
+
+    calls = []
+    real = module.block_sparse_attention_gathered
+    monkeypatch.setattr(module, "block_sparse_attention_gathered", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "shape,before,after,kernel,stride,dilation,causal,tile,num_extra",
+    CASES,
+    ids=[f"grid{c[0]}-k{c[3]}-s{c[4]}-d{c[5]}-c{c[6]}-tile{c[7]}-E{c[8]}" for c in CASES],
+)
+def test_neighborhood_attention_triton_inference_reads_raster_order_in_place(
+    monkeypatch, kernel_device, rng, shape, before, after, kernel, stride, dilation, causal, tile, num_extra
+):
+    """Without a gradient the kernel gathers q, k, v rows and scatters the output through the plan's row maps (no
+    permuted copies); (B, N, H, D) storage, extra keys, padding slots and global tokens against float64."""
+    calls = _count_gathered(monkeypatch)
+    grid = TokenGrid(shape, extra_before=before, extra_after=after)
+    make = lambda n, d: torch.randn(1, n, 2, d, generator=rng).to(kernel_device).transpose(1, 2)
+    q, k, v = make(grid.num_tokens, 16), make(grid.num_tokens, 16), make(grid.num_tokens, 24)
+    extra_kv = (make(num_extra, 16), make(num_extra, 24)) if num_extra else None
+    args = (grid, kernel, stride, dilation, causal)
+    with torch.no_grad():
+        out = neighborhood_attention(q, k, v, *args, extra_kv=extra_kv, tile=tile, backend="triton")
+    assert calls == [1] and out.transpose(1, 2).is_contiguous()
+    as64 = lambda t: t.double() if t is not None else None
+    ref_extra = tuple(map(as64, extra_kv)) if extra_kv else None
+    ref = neighborhood_attention_reference(*map(as64, (q, k, v)), *args, scale=16**-0.5, extra_kv=ref_extra)
+    assert_close("out", ref, out, dtype=torch.float32)
+
+
+def test_neighborhood_attention_triton_inference_compiles_fullgraph(monkeypatch, kernel_device, rng):
+    calls = _count_gathered(monkeypatch)
+    grid = TokenGrid((5, 6, 7), extra_after=3)
+    q, k, v = (torch.randn(1, 2, grid.num_tokens, 16, generator=rng).to(kernel_device) for _ in range(3))
+    args = (grid, (2, 3, 5), (2, 1, 3), 1, (True, False, False))
+    run = lambda q, k, v: neighborhood_attention(q, k, v, *args, tile=(2, 4, 4), backend="triton")
+    _PLANS.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, backend="inductor" if kernel_device.type == "cuda" else "aot_eager")
+    with torch.no_grad():
+        out = compiled(q, k, v)
+        eager = run(q, k, v)
+    assert len(calls) == 2
+    assert_close("compiled vs eager", eager, out, dtype=torch.float32)
+    assert_close("out", neighborhood_attention_reference(q.double(), k.double(), v.double(), *args), out)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(
@@ -153,3 +205,6 @@ def test_neighborhood_attention_triton_matches_reference_gpu(shape, kernel, stri
     assert_close("out", ref, out, dtype=dtype)
     for name, r, o in zip(["dq", "dk", "dv", "dk_extra", "dv_extra"], ref_grads, grads):
         assert_close(name, r, o, dtype=dtype)
+    with torch.no_grad():  # the gathered inference path (raster order read and written in place)
+        inferred = neighborhood_attention(q, k, v, *args, extra_kv=extra_kv, backend="triton")
+    assert_close("out without grad", ref, inferred, dtype=dtype)

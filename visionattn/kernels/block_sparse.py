@@ -9,7 +9,7 @@ block or the sequence are masked. Each CSR row is walked full blocks first (no p
 which evaluate the exact token predicate of ``visionattn.layout.predicates`` in-kernel from its per-position
 ``KernelTables`` (``MASK_KIND``), never from an N x N tensor.
 
-The backward kernels live in ``block_sparse_bwd.py`` and share the predicate helpers below.
+The backward kernels live in ``block_sparse_bwd.py``, the in-kernel token predicates in ``mask_predicates.py``.
 """
 
 from typing import NamedTuple
@@ -18,15 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout.predicates import KEY_GLOBAL, KEY_VALID
-from ._config import autotune_configs, autotune_kwargs, is_interpreter
+from ._config import autotune_configs, autotune_kwargs
 from ._constants import LN2, LOG2E, NEG_INF
+from .mask_predicates import (
+    _MASKED,
+    _PACKED,
+    MASK_NONE,
+    _bsa_allowed,
+    _bsa_packed_window_scores,
+    _Predicate,
+    predicate_args,
+)
 
 __all__ = [
-    "MASK_CIRCULAR",
-    "MASK_NEIGHBORHOOD",
-    "MASK_NONE",
-    "MASK_PACKED_NEIGHBORHOOD",
     "TILE_HEURISTICS",
     "block_sparse_fwd",
     "cdiv",
@@ -36,41 +40,14 @@ __all__ = [
     "launch_constexprs",
     "leading_strides",
     "next_block",
-    "pack_mask_kind",
-    "predicate_args",
     "prune_configs",
     "unit_last_stride",
 ]
 
-#: ``MASK_KIND`` values: no token predicate, ``NeighborhoodWindow`` from ``KernelTables`` or from
-#: ``PackedWindowTables``, ``CircularWindow``.
-MASK_NONE, MASK_NEIGHBORHOOD, MASK_CIRCULAR, MASK_PACKED_NEIGHBORHOOD = 0, 1, 2, 3
-
-
-def pack_mask_kind(kind: int, grid) -> int:
-    """The ``MASK_KIND`` constexpr of a predicate on ``grid`` (a ``TokenGrid``), so the kernels compile only the
-    tests it needs: ``kind | 4 * axes`` with ``axes`` bit 0/1/2 for X/Y/T (axes of size 1, including the front
-    padding of 1D/2D grids to 3 axes, admit every pair and are left out); packed, ``kind | 4 * has_global_keys``
-    (the packed word tests every axis at once)."""
-    if kind == MASK_NONE:
-        return MASK_NONE
-    if kind == MASK_PACKED_NEIGHBORHOOD:
-        return kind + 4 * int(grid.extra_before + grid.extra_after > 0)
-    shape = (1,) * (3 - grid.ndim) + tuple(grid.shape)
-    axes = sum(bit for bit, size in zip((4, 2, 1), shape) if size > 1)
-    return kind + 4 * axes
-
-
-#: Score of a masked (query, key) pair: exp2(-inf - m) = 0 for any finite running max m.
-_MASKED = tl.constexpr(float("-inf"))
-_NEIGHBORHOOD = tl.constexpr(MASK_NEIGHBORHOOD)
-_PACKED = tl.constexpr(MASK_PACKED_NEIGHBORHOOD)
 _NONE = tl.constexpr(MASK_NONE)
 _NEG_INF = tl.constexpr(NEG_INF)
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
-_KEY_VALID = tl.constexpr(KEY_VALID)
-_KEY_GLOBAL = tl.constexpr(KEY_GLOBAL)
 
 # Tiles are caps (TILE_M query rows, TILE_N key rows): a logical block larger than its tile is walked in
 # sub-tiles, a smaller one is padded to a power of two >= 16. Hopper: 128 x 64-128, 4-8 warps, 2-3 stages.
@@ -80,7 +57,7 @@ _FWD_CONFIGS = [
 ]
 # Under the interpreter: 16-row tiles, so tests with 32-token blocks also exercise the sub-tile walk.
 _DEFAULT_CONFIG = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_stages=2)
-_AUTOTUNE_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND"]
+_AUTOTUNE_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "GATHER"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -137,11 +114,15 @@ def prune_configs(configs, nargs, **kwargs):
 # Their UPPER fields are constexprs, which survive only while the tuple is passed straight into a call: assigning a
 # tuple to a variable turns its constexprs into tensors (Triton 3.6 and 3.9), so kernels never do.
 class _Operand(NamedTuple):
-    """A token-major ``(N, D)`` tensor of one (batch, head), read in row tiles: base pointer and strides."""
+    """A token-major ``(N, D)`` tensor of one (batch, head), read in row tiles: base pointer and strides; with
+    ``GATHER``, sequence position ``p`` is stored at row ``rows[p]`` (``rows``: int32 pointer; unread otherwise), so
+    a tile-order walk reads raster-order storage without a permuted copy."""
 
     base: tl.tensor
     stride_n: tl.tensor
     stride_d: tl.tensor
+    rows: tl.tensor
+    GATHER: tl.constexpr
 
 
 class _Walk(NamedTuple):
@@ -160,17 +141,6 @@ class _Walk(NamedTuple):
     EVEN: tl.constexpr
 
 
-class _Predicate(NamedTuple):
-    """The token predicate: the query- and key-side ``KernelTables`` rows (``tab_len`` positions each), a circular
-    window's squared radius, and the packed ``MASK_KIND`` (``MASK_NONE``: nothing is read)."""
-
-    qtab_ptr: tl.tensor
-    ktab_ptr: tl.tensor
-    tab_len: tl.tensor
-    radius2: tl.tensor
-    MASK_KIND: tl.constexpr
-
-
 class _Dims(NamedTuple):
     """Head dims, their power-of-two tiles and the ``tl.dot`` input precision."""
 
@@ -179,95 +149,6 @@ class _Dims(NamedTuple):
     BLOCK_D: tl.constexpr
     BLOCK_DV: tl.constexpr
     DOT_PRECISION: tl.constexpr
-
-
-# ---------------------------------------------------------------------------------------------- predicate helpers
-@triton.jit
-def _bsa_axis(q_pos, k_pos, pred, AXIS: tl.constexpr):
-    """Grid axis ``AXIS`` (0/1/2 = T/Y/X) of the predicate from the ``KernelTables`` rows: neighborhood, whether
-    ``0 <= code - lo <= span`` (one unsigned compare); circular, the squared distance (fp32: padding codes are
-    ``2^30``)."""
-    lo = tl.load(pred.qtab_ptr + AXIS * pred.tab_len + q_pos)
-    code = tl.load(pred.ktab_ptr + AXIS * pred.tab_len + k_pos)
-    if pred.MASK_KIND % 4 == _NEIGHBORHOOD:
-        span = tl.load(pred.qtab_ptr + (3 + AXIS) * pred.tab_len + q_pos)
-        out = (code - lo).to(tl.uint32, bitcast=True) <= span.to(tl.uint32, bitcast=True)
-    else:
-        d = (code - lo).to(tl.float32)
-        out = d * d
-    return out
-
-
-#: The packed-window rule in PTX, one block per score: ``$0 = $1`` (the score) if ``(($2 - $3) & ($4 - $2) & $5) ==
-#: $5`` (key, lo, hi2, G), else -inf; the second form also admits ``$6 != 0`` (a global key).
-_PACKED_WINDOW_PTX = (
-    "{ .reg .b32 u, v; .reg .pred p; sub.s32 u, $2, $3; sub.s32 v, $4, $2; and.b32 u, u, v; and.b32 u, u, $5; "
-    "setp.eq.b32 p, u, $5; %s selp.f32 $0, $1, 0fFF800000, p; }"
-)
-_PACKED_WINDOW_ASM = tl.constexpr(_PACKED_WINDOW_PTX % "")
-_PACKED_WINDOW_OR_GLOBAL_ASM = tl.constexpr(_PACKED_WINDOW_PTX % "setp.ne.or.b32 p, $6, 0, p;")
-#: Whether kernels may use inline PTX (the interpreter cannot run it).
-_PTX = tl.constexpr(not is_interpreter())
-
-
-@triton.jit
-def _bsa_packed_window_scores(b_s, q_pos, k_pos, pred):
-    """Scores ``b_s`` with the pairs outside a neighborhood from ``PackedWindowTables`` set to -inf: every axis in
-    one word, ``((key - lo) & (hi2 - key) & G) == G``, or a global key (``MASK_KIND`` bit 2: the grid has global
-    tokens). On the GPU the rule is inline PTX: written in Triton, LLVM vectorises the compare into ``<64 x i1>``
-    masks and packs them into 16-bit words, 8 instructions per score where the rule needs 5 (sm_90 SASS)."""
-    lo = tl.load(pred.qtab_ptr + q_pos)
-    hi2 = tl.load(pred.qtab_ptr + pred.tab_len + q_pos)
-    guard = tl.load(pred.qtab_ptr + 2 * pred.tab_len)
-    key = tl.load(pred.ktab_ptr + k_pos)
-    if pred.MASK_KIND // 4 == 1:
-        key_global = tl.load(pred.ktab_ptr + pred.tab_len + k_pos) & _KEY_GLOBAL
-        if _PTX:
-            out = tl.inline_asm_elementwise(
-                _PACKED_WINDOW_OR_GLOBAL_ASM,
-                "=f,f,r,r,r,r,r",
-                [b_s, key, lo, hi2, guard, key_global],
-                dtype=tl.float32,
-                is_pure=True,
-                pack=1,
-            )
-        else:
-            ok = (((key - lo) & (hi2 - key) & guard) == guard) | (key_global != 0)
-            out = tl.where(ok, b_s, _MASKED)
-    else:
-        if _PTX:
-            out = tl.inline_asm_elementwise(
-                _PACKED_WINDOW_ASM, "=f,f,r,r,r,r", [b_s, key, lo, hi2, guard], dtype=tl.float32, is_pure=True, pack=1
-            )
-        else:
-            out = tl.where(((key - lo) & (hi2 - key) & guard) == guard, b_s, _MASKED)
-    return out
-
-
-@triton.jit
-def _bsa_allowed(q_pos, k_pos, pred):
-    """A neighborhood or circular window from ``KernelTables`` on a score tile, one axis at a time (``MASK_KIND``
-    bits 3/4: the Y/T axes exist), for query positions ``q_pos`` and key positions ``k_pos`` (a ``[n, 1]`` and a
-    ``[1, n]`` tensor, either way round)."""
-    local = _bsa_axis(q_pos, k_pos, pred, 2)
-    if pred.MASK_KIND % 4 == _NEIGHBORHOOD:
-        if (pred.MASK_KIND // 8) % 2 == 1:
-            local = local & _bsa_axis(q_pos, k_pos, pred, 1)
-        if (pred.MASK_KIND // 16) % 2 == 1:
-            local = local & _bsa_axis(q_pos, k_pos, pred, 0)
-    else:
-        if (pred.MASK_KIND // 8) % 2 == 1:
-            local = local + _bsa_axis(q_pos, k_pos, pred, 1)
-        if (pred.MASK_KIND // 16) % 2 == 1:
-            local = local + _bsa_axis(q_pos, k_pos, pred, 0)
-    key_flags = tl.load(pred.ktab_ptr + 3 * pred.tab_len + k_pos)
-    key_global = (key_flags & _KEY_GLOBAL) != 0
-    if pred.MASK_KIND % 4 == _NEIGHBORHOOD:
-        out = local | key_global
-    else:
-        query_global = tl.load(pred.qtab_ptr + 6 * pred.tab_len + q_pos) != 0
-        out = ((key_flags & _KEY_VALID) != 0) & (query_global | key_global | (local < pred.radius2))
-    return out
 
 
 @triton.jit
@@ -352,6 +233,17 @@ def _bsa_phase_range(phase: tl.constexpr, walk):
 
 
 @triton.jit
+def _bsa_rows(x, pos, ok):
+    """Storage rows of sequence positions ``pos`` in operand ``x`` (``ok``: positions inside the block; the others
+    read row 0 and are masked by the caller)."""
+    if x.GATHER:
+        rows = tl.load(x.rows + pos, mask=ok, other=0)
+    else:
+        rows = pos
+    return rows
+
+
+@triton.jit
 def _bsa_load_step(x, y, walk, t, dims):
     """Step ``t`` of ``walk``: the visited rows' tiles ``[TILE, BLOCK_D]`` of operand ``x`` and ``[TILE, BLOCK_DV]`` of
     ``y`` (K and V, or Q and dO; zero outside the block and the head dims), the first row's token position, which
@@ -361,8 +253,8 @@ def _bsa_load_step(x, y, walk, t, dims):
     o_dv = tl.arange(0, dims.BLOCK_DV)
     start, n_valid = _bsa_loop_tile(walk, t)
     m_n = o_n < n_valid
-    p_x = x.base + (start + o_n)[:, None] * x.stride_n + o_d[None, :] * x.stride_d
-    p_y = y.base + (start + o_n)[:, None] * y.stride_n + o_dv[None, :] * y.stride_d
+    p_x = x.base + _bsa_rows(x, start + o_n, m_n)[:, None] * x.stride_n + o_d[None, :] * x.stride_d
+    p_y = y.base + _bsa_rows(y, start + o_n, m_n)[:, None] * y.stride_n + o_dv[None, :] * y.stride_d
     b_x = _bsa_load(p_x, m_n, o_d < dims.HEAD_DIM, walk.EVEN, dims.HEAD_DIM == dims.BLOCK_D)
     b_y = _bsa_load(p_y, m_n, o_dv < dims.HEAD_DIM_V, walk.EVEN, dims.HEAD_DIM_V == dims.BLOCK_DV)
     return b_x, b_y, start, m_n, n_valid
@@ -413,6 +305,8 @@ def _block_sparse_fwd_kernel(
     indptr_ptr,
     indices_ptr,
     split_ptr,
+    q_rows_ptr,
+    kv_rows_ptr,
     stride_q_b,
     stride_q_h,
     stride_q_n,
@@ -455,6 +349,7 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     i_bh = tl.program_id(1)
     i_b = (i_bh // num_heads).to(tl.int64)
@@ -464,8 +359,15 @@ def _block_sparse_fwd_kernel(
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_m = o_m < m_valid
+    if GATHER:  # raster storage: the rows of this tile's tokens; padding slots (-1) read row 0 and store nothing
+        q_rows = tl.load(q_rows_ptr + start_m + o_m, mask=m_m, other=-1)
+        m_store = m_m & (q_rows >= 0)
+        q_rows = tl.maximum(q_rows, 0)
+    else:
+        q_rows = start_m + o_m
+        m_store = m_m
     p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h
-    p_q += (start_m + o_m)[:, None] * stride_q_n + o_d[None, :] * stride_q_d
+    p_q += q_rows[:, None] * stride_q_n + o_d[None, :] * stride_q_d
     # [BLOCK_M, BLOCK_D]
     b_q = _bsa_load(p_q, m_m, o_d < HEAD_DIM, EVEN_M, HEAD_DIM == BLOCK_D)
     row_start, row_split, row_end = _bsa_row_bounds(
@@ -480,8 +382,8 @@ def _block_sparse_fwd_kernel(
         l_i,
         b_q,
         start_m + o_m,
-        _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d),
-        _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d),
+        _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d, kv_rows_ptr, GATHER),
+        _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d, kv_rows_ptr, GATHER),
         qk_scale,
         _Walk(indices_ptr, row_start, row_split, row_end, block_k, kv_len, BLOCK_N, K_SUB, EVEN_N),
         _Predicate(qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND),
@@ -490,8 +392,8 @@ def _block_sparse_fwd_kernel(
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
     p_o = o_ptr + i_b * stride_o_b + i_h * stride_o_h
-    p_o += (start_m + o_m)[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
-    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_m[:, None] & (o_dv < HEAD_DIM_V)[None, :])
+    p_o += q_rows[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
+    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_store[:, None] & (o_dv < HEAD_DIM_V)[None, :])
     b_lse = tl.where(empty, _MASKED, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
     tl.store(lse_ptr + i_bh.to(tl.int64) * q_len + start_m + o_m, b_lse, mask=m_m)
 
@@ -504,16 +406,6 @@ def empty_like_layout(x: torch.Tensor, last: int, dtype: torch.dtype | None = No
     if x.stride(1) < x.stride(2):
         return torch.empty(b, n, h, last, device=x.device, dtype=dtype).transpose(1, 2)
     return torch.empty(b, h, n, last, device=x.device, dtype=dtype)
-
-
-def predicate_args(
-    query_table: torch.Tensor | None, key_table: torch.Tensor | None, stand_in: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(qtab_ptr, ktab_ptr, tab_len)`` kernel arguments of a predicate's ``KernelTables``; without a predicate
-    (``MASK_NONE``, never read) the device tensor ``stand_in`` takes both table pointers."""
-    if query_table is None or key_table is None:
-        return stand_in, stand_in, 1
-    return query_table, key_table, query_table.shape[1]
 
 
 def full_blocks_first(
@@ -566,17 +458,22 @@ def block_sparse_fwd(
     query_table: torch.Tensor | None,
     key_table: torch.Tensor | None,
     radius2: float,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid ``(Mq * Q_SUB, B * H)``: one program per query sub-tile x (batch, head) writes ``out`` and ``lse``.
 
     ``indices``/``split``: the CSR rows with full blocks first (``full_blocks_first``); ``mask_kind`` is the packed
     ``MASK_KIND``; ``query_table``/``key_table`` the ``KernelTables`` of the mask's predicate (None without one) and
-    ``radius2`` a circular window's squared radius.
+    ``radius2`` a circular window's squared radius. ``rows=(q_rows, kv_rows)``, int32 ``(Nq,)`` / ``(Nk,)``: the mask
+    walks a permuted sequence (a tile order) that q, k, v and out store in their own order: position ``p`` is
+    row ``q_rows[p]`` of q and out (-1: a padding slot, read as row 0, never written) and row ``kv_rows[p]`` of
+    k and v; the sequence axis of q, k, v, out is then the storage's own.
 
-    Returns ``out`` ``(B, H, Nq, Dv)`` stored like q, and ``lse`` ``(B, H, Nq)`` float32 (natural log, ``-inf``
-    on rows with no allowed key).
+    Returns ``out`` ``(B, H, Nq, Dv)`` stored like q (q's length with ``rows``), and ``lse`` ``(B, H, Nq)`` float32
+    (natural log, ``-inf`` on rows with no allowed key; in mask order).
     """
-    b, h, q_len, _ = q.shape
+    b, h = q.shape[:2]
+    q_len, kv_len = (q.shape[2], k.shape[2]) if rows is None else (rows[0].numel(), rows[1].numel())
     out = empty_like_layout(q, v.shape[-1])
     lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
@@ -589,6 +486,7 @@ def block_sparse_fwd(
         indptr,
         indices,
         split,
+        *((split, split) if rows is None else rows),
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -596,12 +494,13 @@ def block_sparse_fwd(
         *csr_strides(indptr),
         h,
         q_len,
-        k.shape[2],
+        kv_len,
         block_q,
         block_k,
         scale * LOG2E,
         *predicate_args(query_table, key_table, split),
         radius2,
+        GATHER=rows is not None,
         **launch_constexprs(q, v, mask_kind),
     )
     return out, lse

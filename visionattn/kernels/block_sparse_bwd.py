@@ -13,7 +13,6 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs
 from ._constants import LOG2E
 from .block_sparse import (
-    MASK_NONE,
     TILE_HEURISTICS,
     _bsa_key_tile_scores,
     _bsa_load,
@@ -24,16 +23,15 @@ from .block_sparse import (
     _bsa_row_bounds,
     _Dims,
     _Operand,
-    _Predicate,
     _Walk,
     cdiv,
     csr_strides,
     empty_like_layout,
     launch_constexprs,
     next_block,
-    predicate_args,
     prune_configs,
 )
+from .mask_predicates import MASK_NONE, _Predicate, predicate_args
 
 __all__ = ["block_sparse_bwd", "transpose_csr"]
 
@@ -207,8 +205,8 @@ def _block_sparse_bwd_kernel_dq(
         b_lse2,
         b_delta,
         start_m + o_m,
-        _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d),
-        _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d),
+        _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d, k_ptr, False),
+        _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d, v_ptr, False),
         scale * _LOG2E,
         _Walk(indices_ptr, row_start, row_split, row_end, block_k, kv_len, BLOCK_N, K_SUB, EVEN_N),
         _Predicate(qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND),
@@ -341,8 +339,8 @@ def _block_sparse_bwd_kernel_dkdv(
         b_k,
         b_v,
         start_n + o_n,
-        _Operand(q_ptr + i_b * stride_q_b + i_h * stride_q_h, stride_q_n, stride_q_d),
-        _Operand(do_ptr + i_b * stride_do_b + i_h * stride_do_h, stride_do_n, stride_do_d),
+        _Operand(q_ptr + i_b * stride_q_b + i_h * stride_q_h, stride_q_n, stride_q_d, q_ptr, False),
+        _Operand(do_ptr + i_b * stride_do_b + i_h * stride_do_h, stride_do_n, stride_do_d, do_ptr, False),
         lse_ptr + i_bh.to(tl.int64) * q_len,
         delta_ptr + i_bh.to(tl.int64) * q_len,
         scale * _LOG2E,

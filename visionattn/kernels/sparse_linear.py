@@ -20,23 +20,21 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs
 from ._constants import LN2, LOG2E, NEG_INF
 from .block_sparse import (
-    MASK_NONE,
     TILE_HEURISTICS,
     _block_sparse_fwd_inner,
     _bsa_load,
     _bsa_program_tile,
     _Dims,
     _Operand,
-    _Predicate,
     _Walk,
     cdiv,
     csr_strides,
     empty_like_layout,
     launch_constexprs,
-    predicate_args,
     prune_configs,
 )
 from .linear import _phi
+from .mask_predicates import MASK_NONE, _Predicate, predicate_args
 from .sparse_linear_state import (
     _sla_dot,
     dv_chunk,
@@ -196,8 +194,8 @@ def _sparse_linear_fwd_kernel(
         l_i,
         b_q,
         start_m + o_m,
-        _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d),
-        _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d),
+        _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d, k_ptr, False),
+        _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d, v_ptr, False),
         qk_scale,
         _Walk(indices_ptr, crit_start, crit_end, crit_end, block_k, kv_len, BLOCK_N, K_SUB, EVEN_N),
         _Predicate(qtab_ptr, ktab_ptr, tab_len, 0.0, MASK_KIND),

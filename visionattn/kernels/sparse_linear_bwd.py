@@ -21,9 +21,10 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
-from .block_sparse import MASK_NONE, cdiv, next_block
+from .block_sparse import cdiv, next_block
 from .block_sparse_bwd import block_sparse_bwd
 from .linear import _phi, _phi_bwd
+from .mask_predicates import MASK_NONE
 from .sparse_linear import _sla_state_slice
 from .sparse_linear_state import (
     _STATE_CONFIGS,

@@ -84,7 +84,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _predicate_args(token_mask, device) -> tuple[int, torch.Tensor | None, torch.Tensor | None, float]:
     """``(MASK_KIND, query_table, key_table, radius2)`` the kernels evaluate for ``token_mask``: a neighborhood's
     ``PackedWindowTables`` where its axes fit one word, else its ``KernelTables``."""
-    from ..kernels.block_sparse import (
+    from ..kernels.mask_predicates import (
         MASK_CIRCULAR,
         MASK_NEIGHBORHOOD,
         MASK_NONE,
@@ -358,6 +358,95 @@ def _block_sparse_attention_triton(q, k, v, block_mask: BlockMask, *, scale: flo
 
 
 _REGISTRY.register("reference")(block_sparse_attention_reference)
+
+
+@custom_op("visionattn::block_sparse_attention_gathered")
+def _block_sparse_gathered_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_rows: torch.Tensor,
+    kv_rows: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    split: torch.Tensor,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    mask_kind: int,
+    query_table: torch.Tensor | None,
+    key_table: torch.Tensor | None,
+    radius2: float,
+) -> torch.Tensor:
+    """The forward over a permuted sequence that q, k, v and the output store in their own order (``rows`` of
+    ``block_sparse_fwd``); no autograd (``block_sparse_attention_gathered``)."""
+    from ..kernels.block_sparse import block_sparse_fwd
+
+    out, _ = block_sparse_fwd(
+        q,
+        k,
+        v,
+        indptr,
+        indices,
+        split,
+        scale=scale,
+        block_q=block_q,
+        block_k=block_k,
+        mask_kind=mask_kind,
+        query_table=query_table,
+        key_table=key_table,
+        radius2=radius2,
+        rows=(q_rows, kv_rows),
+    )
+    return out
+
+
+@_block_sparse_gathered_op.register_fake
+def _(q, k, v, *args):
+    from ..kernels.block_sparse import empty_like_layout
+
+    return empty_like_layout(q, v.shape[-1])
+
+
+@register_flop_formula(torch.ops.visionattn.block_sparse_attention_gathered)
+def _gathered_flops(q_shape, k_shape, v_shape, q_rows_shape, kv_rows_shape, indptr_shape, indices_shape, split_shape,
+                    scale, block_q, block_k, *_, **__):  # fmt: skip
+    """As ``_fwd_flops``, over the kept blocks of the permuted sequence."""
+    return 2 * _kept_pairs(q_shape, indptr_shape, indices_shape, block_q, block_k) * (q_shape[-1] + v_shape[-1])
+
+
+def triton_gathered_attention_available(q, k, v, block_mask: BlockMask, backend: str | None) -> bool:
+    """Whether ``block_sparse_attention_gathered`` can serve this call: no gradient is needed and ``backend`` selects
+    the Triton backend for these inputs (so the result is the one ``block_sparse_attention`` would give)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    args = {"q": q, "k": k, "v": v, "block_mask": block_mask}
+    return _REGISTRY.select(backend, args) is _block_sparse_attention_triton
+
+
+def block_sparse_attention_gathered(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_rows: torch.Tensor,
+    kv_rows: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float,
+) -> torch.Tensor:
+    """``block_sparse_attention`` of the permuted inputs ``q[:, :, q_rows]``, ``k[:, :, kv_rows]``,
+    ``v[:, :, kv_rows]`` under ``block_mask``, scattered back to q's order, without forming the permuted copies.
+
+    For the ops that walk a tile order (``neighborhood_attention``); inference only (check
+    ``triton_gathered_attention_available`` first). ``q_rows`` ``(block_mask.q_len,)`` int32: the row of q of each
+    slot, -1 for padding slots (computed, not written), every row of q some slot's; ``kv_rows``
+    ``(block_mask.kv_len,)`` int32 rows of k and v (a padding slot may name any row: the mask never admits it).
+    Returns ``(B, H, Nq, Dv)`` in q's order, stored like q.
+    """
+    predicate, rows, _ = _mask_launch_args(block_mask, needs_grad=False)
+    return _block_sparse_gathered_op(
+        q, k, v, q_rows, kv_rows, *rows, scale, block_mask.block_q, block_mask.block_k, *predicate
+    )
 
 
 def block_sparse_attention(

@@ -17,7 +17,11 @@ from ..layout.grid import TokenGrid, TokenLayout
 from ..layout.neighborhood import _check_neighborhood_args, neighborhood_block_mask
 from ..layout.predicates import NeighborhoodWindow
 from ._checks import _check_attention_inputs, _check_per_axis, _check_scale
-from .block_sparse import block_sparse_attention
+from .block_sparse import (
+    block_sparse_attention,
+    block_sparse_attention_gathered,
+    triton_gathered_attention_available,
+)
 
 __all__ = ["default_neighborhood_tile", "neighborhood_attention", "neighborhood_attention_reference"]
 
@@ -40,12 +44,15 @@ class _Plan(NamedTuple):
     read token 0 and need no zeroing: the mask never lets a query attend a padding key (blocks holding one are
     partial, the predicate rejects it) and padding query rows are never read back (``out_slot`` skips them, so
     their output gradient, hence their dQ and their share of dK/dV, is 0). ``out_slot`` ``(N,)``: slot of each raster
-    token.
+    token. ``q_rows``/``kv_rows``: the same maps as int32, padding query slots -1, for the Triton kernel that reads and
+    writes raster order in place (``block_sparse_attention_gathered``).
     """
 
     q_index: torch.Tensor
     kv_index: torch.Tensor
     out_slot: torch.Tensor
+    q_rows: torch.Tensor
+    kv_rows: torch.Tensor
     mask: BlockMask
 
 
@@ -93,6 +100,8 @@ def _neighborhood_plan(key: tuple) -> _Plan:
         q_index=source[:q_len].clamp_min(0).to(device),
         kv_index=source.clamp_min(0).to(device),
         out_slot=out_slot[:grid_tokens].to(device),
+        q_rows=source[:q_len].to(device=device, dtype=torch.int32),
+        kv_rows=source.clamp_min(0).to(device=device, dtype=torch.int32),
         mask=mask.to(device),
     )
     return plan
@@ -104,7 +113,7 @@ def _plan_tensors(key: tuple) -> tuple:
     cache) while tracing, as FlexAttention's block masks are built outside the graph."""
     plan = _neighborhood_plan(key)
     mask = plan.mask
-    return (*plan[:3], mask.indptr, mask.indices, mask.partial, mask.q_len, mask.kv_len, mask.block_q, mask.block_k)
+    return (*plan[:-1], mask.indptr, mask.indices, mask.partial, mask.q_len, mask.kv_len, mask.block_q, mask.block_k)
 
 
 def _plan(grid: TokenGrid, num_extra_kv: int, canonical_args: tuple, tile: tuple[int, ...], device) -> _Plan:
@@ -251,6 +260,10 @@ def neighborhood_attention(
     if extra_kv is not None:
         k = torch.cat([k, extra_kv[0]], dim=2)
         v = torch.cat([v, extra_kv[1]], dim=2)
+    if triton_gathered_attention_available(q, k, v, plan.mask, backend):
+        # inference: the kernel reads q, k, v and writes the output in raster order through the row maps
+        scale = _check_scale(scale, q.shape[-1])
+        return block_sparse_attention_gathered(q, k, v, plan.q_rows, plan.kv_rows, plan.mask, scale=scale)
     q_tiles = q.index_select(2, plan.q_index)
     k_tiles, v_tiles = (x.index_select(2, plan.kv_index) for x in (k, v))
     out = block_sparse_attention(q_tiles, k_tiles, v_tiles, plan.mask, scale=scale, backend=backend)
