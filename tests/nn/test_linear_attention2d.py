@@ -33,6 +33,24 @@ def test_rope2d_tables_match_brute_force(shape, head_dim):
         assert torch.equal(table, full[:, ::2]) and torch.equal(table, full[:, 1::2])
 
 
+def test_rope2d_module_reuses_tables_in_eager_calls_only():
+    """Eager calls share one pair of read-only tables per (grid, head dim, base, dtype, pairs); other settings and
+    fake-tensor tracing build their own."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rope, grid = RoPE2d(16, pairs=True), TokenGrid((3, 5))
+    first, again = rope(grid, torch.empty(0)), rope(grid, torch.empty(0, dtype=torch.bfloat16))
+    assert all(a is b for a, b in zip(first, again))  # bf16 activations use the same fp32 tables
+    assert all(torch.equal(t, r) for t, r in zip(first, rope2d_tables(grid, 16, pairs=True)))
+    other = rope(grid, torch.empty(0, dtype=torch.float64))
+    assert other[0].dtype == torch.float64 and other[0] is not first[0]
+    assert RoPE2d(16)(grid, torch.empty(0))[0].shape == (15, 16)
+    assert rope(TokenGrid((5, 3)), torch.empty(0))[0] is not first[0]
+    with FakeTensorMode():
+        fake = rope(grid, torch.empty(0))
+    assert fake[0] is not first[0] and rope(grid, torch.empty(0))[0] is first[0]
+
+
 def test_apply_rope2d_rotates_interleaved_pairs(rng):
     x = torch.randn(2, 3, 15, 8, generator=rng, dtype=torch.float64)
     sin, cos = ref.rope_tables(3, 5, 8)

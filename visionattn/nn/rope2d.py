@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..layout import TokenGrid
+from ..layout._utils import _shape_constants
 
 __all__ = ["RoPE2d", "apply_rope2d", "rope2d_tables"]
 
@@ -96,13 +97,16 @@ class RoPE2d(nn.Module):
     def forward(self, grid: TokenGrid, like: torch.Tensor | None = None):
         """``(cos, sin)``, each ``(Y·X, head_dim)`` (``(Y·X, head_dim / 2)`` with ``pairs``), for the 2D ``grid``.
 
-        Tables are on ``like``'s device, in float64 when ``like`` is float64 and in float32 otherwise (low-precision
-        activations are rotated with fp32 tables, as the reference does under autocast).
+        Tables are on ``like``'s device (default: CPU), in float64 when ``like`` is float64 and in float32 otherwise
+        (low-precision activations are rotated with fp32 tables, as the reference does under autocast). Eager calls
+        reuse the tables of an earlier call with the same grid and settings (read-only; ten small kernels fewer per
+        stage and forward); ``torch.compile`` builds them in its graph.
         """
-        if like is None:
-            return rope2d_tables(grid, self.head_dim, base=self.base, pairs=self.pairs)
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return rope2d_tables(grid, self.head_dim, base=self.base, device=like.device, dtype=dtype, pairs=self.pairs)
+        device = like.device if like is not None else torch.device("cpu")
+        dtype = torch.float64 if like is not None and like.dtype == torch.float64 else torch.float32
+        key = ("rope2d", _check_grid_2d(grid), self.head_dim, self.base, dtype, self.pairs)
+        make = lambda: rope2d_tables(grid, self.head_dim, base=self.base, device=device, dtype=dtype, pairs=self.pairs)
+        return _shape_constants(key, device, make)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}, pairs={self.pairs}"
