@@ -27,31 +27,20 @@ def _valid_keys(layout: TokenLayout) -> torch.Tensor:
     return layout.token_coords(torch.arange(layout.num_tokens))[2]
 
 
+def _assert_decodes_to_predicate(pred, allowed: torch.Tensor) -> None:
+    """``allowed`` ``(N, N)``, decoded from tables, is ``pred`` on every real query row (padding rows are never
+    stored) and every key."""
+    idx = torch.arange(pred.layout.num_tokens)
+    rows = _valid_keys(pred.layout)
+    assert torch.equal(allowed[rows], pred(idx[:, None], idx[None, :])[rows])
+
+
 def _assert_tables_match(pred, radius2):
     tables = pred.kernel_tables("cpu")
     n = pred.layout.num_tokens
     assert tables.query.shape == (7, n) and tables.key.shape == (4, n)
     assert tables.query.dtype == tables.key.dtype == torch.int32
-    idx = torch.arange(n)
-    expected = pred(idx[:, None], idx[None, :])
-    got = _decode(tables, radius2)
-    # padding query rows are never stored; every real query row must match on every key
-    rows = _valid_keys(pred.layout)
-    assert torch.equal(got[rows], expected[rows])
-
-
-@pytest.mark.parametrize(
-    "shape,before,after,tile,block,kernel,stride,dilation,causal",
-    NEIGHBORHOOD_CASES,
-    ids=[f"grid{c[0]}-tile{c[3]}-k{c[5]}-s{c[6]}-d{c[7]}-c{c[8]}" for c in NEIGHBORHOOD_CASES],
-)
-def test_neighborhood_kernel_tables_reproduce_predicate(
-    shape, before, after, tile, block, kernel, stride, dilation, causal
-):
-    grid = TokenGrid(shape, extra_before=before, extra_after=after)
-    layout = TokenLayout(grid, tile=tile)
-    pred = NeighborhoodWindow(layout, *_check_neighborhood_args(grid, kernel, stride, dilation, causal))
-    _assert_tables_match(pred, None)
+    _assert_decodes_to_predicate(pred, _decode(tables, radius2))
 
 
 def _decode_packed(tables: PackedWindowTables) -> torch.Tensor:
@@ -63,25 +52,26 @@ def _decode_packed(tables: PackedWindowTables) -> torch.Tensor:
     return inside | ((flags & KEY_GLOBAL) != 0)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["per-axis", "packed"])
 @pytest.mark.parametrize(
     "shape,before,after,tile,block,kernel,stride,dilation,causal",
     NEIGHBORHOOD_CASES,
     ids=[f"grid{c[0]}-tile{c[3]}-k{c[5]}-s{c[6]}-d{c[7]}-c{c[8]}" for c in NEIGHBORHOOD_CASES],
 )
-def test_neighborhood_packed_tables_reproduce_predicate(
-    shape, before, after, tile, block, kernel, stride, dilation, causal
+def test_neighborhood_kernel_tables_reproduce_predicate(
+    shape, before, after, tile, block, kernel, stride, dilation, causal, packed
 ):
     grid = TokenGrid(shape, extra_before=before, extra_after=after)
-    pred = NeighborhoodWindow(
-        TokenLayout(grid, tile=tile), *_check_neighborhood_args(grid, kernel, stride, dilation, causal)
-    )
+    layout = TokenLayout(grid, tile=tile)
+    pred = NeighborhoodWindow(layout, *_check_neighborhood_args(grid, kernel, stride, dilation, causal))
+    if not packed:
+        _assert_tables_match(pred, None)
+        return
     tables = pred.packed_kernel_tables("cpu")
-    n = pred.layout.num_tokens
+    n = layout.num_tokens
     assert tables.query.shape == (3, n) and tables.key.shape == (2, n)
     assert tables.query.dtype == tables.key.dtype == torch.int32
-    idx = torch.arange(n)
-    rows = _valid_keys(pred.layout)
-    assert torch.equal(_decode_packed(tables)[rows], pred(idx[:, None], idx[None, :])[rows])
+    _assert_decodes_to_predicate(pred, _decode_packed(tables))
 
 
 @pytest.mark.parametrize("bound,fits", [(2**15 - 1, True), (2**15, False)])
@@ -95,9 +85,7 @@ def test_neighborhood_packed_tables_fill_32_bits_and_give_up_beyond(bound, fits)
     assert (tables is not None) == fits
     if fits:
         assert int(tables.query[2, 0]) < 0  # the guard word has bit 31 set
-        idx = torch.arange(pred.layout.num_tokens)
-        rows = _valid_keys(pred.layout)
-        assert torch.equal(_decode_packed(tables)[rows], pred(idx[:, None], idx[None, :])[rows])
+        _assert_decodes_to_predicate(pred, _decode_packed(tables))
 
 
 @pytest.mark.parametrize("shape,before,after,tile,block,radius", CIRCULAR_CASES)

@@ -158,6 +158,20 @@ def test_neighborhood_attention_triton_inference_reads_raster_order_in_place(
     assert_close("out", ref, out, dtype=torch.float32)
 
 
+def test_neighborhood_attention_triton_inference_counts_the_kept_blocks_flops(kernel_device, rng):
+    """FlopCounterMode sees the gathered inference op with the forward's count of the same mask."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    grid = TokenGrid((6, 7), extra_before=2)
+    q, k, v = (torch.randn(1, 2, grid.num_tokens, 16, generator=rng).to(kernel_device) for _ in range(3))
+    counts = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+            neighborhood_attention(q, k, v.requires_grad_(grad), grid, 3, tile=(4, 4), backend="triton")
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
 def test_neighborhood_attention_triton_inference_compiles_fullgraph(monkeypatch, kernel_device, rng):
     calls = _count_gathered(monkeypatch)
     grid = TokenGrid((5, 6, 7), extra_after=3)

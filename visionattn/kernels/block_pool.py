@@ -42,6 +42,14 @@ _MAX_CHUNKS = 64
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
+def _load_rows(base, o_n, end, o_d, m_d, stride_n, stride_d):
+    """Rows ``o_n`` (those below ``end``) of a ``(N, D)`` operand at ``base``, ``[BLOCK_ROWS, BLOCK_D]`` in fp32, zero
+    outside the rows and the head dim."""
+    p = base + o_n.to(tl.int64)[:, None] * stride_n + o_d[None, :] * stride_d
+    return tl.load(p, mask=(o_n < end)[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _block_pool_fwd_kernel_key_sum(
     k_ptr,
     partial_ptr,
@@ -69,14 +77,7 @@ def _block_pool_fwd_kernel_key_sum(
     end = tl.minimum(start + chunk_rows, length)
     b_acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
     for r in range(start, end, BLOCK_ROWS):
-        o_n = r + o_r
-        # [BLOCK_ROWS, BLOCK_D]
-        b_k = tl.load(
-            k_base + o_n.to(tl.int64)[:, None] * stride_k_n + o_d[None, :] * stride_k_d,
-            mask=(o_n < end)[:, None] & m_d[None, :],
-            other=0.0,
-        )
-        b_acc += b_k.to(tl.float32)
+        b_acc += _load_rows(k_base, r + o_r, end, o_d, m_d, stride_k_n, stride_k_d)
     # every chunk writes all BLOCK_D channels (zeros past the head dim and for an empty chunk): pass 2 loads unmasked
     p_partial = partial_ptr + (i_bh.to(tl.int64) * NUM_CHUNKS + i_c) * BLOCK_D + o_d
     tl.store(p_partial, tl.sum(b_acc, axis=0))
@@ -129,12 +130,7 @@ def _block_pool_fwd_kernel(
         for r in range(start, end, BLOCK_ROWS):
             o_n = r + o_r
             m_r = o_n < end
-            # [BLOCK_ROWS, BLOCK_D]
-            b_x = tl.load(
-                x_base + o_n.to(tl.int64)[:, None] * stride_x_n + o_d[None, :] * stride_x_d,
-                mask=m_r[:, None] & m_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            b_x = _load_rows(x_base, o_n, end, o_d, m_d, stride_x_n, stride_x_d)
             if CENTRED:
                 # k − μ rounded to k's dtype, as the materialised centred keys hold it (padding rows stay 0)
                 b_x = tl.where(m_r[:, None], (b_x - b_mu[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)

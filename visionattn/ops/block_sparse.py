@@ -412,7 +412,7 @@ def _(q, k, v, *args):
 def _gathered_flops(q_shape, k_shape, v_shape, q_rows_shape, kv_rows_shape, indptr_shape, indices_shape, split_shape,
                     scale, block_q, block_k, *_, **__):  # fmt: skip
     """As ``_fwd_flops``, over the kept blocks of the permuted sequence."""
-    return 2 * _kept_pairs(q_shape, indptr_shape, indices_shape, block_q, block_k) * (q_shape[-1] + v_shape[-1])
+    return _fwd_flops(q_shape, k_shape, v_shape, indptr_shape, indices_shape, split_shape, scale, block_q, block_k)
 
 
 def triton_gathered_attention_available(q, k, v, block_mask: BlockMask, backend: str | None) -> bool:
