@@ -32,7 +32,7 @@ _DEIT_TINY = ("deit_tiny", "deit_tiny_patch16_224")
 _DEIT_SMALL = ("deit_small", "deit_small_patch16_224")
 
 #: Groups that also time ``torch.compile``d models (ours and the peers alike).
-_COMPILED_GROUPS = ("infer 224px tiny vs swin_tiny",)
+_COMPILED_GROUPS = ("infer 224px tiny vs swin_tiny", "infer 1024px tiny linear vs deit_tiny")
 #: (group, mode, img, batch, model kwargs, ours, [(impl, timm name, is_baseline)])
 _GPU_ROWS = [
     (

@@ -65,6 +65,8 @@ _GPU_ROWS = [
         "vig_h_tiny",
     ),
 ]
+#: Groups that also time ``torch.compile``d models (ours and the peers alike).
+_COMPILED_GROUPS = ("infer 1024px vig_tiny vs deit_tiny", "infer 224px vig_small vs deit_base")
 _CPU_ROWS = [
     ("infer 64px vig_tiny vs deit_tiny", "fwd", 64, 2, [("deit_tiny", "deit_tiny_patch16_224", True)], "vig_tiny"),
     ("train 64px vig_h_tiny", "fwd+bwd", 64, 2, [("convnext_atto", "convnext_atto", False)], "vig_h_tiny"),
@@ -117,16 +119,16 @@ def _build(name: str, img: int, mode: str, args, **kwargs):
     return model.train()
 
 
-def _row(name: str, img: int, batch: int, mode: str, args, attention=None, **kwargs):
-    """``BenchCase.make`` of one row: model ``name`` and a batch, built when timed; ``attention``: the bidirectional
-    GLA computation its attention is routed to."""
+def _row(name: str, img: int, batch: int, mode: str, args, attention=None, compiled=False, **kwargs):
+    """``BenchCase.make`` of one row: model ``name`` (``torch.compile``d if asked) and a batch, built when timed;
+    ``attention``: the bidirectional GLA computation its attention is routed to."""
 
     def make():
         dtype = args.dtype if mode == "fwd" else torch.float32
         images, labels = image_batch(batch, img, device=args.device, dtype=dtype)
         model = _build(name, img, mode, args, **kwargs)
         context = (lambda: _attention_computed_by(attention)) if attention is not None else contextlib.nullcontext
-        return model_step(model, images, labels, mode, context)
+        return model_step(torch.compile(model) if compiled else model, images, labels, mode, context)
 
     return make
 
@@ -142,8 +144,12 @@ def cases(args) -> list[BenchCase]:
     rows, fla_rows = [], []
     for group, mode, img, batch, peers, vig_name in _GPU_ROWS if on_gpu else _CPU_ROWS:
         common = dict(group=f"{group} B{batch}", mode=mode, items=batch)
+        compiled = on_gpu and group in _COMPILED_GROUPS
         row = functools.partial(_row, img=img, batch=batch, mode=mode, args=args)
         rows.append(BenchCase(impl=f"{vig_name} (ours)", make=row(vig_name, **vig_kwargs), **common))
+        if compiled:
+            make = row(vig_name, compiled=True, **vig_kwargs)
+            rows.append(BenchCase(impl=f"{vig_name} (ours, torch.compile)", make=make, **common))
         for impl, fn in references.items():
             baseline = mode == "fwd+bwd" and impl == train_baseline
             make = row(vig_name, attention=fn, **vig_kwargs)
@@ -152,4 +158,6 @@ def cases(args) -> list[BenchCase]:
             )
         for impl, name, baseline in peers:
             rows.append(BenchCase(impl=f"{impl} (timm)", make=row(name), baseline=baseline, **common))
+            if compiled:
+                rows.append(BenchCase(impl=f"{impl} (timm, torch.compile)", make=row(name, compiled=True), **common))
     return rows + fla_rows
