@@ -20,11 +20,12 @@ def _exact_float32_matmuls():
     torch.set_float32_matmul_precision(previous)
 
 
-def _inputs(batch, heads, length, dk, dv, *, bidirectional=True, bnhd=False, strong=False, seed=0):
+def _inputs(batch, heads, length, dk, dv, *, bidirectional=True, bnhd=False, strong=False, weak=False, seed=0):
     """float64 CPU leaves (q, k, v, log_gate_fwd, log_gate_bwd or None); ``bnhd`` makes (B, N, H, D) views.
 
     The gates are ViG's logsigmoid(x) / 16 with a wider spread (/ 4), so decay varies strongly along the sequence;
-    ``strong`` sets some to -1e4 (forward) and -inf (backward).
+    ``weak`` divides them by 50 (states carry over hundreds of tokens); ``strong`` sets some to -1e4 (forward) and
+    -inf (backward).
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -34,7 +35,7 @@ def _inputs(batch, heads, length, dk, dv, *, bidirectional=True, bnhd=False, str
         return t.transpose(1, 2) if bnhd else t
 
     def gate(t):
-        return F.logsigmoid(2 * t) / 4
+        return F.logsigmoid(2 * t) / (200 if weak else 4)
 
     q, k, v = make(dk), make(dk), make(dv)
     a = make(dk, gate)
@@ -239,6 +240,49 @@ def test_gated_kernel_chunk_sizes(chunk, kernel_device):
         assert_close(name, g_ref, g_out)
 
 
+def _fixed_segments(monkeypatch, segment):
+    """Every state scan split into segments of ``segment`` chunks (the GPU chooses by occupancy, ``scan_segments``)."""
+    from visionattn.kernels import gated
+
+    monkeypatch.setattr(gated, "scan_segments", lambda chunks, scans, device: (segment, -(-chunks // segment)))
+
+
+@pytest.mark.parametrize(
+    ("segment", "length", "bidirectional", "strong"),
+    [(1, 70, True, False), (2, 97, True, True), (2, 70, False, False), (3, 97, True, False)],
+    ids=str,
+)
+def test_gated_kernel_segmented_scan(segment, length, bidirectional, strong, kernel_device, monkeypatch):
+    """The two-level state scan (segments from a zero state, then the carry across segments) against the float64
+    recurrence: output and every gradient (the backward's gradient scans are segmented too), odd lengths, a last
+    segment shorter than the others, gates of -1e4 and -inf; weak gates, so that the carried states matter."""
+    _fixed_segments(monkeypatch, segment)
+    inputs = _inputs(1, 2, length, 16, 32, bidirectional=bidirectional, strong=strong, weak=True)
+    _check_against_reference(_to(inputs, kernel_device, torch.float32), torch.float32, scale=0.3)
+
+
+def test_gated_kernel_segmented_gate_logits(kernel_device, monkeypatch):
+    """Segmented scans with gate logits (the decays are sums of the in-kernel log gates) in half precision."""
+    _fixed_segments(monkeypatch, 1)
+    q, k, v, a, b = _inputs(1, 1, 70, 16, 16)
+    logits = [3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(7), dtype=t.dtype) + 4 for t in (a, b)]
+    low = _to((q, k, v), kernel_device, torch.float16) + _to(logits, kernel_device, torch.float32)
+    _check_against_reference(low, torch.float16, gate_normalizer=16.0)
+
+
+def test_gated_scan_segments_fill_the_gpu(monkeypatch):
+    """On an H100 (132 SMs) the issue's ViG-T scans (B8 H3, 64 chunks) are split, ViG-S and ViG-H are not."""
+    from visionattn.kernels import gated
+
+    monkeypatch.setattr(gated, "_sm_count", lambda device: 132)
+    device = torch.device("cuda")
+    assert gated.scan_segments(64, 8 * 3 * 2, device) == (6, 11)  # forward: 528 programs
+    assert gated.scan_segments(64, 8 * 3 * 4, device) == (11, 6)  # backward: state and gradient scans
+    assert gated.scan_segments(49, 128 * 3 * 2, device) == (49, 1)  # ViG-H stage 1
+    assert gated.scan_segments(4, 256 * 6 * 2, device) == (4, 1)  # ViG-S
+    assert gated.scan_segments(1, 1, device) == (1, 1)
+
+
 def test_gated_kernel_compiles_fullgraph(kernel_device):
     """Compiled output and the gradients of q, k, v and both gates vs the float64 recurrence."""
     inputs = _to(_inputs(1, 1, 9, 16, 16), kernel_device, torch.float32)
@@ -331,11 +375,11 @@ def test_gated_kernel_head_dims(dk, dv, dtype):
 def test_gated_kernel_every_config(kernel_name, monkeypatch):
     """Each autotune config of each kernel gives the right answer (autotune may pick any of them), for log gates and
     for gate logits."""
-    from visionattn.kernels import gated, gated_bwd
+    from visionattn.kernels import gated, gated_bwd, gated_fwd
 
     kernel = {
         "state": gated._gated_kernel_state,
-        "output": gated._gated_fwd_kernel_output,
+        "output": gated_fwd._gated_fwd_kernel_output,
         "bwd": gated_bwd._gated_bwd_kernel,
     }[kernel_name]
     inputs = _inputs(2, 3, 200, 32, 64)

@@ -1,30 +1,30 @@
-"""Chunked gated linear attention (GLA), causal or bidirectional (ViG): forward kernels and launcher.
+"""Chunked gated linear attention (GLA), causal or bidirectional (ViG): shared kernel helpers and the state scan.
 
 Per head and direction, with state S (Dk x Dv) and log gates g (Dk per token), token order = the direction's scan
 order: ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t``, ``o_t = q_t S_t``. The backward direction is the same scan
 over the tokens in reverse, so every kernel handles it by reading the rows of a chunk in reverse order.
 
-Chunked algorithm (both directions in each launch):
+Chunked algorithm (both directions in each launch): the chunk-entry states of every scan (``gated_states``, here),
+then one program per (chunk, batch·head) for the output (``gated_fwd.py``) or all gradients (``gated_bwd.py``).
 
-1. ``_gated_kernel_state``: one program per (Dv block, batch·head, pass) walks the chunks of ``BT`` tokens in
-   scan order and stores the state entering each chunk (fp32, ``[B·H, passes, NT, Dk, Dv]``). A pass is a
-   direction, and in backward also the gradient scan of a direction (the adjoint recurrence, run against scan
-   order with q and dO in place of k and v).
-2. ``_gated_fwd_kernel_output``: one program per (chunk, batch·head) runs both directions over the chunk in
-   sub-blocks of ``BC`` tokens with the state in registers: ``o = (q ⊙ exp(g_cum)) S + A v`` and
-   ``S <- diag(exp(g_tot)) S + (k ⊙ exp(g_tot - g_cum))ᵀ v``. The intra-block scores ``A_ij = Σ_d q_id k_jd
-   exp(g_cum,id - g_cum,jd)`` (``j <= i``) are two matmuls whose row and column factors are taken relative to
-   reference tokens inside the sub-block (``_gated_intra_factors``), so with clamped gates no factor overflows
-   however strong the gates are. The second direction adds its half of the output to the first one's (same
-   program, after a barrier).
+``_gated_kernel_state``: one program per (segment, Dv block; batch·head; pass) walks the chunks of ``BT`` tokens of
+its segment in scan order from a zero state and stores the state entering each chunk (fp32). A pass is a direction,
+and in backward also the gradient scan of a direction (the adjoint recurrence, run against scan order with q and dO
+in place of k and v). A scan is one segment unless it has too few programs to fill the GPU (``scan_segments``):
+then each segment also stores its end state and its total log2 decay, ``_gated_kernel_carry`` turns those into the
+exact state entering each segment (one step per segment), and the chunk kernels add that carry, decayed by the
+stored log2 decay from the segment start, to the chunk's stored state (``_gated_entry_state``). The decays are sums
+of the clamped gates, so this is the sequential scan regrouped: exact up to fp32 rounding, finite for any gates.
 
 Inside the kernels gates are kept in base 2 (``log2(e)`` times the log gate, scaled where a gate tile is loaded), so
-every ``exp`` above is one ``exp2`` with no multiply. With ``GATE_NORMALIZER = c`` the gate tensors hold ViG's gate
+every ``exp`` is one ``exp2`` with no multiply. With ``GATE_NORMALIZER = c`` the gate tensors hold ViG's gate
 logits ``x`` and the log gates ``logsigmoid(x) / c`` are computed on load (``_gated_logit_gate``: one ``exp2`` and one
 ``lg2.approx`` per element, constants for ``1 / c``).
 
 Layout: q, k ``(B, H, N, Dk)``, v ``(B, H, N, Dv)``, gates ``(B, H, N, Dk)``, any strides with a unit last stride.
 """
+
+import functools
 
 import torch
 import triton
@@ -33,9 +33,9 @@ from triton.language.extra import libdevice
 
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from ._constants import LOG2E
-from .block_sparse import cdiv, empty_like_layout, leading_strides, unit_last_stride
+from .block_sparse import cdiv, leading_strides
 
-__all__ = ["GATED_SUB_BLOCK", "gated_fwd", "gated_states"]
+__all__ = ["GATED_SUB_BLOCK", "gated_states", "scan_segments"]
 
 #: Tokens per sub-block inside a chunk (the factor bounds of ``_gated_intra_factors`` are derived for 16).
 GATED_SUB_BLOCK = 16
@@ -56,8 +56,12 @@ _STATE_CONFIGS = [
     triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (16, 32, 64) for w in (2, 4) for s in (2, 3)
 ]
 _STATE_DEFAULT = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
-_OUTPUT_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2)]
-_OUTPUT_DEFAULT = triton.Config({}, num_warps=4, num_stages=1)
+#: The carry pass is one load and FMA per segment (a dozen at most at the shapes it runs for): a fixed config, no
+#: tuning (sm_90: 57 registers, 136 instructions at Dk 32, Dv 64).
+_CARRY_CONFIG = {"num_warps": 4, "num_stages": 1}
+#: Segmented state scans aim at this many programs per SM (before Dv blocks): a few per SM keep the scan's
+#: per-chunk latency overlapped while the carry chain (one step per segment) stays short.
+_SCAN_PROGRAMS_PER_SM = 4
 
 
 def _prune_state_configs(configs, nargs, **kwargs):
@@ -222,14 +226,39 @@ def _gated_intra_apply(b_p_same, b_p_cross, b_x, b_out_same, b_in_same, b_out_cr
     return b_y + b_out_cross * _gated_dot(b_p_cross, b_x * b_in_cross, IEEE)
 
 
+@triton.jit
+def _gated_slots(NT, NSEG):
+    """State slots per scan: one per chunk, plus one per segment (its carry) when the scan is segmented."""
+    if NSEG > 1:
+        slots = NT + NSEG
+    else:
+        slots = NT
+    return slots
+
+
+@triton.jit
+def _gated_entry_state(states, decays, i_scan, i_c, NT, SEG, NSEG, reverse, DK: tl.constexpr, DV: tl.constexpr):
+    """The state ``[DK, DV]`` (fp32) entering chunk ``i_c`` of scan ``i_scan`` (row of ``gated_states``): the stored
+    one, plus for a segmented scan the segment's carry decayed to the chunk, ``S + diag(exp2(d)) C``."""
+    o_k = tl.arange(0, DK)
+    o_state = o_k[:, None] * DV + tl.arange(0, DV)[None, :]
+    row = (i_scan * _gated_slots(NT, NSEG)).to(tl.int64)
+    b_s = tl.load(states + (row + i_c) * (DK * DV) + o_state)
+    if NSEG > 1:
+        i_seg = (i_c + reverse * (NT - 1 - 2 * i_c)) // SEG
+        b_c = tl.load(states + (row + NT + i_seg) * (DK * DV) + o_state)
+        b_s += tl.exp2(tl.load(decays + (row + i_c) * DK + o_k))[:, None] * b_c
+    return b_s
+
+
 # ---------------------------------------------------------------------------------------------------- state scan
 @triton.autotune(
     configs=autotune_configs(_STATE_CONFIGS, _STATE_DEFAULT),
-    key=["DK", "DV", "BT", "NUM_DIR", "NUM_PASS"],
+    key=["DK", "DV", "BT", "NUM_DIR", "NUM_PASS", "NSEG"],
     prune_configs_by={"early_config_prune": _prune_state_configs},
     **autotune_kwargs(),
 )
-@triton.jit(do_not_specialize=["N", "NT"])
+@triton.jit(do_not_specialize=["N", "NT", "SEG"])
 def _gated_kernel_state(
     k,
     v,
@@ -238,6 +267,7 @@ def _gated_kernel_state(
     g_fwd,
     g_bwd,
     states,
+    decays,
     stride_k_b,
     stride_k_h,
     stride_k_n,
@@ -259,6 +289,8 @@ def _gated_kernel_state(
     scale,
     N,
     NT,
+    SEG,
+    NSEG,
     H,
     DK: tl.constexpr,
     DV: tl.constexpr,
@@ -269,7 +301,9 @@ def _gated_kernel_state(
     GATE_NORMALIZER: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    i_v, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (DV + BV - 1) // BV
+    i_sv, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_seg, i_v = i_sv // NV, i_sv % NV
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_dir = i_p % NUM_DIR
     is_grad = i_p >= NUM_DIR
@@ -292,12 +326,18 @@ def _gated_kernel_state(
     o_k = tl.arange(0, DK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    p_state = states + ((i_bh * NUM_PASS + i_p) * NT).to(tl.int64) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
-    # [DK, BV]
+    row = ((i_bh * NUM_PASS + i_p) * _gated_slots(NT, NSEG)).to(tl.int64)
+    p_state = states + row * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
+    # the segment's log2 decay so far (one Dv block stores it)
+    p_decay, m_decay = decays + row * DK + o_k, o_k < tl.where(i_v == 0, DK, 0)
+    # [DK, BV], [DK]
     b_h = tl.zeros([DK, BV], dtype=tl.float32)
-    for i in range(NT):
+    b_d = tl.zeros([DK], dtype=tl.float32)
+    for i in range(i_seg * SEG, tl.minimum(i_seg * SEG + SEG, NT)):
         i_c = i + reverse * (NT - 1 - 2 * i)
         tl.store(p_state + i_c * (DK * DV), b_h, mask=m_v[None, :])
+        if NSEG > 1:
+            tl.store(p_decay + i_c * DK, b_d, mask=m_decay)
         o_n = _gated_rows(i_c, 0, o_t, BT, BT, reverse)
         m_n = (o_n < N)[:, None]
         # [BT, DK]
@@ -307,94 +347,33 @@ def _gated_kernel_state(
         b_y = tl.load(_gated_tile(y, stride_y_n, o_n, o_v), m_n & m_v[None, :], 0.0).to(tl.float32)
         # decay from each token to the chunk end: exclusive suffix for the state, inclusive for the gradient state
         b_w = tl.cumsum(b_g, axis=0, reverse=True) - tl.where(is_grad, 0.0, b_g)
-        b_h = b_h * tl.exp2(tl.sum(b_g, axis=0))[:, None] + _gated_dot(tl.trans(b_x * tl.exp2(b_w)), b_y, IEEE)
+        b_gt = tl.sum(b_g, axis=0)
+        b_h = b_h * tl.exp2(b_gt)[:, None] + _gated_dot(tl.trans(b_x * tl.exp2(b_w)), b_y, IEEE)
+        b_d += b_gt
+    if NSEG > 1:
+        # the segment's end state and total decay, for _gated_kernel_carry
+        tl.store(p_state + (NT + i_seg) * (DK * DV), b_h, mask=m_v[None, :])
+        tl.store(p_decay + (NT + i_seg) * DK, b_d, mask=m_decay)
 
 
-# ------------------------------------------------------------------------------------------------ forward output
-@triton.autotune(
-    configs=autotune_configs(_OUTPUT_CONFIGS, _OUTPUT_DEFAULT),
-    key=["DK", "DV", "BT", "NUM_DIR"],
-    **autotune_kwargs(),
-)
-@triton.jit(do_not_specialize=["N", "NT"])
-def _gated_fwd_kernel_output(
-    q,
-    k,
-    v,
-    g_fwd,
-    g_bwd,
-    states,
-    o,
-    stride_q_b,
-    stride_q_h,
-    stride_q_n,
-    stride_k_b,
-    stride_k_h,
-    stride_k_n,
-    stride_v_b,
-    stride_v_h,
-    stride_v_n,
-    stride_gf_b,
-    stride_gf_h,
-    stride_gf_n,
-    stride_gb_b,
-    stride_gb_h,
-    stride_gb_n,
-    stride_o_b,
-    stride_o_h,
-    stride_o_n,
-    scale,
-    N,
-    NT,
-    H,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    NUM_DIR: tl.constexpr,
-    GATE_NORMALIZER: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    # the factor bounds of _gated_intra_factors hold for 16-token sub-blocks
-    tl.static_assert(BC == 16)
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
-    o_i = tl.arange(0, BC)
-    o_k = tl.arange(0, DK)
-    o_v = tl.arange(0, DV)
-    m_same, m_cross = _gated_intra_masks(o_i, BC)
-    for i_dir in tl.static_range(NUM_DIR):
-        p_state = states + ((i_bh * NUM_DIR + i_dir) * NT + i_c).to(tl.int64) * (DK * DV)
-        # [DK, DV]
-        b_s = tl.load(p_state + o_k[:, None] * DV + o_v[None, :])
-        for i_s in range(BT // BC):
-            o_n = _gated_rows(i_c, i_s, o_i, BT, BC, i_dir)
-            m_n = (o_n < N)[:, None]
-            # [BC, DK]
-            b_q = tl.load(_gated_ptrs(q, i_b, i_h, stride_q_b, stride_q_h, stride_q_n, o_n, o_k), m_n, 0.0)
-            b_q = b_q.to(tl.float32) * scale
-            b_k = tl.load(_gated_ptrs(k, i_b, i_h, stride_k_b, stride_k_h, stride_k_n, o_n, o_k), m_n, 0.0)
-            b_k = b_k.to(tl.float32)
-            if i_dir == 0:
-                p_g = _gated_ptrs(g_fwd, i_b, i_h, stride_gf_b, stride_gf_h, stride_gf_n, o_n, o_k)
-            else:
-                p_g = _gated_ptrs(g_bwd, i_b, i_h, stride_gb_b, stride_gb_h, stride_gb_n, o_n, o_k)
-            b_gc, b_gs, b_gt = _gated_sub_block_gates(_gated_load_gate(p_g, m_n, GATE_NORMALIZER))
-            # [BC, DV]
-            b_v = tl.load(_gated_ptrs(v, i_b, i_h, stride_v_b, stride_v_h, stride_v_n, o_n, o_v), m_n, 0.0)
-            b_v = b_v.to(tl.float32)
-            # [BC, BC]
-            b_rs, b_cs, b_rc, b_cc = _gated_intra_factors(b_gc, o_i, BC)
-            b_a = _gated_intra_scores(b_q, b_k, b_rs, b_cs, b_rc, b_cc, m_same, m_cross, IEEE)
-            b_o = _gated_dot(b_q * tl.exp2(b_gc), b_s, IEEE) + _gated_dot(b_a, b_v, IEEE)
-            b_s = b_s * tl.exp2(b_gt)[:, None] + _gated_dot(tl.trans(b_k * tl.exp2(b_gs)), b_v, IEEE)
-            p_o = _gated_ptrs(o, i_b, i_h, stride_o_b, stride_o_h, stride_o_n, o_n, o_v)
-            if i_dir == 1:
-                b_o += tl.load(p_o, mask=m_n, other=0.0).to(tl.float32)
-            tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_n)
-        if NUM_DIR == 2 and i_dir == 0:
-            # the backward scan reads the forward scan's half of o written by other threads of this program
-            tl.debug_barrier()
+@triton.jit(do_not_specialize=["NT"])
+def _gated_kernel_carry(states, decays, NT, NSEG, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    """Second level of a segmented scan, in place: the end state ``e_s`` and total log2 decay ``d_s`` of each
+    segment (slots ``NT + s``) become the exact state entering each segment, ``c_0 = 0``,
+    ``c_{s+1} = e_s + diag(exp2(d_s)) c_s``. One program per (Dv block, scan)."""
+    i_v, i_scan = tl.program_id(0), tl.program_id(1)
+    o_k, o_v = tl.arange(0, DK), i_v * BV + tl.arange(0, BV)
+    m_v = (o_v < DV)[None, :]
+    row = (i_scan * (NT + NSEG) + NT).to(tl.int64)
+    p_state = states + row * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
+    p_decay = decays + row * DK + o_k
+    # [DK, BV]
+    b_c = tl.zeros([DK, BV], dtype=tl.float32)
+    for i_seg in range(NSEG):
+        b_e = tl.load(p_state + i_seg * (DK * DV), mask=m_v, other=0.0)
+        b_d = tl.load(p_decay + i_seg * DK)
+        tl.store(p_state + i_seg * (DK * DV), b_c, mask=m_v)
+        b_c = b_e + tl.exp2(b_d)[:, None] * b_c
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
@@ -412,19 +391,51 @@ def _one_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return a.to(dtype), b.to(dtype)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs one program at a time)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def scan_segments(num_chunks: int, scans: int, device: torch.device) -> tuple[int, int]:
+    """``(chunks per segment, segments)`` of a state scan with ``scans`` independent scans of ``num_chunks`` chunks.
+
+    Each scan is a chain of ``num_chunks`` dependent steps, so with fewer scans than the GPU holds programs it is
+    latency-bound (ViG-T at 1024 px: 24 heads x 2 directions walking 64 chunks on 132 SMs). It is then split into
+    segments scanned in parallel from a zero state, enough for ``_SCAN_PROGRAMS_PER_SM`` programs per SM (before
+    the Dv blocks), and ``_gated_kernel_carry`` passes the states across segments; with enough scans (ViG-S,
+    ViG-H), one segment.
+    """
+    wanted = -(-_SCAN_PROGRAMS_PER_SM * _sm_count(device) // scans)
+    segment = cdiv(num_chunks, max(1, min(num_chunks, wanted)))
+    return segment, cdiv(num_chunks, segment)
+
+
 def gated_states(
     q, k, v, log_gate_fwd, log_gate_bwd, do, scale: float, chunk: int, gate_normalizer: float
-) -> torch.Tensor:
-    """Chunk-entry states ``[B·H, passes, NT, Dk, Dv]`` (fp32) of every direction, plus the gradient scans if ``do``.
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Chunk-entry states of every direction, plus the gradient scans if ``do``: ``(states, decays, segment,
+    segments)`` for ``_gated_entry_state``.
 
-    Grid ``(Dv blocks, B·H, passes)``; passes are the directions, then (with ``do``) their gradient scans.
+    ``states [B·H, passes, slots, Dk, Dv]`` (fp32) holds, per scan and chunk, the state entering the chunk from the
+    start of its segment of ``segment`` chunks (``scan_segments``); with ``segments > 1``, slots ``NT + s`` hold the
+    state entering segment ``s`` and ``decays [B·H, passes, slots, Dk]`` the log2 decay from each chunk's segment
+    start to the chunk. Passes are the directions, then (with ``do``) their gradient scans.
     """
     batch, heads, length, dk = k.shape
     dv = v.shape[-1]
     num_dir = 1 if log_gate_bwd is None else 2
     num_pass = num_dir * (1 if do is None else 2)
     num_chunks = cdiv(length, chunk)
-    states = torch.empty(batch * heads, num_pass, num_chunks, dk, dv, device=k.device, dtype=torch.float32)
+    segment, segments = scan_segments(num_chunks, batch * heads * num_pass, k.device)
+    slots = num_chunks + (segments if segments > 1 else 0)
+    states = torch.empty(batch * heads, num_pass, slots, dk, dv, device=k.device, dtype=torch.float32)
+    # the decays exist for segmented scans only (the kernels never touch them otherwise)
+    decays = (
+        torch.empty(batch * heads, num_pass, slots, dk, device=k.device, dtype=torch.float32)
+        if segments > 1
+        else states
+    )
     g_fwd, g_bwd = _one_dtype(log_gate_fwd, log_gate_fwd if log_gate_bwd is None else log_gate_bwd)
     if do is None:
         q, do = k, v
@@ -432,7 +443,7 @@ def gated_states(
         (k, q), (v, do) = _one_dtype(k, q), _one_dtype(v, do)
 
     def grid(meta):
-        return cdiv(dv, meta["BV"]), batch * heads, num_pass
+        return cdiv(dv, meta["BV"]) * segments, batch * heads, num_pass
 
     _gated_kernel_state[grid](
         k,
@@ -442,6 +453,7 @@ def gated_states(
         g_fwd,
         g_bwd,
         states,
+        decays,
         *leading_strides(k),
         *leading_strides(v),
         *leading_strides(q),
@@ -451,6 +463,8 @@ def gated_states(
         scale,
         length,
         num_chunks,
+        segment,
+        segments,
         H=heads,
         DK=dk,
         DV=dv,
@@ -460,62 +474,8 @@ def gated_states(
         GATE_NORMALIZER=gate_normalizer,
         IEEE=_exact_dots(q.dtype),
     )
-    return states
-
-
-def gated_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_gate_fwd: torch.Tensor,
-    log_gate_bwd: torch.Tensor | None,
-    scale: float,
-    chunk: int,
-    gate_normalizer: float,
-) -> torch.Tensor:
-    """GLA output ``(B, H, N, Dv)`` (causal if ``log_gate_bwd`` is None, else the mean of both scans).
-
-    ``chunk``: tokens per chunk, a power of two >= 16 (one stored state per chunk and scan). ``gate_normalizer``: 0
-    if the gate tensors are log gates, else they are logits ``x`` and the log gates ``logsigmoid(x) /
-    gate_normalizer`` (computed in-kernel, ``_gated_log_gate``).
-
-    Two launches: the chunk-entry states, then one program per (chunk, batch·head) for the output.
-    """
-    q, k, v, log_gate_fwd = map(unit_last_stride, (q, k, v, log_gate_fwd))
-    log_gate_bwd = None if log_gate_bwd is None else unit_last_stride(log_gate_bwd)
-    batch, heads, length, dk = q.shape
-    dv = v.shape[-1]
-    num_dir = 1 if log_gate_bwd is None else 2
-    out = empty_like_layout(v, dv)
-    if out.numel() == 0:
-        return out
-    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, None, scale, chunk, gate_normalizer)
-    g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
-    num_chunks = cdiv(length, chunk)
-    _gated_fwd_kernel_output[(num_chunks, batch * heads)](
-        q,
-        k,
-        v,
-        log_gate_fwd,
-        g_bwd,
-        states,
-        out,
-        *leading_strides(q),
-        *leading_strides(k),
-        *leading_strides(v),
-        *leading_strides(log_gate_fwd),
-        *leading_strides(g_bwd),
-        *leading_strides(out),
-        scale / num_dir,
-        length,
-        num_chunks,
-        H=heads,
-        DK=dk,
-        DV=dv,
-        BT=chunk,
-        BC=GATED_SUB_BLOCK,
-        NUM_DIR=num_dir,
-        GATE_NORMALIZER=gate_normalizer,
-        IEEE=_exact_dots(q.dtype),
-    )
-    return out
+    if segments > 1:
+        _gated_kernel_carry[(1, batch * heads * num_pass)](
+            states, decays, num_chunks, segments, DK=dk, DV=dv, BV=dv, **_CARRY_CONFIG
+        )
+    return states, decays, segment, segments

@@ -6,7 +6,7 @@ S_t (token t included) and its adjoint, the gradient state dH_s = Σ_{t>=s} (q̃
     dq̃_t = S_t dO_t,        dk_s = dH_s v_s,        dv_s = dH_sᵀ k_s
     dG_t = q̃_t ⊙ dq̃_t - k_t ⊙ dk_t,        d log_gate_r = Σ_{t >= r} dG_t        (GLA's reversed cumsum)
 
-One launch of ``_gated_kernel_state`` stores the chunk-entry states of all 2 x directions passes (state and gradient
+``gated_states`` stores the chunk-entry states of all 2 x directions passes (state and gradient
 state); one program of ``_gated_bwd_kernel`` per (chunk, batch·head) then walks the chunk's sub-blocks forwards
 (dq̃, running S) and backwards (dk, dv, gate gradient, running dH). The gate gradient of a chunk starts from the
 sum of dG over everything after it, ``Σ_e S_end ⊙ dH_end``, so no pass over the whole sequence is needed.
@@ -24,6 +24,7 @@ from .gated import (
     _gated_clamp_gate,
     _gated_clamped,
     _gated_dot,
+    _gated_entry_state,
     _gated_intra_apply,
     _gated_intra_factors,
     _gated_intra_masks,
@@ -47,10 +48,10 @@ _BWD_DEFAULT = triton.Config({}, num_warps=4, num_stages=1)
 
 @triton.autotune(
     configs=autotune_configs(_BWD_CONFIGS, _BWD_DEFAULT),
-    key=["DK", "DV", "BT", "NUM_DIR"],
+    key=["DK", "DV", "BT", "NUM_DIR", "NSEG"],
     **autotune_kwargs(),
 )
-@triton.jit(do_not_specialize=["N", "NT"])
+@triton.jit(do_not_specialize=["N", "NT", "SEG"])
 def _gated_bwd_kernel(
     q,
     k,
@@ -59,6 +60,7 @@ def _gated_bwd_kernel(
     g_bwd,
     do,
     states,
+    decays,
     dq,
     dk,
     dv,
@@ -100,6 +102,8 @@ def _gated_bwd_kernel(
     scale,
     N,
     NT,
+    SEG,
+    NSEG,
     H,
     DK: tl.constexpr,
     DV: tl.constexpr,
@@ -118,12 +122,12 @@ def _gated_bwd_kernel(
     o_v = tl.arange(0, DV)
     o_s = tl.arange(0, NS)
     m_same, m_cross = _gated_intra_masks(o_i, BC)
-    o_state = o_k[:, None] * DV + o_v[None, :]
     for i_dir in tl.static_range(NUM_DIR):
-        p_state = states + ((i_bh * 2 * NUM_DIR + i_dir) * NT + i_c).to(tl.int64) * (DK * DV) + o_state
-        # [DK, DV]: the state entering the chunk, and the gradient state from beyond its end
-        b_s = tl.load(p_state)
-        b_dh = tl.load(p_state + NUM_DIR * NT * DK * DV)
+        # [DK, DV]: the state entering the chunk, and the gradient state from beyond its end (its scan runs the
+        # other way)
+        i_scan = i_bh * 2 * NUM_DIR + i_dir
+        b_s = _gated_entry_state(states, decays, i_scan, i_c, NT, SEG, NSEG, i_dir, DK, DV)
+        b_dh = _gated_entry_state(states, decays, i_scan + NUM_DIR, i_c, NT, SEG, NSEG, 1 - i_dir, DK, DV)
         # -- scan order: dq̃ of every sub-block (kept for the gate gradient), running state
         # [NS, BC, DK]
         b_dq_all = tl.zeros([NS, BC, DK], dtype=tl.float32)
@@ -260,7 +264,9 @@ def gated_bwd(
     dg_bwd = None if log_gate_bwd is None else empty_like_layout(log_gate_bwd, dk_dim)
     if dv.numel() == 0:
         return dq, dk, dv, dg_fwd, dg_bwd
-    states = gated_states(q, k, v, log_gate_fwd, log_gate_bwd, do, scale, chunk, gate_normalizer)
+    states, decays, segment, segments = gated_states(
+        q, k, v, log_gate_fwd, log_gate_bwd, do, scale, chunk, gate_normalizer
+    )
     g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
     dg_bwd_arg = dg_fwd if dg_bwd is None else dg_bwd
     num_chunks = cdiv(length, chunk)
@@ -272,6 +278,7 @@ def gated_bwd(
         g_bwd,
         do,
         states,
+        decays,
         dq,
         dk,
         dv,
@@ -291,6 +298,8 @@ def gated_bwd(
         scale,
         length,
         num_chunks,
+        segment,
+        segments,
         H=heads,
         DK=dk_dim,
         DV=dv_dim,

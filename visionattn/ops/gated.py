@@ -105,7 +105,7 @@ def _gated_fwd_op(
     gate_normalizer: float,
 ) -> torch.Tensor:
     """``gate_normalizer``: 0 for log gates, else the gates are logits (``gated_linear_attention``)."""
-    from ..kernels.gated import gated_fwd
+    from ..kernels.gated_fwd import gated_fwd
 
     return gated_fwd(q, k, v, log_gate_fwd, log_gate_bwd, scale, chunk, gate_normalizer)
 
