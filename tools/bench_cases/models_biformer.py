@@ -14,6 +14,7 @@ its logits against ours is printed (routing near-ties may pick other regions in 
     python tools/bench.py models --cases models_biformer --mode both --dtype bf16 --out docs/benchmarks/models_biformer_h100
 """
 
+import contextlib
 import copy
 import functools
 
@@ -21,6 +22,7 @@ import timm
 import torch
 
 import visionattn  # noqa: F401  (registers the models)
+import visionattn.nn.routing_attention as routing_attention
 from tests.nn.test_routing_attention import GatherBiLevelRoutingAttention
 from tools.bench_cases._common import BenchCase, image_batch, model_step
 from visionattn.nn import BiLevelRoutingAttention
@@ -54,6 +56,20 @@ def _with_gather_attention(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _attention_free():
+    """Skip the routing and the token attention of every ``BiLevelRoutingAttention`` (its output is ``V``) for the
+    duration: what is left is the model's time outside the routing attention, the upper bound on the speedup that
+    any implementation of that attention can give."""
+    attend, route = routing_attention.block_sparse_attention, BiLevelRoutingAttention._routing_mask
+    routing_attention.block_sparse_attention = lambda q, k, v, mask, **_: v
+    BiLevelRoutingAttention._routing_mask = lambda *_: None
+    try:
+        yield
+    finally:
+        routing_attention.block_sparse_attention, BiLevelRoutingAttention._routing_mask = attend, route
+
+
 def _report_agreement(ours, reference, images, label: str) -> None:
     with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16):
         a, b = ours(images[:2]).float(), reference(images[:2]).float()
@@ -68,9 +84,10 @@ def _build(name: str, img: int, mode: str, args):
     return model.eval().to(args.dtype) if mode == "fwd" else model.train()
 
 
-def _row(name: str, img: int, batch: int, mode: str, args, gather_of: str | None = None):
+def _row(name: str, img: int, batch: int, mode: str, args, gather_of: str | None = None, attention_free=False):
     """``BenchCase.make`` of one row: model ``name`` and a batch, built when timed. ``gather_of``: the row times a
-    gather-attention copy of ``name`` (same weights), after printing its agreement with ours."""
+    gather-attention copy of ``name`` (same weights), after printing its agreement with ours; ``attention_free``:
+    the model with its routing attention skipped (``_attention_free``)."""
 
     def make():
         dtype = args.dtype if mode == "fwd" else torch.float32
@@ -79,7 +96,7 @@ def _row(name: str, img: int, batch: int, mode: str, args, gather_of: str | None
         if gather_of is not None:
             ours, model = model, _with_gather_attention(model)
             _report_agreement(ours, model, images, gather_of)
-        return model_step(model, images, labels, mode)
+        return model_step(model, images, labels, mode, _attention_free if attention_free else contextlib.nullcontext)
 
     return make
 
@@ -90,6 +107,9 @@ def cases(args) -> list[BenchCase]:
         common = dict(group=f"{group} B{batch}", mode=mode, items=batch)
         row = functools.partial(_row, img=img, batch=batch, mode=mode, args=args)
         rows.append(BenchCase(impl=f"{ours_name} (ours)", make=row(ours_name), **common))
+        if ours_name.startswith("biformer"):
+            make = row(ours_name, attention_free=True)
+            rows.append(BenchCase(impl=f"{ours_name} attention-free (bound)", make=make, **common))
         for impl, name, baseline in peers:
             if name is None:
                 label, make = f"{ours_name} gather reference", row(ours_name, gather_of=group)

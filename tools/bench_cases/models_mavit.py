@@ -73,7 +73,8 @@ _CPU_ROWS = [
 
 
 def _rotate(x, rope):
-    cos, sin = rope
+    """``apply_rope2d`` with the stage's tables; the linear stages pass pair tables ``(N, D/2)``, expanded here."""
+    cos, sin = (t.repeat_interleave(2, -1) if 2 * t.shape[-1] == x.shape[-1] else t for t in rope)
     return apply_rope2d(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
@@ -110,6 +111,19 @@ def _reference_style_attention():
         linear_attention2d.linear_attention, SoftmaxAttention2d._attend = linear, softmax
 
 
+@contextlib.contextmanager
+def _attention_free():
+    """Skip every attention (linear and softmax stages return ``v``) for the duration: the model's time outside the
+    attention, the bound on what any attention kernel can give."""
+    linear, softmax = linear_attention2d.linear_attention, SoftmaxAttention2d._attend
+    linear_attention2d.linear_attention = lambda q, k, v, **_: v
+    SoftmaxAttention2d._attend = lambda self, q, k, v, rope: v
+    try:
+        yield
+    finally:
+        linear_attention2d.linear_attention, SoftmaxAttention2d._attend = linear, softmax
+
+
 def _build(name: str, img: int, mode: str, args, **kwargs):
     if name.startswith("deit") or name.startswith("swin"):
         kwargs["img_size"] = img
@@ -119,15 +133,16 @@ def _build(name: str, img: int, mode: str, args, **kwargs):
     return model.train()
 
 
-def _row(name: str, img: int, batch: int, mode: str, args, *, compiled=False, reference_style=False, **kwargs):
-    """``BenchCase.make`` of one row: the model (``torch.compile``d if asked) and a batch, built when timed."""
+def _row(name: str, img: int, batch: int, mode: str, args, *, compiled=False, context=None, **kwargs):
+    """``BenchCase.make`` of one row: the model (``torch.compile``d if asked) and a batch, built when timed;
+    ``context``: wraps the forward (``_reference_style_attention``, ``_attention_free``)."""
 
     def make():
         dtype = args.dtype if mode == "fwd" else torch.float32
         images, labels = image_batch(batch, img, device=args.device, dtype=dtype, channels_last=True)
         model = _build(name, img, mode, args, **kwargs)
-        context = _reference_style_attention if reference_style else contextlib.nullcontext
-        return model_step(torch.compile(model) if compiled else model, images, labels, mode, context)
+        model = torch.compile(model) if compiled else model
+        return model_step(model, images, labels, mode, context or contextlib.nullcontext)
 
     return make
 
@@ -144,8 +159,10 @@ def cases(args) -> list[BenchCase]:
         for name in ours:
             kwargs = {**model_kwargs, **ours_kwargs}
             rows.append(BenchCase(impl=f"{name} (ours)", make=row(name, **kwargs), **common))
-            make = row(name, reference_style=True, **kwargs)
+            make = row(name, context=_reference_style_attention, **kwargs)
             rows.append(BenchCase(impl=f"{name} reference-style attention", make=make, **common))
+            make = row(name, context=_attention_free, **kwargs)
+            rows.append(BenchCase(impl=f"{name} attention-free (bound)", make=make, **common))
             if compiled:
                 make = row(name, compiled=True, **kwargs)
                 rows.append(BenchCase(impl=f"{name} (ours, torch.compile)", make=make, **common))
