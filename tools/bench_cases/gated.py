@@ -9,12 +9,14 @@ baseline of each group (the issue's target: ours >= 1.5x faster, forward and for
     python tools/bench.py attention --cases gated --mode both --dtype bf16 --out docs/benchmarks/gated_h100
 """
 
+import contextlib
 import inspect
 
 import torch
 import torch.nn.functional as F
 
 from tools.bench_cases._common import BenchCase, random_qkv, timed
+from visionattn.kernels import gated as gated_kernels
 from visionattn.ops import gated_linear_attention, gated_linear_attention_reference
 
 __all__ = ["cases"]
@@ -55,6 +57,32 @@ def _fla_bidirectional():
         return (o_fwd + o_bwd.flip(2)) / 2
 
     return run
+
+
+@contextlib.contextmanager
+def _unsegmented_scans():
+    """State scans as one chain of chunks per scan (no segments, no carry pass), as before session 7."""
+    saved = gated_kernels._SCAN_PROGRAMS_PER_SM
+    gated_kernels._SCAN_PROGRAMS_PER_SM = 0
+    try:
+        yield
+    finally:
+        gated_kernels._SCAN_PROGRAMS_PER_SM = saved
+
+
+def _within(context, make):
+    """``make`` of a row whose every call (forward and backward) runs inside ``context()``."""
+
+    def build():
+        step = make()
+
+        def run():
+            with context():
+                return step()
+
+        return run
+
+    return build
 
 
 def _row(fn, shape_args: tuple, mode: str, args, cut: int | None = None):
@@ -108,6 +136,9 @@ def cases(args) -> list[BenchCase]:
             for impl, fn in peers.items():
                 make = _row(fn, shape_args, mode, args)
                 rows.append(BenchCase(impl=impl, make=make, baseline=impl.startswith("fla"), **common))
+            # same-process A/B of the segmented state scan (a no-op where scans are one segment anyway)
+            make = _within(_unsegmented_scans, _row(peers["ours"], shape_args, mode, args))
+            rows.append(BenchCase(impl="ours-unsegmented-scan", make=make, **common))
             cut = min(length, RECURRENCE_MAX_TOKENS)
             impl = "torch-recurrence-fp32" + ("" if cut == length else f" (first {cut} of {length} tokens)")
             scaled = {key: value * cut / length for key, value in common.items() if key in ("bytes", "flops")}
