@@ -3,7 +3,8 @@
 The session-4 backbone work (docs/benchmarks/README.md, "backbones made faster by profiling") started from this
 table on the H100: bf16 weights and inputs, ``torch.no_grad``, eager. Timing: ``--iters`` forwards after
 ``--warmup``, synchronised wall clock (host overhead included, as a user's loop pays it); then two forwards under
-the profiler, sorted by device time (CPU time on a machine without CUDA). Peak memory: CUDA's allocator high-water
+the profiler, sorted by device time (CPU time on a machine without CUDA), and on CUDA the runtime calls per
+forward (launches, copies, synchronisations: a synchronising call leaves the GPU idle while the host catches up). Peak memory: CUDA's allocator high-water
 mark on a GPU; on CPU the high-water mark of the profiled forwards' tensor allocations (the running sum of the
 profiler's allocation and free events, so activations only: weights and inputs were allocated before).
 
@@ -67,6 +68,17 @@ def _cpu_activation_peak(prof) -> int:
     return peak
 
 
+def _runtime_calls(prof, forwards: int) -> str:
+    """The CUDA runtime/driver calls of the profiled forwards (launches, copies, synchronisations), per forward: a
+    synchronising call (``cudaStreamSynchronize``, a pageable ``cudaMemcpy``) stalls the host until the GPU drains,
+    which shows as idle GPU time between a forward's kernels."""
+    calls = [e for e in prof.key_averages() if e.key.startswith(("cuda", "cu")) and e.device_type.name == "CPU"]
+    lines = [f"{'runtime call':<40} {'calls/forward':>14} {'host us/forward':>16}"]
+    for e in sorted(calls, key=lambda e: -e.cpu_time_total):
+        lines.append(f"{e.key[:40]:<40} {e.count / forwards:>14.1f} {e.cpu_time_total / forwards:>16.1f}")
+    return "\n".join(lines)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -104,6 +116,8 @@ def main(argv=None) -> str:
     sort_by = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=70)
     report = f"{header}\n{table}"
+    if args.device == "cuda":
+        report += f"\n{_runtime_calls(prof, forwards=2)}"
     print(report)
     return report
 
