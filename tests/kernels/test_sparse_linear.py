@@ -152,7 +152,7 @@ def test_sparse_linear_inference_epilogue_traces_with_compile_and_counts_flops(k
 def test_marginal_states_are_masked_sums_of_the_block_states(rng, critical_heads, negligible_heads):
     """The marginal block matrix (critical and negligible CSRs broadcast over heads) and the per-row masked sums of
     block states vs the dense block matrices of BlockMask and a float64 einsum."""
-    from visionattn.kernels.sparse_linear_state import marginal_block_matrix, masked_block_sums
+    from visionattn.kernels.sparse_linear_state import marginal_block_matrix, marginal_weights, masked_block_sums
     from visionattn.layout.block_mask import BlockMask
 
     batch, heads, mq, mk, d, dv = 2, 2, 5, 7, 3, 4
@@ -170,7 +170,7 @@ def test_marginal_states_are_masked_sums_of_the_block_states(rng, critical_heads
     assert torch.equal(marginal, expected.float())
     states = torch.randn(batch * heads, mk, d, dv, generator=rng)
     sums = torch.randn(batch * heads, mk, d, generator=rng)
-    total, total_z = masked_block_sums(marginal, states, sums, batch, heads)
+    total, total_z = masked_block_sums(marginal_weights(marginal, batch, heads, states.dtype), states, sums)
     weights = expected.expand(batch, heads, mq, mk).reshape(batch * heads, mq, mk).double()
     assert_close("masked state sums", torch.einsum("bij,bjde->bide", weights, states.double()), total, tol=1e-6)
     assert_close("masked z sums", torch.einsum("bij,bjd->bid", weights, sums.double()), total_z, tol=1e-6)

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
 from ._constants import LN2, LOG2E, NEG_INF
+from ._launch import launch
 from .block_sparse import (
     TILE_HEURISTICS,
     _block_sparse_fwd_inner,
@@ -39,6 +40,7 @@ from .sparse_linear_state import (
     _sla_dot,
     dv_chunk,
     marginal_block_matrix,
+    marginal_weights,
     masked_block_sums,
     sparse_linear_state,
     state_dtype,
@@ -262,6 +264,8 @@ def sparse_linear_fwd(
     eps: float,
     proj: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     uniform_rows: bool = False,
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    states: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
     """The per-key-block states, their masked sums per query block, then grid ``(Mq * Q_SUB, B * H)`` of fused
     query tiles.
@@ -272,23 +276,31 @@ def sparse_linear_fwd(
     or None)`` (inference, fp16/bf16/fp32) returns only ``out = o_s + Proj(o_l)`` ``(B, H, Nq, Dv)``, formed in the
     kernel's epilogue, so neither branch nor the row statistics reach memory. ``uniform_rows``: both CSRs keep the
     same number of blocks in every row (``BlockMask._uniform_rows``; fewer small kernels for the marginal matrix).
+    ``weights``: the marginal block matrix of the two CSRs as ``marginal_weights`` makes it, when the caller has it
+    (cached per mask: no small kernels at all); else built here. ``states``: ``sparse_linear_state(k, v, block_k,
+    feature)`` when the caller launched it already; else launched here first.
     """
     b, h, q_len, _ = q.shape
     # the state pass first: the GPU starts on it while the host builds the rest
-    h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
+    h_blocks, z_blocks = states or sparse_linear_state(k, v, block_k, feature)
     proj_weight, proj_bias = proj or (None, None)
     if proj is None:
         rows = lambda: torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
         outputs = empty_like_layout(q, v.shape[-1]), empty_like_layout(q, v.shape[-1]), rows(), rows()
     else:
         outputs = (empty_like_layout(q, v.shape[-1]),) * 4
-    marginal = marginal_block_matrix(
-        indptr, indices, neg_indptr, neg_indices, h_blocks.shape[1], h_blocks.dtype, uniform_rows
-    )
-    h_marginal, z_marginal = masked_block_sums(marginal, h_blocks, z_blocks, b, h)
+    num_kv_blocks = h_blocks.shape[1]
+    if weights is None:
+        marginal = marginal_block_matrix(
+            indptr, indices, neg_indptr, neg_indices, num_kv_blocks, h_blocks.dtype, uniform_rows
+        )
+        weights = marginal_weights(marginal, b, h, h_blocks.dtype)
+    h_marginal, z_marginal = masked_block_sums(weights, h_blocks, z_blocks)
     del h_blocks
     grid = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
-    _sparse_linear_fwd_kernel[grid](
+    launch(
+        _sparse_linear_fwd_kernel,
+        grid,
         q,
         k,
         v,
@@ -313,7 +325,7 @@ def sparse_linear_fwd(
         k.shape[2],
         block_q,
         block_k,
-        marginal.shape[-1],
+        num_kv_blocks,
         scale * LOG2E,
         eps,
         *predicate_args(None, None, partial),

@@ -32,6 +32,7 @@ from .sparse_linear_state import (
     _STATE_KEY,
     _sla_dot,
     marginal_block_matrix,
+    marginal_weights,
     masked_block_sums,
     sparse_linear_state,
     state_dtype,
@@ -272,7 +273,7 @@ def sparse_linear_bwd(
     )  # fmt: skip
     marginal = marginal_block_matrix(indptr, indices, neg_indptr, neg_indices, mk, state_dtype(q.dtype), uniform_rows)
     h_blocks, z_blocks = sparse_linear_state(k, v, block_k, feature)
-    h_marginal, z_marginal = masked_block_sums(marginal, h_blocks, z_blocks, b, h)
+    h_marginal, z_marginal = masked_block_sums(marginal_weights(marginal, b, h, h_blocks.dtype), h_blocks, z_blocks)
     del h_blocks
     ds_blocks = torch.empty(b * h, mq, d, dv_dim, device=q.device, dtype=state_dtype(q.dtype))
     dz_blocks = torch.empty(b * h, mq, d, device=q.device, dtype=torch.float32)
@@ -305,7 +306,8 @@ def sparse_linear_bwd(
         **constexprs,
     )
     del h_marginal
-    a_marginal, az_marginal = masked_block_sums(marginal.transpose(-1, -2), ds_blocks, dz_blocks, b, h)
+    key_weights = marginal_weights(marginal.transpose(-1, -2), b, h, ds_blocks.dtype)
+    a_marginal, az_marginal = masked_block_sums(key_weights, ds_blocks, dz_blocks)
     del ds_blocks
     _sparse_linear_bwd_kernel_key[(mk, b * h)](
         k,

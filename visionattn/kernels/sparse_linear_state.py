@@ -14,10 +14,18 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
+from ._launch import launch
 from .block_sparse import cdiv, next_block
 from .linear import _phi
 
-__all__ = ["dv_chunk", "marginal_block_matrix", "masked_block_sums", "sparse_linear_state", "state_dtype"]
+__all__ = [
+    "dv_chunk",
+    "marginal_block_matrix",
+    "marginal_weights",
+    "masked_block_sums",
+    "sparse_linear_state",
+    "state_dtype",
+]
 
 # Row tiles of the per-block streaming kernels (one program per logical block: the forward's states here, the
 # backward's query-side and key-side kernels in sparse_linear_bwd.py). The first (the only one with
@@ -166,18 +174,25 @@ def marginal_block_matrix(
     return marginal
 
 
-def masked_block_sums(
-    marginal: torch.Tensor, states: torch.Tensor, sums: torch.Tensor, batch: int, heads: int
+def marginal_weights(
+    marginal: torch.Tensor, batch: int, heads: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ_j M_ij S_j, Σ_j M_ij z_j)`` for every row ``i`` of the 0/1 block matrix ``marginal`` ``(B', H', R, C)``
-    (broadcast to ``(batch, heads)``) over per-block states ``states`` ``(B·H, C, D, Dv)`` and fp32 ``sums``
-    ``(B·H, C, D)``: one batched matmul each (fp32 accumulation). Returns ``(B·H, R, D, Dv)`` in ``states``' dtype and
-    ``(B·H, R, D)`` fp32."""
+    """The 0/1 block matrix ``marginal`` ``(B', H', R, C)`` broadcast to ``(batch·heads, R, C)``, in ``dtype`` (the
+    states' weights) and in fp32 (the sums'): the left operands of ``masked_block_sums``."""
+    weights = marginal.expand(batch, heads, -1, marginal.shape[-1]).reshape(batch * heads, -1, marginal.shape[-1])
+    return weights.to(dtype), weights.to(torch.float32)
+
+
+def masked_block_sums(
+    weights: tuple[torch.Tensor, torch.Tensor], states: torch.Tensor, sums: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_j M_ij S_j, Σ_j M_ij z_j)`` for every row ``i`` of a 0/1 block matrix ``M`` given as ``weights``
+    (``marginal_weights``: ``(B·H, R, C)`` in ``states``' dtype and in fp32) over per-block states ``states``
+    ``(B·H, C, D, Dv)`` and fp32 ``sums`` ``(B·H, C, D)``: one batched matmul each (fp32 accumulation). Returns
+    ``(B·H, R, D, Dv)`` in ``states``' dtype and ``(B·H, R, D)`` fp32."""
     bh, cols, d, dv = states.shape
-    weights = marginal.expand(batch, heads, -1, cols).reshape(bh, -1, cols)
-    total = torch.bmm(weights.to(states.dtype), states.reshape(bh, cols, d * dv)).view(bh, -1, d, dv)
-    total_z = torch.bmm(weights.to(torch.float32), sums)
-    return total, total_z
+    total = torch.bmm(weights[0], states.reshape(bh, cols, d * dv)).view(bh, -1, d, dv)
+    return total, torch.bmm(weights[1], sums)
 
 
 def sparse_linear_state(
@@ -192,7 +207,9 @@ def sparse_linear_state(
     blocks = cdiv(n, block_k)
     h_blocks = torch.empty(b * h, blocks, d, dv, device=k.device, dtype=state_dtype(k.dtype))
     z_blocks = torch.empty(b * h, blocks, d, device=k.device, dtype=torch.float32)
-    _sparse_linear_fwd_kernel_state[(blocks, b * h)](
+    launch(
+        _sparse_linear_fwd_kernel_state,
+        (blocks, b * h),
         k,
         v,
         h_blocks,

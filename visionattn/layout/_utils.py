@@ -32,6 +32,24 @@ _MAX_SHAPE_CONSTANTS = 256
 _DISPATCH_STACK_LEN = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
 
+def _memoized(store, key, device: torch.device, make: Callable[[], object], limit: int | None = None):
+    """``store[key]`` (any mapping), made by ``make()`` (tensors on ``device``) on a miss, under the rules of
+    :func:`_shape_constants` (built afresh and not stored while ``torch.compile`` traces, under a
+    ``TorchDispatchMode``, and on a miss while the current CUDA stream captures a graph; made outside inference
+    mode); ``store`` is cleared before it would exceed ``limit`` entries. Callers never write to what it returns."""
+    if _DISPATCH_STACK_LEN is None or torch.compiler.is_compiling() or _DISPATCH_STACK_LEN() > 0:
+        return make()
+    found = store.get(key)
+    if found is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return make()
+        if limit is not None and len(store) >= limit:
+            store.clear()
+        with torch.inference_mode(False):
+            found = store[key] = make()
+    return found
+
+
 def _shape_constants(key: tuple, device: torch.device, make: Callable[[], object]):
     """``make()``, tensors on ``device`` that depend only on the plain values ``key`` (e.g. the row offsets of a CSR
     with a fixed count per row), built once and reused by later eager calls: saves their allocation and the small
@@ -39,17 +57,7 @@ def _shape_constants(key: tuple, device: torch.device, make: Callable[[], object
     ``torch.compile`` traces, under a ``TorchDispatchMode`` (fake tensors must not be cached or mixed with real ones)
     and, on a miss, while the current CUDA stream captures a graph (the capture records the kernels that fill them
     without running them). Made outside inference mode, so that autograd may save them for a later backward."""
-    if _DISPATCH_STACK_LEN is None or torch.compiler.is_compiling() or _DISPATCH_STACK_LEN() > 0:
-        return make()
-    found = _SHAPE_CONSTANTS.get((key, device))
-    if found is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return make()
-        if len(_SHAPE_CONSTANTS) >= _MAX_SHAPE_CONSTANTS:
-            _SHAPE_CONSTANTS.clear()
-        with torch.inference_mode(False):
-            found = _SHAPE_CONSTANTS[key, device] = make()
-    return found
+    return _memoized(_SHAPE_CONSTANTS, (key, device), device, make, _MAX_SHAPE_CONSTANTS)
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:

@@ -9,12 +9,14 @@ arXiv 2509.24006; semantics of the fused SLA-1 code (thu-ml/SLA, branch ``SLA-1`
 paper's optional negligible class, ``skip_ratio``, is off by default as in the code).
 """
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ..kernels._config import is_interpreter
-from ..layout._utils import _shape_constants
+from ..layout._utils import _memoized, _shape_constants
 from ..layout.block_mask import BlockMask
 from ..layout.routing import _topk_ratio_select
 from ._checks import _check_attention_inputs, _check_choice, _check_int, _check_scale, _check_tensor
@@ -53,6 +55,34 @@ def _empty_csr(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
         torch.zeros(0, dtype=torch.int32, device=device),
     )
     return _shape_constants(("sla_empty_csr", rows), device, make)
+
+
+#: ``critical mask -> {(B, H, dtype): marginal weights}`` for calls without a negligible set; see _marginal_weights.
+_MARGINAL_WEIGHTS: "weakref.WeakKeyDictionary[BlockMask, dict]" = weakref.WeakKeyDictionary()
+
+
+def _marginal_weights(critical: BlockMask, negligible: BlockMask | None, neg_csr, batch: int, heads: int, dtype,
+                      uniform_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The marginal block matrix of the kernels (``marginal_weights``: ``(B·H, Mq, Mk)`` in the state dtype and in
+    fp32) for q of ``(batch, heads)`` and ``dtype``. Without a negligible set it depends on the critical mask alone,
+    so a mask reused across calls (a ``block_mask`` kept over diffusion steps) builds it once
+    (``layout._utils._memoized``: not under ``torch.compile``, a dispatch mode, or on a miss while a CUDA graph
+    captures): four small kernels fewer per call, ``6·B·H·Mq·Mk`` bytes kept while the mask lives."""
+    from ..kernels.sparse_linear_state import marginal_block_matrix, marginal_weights, state_dtype
+
+    dtype = state_dtype(dtype)
+
+    def make():
+        csrs = critical.indptr, critical.indices, *neg_csr
+        marginal = marginal_block_matrix(*csrs, critical.num_kv_blocks, dtype, uniform_rows)
+        return marginal_weights(marginal, batch, heads, dtype)
+
+    if negligible is not None or torch.compiler.is_compiling():
+        return make()
+    store = _MARGINAL_WEIGHTS.get(critical)
+    if store is None:
+        store = _MARGINAL_WEIGHTS[critical] = {}
+    return _memoized(store, (batch, heads, dtype), critical.device, make)
 
 
 #: Largest head dim of the selection's pooling kernel (one ``[rows, D]`` tile per load).
@@ -171,6 +201,24 @@ def _triton_supports_blocks(args: dict, raise_error: bool) -> bool:
     return True
 
 
+@custom_op("visionattn::sparse_linear_state")
+def _sla_state_op(k: torch.Tensor, v: torch.Tensor, block_k: int, feature: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's per-key-block states ``h_j = φ(K_j)ᵀV_j``, ``z_j = Σ φ(K_j)`` (``sparse_linear_state``): its
+    own op so that the inference path launches it before the rest of its host work."""
+    from ..kernels.sparse_linear_state import sparse_linear_state
+
+    return sparse_linear_state(k, v, block_k, feature)
+
+
+@_sla_state_op.register_fake
+def _(k, v, block_k, feature):
+    from ..kernels.sparse_linear_state import state_dtype
+
+    rows, blocks = k.shape[0] * k.shape[1], -(-k.shape[2] // block_k)
+    states = k.new_empty(rows, blocks, k.shape[3], v.shape[3], dtype=state_dtype(k.dtype))
+    return states, k.new_empty(rows, blocks, k.shape[3], dtype=torch.float32)
+
+
 @custom_op("visionattn::sparse_linear_attention_fwd")
 def _sla_fwd_op(
     q: torch.Tensor,
@@ -189,27 +237,18 @@ def _sla_fwd_op(
     uniform_rows: bool,
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
+    marginal: torch.Tensor,
+    marginal_z: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``uniform_rows``: both CSRs keep the same number of blocks in every row (``BlockMask._uniform_rows``);
-    ``indptr_t``, ``indices_t``: the key-major critical CSR of the dK/dV pass, only saved for the backward."""
+    ``indptr_t``, ``indices_t``: the key-major critical CSR of the dK/dV pass, only saved for the backward;
+    ``marginal``, ``marginal_z``: the marginal block matrix of the two CSRs (``_marginal_weights``)."""
     from ..kernels.sparse_linear import sparse_linear_fwd
 
     return sparse_linear_fwd(
-        q,
-        k,
-        v,
-        indptr,
-        indices,
-        partial,
-        neg_indptr,
-        neg_indices,
-        scale=scale,
-        block_q=block_q,
-        block_k=block_k,
-        feature=feature,
-        eps=eps,
-        uniform_rows=uniform_rows,
-    )
+        q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale=scale, block_q=block_q, block_k=block_k,
+        feature=feature, eps=eps, uniform_rows=uniform_rows, weights=(marginal, marginal_z),
+    )  # fmt: skip
 
 
 @_sla_fwd_op.register_fake
@@ -238,13 +277,19 @@ def _sla_infer_op(
     feature: int,
     eps: float,
     uniform_rows: bool,
+    marginal: torch.Tensor,
+    marginal_z: torch.Tensor,
+    states: torch.Tensor,
+    sums: torch.Tensor,
 ) -> torch.Tensor:
-    """The forward without autograd: ``o_s + Proj(o_l)`` from the kernel's epilogue (no branch outputs, no rows)."""
+    """The forward without autograd: ``o_s + Proj(o_l)`` from the kernel's epilogue (no branch outputs, no rows);
+    ``states``, ``sums``: the per-key-block states of ``_sla_state_op``, launched before this op."""
     from ..kernels.sparse_linear import sparse_linear_fwd
 
     csrs = indptr, indices, partial, neg_indptr, neg_indices
     consts = dict(scale=scale, block_q=block_q, block_k=block_k, feature=feature, eps=eps, uniform_rows=uniform_rows)
-    return sparse_linear_fwd(q, k, v, *csrs, proj=(proj_weight, proj_bias), **consts)
+    weights, blocks = (marginal, marginal_z), (states, sums)
+    return sparse_linear_fwd(q, k, v, *csrs, proj=(proj_weight, proj_bias), weights=weights, states=blocks, **consts)
 
 
 @_sla_infer_op.register_fake
@@ -280,26 +325,10 @@ def _sla_bwd_op(
     from ..kernels.sparse_linear_bwd import sparse_linear_bwd
 
     return sparse_linear_bwd(
-        do_sparse,
-        do_linear,
-        q,
-        k,
-        v,
-        o_sparse,
-        o_linear,
-        lse,
-        rden,
-        indptr,
-        indices,
-        neg_indptr,
-        neg_indices,
-        scale=scale,
-        block_q=block_q,
-        block_k=block_k,
-        feature=feature,
-        key_major=(indptr_t, indices_t),
+        do_sparse, do_linear, q, k, v, o_sparse, o_linear, lse, rden, indptr, indices, neg_indptr, neg_indices,
+        scale=scale, block_q=block_q, block_k=block_k, feature=feature, key_major=(indptr_t, indices_t),
         uniform_rows=uniform_rows,
-    )
+    )  # fmt: skip
 
 
 @_sla_bwd_op.register_fake
@@ -311,7 +340,7 @@ def _(do_sparse, do_linear, q, k, v, *args):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, indptr, indices, partial, neg_indptr, neg_indices, scale, block_q, block_k, feature, eps, *rest = inputs
-    uniform_rows, *key_major = rest
+    uniform_rows, *key_major = rest[:3]
     o_sparse, o_linear, lse, rden = output
     ctx.save_for_backward(q, k, v, o_sparse, o_linear, lse, rden, indptr, indices, neg_indptr, neg_indices, *key_major)
     ctx.scale, ctx.block_q, ctx.block_k, ctx.feature, ctx.uniform_rows = scale, block_q, block_k, feature, uniform_rows
@@ -325,8 +354,9 @@ def _backward(ctx, do_sparse, do_linear, _dlse, _drden):
         do_sparse, do_linear, q, k, v, o_sparse, o_linear, lse, rden, *csrs[:4],
         ctx.scale, ctx.block_q, ctx.block_k, ctx.feature, ctx.uniform_rows, *csrs[4:],
     )  # fmt: skip
-    # q, k, v, the 5 row CSR tensors, scale, block_q, block_k, feature, eps, uniform_rows, the 2 key-major CSR tensors
-    return dq, dk, dv, *[None] * 13
+    # q, k, v, the 5 row CSR tensors, scale, block_q, block_k, feature, eps, uniform_rows, the 2 key-major CSR
+    # tensors, the 2 marginal weight tensors
+    return dq, dk, dv, *[None] * 15
 
 
 _sla_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -358,13 +388,24 @@ def _fwd_flops(q_shape, k_shape, v_shape, indptr_shape, indices_shape, partial_s
     )
 
 
+def _state_flops_of(k_shape, v_shape) -> int:
+    """The per-block states ``φ(K_j)ᵀV_j``: ``2·B·H·Nk·D·Dv``."""
+    return 2 * k_shape[0] * k_shape[1] * k_shape[2] * k_shape[3] * v_shape[-1]
+
+
+@register_flop_formula(torch.ops.visionattn.sparse_linear_state)
+def _state_flops(k_shape, v_shape, *_, **__):
+    return _state_flops_of(k_shape, v_shape)
+
+
 @register_flop_formula(torch.ops.visionattn.sparse_linear_attention_infer)
 def _infer_flops(q_shape, k_shape, v_shape, indptr_shape, indices_shape, partial_shape, neg_indptr_shape,
                  neg_indices_shape, proj_weight_shape, proj_bias_shape, scale, block_q, block_k, *_, **__):  # fmt: skip
-    """The forward's matmuls plus ``Proj`` (``2·B·H·Nq·Dv²`` with a weight)."""
+    """The forward's matmuls but the per-block states (``_sla_state_op`` counts them) plus ``Proj``
+    (``2·B·H·Nq·Dv²`` with a weight)."""
     proj = 2 * q_shape[0] * q_shape[1] * q_shape[2] * v_shape[-1] ** 2 if proj_weight_shape is not None else 0
-    return proj + _fwd_flops(q_shape, k_shape, v_shape, indptr_shape, indices_shape, partial_shape, neg_indptr_shape,
-                             neg_indices_shape, scale, block_q, block_k)  # fmt: skip
+    return proj - _state_flops_of(k_shape, v_shape) + _fwd_flops(q_shape, k_shape, v_shape, indptr_shape,
+        indices_shape, partial_shape, neg_indptr_shape, neg_indices_shape, scale, block_q, block_k)  # fmt: skip
 
 
 @register_flop_formula(torch.ops.visionattn.sparse_linear_attention_bwd)
@@ -393,6 +434,15 @@ def _sparse_linear_triton(
 ):
     from ..kernels.linear import FEATURE_CODES
 
+    feature = FEATURE_CODES[feature_map]
+    proj = [t for t in (proj_weight, proj_bias) if t is not None]
+    grad = torch.is_grad_enabled()
+    qkv_grad = grad and (q.requires_grad or k.requires_grad or v.requires_grad)
+    differentiable = qkv_grad or grad and any(t.requires_grad for t in proj)
+    # nothing to differentiate: Proj and the sum run in the kernel's epilogue
+    infer = not differentiable and all(t.dtype in _TRITON_DTYPES for t in proj)
+    # the state pass first: the GPU starts on it while the host prepares the CSRs and the marginal matrix
+    states = _sla_state_op(k, v, critical.block_k, feature) if infer else None
     csr = critical.indptr, critical.indices, critical.partial
     if negligible is None:
         neg_csr = _empty_csr(critical.num_q_blocks, q.device)
@@ -400,17 +450,14 @@ def _sparse_linear_triton(
         neg_csr = negligible.indptr, negligible.indices
     # the empty negligible set has uniform rows (none)
     uniform_rows = critical._uniform_rows and (negligible is None or negligible._uniform_rows)
-    consts = critical.block_q, critical.block_k, FEATURE_CODES[feature_map], eps, uniform_rows
-    proj = [t for t in (proj_weight, proj_bias) if t is not None]
-    grad = torch.is_grad_enabled()
-    qkv_grad = grad and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not (qkv_grad or grad and any(t.requires_grad for t in proj)) and all(t.dtype in _TRITON_DTYPES for t in proj):
-        # nothing to differentiate: Proj and the sum run in the kernel's epilogue
-        return _sla_infer_op(q, k, v, *csr, *neg_csr, proj_weight, proj_bias, scale, *consts)
+    consts = critical.block_q, critical.block_k, feature, eps, uniform_rows
+    weights = _marginal_weights(critical, negligible, neg_csr, *q.shape[:2], q.dtype, uniform_rows)
+    if infer:
+        return _sla_infer_op(q, k, v, *csr, *neg_csr, proj_weight, proj_bias, scale, *consts, *weights, *states)
     # The key-major critical CSR of the dK/dV pass is built here, so that the backward only launches kernels; cached
     # per mask (a block_mask reused across calls is transposed once). Without a gradient the rows stand in, unread.
     key_major = _mask_launch_args(critical, True)[2][:2] if qkv_grad else csr[:2]
-    o_sparse, o_linear, _, _ = _sla_fwd_op(q, k, v, *csr, *neg_csr, scale, *consts, *key_major)
+    o_sparse, o_linear, _, _ = _sla_fwd_op(q, k, v, *csr, *neg_csr, scale, *consts, *key_major, *weights)
     return _combine(o_sparse, o_linear, proj_weight, proj_bias)
 
 
