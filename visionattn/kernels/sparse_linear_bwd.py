@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
+from ._launch import launch
 from .block_sparse import cdiv, next_block
 from .block_sparse_bwd import block_sparse_bwd
 from .linear import _phi, _phi_bwd
@@ -286,7 +287,9 @@ def sparse_linear_bwd(
         STATE_BF16=state_dtype(q.dtype) == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    _sparse_linear_bwd_kernel_query[(mq, b * h)](
+    launch(
+        _sparse_linear_bwd_kernel_query,
+        (mq, b * h),
         q,
         o_linear,
         do_linear,
@@ -309,7 +312,9 @@ def sparse_linear_bwd(
     key_weights = marginal_weights(marginal.transpose(-1, -2), b, h, ds_blocks.dtype)
     a_marginal, az_marginal = masked_block_sums(key_weights, ds_blocks, dz_blocks)
     del ds_blocks
-    _sparse_linear_bwd_kernel_key[(mk, b * h)](
+    launch(
+        _sparse_linear_bwd_kernel_key,
+        (mk, b * h),
         k,
         v,
         a_marginal,
