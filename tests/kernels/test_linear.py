@@ -149,6 +149,57 @@ def test_linear_attention_kernel_state_split_merges_exactly(kernel_device, rng):
     assert_close("out", linear_attention_reference(q, k, v, **kwargs, q_norm=qn, k_norm=kn), out)
 
 
+@pytest.mark.parametrize(
+    "variant, dv", [(VARIANTS[1], 32), (VARIANTS[4], 48), (VARIANTS[6], 32)], ids=["mala-weights", "rala-rope", "soft"]
+)
+def test_linear_attention_kernel_splits_the_state_over_dv(monkeypatch, kernel_device, poison_empty, rng, variant, dv):
+    """The state pass on Dv tiles (``STATE_TILE_ELEMS``; on the GPU D = Dv = 128 runs as two 128 x 64 tiles), here
+    16 columns: 2 tiles, or 3 of a padded Dv = 48 (BLOCK_DV 64 unsplit), with autograd and without, vs float64,
+    and the state vs the unsplit kernel's (the first tile alone writes z and RALA's (m, l))."""
+    from visionattn.kernels import linear as fwd
+
+    monkeypatch.setattr(fwd, "STATE_TILE_ELEMS", 16 * 16)
+    assert fwd.state_dv_block(16, dv) == 16
+    inputs, kwargs = _inputs(rng, variant, device=kernel_device, dv=dv)
+    _check_against_reference(rng, inputs, kwargs, torch.float32)
+    with torch.no_grad():
+        out = linear_attention(**inputs, **kwargs, backend="triton")
+    ref64 = {n: t.detach().double() for n, t in inputs.items()}
+    rope64 = {"rope": tuple(t.double() for t in kwargs["rope"])} if "rope" in kwargs else {}
+    assert_close("out (inference)", linear_attention_reference(**ref64, **{**kwargs, **rope64}), out)
+    key_args = dict(k_norm=inputs.get("k_norm"), key_weight=inputs.get("key_weight"), rope=kwargs.get("rope"))
+    key_args = {n: t.detach() if isinstance(t, torch.Tensor) else t for n, t in key_args.items()}
+    if kwargs.get("key_weight") == "rala":
+        qn = inputs.get("q_norm", inputs["q"]).detach()
+        key_args.update(key_weight="rala", query_mean=linear_attention_query_mean(qn, backend="triton"))
+    k, v = inputs["k"].detach(), inputs["v"].detach()
+    split = linear_attention_state(k, v, feature_map=kwargs["feature_map"], backend="triton", **key_args)
+    monkeypatch.setattr(fwd, "STATE_TILE_ELEMS", 0)
+    whole = linear_attention_state(k, v, feature_map=kwargs["feature_map"], backend="triton", **key_args)
+    for name, a, b in zip(("kv", "k_sum", "v_mean", "lse"), whole, split):
+        assert_close(name, a, b, tol=1e-6)
+
+
+@pytest.mark.parametrize("ones_dot", [False, True], ids=["row-tiles", "ones-dot"])
+@pytest.mark.parametrize("feature_map", ["elu1", "softmax"])
+def test_linear_attention_query_mean_kernel_configs(monkeypatch, kernel_device, rng, ones_dot, feature_map):
+    """Both forms of the query-mean kernel (fp32 row-tile sums with a masked tail, the ones-matrix dot) vs float64:
+    chunks of two whole tiles and of a tail alone, a padded head dim."""
+    import triton
+
+    from visionattn.kernels import linear_query_mean as fwd
+
+    kernel = fwd._linear_fwd_kernel_query_mean
+    config = triton.Config({"BLOCK_N": 16, "ONES_DOT": ones_dot}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(fwd, "chunking", lambda n, bh, device, per_sm=0: (32, 2))
+    q = torch.randn(2, 3, 37, 24, generator=rng).to(kernel_device)
+    phi = {"elu1": lambda x: torch.nn.functional.elu(x) + 1, "softmax": lambda x: x.softmax(-1)}[feature_map]
+    out = fwd.linear_query_mean_fwd(q, feature_map)
+    assert_close("query mean", phi(q.double()).mean(dim=2), out)
+
+
 def test_linear_attention_kernel_traces_with_fullgraph(kernel_device, rng):
     """Compiled forward and the gradients of q, k, v, q_norm, k_norm (all three custom ops) vs float64."""
     inputs, kwargs = _inputs(rng, ("elu1", "divisive", "rala", True), device=kernel_device)

@@ -6,7 +6,13 @@ and o written forward; q, k, v, do read and dq, dk, dv written backward). The ``
 the forward byte count (half read, half written): ours' GB/s over its GB/s is the fraction of copy bandwidth.
 
     python tools/bench.py attention --cases linear --mode both --dtype bf16 --out docs/benchmarks/linear_h100
+
+Rows ``ours-plain-s7``, ``ours-mala-s7``, ``ours-rala-s7`` run the same op with session 7's kernel settings
+(``_S7_SETTINGS``), for same-run A/B against ``ours-plain``, ``ours-mala``, ``ours-rala``.
 """
+
+import contextlib
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +61,37 @@ def _variants() -> dict:
     }
 
 
+#: ``visionattn.kernels`` settings of session 7's forward, for same-run A/B rows ``<variant>-s7``: the state
+#: pass unsplit (one 128 x 128 program per chunk at D = Dv = 128), the query mean at 4 programs per SM.
+_S7_SETTINGS = {("linear", "STATE_TILE_ELEMS"): 0, ("linear_query_mean", "QUERY_MEAN_PROGRAMS_PER_SM"): 4}
+_S7_ROWS = ("ours-plain", "ours-mala", "ours-rala")
+
+
+@contextlib.contextmanager
+def _kernel_settings(values: dict):
+    """Set ``{(module, name): value}`` attributes of ``visionattn.kernels.<module>`` for one call (the autotuners
+    key on what they change)."""
+    modules = {key: importlib.import_module(f"visionattn.kernels.{key[0]}") for key in values}
+    saved = {key: getattr(modules[key], key[1]) for key in values}
+    for key, value in values.items():
+        setattr(modules[key], key[1], value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(modules[key], key[1], value)
+
+
 def _with_rope(kwargs: dict, rope) -> dict:
     """``rope="pairs"``: the same rotation as ``(N, D/2)`` tables, one angle per channel pair (views, no copy)."""
     if not kwargs.get("rope"):
         return kwargs
     return {**kwargs, "rope": tuple(t[:, ::2] for t in rope) if kwargs["rope"] == "pairs" else rope}
+
+
+def _old_path(fn, q, k, v, rope):
+    with _kernel_settings(_S7_SETTINGS):
+        return fn(q, k, v, rope)
 
 
 def _fla():
@@ -112,6 +144,8 @@ def cases(args) -> list[BenchCase]:
         impls[impl] = lambda q, k, v, rope, kw=kwargs: linear_attention(
             q, k, v, **_with_rope(kw, rope), backend=backend
         )
+    for impl in _S7_ROWS:
+        impls[f"{impl}-s7"] = lambda q, k, v, rope, fn=impls[impl]: _old_path(fn, q, k, v, rope)
     rows = []
     for label, b, h, n, d in SHAPES if on_gpu else CPU_SHAPES:
         elt = torch.finfo(args.dtype).bits // 8

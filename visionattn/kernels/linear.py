@@ -10,11 +10,12 @@ Pass 1b (``linear_merge.py``) sums the partials in a fixed order (deterministic,
 ``exp(m_c − max m)``, into the mean-normalised ``S̄, z̄, v̄`` and ``lse``. Pass 2
 (``_linear_fwd_kernel_apply``, grid ``(chunks, B·H)``) maps chunks of query rows through the state; without a
 backward to save the state for, and with at most ``FOLD_MAX_CHUNKS`` key chunks, it merges the partials itself
-(``FOLD``) and pass 1b is not launched. RALA's ``q̄`` comes from ``_linear_fwd_kernel_query_mean`` first.
+(``FOLD``) and pass 1b is not launched. RALA's ``q̄`` comes from ``linear_query_mean.py`` first.
 Backward kernels: ``linear_bwd.py`` (sharing the helpers here).
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -32,7 +33,6 @@ __all__ = [
     "chunking",
     "dot_precision",
     "linear_apply_fwd",
-    "linear_query_mean_fwd",
     "linear_state_fwd",
     "numerator_scale",
     "rope_strides",
@@ -55,41 +55,71 @@ _ROW_TILES = (32, 64, 128)
 #: fit three stages (state pass at D = Dv = 128, Triton 3.6: 192-250 regs, 74-90 KB, no spills).
 _SMALL_STATE_CONFIGS = ((64, 4, 3), (64, 8, 3), (128, 8, 3))
 _BIG_STATE_CONFIGS = ((32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 8, 3))
-_REDUCE_CONFIGS = [
-    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS
-]
+#: The state pass on 128 x 64 Dv tiles (``STATE_TILE_ELEMS``), Triton 3.6 sm_90: 32-row tiles 100-126 regs for plain,
+#: MALA and RALA (two 8-warp programs per SM; 158-168 with RoPE), 37-74 KB; (64, 8, 3) 173-218 regs (one).
+_SPLIT_STATE_CONFIGS = ((32, 8, 3), (32, 8, 4), (64, 8, 3))
+#: The apply kernel's extra configs for 16-bit 128 x 128 states, (BLOCK_N, num_warps, num_stages, maxnreg): (64, 8, 3)
+#: takes 132 regs (one 8-warp program per SM), capped at 128 it takes 127 without spills (plain; MALA + RoPE spills
+#: 48 B), so two fit; (32, 8, 4) takes 80-102 regs and 64-88 KB (two to three per SM).
+_APPLY_EXTRA_CONFIGS = ((64, 8, 3, 128), (32, 8, 4, None))
+
+
+def _config(n: int, w: int, s: int, maxnreg: int | None = None) -> triton.Config:
+    return triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=maxnreg)
+
+
+def _key(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg
+
+
+_REDUCE_CONFIGS = [_config(*c) for c in dict.fromkeys(_SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS + _SPLIT_STATE_CONFIGS)]
+# (32, 8, 4) is a config of the split state pass already
+_APPLY_CONFIGS = _REDUCE_CONFIGS + [_config(*c) for c in _APPLY_EXTRA_CONFIGS if c[3] is not None]
 _REDUCE_DEFAULT = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
-_QUERY_MEAN_CONFIGS = [
-    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=3) for n, w in ((64, 4), (128, 4), (128, 8))
-]
 _BLOCK_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (64, 128) for w in (4, 8)]
 _BLOCK_DEFAULT = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
 #: Aim for this many programs per streaming multiprocessor, so short or few-head inputs still fill the GPU.
 _PROGRAMS_PER_SM = 4
+#: The apply kernel's programs per multiprocessor (``VISIONATTN_LINEAR_APPLY_PER_SM``): with 2 or 3 resident programs
+#: per SM (d128: 127 regs capped, or (32, 8, 4)), 8 leaves a smaller last wave than 4; 4 is session 7's value.
+APPLY_PROGRAMS_PER_SM = int(os.environ.get("VISIONATTN_LINEAR_APPLY_PER_SM", "4"))
 #: Up to this many key chunks, the apply kernel merges the state pass's partials itself (``linear_apply_fwd``): every
 #: apply program of a (batch, head) re-reads all of its partials from L2, instead of one merge kernel launch.
 FOLD_MAX_CHUNKS = 4
+#: The state pass splits Dv so that one program's fp32 accumulator holds at most this many elements (0: never).
+#: D = Dv = 128 becomes two 128 x 64 programs per chunk: a 128 x 128 accumulator is 64 KB of registers, so one 8-warp
+#: program per SM (192-250 regs/thread, offline sm_90) with little latency hiding. ``VISIONATTN_LINEAR_STATE_SPLIT``
+#: sets it (0 for the unsplit kernel in A/B runs).
+STATE_TILE_ELEMS = int(os.environ.get("VISIONATTN_LINEAR_STATE_SPLIT", str(64 * 128)))
 #: Register budget of that merge in fp32 elements: ``BLOCK_C = _FOLD_LOAD // (D·Dv)`` chunks (1 to FOLD_MAX_CHUNKS)
 #: per load, whatever the chunk count (one compiled variant per head dims).
 _FOLD_LOAD = 2048
 
 
-def _state_family(configs, state_bytes: int):
-    """The configs of the state size's family (see ``_SMALL_STATE_CONFIGS``): autotuning compiles every config."""
+def _state_family(configs, state_bytes: int, extra=()):
+    """The configs of the state size's family (see ``_SMALL_STATE_CONFIGS``) and ``extra``: autotuning compiles
+    every config."""
     family = _BIG_STATE_CONFIGS if state_bytes > 64 * 128 * 4 else _SMALL_STATE_CONFIGS
-    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in family] or configs[:1]
+    keys = {(*c, None) for c in family} | set(extra)
+    return [c for c in configs if _key(c) in keys] or configs[:1]
 
 
 def _prune_reduce_configs(configs, nargs, **kwargs):
-    """The family of an fp32 state (the split-N reductions accumulate it in fp32)."""
+    """The family of an fp32 state (the split-N reductions accumulate it in fp32); the state pass's Dv tiles
+    (``BLOCK_DV`` below Dv) their own."""
     args = {**nargs, **kwargs}
+    if args["BLOCK_DV"] < triton.next_power_of_2(args["DV"]):
+        return [c for c in configs if _key(c) in {(*c, None) for c in _SPLIT_STATE_CONFIGS}] or configs[:1]
     return _state_family(configs, args["BLOCK_D"] * args["BLOCK_DV"] * 4)
 
 
 def _prune_apply_configs(configs, nargs, **kwargs):
-    """The family of the apply kernel's state operand, in the input dtype (16-bit 128 x 128: the deep pipelines)."""
+    """The family of the apply kernel's state operand, in the input dtype (16-bit 128 x 128: the deep pipelines and
+    ``_APPLY_EXTRA_CONFIGS``)."""
     args = {**nargs, **kwargs}
-    return _state_family(configs, args["BLOCK_D"] * args["BLOCK_DV"] * args["q_ptr"].element_size())
+    elems = args["BLOCK_D"] * args["BLOCK_DV"]
+    extra = _APPLY_EXTRA_CONFIGS if elems >= 128 * 128 and args["q_ptr"].element_size() == 2 else ()
+    return _state_family(configs, elems * args["q_ptr"].element_size(), extra)
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
@@ -97,7 +127,8 @@ def _prune_apply_configs(configs, nargs, **kwargs):
 def _phi(x, m_d, FEATURE: tl.constexpr):
     """φ(x) in fp32 for a [ROWS, BLOCK_D] tile; zero on padded head-dim columns."""
     if FEATURE == 0:
-        y = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+        # x + 1 for x > 0 (exp(0) = 1 exactly), exp(x) otherwise: no compare and select per element
+        y = tl.maximum(x, 0.0) + tl.exp(tl.minimum(x, 0.0))
     elif FEATURE == 1:
         y = tl.maximum(x, 0.0)
     elif FEATURE == 2:
@@ -181,54 +212,8 @@ def _features(
 
 # ------------------------------------------------------------------------------------------------ forward kernels
 @triton.autotune(
-    configs=autotune_configs(_QUERY_MEAN_CONFIGS, _REDUCE_DEFAULT),
-    key=["D", "FEATURE"],
-    **autotune_kwargs(),
-)
-@triton.jit
-def _linear_fwd_kernel_query_mean(
-    q_ptr,
-    part_ptr,
-    stride_q_b,
-    stride_q_h,
-    stride_q_n,
-    stride_q_d,
-    H,
-    N,
-    chunk_len,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    FEATURE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    # the row sum as a product with a ones matrix (16 identical rows, the smallest dot tile): the tensor cores
-    # reduce, the accumulator is 16 rows instead of BLOCK_N, and a load that feeds a dot is software-pipelined
-    # through shared memory (num_stages), so more of q is in flight per program than registers would hold. The
-    # operands take q's dtype (φ(q) rounded to it, as the state pass's dot operands are; sums stay fp32).
-    b_ones = tl.full([16, BLOCK_N], 1.0, dtype=q_ptr.dtype.element_ty)
-    b_acc = tl.zeros([16, BLOCK_D], dtype=tl.float32)
-    start = i_c * chunk_len
-    end = tl.minimum(start + chunk_len, N)
-    for n0 in range(start, end, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < end
-        p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h + o_n[:, None] * stride_q_n + o_d[None, :] * stride_q_d
-        # [BLOCK_N, BLOCK_D]
-        b_phi = _phi(_load_rows(p_q, m_n, m_d), m_d, FEATURE)
-        b_phi = tl.where(m_n[:, None], b_phi, 0.0).to(q_ptr.dtype.element_ty)
-        b_acc = tl.dot(b_ones, b_phi, b_acc, input_precision=DOT_PRECISION)
-    b_mean = tl.sum(tl.where(tl.arange(0, 16)[:, None] == 0, b_acc, 0.0), axis=0) / N
-    tl.store(part_ptr + (i_c * tl.num_programs(1) + i_bh) * D + o_d, b_mean, mask=m_d)
-
-
-@triton.autotune(
     configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
-    key=["D", "DV", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE", "ROPE_PAIRS", "V_SUM"],
+    key=["D", "DV", "BLOCK_DV", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE", "ROPE_PAIRS", "V_SUM"],
     prune_configs_by={"early_config_prune": _prune_reduce_configs},
     **autotune_kwargs(),
 )
@@ -279,10 +264,13 @@ def _linear_fwd_kernel_state(
     V_SUM: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    # program (i_c·DV_TILES + i_e, i_bh): Dv tile i_e of chunk i_c. The Dv tiles of one chunk are adjacent in launch
+    # order, so they run together and all but the first read the chunk's k rows from L2 (HBM reads them once)
+    DV_TILES: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
+    i_c, i_e, i_bh = tl.program_id(0) // DV_TILES, tl.program_id(0) % DV_TILES, tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_d = tl.arange(0, BLOCK_D)
-    o_e = tl.arange(0, BLOCK_DV)
+    o_e = i_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
     m_d = o_d < D
     m_e = o_e < DV
     b_kv = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
@@ -312,12 +300,15 @@ def _linear_fwd_kernel_state(
         if WEIGHT == 2:
             b_s = tl.where(m_n, scale * tl.sum(b_phin * b_qm[None, :], axis=1), _NEG_INF)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0))
-            b_alpha = tl.exp(b_m - b_m_new)
-            b_u = tl.exp(b_s - b_m_new)
-            b_kv *= b_alpha
-            b_ks *= b_alpha
-            b_l = b_l * b_alpha + b_u
-            b_m = b_m_new
+            # rescale only when the running max grows (a few tiles per chunk): a factor exp(0) = 1 changes nothing
+            if b_m_new > b_m:
+                b_alpha = tl.exp(b_m - b_m_new)
+                b_kv *= b_alpha
+                b_ks *= b_alpha
+                b_l *= b_alpha
+                b_m = b_m_new
+            b_u = tl.exp(b_s - b_m)
+            b_l += b_u
         elif WEIGHT == 1:
             p_w = w_ptr + i_b * stride_w_b + i_h * stride_w_h + o_n * stride_w_n
             b_u = tl.load(p_w, mask=m_n, other=0.0).to(tl.float32)
@@ -331,14 +322,16 @@ def _linear_fwd_kernel_state(
     i_part = i_c * tl.num_programs(1) + i_bh
     p_kv = kv_part_ptr + i_part * D * DV + o_d[:, None] * DV + o_e[None, :]
     tl.store(p_kv, b_kv, mask=m_d[:, None] & m_e[None, :])
-    tl.store(ks_part_ptr + i_part * D + o_d, tl.sum(b_ks, axis=0), mask=m_d)
     tl.store(vs_part_ptr + i_part * DV + o_e, tl.sum(b_vs, axis=0), mask=m_e)
-    tl.store(ml_part_ptr + i_part * 2, b_m)
-    tl.store(ml_part_ptr + i_part * 2 + 1, tl.sum(b_l, axis=0))
+    # every Dv tile computes the same z and (m, l) (the same loads, the same order); the first one stores them
+    if i_e == 0:
+        tl.store(ks_part_ptr + i_part * D + o_d, tl.sum(b_ks, axis=0), mask=m_d)
+        tl.store(ml_part_ptr + i_part * 2, b_m)
+        tl.store(ml_part_ptr + i_part * 2 + 1, tl.sum(b_l, axis=0))
 
 
 @triton.autotune(
-    configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
+    configs=autotune_configs(_APPLY_CONFIGS, _REDUCE_DEFAULT),
     key=["D", "DV", "FEATURE", "NORMALIZE", "HAS_Q_NORM", "HAS_ROPE", "ROPE_PAIRS", "FOLD", "RALA"],
     prune_configs_by={"early_config_prune": _prune_apply_configs},
     **autotune_kwargs(),
@@ -449,14 +442,30 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def state_dv_block(d: int, dv: int) -> int:
+    """The state pass's Dv tile: the whole (power-of-two) Dv, or tiles of ``STATE_TILE_ELEMS / BLOCK_D`` columns
+    when the fp32 accumulator ``BLOCK_D x BLOCK_DV`` would exceed ``STATE_TILE_ELEMS`` (D = Dv = 128: 64)."""
+    block_dv = next_block(dv)
+    if STATE_TILE_ELEMS and next_block(d) * block_dv > STATE_TILE_ELEMS:
+        return min(block_dv, max(16, STATE_TILE_ELEMS // next_block(d)))
+    return block_dv
+
+
+def state_chunking(n: int, bh: int, d: int, dv: int, device: torch.device) -> tuple[int, int, int]:
+    """(chunk length, number of chunks, Dv tile) of the state pass: ``chunking`` over ``B·H·Dv tiles`` programs."""
+    block_dv = state_dv_block(d, dv)
+    return *chunking(n, bh * cdiv(dv, block_dv), device), block_dv
+
+
 @functools.lru_cache(maxsize=1024)
-def chunking(n: int, bh: int, device: torch.device) -> tuple[int, int]:
-    """(chunk length, number of chunks) of a split-N pass: enough programs to fill the GPU, whole row tiles.
+def chunking(n: int, bh: int, device: torch.device, per_sm: int = _PROGRAMS_PER_SM) -> tuple[int, int]:
+    """(chunk length, number of chunks) of a split-N pass: about ``per_sm`` programs per multiprocessor, whole row
+    tiles.
 
     Cached: every launch of a split-N pass asks, with a handful of distinct shapes per model."""
     tile = _REDUCE_DEFAULT.kwargs["BLOCK_N"] if is_interpreter() else max(_ROW_TILES)
     if device.type == "cuda":
-        programs = _PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None else 0)
+        programs = per_sm * _multiprocessors(device.index if device.index is not None else 0)
         chunks = max(1, min(cdiv(n, tile), programs // max(bh, 1)))
     else:
         chunks = cdiv(n, tile)
@@ -475,27 +484,6 @@ def strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
 
 def rope_strides(cos: torch.Tensor | None) -> tuple[int, int]:
     return tuple(cos.stride()) if cos is not None else (0, 0)
-
-
-def linear_query_mean_fwd(q: torch.Tensor, feature_map: str) -> torch.Tensor:
-    """``(1/Nq) Σ_i φ(q_i)``, ``(B, H, D)`` fp32. Grid ``(chunks, B·H)``; partials (already divided by Nq) summed
-    in chunk order."""
-    b, h, n, d = q.shape
-    chunk_len, chunks = chunking(n, b * h, q.device)
-    part = torch.empty(chunks, b, h, d, device=q.device, dtype=torch.float32)
-    _linear_fwd_kernel_query_mean[(chunks, b * h)](
-        q,
-        part,
-        *q.stride(),
-        h,
-        n,
-        chunk_len,
-        D=d,
-        BLOCK_D=next_block(d),
-        FEATURE=FEATURE_CODES[feature_map],
-        DOT_PRECISION=dot_precision(q.dtype),
-    )
-    return part.sum(dim=0)
 
 
 def linear_state_fwd(
@@ -520,7 +508,7 @@ def linear_state_fwd(
     """
     b, h, n, d = k.shape
     dv = v.shape[-1]
-    chunk_len, chunks = chunking(n, b * h, k.device)
+    chunk_len, chunks, block_dv = state_chunking(n, b * h, d, dv, k.device)
     f32 = dict(device=k.device, dtype=torch.float32)
     kv_part = torch.empty(chunks, b * h, d, dv, **f32)
     ks_part = torch.empty(chunks, b * h, d, **f32)
@@ -529,8 +517,8 @@ def linear_state_fwd(
     rala = query_mean is not None
     weight = _WEIGHT_RALA if rala else _WEIGHT_TENSOR if key_weight is not None else _WEIGHT_NONE
     qm = query_mean.float().contiguous() if rala else kv_part
-    tiles = dict(D=d, DV=dv, BLOCK_D=next_block(d), BLOCK_DV=next_block(dv))
-    _linear_fwd_kernel_state[(chunks, b * h)](
+    tiles = dict(D=d, DV=dv, BLOCK_D=next_block(d), BLOCK_DV=block_dv)
+    _linear_fwd_kernel_state[(chunks * cdiv(dv, block_dv), b * h)](
         k,
         v,
         k if k_norm is None else k_norm,
@@ -592,7 +580,7 @@ def linear_apply_fwd(
         kv, k_sum, v_mean, _ = merge_state_partials(kv, k_sum, v_mean, partials[0], length, partials[1])
         partials = None
     o = empty_like_layout(q, dv)
-    chunk_len, chunks = chunking(n, b * h, q.device)
+    chunk_len, chunks = chunking(n, b * h, q.device, APPLY_PROGRAMS_PER_SM)
     fold = partials is not None
     fold_load = max(1, min(FOLD_MAX_CHUNKS, _FOLD_LOAD // (next_block(d) * next_block(dv))))
     _linear_fwd_kernel_apply[(chunks, b * h)](

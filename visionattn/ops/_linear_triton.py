@@ -40,7 +40,7 @@ def rope_operands(rope, like: torch.Tensor):
 # ------------------------------------------------------------------------------------------------ query mean
 @custom_op("visionattn::linear_query_mean")
 def query_mean_op(q: torch.Tensor, feature_map: str) -> torch.Tensor:
-    from ..kernels.linear import linear_query_mean_fwd
+    from ..kernels.linear_query_mean import linear_query_mean_fwd
 
     return linear_query_mean_fwd(q, feature_map)
 
@@ -276,7 +276,8 @@ def rala_op(
     The three passes are the kernels of the ops above. Being one node lets the backward add the query mean's
     gradient into the apply's ``dq`` in place (one read and write of dq) rather than writing a second gradient of
     q's size that autograd then sums with the first (two more reads and a write)."""
-    from ..kernels.linear import linear_apply_fwd, linear_query_mean_fwd, linear_state_fwd
+    from ..kernels.linear import linear_apply_fwd, linear_state_fwd
+    from ..kernels.linear_query_mean import linear_query_mean_fwd
 
     q_mean = linear_query_mean_fwd(q if q_norm is None else q_norm, feature_map)
     kv, k_sum, v_mean, lse = linear_state_fwd(
@@ -369,7 +370,8 @@ def infer_op(
 ) -> torch.Tensor:
     """``linear_attention`` without autograd (``rala``: ``key_weight="rala"``, else the ``key_weight`` tensor or
     None): the state pass's chunk partials go to the apply kernel unmerged (``linear_apply_fwd(partials=...)``)."""
-    from ..kernels.linear import linear_apply_fwd, linear_query_mean_fwd, linear_state_fwd
+    from ..kernels.linear import linear_apply_fwd, linear_state_fwd
+    from ..kernels.linear_query_mean import linear_query_mean_fwd
 
     q_mean = linear_query_mean_fwd(q if q_norm is None else q_norm, feature_map) if rala else None
     kv, ks, vs, ml = linear_state_fwd(
