@@ -345,14 +345,15 @@ def test_linear_attention_kernel_is_deterministic_gpu(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("config_index", range(6))
+@pytest.mark.parametrize("config_index", range(9))
 def test_linear_attention_kernel_every_config_gpu(monkeypatch, rng, d, config_index):
     """Each autotune config of the chunked kernels, forced one at a time (autotune alone would test only winners)."""
     import triton
 
     from visionattn.kernels import linear as fwd
 
-    config = fwd._REDUCE_CONFIGS[config_index]
+    assert len(fwd._APPLY_CONFIGS) == 9, "every config is one case here"
+    config = fwd._APPLY_CONFIGS[config_index]
     _pin_config(monkeypatch, config)
     inputs, kwargs = _inputs(
         rng,
@@ -370,6 +371,24 @@ def test_linear_attention_kernel_every_config_gpu(monkeypatch, rng, d, config_in
         _check_against_reference(rng, inputs, kwargs, torch.bfloat16)
     except triton.runtime.errors.OutOfResources as exc:
         pytest.skip(f"{config} does not fit at D={d} (autotune skips it too): {exc}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [VARIANTS[0], ("elu1", "additive", "rala", True)], ids=_variant_id)
+def test_linear_attention_kernel_split_state_real_size_gpu(monkeypatch, rng, variant):
+    """B1 H12 N32760 d128 (the state pass on two 128 x 64 Dv tiles per chunk): with and without autograd vs float64,
+    and vs the unsplit state pass."""
+    from visionattn.kernels import linear as fwd
+
+    assert fwd.state_dv_block(128, 128) == 64
+    shape = dict(b=1, h=12, nq=32760, nk=32760, d=128, dv=128)
+    inputs, kwargs = _inputs(rng, variant, **shape, dtype=torch.bfloat16, device="cuda")
+    _check_against_reference(rng, inputs, kwargs, torch.bfloat16)
+    with torch.no_grad():
+        split = linear_attention(**inputs, **kwargs, backend="triton")
+        monkeypatch.setattr(fwd, "STATE_TILE_ELEMS", 0)
+        whole = linear_attention(**inputs, **kwargs, backend="triton")
+    assert_close("split vs unsplit", whole, split, dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu
