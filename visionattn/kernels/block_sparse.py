@@ -12,14 +12,16 @@ which evaluate the exact token predicate of ``visionattn.layout.predicates`` in-
 The backward kernels live in ``block_sparse_bwd.py``, the in-kernel token predicates in ``mask_predicates.py``.
 """
 
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, autotune_kwargs
+from ._config import autotune
 from ._constants import LN2, LOG2E, NEG_INF
+from ._tma import bhnd_descriptor, has_tma
 from .mask_predicates import (
     _MASKED,
     _PACKED,
@@ -32,6 +34,7 @@ from .mask_predicates import (
 
 __all__ = [
     "TILE_HEURISTICS",
+    "TMA_ENV",
     "block_sparse_fwd",
     "cdiv",
     "csr_strides",
@@ -41,6 +44,7 @@ __all__ = [
     "leading_strides",
     "next_block",
     "prune_configs",
+    "tma_descriptors",
     "unit_last_stride",
 ]
 
@@ -58,6 +62,9 @@ _FWD_CONFIGS = [
 # Under the interpreter: 16-row tiles, so tests with 32-token blocks also exercise the sub-tile walk.
 _DEFAULT_CONFIG = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_stages=2)
 _AUTOTUNE_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "GATHER"]
+#: Environment switch of the forward's TMA path (read at every launch, so one process can time both): ``1`` reads
+#: q, k, v and writes out through TMA tensor descriptors where ``tma_descriptors`` allows, ``0`` (default) never.
+TMA_ENV = "VISIONATTN_BSA_TMA"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -109,6 +116,25 @@ def prune_configs(configs, nargs, **kwargs):
     return kept or configs[:1]
 
 
+def _tma_block_shapes(nargs):
+    """Autotune pre-hook of the TMA configs: each descriptor's block is ``[1, 1, rows, head-dim tile]`` with the
+    config's row tiles (``TILE_HEURISTICS``)."""
+    m, n = TILE_HEURISTICS["BLOCK_M"](nargs), TILE_HEURISTICS["BLOCK_N"](nargs)
+    d, dv = nargs["BLOCK_D"], nargs["BLOCK_DV"]
+    for name, rows, cols in (("q", m, d), ("k", n, d), ("v", n, dv), ("o", m, dv)):
+        nargs[f"{name}_desc"].block_shape = [1, 1, rows, cols]
+
+
+# The TMA path's configs (the pre-hook sizes the descriptors; the pointer configs have none, so their tuning results
+# stay cached on disk). The CSR index load is a pipeline stage of its own: 3 stages double-buffer K/V, 5 triple-buffer
+# them (sm_90, Triton 3.6; 4 compiles like 3). The first fits every shape (about 100-130 KB of shared memory).
+_FWD_TMA_CONFIGS = [
+    triton.Config({"TILE_M": m, "TILE_N": n}, num_warps=w, num_stages=s, pre_hook=_tma_block_shapes)
+    for m, n, w, s in [(128, 64, 4, 3), (128, 128, 8, 5), (128, 128, 8, 2), (128, 64, 4, 5), (128, 64, 8, 3)]
+]
+_DEFAULT_TMA_CONFIG = triton.Config(_DEFAULT_CONFIG.kwargs, num_warps=4, num_stages=2, pre_hook=_tma_block_shapes)
+
+
 # ---------------------------------------------------------------------------------------------- argument bundles
 # Named tuples that the kernels build at a call site and the helpers read by field (free: they only group SSA values).
 # Their UPPER fields are constexprs, which survive only while the tuple is passed straight into a call: assigning a
@@ -123,6 +149,15 @@ class _Operand(NamedTuple):
     stride_d: tl.tensor
     rows: tl.tensor
     GATHER: tl.constexpr
+
+
+class _Tiles(NamedTuple):
+    """A ``(B, H, N, D)`` tensor read through a rank-4 TMA ``TensorDescriptor`` at batch ``b``, head ``h``: row tiles
+    land in shared memory, zero past the sequence and the head dim (the descriptor's shape)."""
+
+    desc: tl.tensor
+    b: tl.tensor
+    h: tl.tensor
 
 
 class _Walk(NamedTuple):
@@ -261,24 +296,43 @@ def _bsa_load_step(x, y, walk, t, dims):
 
 
 @triton.jit
-def _bsa_key_tile_scores(b_q, q_pos, t, k, v, keys, pred, dims, PREDICATE: tl.constexpr):
-    """Step ``t`` of a query tile's walk ``keys`` over the key blocks: the key tile ``[BLOCK_N, BLOCK_D]`` of ``k``,
-    value tile ``[BLOCK_N, BLOCK_DV]`` of ``v`` and the masked, unscaled scores ``q·k`` ``[BLOCK_M, BLOCK_N]``,
-    shared by the forward and the dQ pass. The callers scale inside ``exp2(s * qk_scale - m)``, one FMA per score
-    (``qk_scale > 0``, so the row maximum of the scaled scores is the scaled maximum)."""
-    b_k, b_v, start_n, _, n_valid = _bsa_load_step(k, v, keys, t, dims)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=dims.DOT_PRECISION)
-    b_s = _bsa_mask_scores(b_s, q_pos, start_n + tl.arange(0, keys.TILE), n_valid, pred, keys, PREDICATE, True)
-    return b_k, b_v, b_s
+def _bsa_tma_tile(x, start, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows ``[start, start + ROWS)`` of the ``_Tiles`` operand ``x``, ``[ROWS, COLS]``."""
+    return x.desc.load([x.b, x.h, start, 0]).reshape(ROWS, COLS)
 
 
 @triton.jit
-def _block_sparse_fwd_inner(acc, m_i, l_i, b_q, q_pos, k, v, qk_scale, keys, pred, dims):
-    """Online softmax (exp2, fp32) over the sub-tiles of the key blocks of the walk ``keys``."""
+def _bsa_scores(b_q, b_k, q_pos, start_n, n_valid, keys, pred, dims, PREDICATE: tl.constexpr):
+    """The masked, unscaled scores ``q·k`` ``[BLOCK_M, BLOCK_N]`` of the key tile ``b_k`` at ``start_n`` of ``keys``.
+    The callers scale inside ``exp2(s * qk_scale - m)``, one FMA per score (``qk_scale > 0``, so the row maximum of
+    the scaled scores is the scaled maximum)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=dims.DOT_PRECISION)
+    return _bsa_mask_scores(b_s, q_pos, start_n + tl.arange(0, keys.TILE), n_valid, pred, keys, PREDICATE, True)
+
+
+@triton.jit
+def _bsa_key_tile_scores(b_q, q_pos, t, k, v, keys, pred, dims, PREDICATE: tl.constexpr):
+    """Step ``t`` of a query tile's walk ``keys`` over the key blocks: the key tile ``[BLOCK_N, BLOCK_D]`` of ``k``,
+    value tile ``[BLOCK_N, BLOCK_DV]`` of ``v`` (``_Operand``s) and the scores (``_bsa_scores``), shared by the
+    forward's pointer path and the dQ pass."""
+    b_k, b_v, start_n, _, n_valid = _bsa_load_step(k, v, keys, t, dims)
+    return b_k, b_v, _bsa_scores(b_q, b_k, q_pos, start_n, n_valid, keys, pred, dims, PREDICATE)
+
+
+@triton.jit
+def _block_sparse_fwd_inner(acc, m_i, l_i, b_q, q_pos, k, v, qk_scale, keys, pred, dims, TMA: tl.constexpr):
+    """Online softmax (exp2, fp32) over the sub-tiles of the key blocks of the walk ``keys``; ``k``, ``v`` are
+    ``_Operand``s, with ``TMA`` ``_Tiles``."""
     for phase in tl.static_range(1 if pred.MASK_KIND == _NONE else 2):
         lo, hi = _bsa_phase_range(phase, keys)
         for t in range(lo, hi):
-            b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, k, v, keys, pred, dims, phase == 1)
+            if TMA:
+                start_n, n_valid = _bsa_loop_tile(keys, t)
+                b_k = _bsa_tma_tile(k, start_n, keys.TILE, dims.BLOCK_D)
+                b_v = _bsa_tma_tile(v, start_n, keys.TILE, dims.BLOCK_DV)
+                b_s = _bsa_scores(b_q, b_k, q_pos, start_n, n_valid, keys, pred, dims, phase == 1)
+            else:
+                b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, k, v, keys, pred, dims, phase == 1)
             m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
             b_p = tl.math.exp2(b_s * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
@@ -288,19 +342,17 @@ def _block_sparse_fwd_inner(acc, m_i, l_i, b_q, q_pos, k, v, qk_scale, keys, pre
     return acc, m_i, l_i
 
 
-@triton.autotune(
-    configs=autotune_configs(_FWD_CONFIGS, _DEFAULT_CONFIG),
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": prune_configs},
-    **autotune_kwargs(),
-)
 @triton.heuristics(TILE_HEURISTICS)
 @triton.jit
-def _block_sparse_fwd_kernel(
+def _block_sparse_fwd(
     q_ptr,
     k_ptr,
     v_ptr,
     o_ptr,
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
     lse_ptr,
     indptr_ptr,
     indices_ptr,
@@ -350,10 +402,11 @@ def _block_sparse_fwd_kernel(
     MASK_KIND: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GATHER: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     i_bh = tl.program_id(1)
-    i_b = (i_bh // num_heads).to(tl.int64)
-    i_h = (i_bh % num_heads).to(tl.int64)
+    i_b32, i_h32 = i_bh // num_heads, i_bh % num_heads
+    i_b, i_h = i_b32.to(tl.int64), i_h32.to(tl.int64)
     i_m, start_m, m_valid = _bsa_program_tile(tl.program_id(0), block_q, q_len, Q_SUB, BLOCK_M)
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
@@ -366,13 +419,18 @@ def _block_sparse_fwd_kernel(
     else:
         q_rows = start_m + o_m
         m_store = m_m
-    p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h
-    p_q += q_rows[:, None] * stride_q_n + o_d[None, :] * stride_q_d
     # [BLOCK_M, BLOCK_D]
-    b_q = _bsa_load(p_q, m_m, o_d < HEAD_DIM, EVEN_M, HEAD_DIM == BLOCK_D)
+    if TMA:
+        b_q = _bsa_tma_tile(_Tiles(q_desc, i_b32, i_h32), start_m, BLOCK_M, BLOCK_D)
+    else:
+        p_q = q_ptr + i_b * stride_q_b + i_h * stride_q_h
+        p_q += q_rows[:, None] * stride_q_n + o_d[None, :] * stride_q_d
+        b_q = _bsa_load(p_q, m_m, o_d < HEAD_DIM, EVEN_M, HEAD_DIM == BLOCK_D)
     row_start, row_split, row_end = _bsa_row_bounds(
         indptr_ptr, split_ptr, i_b * stride_indptr_b + i_h * stride_indptr_h + i_m, MASK_KIND
     )
+    p_k = k_ptr + i_b * stride_k_b + i_h * stride_k_h
+    p_v = v_ptr + i_b * stride_v_b + i_h * stride_v_h
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -382,20 +440,31 @@ def _block_sparse_fwd_kernel(
         l_i,
         b_q,
         start_m + o_m,
-        _Operand(k_ptr + i_b * stride_k_b + i_h * stride_k_h, stride_k_n, stride_k_d, kv_rows_ptr, GATHER),
-        _Operand(v_ptr + i_b * stride_v_b + i_h * stride_v_h, stride_v_n, stride_v_d, kv_rows_ptr, GATHER),
+        _Tiles(k_desc, i_b32, i_h32) if TMA else _Operand(p_k, stride_k_n, stride_k_d, kv_rows_ptr, GATHER),
+        _Tiles(v_desc, i_b32, i_h32) if TMA else _Operand(p_v, stride_v_n, stride_v_d, kv_rows_ptr, GATHER),
         qk_scale,
         _Walk(indices_ptr, row_start, row_split, row_end, block_k, kv_len, BLOCK_N, K_SUB, EVEN_N),
         _Predicate(qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND),
         _Dims(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PRECISION),
+        TMA,
     )
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    p_o = o_ptr + i_b * stride_o_b + i_h * stride_o_h
-    p_o += q_rows[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
-    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_store[:, None] & (o_dv < HEAD_DIM_V)[None, :])
+    if TMA:  # rows past the sequence and columns past the head dim are clipped
+        o_desc.store([i_b32, i_h32, start_m, 0], b_o.to(o_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
+    else:
+        p_o = o_ptr + i_b * stride_o_b + i_h * stride_o_h
+        p_o += q_rows[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
+        tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_store[:, None] & (o_dv < HEAD_DIM_V)[None, :])
     b_lse = tl.where(empty, _MASKED, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
     tl.store(lse_ptr + i_bh.to(tl.int64) * q_len + start_m + o_m, b_lse, mask=m_m)
+
+
+#: The forward over pointers and over TMA descriptors: one kernel, two tuning tables.
+_block_sparse_fwd_kernel = autotune(_FWD_CONFIGS, _DEFAULT_CONFIG, _AUTOTUNE_KEY, prune_configs)(_block_sparse_fwd)
+_block_sparse_fwd_tma_kernel = autotune(_FWD_TMA_CONFIGS, _DEFAULT_TMA_CONFIG, _AUTOTUNE_KEY, prune_configs)(
+    _block_sparse_fwd
+)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -423,6 +492,20 @@ def full_blocks_first(
     num_partial = partial_before[indptr[..., 1:].long()] - partial_before[indptr[..., :-1].long()]
     split = torch.cat([indptr[..., 1:] - num_partial, indptr[..., -1:]], dim=-1).to(torch.int32)
     return indices[order], split
+
+
+def tma_descriptors(q, k, v, out, block_q: int, block_k: int) -> tuple | None:
+    """The forward's TMA descriptors of ``q, k, v, out`` (``bhnd_descriptor``), or None where the pointer path must
+    run: not fp16/bf16, no TMA on the device, a tensor TMA cannot address, or logical blocks that some TMA config's
+    tiles do not divide (tiles never cross a block, so TMA's zero fill past the sequence is all the masking a load
+    needs; rows past a smaller block would be the next block's, and are zeroed on the pointer path)."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or not has_tma(q.device):
+        return None
+    for block, cap in ((block_q, "TILE_M"), (block_k, "TILE_N")):
+        if any(block % min(next_block(block), c.kwargs[cap]) for c in _block_sparse_fwd_tma_kernel.configs):
+            return None
+    descs = tuple(bhnd_descriptor(x) for x in (q, k, v, out))
+    return None if None in descs else descs
 
 
 def csr_strides(indptr: torch.Tensor) -> tuple[int, int]:
@@ -467,7 +550,8 @@ def block_sparse_fwd(
     ``radius2`` a circular window's squared radius. ``rows=(q_rows, kv_rows)``, int32 ``(Nq,)`` / ``(Nk,)``: the mask
     walks a permuted sequence (a tile order) that q, k, v and out store in their own order: position ``p`` is
     row ``q_rows[p]`` of q and out (-1: a padding slot, read as row 0, never written) and row ``kv_rows[p]`` of
-    k and v; the sequence axis of q, k, v, out is then the storage's own.
+    k and v; the sequence axis of q, k, v, out is then the storage's own. With ``VISIONATTN_BSA_TMA=1`` (``TMA_ENV``)
+    q, k, v and out move through TMA descriptors where ``tma_descriptors`` allows (never with ``rows``).
 
     Returns ``out`` ``(B, H, Nq, Dv)`` stored like q (q's length with ``rows``), and ``lse`` ``(B, H, Nq)`` float32
     (natural log, ``-inf`` on rows with no allowed key; in mask order).
@@ -477,11 +561,16 @@ def block_sparse_fwd(
     out = empty_like_layout(q, v.shape[-1])
     lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
-    _block_sparse_fwd_kernel[grid](
+    descs = None
+    if rows is None and os.environ.get(TMA_ENV, "0") == "1":
+        descs = tma_descriptors(q, k, v, out, block_q, block_k)
+    kernel = _block_sparse_fwd_kernel if descs is None else _block_sparse_fwd_tma_kernel
+    kernel[grid](
         q,
         k,
         v,
         out,
+        *(descs or (None,) * 4),
         lse,
         indptr,
         indices,
@@ -501,6 +590,7 @@ def block_sparse_fwd(
         *predicate_args(query_table, key_table, split),
         radius2,
         GATHER=rows is not None,
+        TMA=descs is not None,
         **launch_constexprs(q, v, mask_kind),
     )
     return out, lse
