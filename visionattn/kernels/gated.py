@@ -97,6 +97,16 @@ def _gated_rows(i_c, i_s, o_i, BT: tl.constexpr, BC: tl.constexpr, reverse):
 
 
 @triton.jit
+def _gated_sub_blocks(i_c, N, reverse, BT: tl.constexpr, BC: tl.constexpr):
+    """Scan-order range ``[lo, hi)`` of the sub-blocks of chunk ``i_c`` that hold a token ``< N``. The others (in
+    the last chunk only) are all masked: zero keys and values and no decay, so skipping them changes nothing."""
+    NS: tl.constexpr = BT // BC
+    count = tl.minimum((N - i_c * BT + BC - 1) // BC, NS)
+    lo = reverse * (NS - count)
+    return lo, lo + count
+
+
+@triton.jit
 def _gated_dot(a, b, IEEE: tl.constexpr):
     """fp32 operands, exact ("ieee") or TF32 (fp16/bf16 inputs are exact in TF32; computed operands round to 10 bits)."""
     if IEEE:

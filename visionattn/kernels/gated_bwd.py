@@ -37,6 +37,7 @@ from .gated import (
     _gated_rows,
     _gated_softplus2,
     _gated_sub_block_gates,
+    _gated_sub_blocks,
     gated_states,
 )
 
@@ -131,7 +132,8 @@ def _gated_bwd_kernel(
         # -- scan order: dq̃ of every sub-block (kept for the gate gradient), running state
         # [NS, BC, DK]
         b_dq_all = tl.zeros([NS, BC, DK], dtype=tl.float32)
-        for i_s in range(NS):
+        i_lo, i_hi = _gated_sub_blocks(i_c, N, i_dir, BT, BC)
+        for i_s in range(i_lo, i_hi):
             o_n = _gated_rows(i_c, i_s, o_i, BT, BC, i_dir)
             m_n = (o_n < N)[:, None]
             # [BC, DK]
@@ -161,7 +163,7 @@ def _gated_bwd_kernel(
         # [DK]
         b_carry = tl.sum(b_s * b_dh, axis=1)
         # -- against scan order: dk, dv, gate gradient, running gradient state
-        for i_r in range(NS):
+        for i_r in range(NS - i_hi, NS - i_lo):
             i_s = NS - 1 - i_r
             o_n = _gated_rows(i_c, i_s, o_i, BT, BC, i_dir)
             m_n = (o_n < N)[:, None]

@@ -27,6 +27,7 @@ from .gated import (
     _gated_ptrs,
     _gated_rows,
     _gated_sub_block_gates,
+    _gated_sub_blocks,
     gated_states,
 )
 
@@ -94,7 +95,8 @@ def _gated_fwd_kernel_output(
     for i_dir in tl.static_range(NUM_DIR):
         # [DK, DV]
         b_s = _gated_entry_state(states, decays, i_bh * NUM_DIR + i_dir, i_c, NT, SEG, NSEG, i_dir, DK, DV)
-        for i_s in range(BT // BC):
+        i_lo, i_hi = _gated_sub_blocks(i_c, N, i_dir, BT, BC)
+        for i_s in range(i_lo, i_hi):
             o_n = _gated_rows(i_c, i_s, o_i, BT, BC, i_dir)
             m_n = (o_n < N)[:, None]
             # [BC, DK]
