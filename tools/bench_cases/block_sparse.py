@@ -6,18 +6,23 @@ a different pattern per head) and ``nbhd`` (neighborhood attention in tile order
 window (18, 24, 24) and GNA stride (16, 8, 8)). ``flops`` are dense-equivalent, ``density`` is the fraction of
 (query, key) pairs a mask needs, so "fraction of ideal" is the speedup over cuDNN divided by ``1 / density``.
 All tensors are ``(B, H, N, D)``; neighborhood rows run on tensors already in tile order (the kernel alone).
+``ours-tma`` is ``ours`` with the forward's TMA path forced on (``VISIONATTN_BSA_TMA=1`` around each call;
+leave the variable unset so ``ours`` keeps the default path): both in one run, ``--impl ours`` selects the pair.
 
     python tools/bench.py attention --cases block_sparse --mode both --dtype bf16 --out docs/benchmarks/block_sparse_h100
 """
 
+import contextlib
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tools.bench_cases._common import BenchCase, attention_flops, compiled_flex_attention, random_qkv, timed
+from visionattn.kernels.block_sparse import TMA_ENV
 from visionattn.layout import BlockMask, TokenGrid, TokenLayout, neighborhood_block_mask
 from visionattn.ops import block_sparse_attention
 
@@ -82,6 +87,30 @@ def _cached_with_flex(build):
     return masks
 
 
+@contextlib.contextmanager
+def _tma_on():
+    """``TMA_ENV`` set to 1 inside (the launcher reads it per call), restored after."""
+    previous = os.environ.get(TMA_ENV)
+    os.environ[TMA_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[TMA_ENV]
+        else:
+            os.environ[TMA_ENV] = previous
+
+
+def _ours_tma(mask):
+    """``block_sparse_attention`` under ``mask`` with the forward's TMA path on."""
+
+    def run(q, k, v):
+        with _tma_on():
+            return block_sparse_attention(q, k, v, block_mask=mask)
+
+    return run
+
+
 def _sdpa(backend):
     def run(q, k, v):
         with sdpa_kernel([backend]):
@@ -111,7 +140,10 @@ def cases(args) -> list[BenchCase]:
     if not on_gpu:
         dense_peers = {"sdpa-math": SDPBackend.MATH}
     baseline = next(iter(dense_peers))
-    peers = {"ours": lambda mask, _: functools.partial(block_sparse_attention, block_mask=mask)}
+    peers = {
+        "ours": lambda mask, _: functools.partial(block_sparse_attention, block_mask=mask),
+        "ours-tma": lambda mask, _: _ours_tma(mask),
+    }
     peers.update({name: lambda *_, b=backend: _sdpa(b) for name, backend in dense_peers.items()})
     if on_gpu:
         peers["flex"] = lambda _, flex_mask: functools.partial(compiled_flex_attention(), block_mask=flex_mask)
