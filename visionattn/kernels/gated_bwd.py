@@ -251,7 +251,8 @@ def gated_bwd(
     """Gradients ``(dq, dk, dv, d log_gate_fwd, d log_gate_bwd or None)`` of ``gated_fwd`` for output gradient ``do``
     (the gate gradients are with respect to the gate tensors as given: logits when ``gate_normalizer`` is set).
 
-    Two launches: chunk-entry states and gradient states of every direction, then one program per
+    Two launches (three with a segmented state scan): chunk-entry states and gradient states of every direction
+    (``gated_states``), then one program per
     (chunk, batch·head) for all gradients of its tokens.
     """
     q, k, v, do, log_gate_fwd = map(unit_last_stride, (q, k, v, do, log_gate_fwd))

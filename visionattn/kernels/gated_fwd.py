@@ -142,7 +142,8 @@ def gated_fwd(
     if the gate tensors are log gates, else they are logits ``x`` and the log gates ``logsigmoid(x) /
     gate_normalizer`` (computed in-kernel, ``_gated_log_gate``).
 
-    Two launches: the chunk-entry states, then one program per (chunk, batch·head) for the output.
+    Two launches (three with a segmented state scan): the chunk-entry states (``gated_states``), then one program
+    per (chunk, batch·head) for the output.
     """
     q, k, v, log_gate_fwd = map(unit_last_stride, (q, k, v, log_gate_fwd))
     log_gate_bwd = None if log_gate_bwd is None else unit_last_stride(log_gate_bwd)
