@@ -252,8 +252,7 @@ def gated_bwd(
     (the gate gradients are with respect to the gate tensors as given: logits when ``gate_normalizer`` is set).
 
     Two launches (three with a segmented state scan): chunk-entry states and gradient states of every direction
-    (``gated_states``), then one program per
-    (chunk, batch·head) for all gradients of its tokens.
+    (``gated_states``), then one program per (chunk, batch·head) for all gradients of its tokens.
     """
     q, k, v, do, log_gate_fwd = map(unit_last_stride, (q, k, v, do, log_gate_fwd))
     log_gate_bwd = None if log_gate_bwd is None else unit_last_stride(log_gate_bwd)
