@@ -149,17 +149,27 @@ def test_linear_attention_kernel_state_split_merges_exactly(kernel_device, rng):
     assert_close("out", linear_attention_reference(q, k, v, **kwargs, q_norm=qn, k_norm=kn), out)
 
 
+def _pin_state_split(monkeypatch, split: int, block_n: int = 16, warps: int = 4, stages: int = 1):
+    """Run the forward state pass with one config on ``split`` Dv tiles (``STATE_TILE_ELEMS`` lets it split)."""
+    import triton
+
+    from visionattn.kernels import linear as fwd
+
+    monkeypatch.setattr(fwd, "STATE_TILE_ELEMS", 16 * 16)
+    kernel = fwd._linear_fwd_kernel_state
+    config = triton.Config({"BLOCK_N": block_n, "DV_SPLIT": split}, num_warps=warps, num_stages=stages)
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+
+
 @pytest.mark.parametrize(
     "variant, dv", [(VARIANTS[1], 32), (VARIANTS[4], 48), (VARIANTS[6], 32)], ids=["mala-weights", "rala-rope", "soft"]
 )
 def test_linear_attention_kernel_splits_the_state_over_dv(monkeypatch, kernel_device, poison_empty, rng, variant, dv):
-    """The state pass on Dv tiles (``STATE_TILE_ELEMS``; on the GPU D = Dv = 128 runs as two 128 x 64 tiles), here
-    16 columns: 2 tiles, or 3 of a padded Dv = 48 (BLOCK_DV 64 unsplit), with autograd and without, vs float64,
-    and the state vs the unsplit kernel's (the first tile alone writes z and RALA's (m, l))."""
-    from visionattn.kernels import linear as fwd
-
-    monkeypatch.setattr(fwd, "STATE_TILE_ELEMS", 16 * 16)
-    assert fwd.state_dv_block(16, dv) == 16
+    """The state pass on two Dv tiles (``DV_SPLIT``; on the GPU an autotune choice at D = Dv = 128), here 16 columns
+    each, or 32 of a padded Dv = 48: with autograd and without vs float64, and the state vs the unsplit pass's (the
+    first tile alone writes z and RALA's (m, l))."""
+    _pin_state_split(monkeypatch, 2)
     inputs, kwargs = _inputs(rng, variant, device=kernel_device, dv=dv)
     _check_against_reference(rng, inputs, kwargs, torch.float32)
     with torch.no_grad():
@@ -174,7 +184,7 @@ def test_linear_attention_kernel_splits_the_state_over_dv(monkeypatch, kernel_de
         key_args.update(key_weight="rala", query_mean=linear_attention_query_mean(qn, backend="triton"))
     k, v = inputs["k"].detach(), inputs["v"].detach()
     split = linear_attention_state(k, v, feature_map=kwargs["feature_map"], backend="triton", **key_args)
-    monkeypatch.setattr(fwd, "STATE_TILE_ELEMS", 0)
+    _pin_state_split(monkeypatch, 1)
     whole = linear_attention_state(k, v, feature_map=kwargs["feature_map"], backend="triton", **key_args)
     for name, a, b in zip(("kv", "k_sum", "v_mean", "lse"), whole, split):
         assert_close(name, a, b, tol=1e-6)
@@ -248,8 +258,16 @@ def _chunked_kernels():
 def _pin_config(monkeypatch, config):
     """Run the chunked kernels with one config: autotuning compiles every config per flag set, which would make
     the flag x shape x dtype tests take many minutes of compilation; every config is swept separately below."""
+    import triton
+
+    from visionattn.kernels import linear as fwd
+
     for kernel in _chunked_kernels():
-        monkeypatch.setattr(kernel, "configs", [config])
+        pinned = config
+        if kernel is fwd._linear_fwd_kernel_state:  # its configs also choose the Dv tiles: one
+            kwargs = {**config.kwargs, "DV_SPLIT": 1}
+            pinned = triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        monkeypatch.setattr(kernel, "configs", [pinned])
         monkeypatch.setattr(kernel, "cache", {})
 
 
@@ -354,6 +372,12 @@ def test_linear_attention_kernel_every_config_gpu(monkeypatch, rng, d, config_in
 
     assert len(fwd._APPLY_CONFIGS) == 9, "every config is one case here"
     config = fwd._APPLY_CONFIGS[config_index]
+    if config_index < len(fwd._WIDE_STATE_CONFIGS):  # and one of the forward state pass's 128 x 128 configs
+        n, w, s, split = fwd._WIDE_STATE_CONFIGS[config_index]
+        monkeypatch.setattr(fwd, "STATE_TILE_ELEMS", 64 * 128)
+        state_config = triton.Config({"BLOCK_N": n, "DV_SPLIT": split}, num_warps=w, num_stages=s)
+        monkeypatch.setattr(fwd._linear_fwd_kernel_state, "configs", [state_config])
+        monkeypatch.setattr(fwd._linear_fwd_kernel_state, "cache", {})
     _pin_config(monkeypatch, config)
     inputs, kwargs = _inputs(
         rng,
@@ -376,19 +400,17 @@ def test_linear_attention_kernel_every_config_gpu(monkeypatch, rng, d, config_in
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", [VARIANTS[0], ("elu1", "additive", "rala", True)], ids=_variant_id)
 def test_linear_attention_kernel_split_state_real_size_gpu(monkeypatch, rng, variant):
-    """B1 H12 N32760 d128 (the state pass on two 128 x 64 Dv tiles per chunk): with and without autograd vs float64,
-    and vs the unsplit state pass."""
-    from visionattn.kernels import linear as fwd
-
-    assert fwd.state_dv_block(128, 128) == 64
+    """B1 H12 N32760 d128, the state pass on two 128 x 64 Dv tiles per chunk: with and without autograd vs float64,
+    and vs the unsplit 16-warp pass."""
     shape = dict(b=1, h=12, nq=32760, nk=32760, d=128, dv=128)
     inputs, kwargs = _inputs(rng, variant, **shape, dtype=torch.bfloat16, device="cuda")
+    _pin_state_split(monkeypatch, 2, block_n=32, warps=8, stages=3)
     _check_against_reference(rng, inputs, kwargs, torch.bfloat16)
     with torch.no_grad():
         split = linear_attention(**inputs, **kwargs, backend="triton")
-        monkeypatch.setattr(fwd, "STATE_TILE_ELEMS", 0)
+        _pin_state_split(monkeypatch, 1, block_n=64, warps=16, stages=3)
         whole = linear_attention(**inputs, **kwargs, backend="triton")
-    assert_close("split vs unsplit", whole, split, dtype=torch.bfloat16)
+    assert_close("split vs unsplit (16 warps)", whole, split, dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu

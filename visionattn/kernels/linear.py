@@ -55,26 +55,27 @@ _ROW_TILES = (32, 64, 128)
 #: fit three stages (state pass at D = Dv = 128, Triton 3.6: 192-250 regs, 74-90 KB, no spills).
 _SMALL_STATE_CONFIGS = ((64, 4, 3), (64, 8, 3), (128, 8, 3))
 _BIG_STATE_CONFIGS = ((32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 8, 3))
-#: The state pass on 128 x 64 Dv tiles (``STATE_TILE_ELEMS``), Triton 3.6 sm_90: 32-row tiles 100-126 regs for plain,
-#: MALA and RALA (two 8-warp programs per SM; 158-168 with RoPE), 37-74 KB; (64, 8, 3) 173-218 regs (one).
-_SPLIT_STATE_CONFIGS = ((32, 8, 3), (32, 8, 4), (64, 8, 3))
+_REDUCE_CONFIGS = [
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS
+]
+#: The forward state pass on a 128 x 128 state also tries (BLOCK_N, num_warps, num_stages, DV_SPLIT): the whole
+#: accumulator over 16 warps, or Dv split into two 128 x 64 tiles (``DV_SPLIT = 2``, see ``STATE_TILE_ELEMS``). The
+#: big-state configs above hold 64 KB of fp32 accumulator in 8 warps: 190-250 regs at 64 rows, one program per SM.
+#: Offline sm_90, Triton 3.6: (64, 16, 2/3) 118-128 regs (MALA: 8 B of stack), (32, 16, 3) 90-122; split (32, 8, 3/4)
+#: 100-126 (RALA + RoPE 158-175) so two programs per SM, (64, 8, 3) 173-218.
+_WIDE_STATE_CONFIGS = ((64, 16, 3, 1), (64, 16, 2, 1), (32, 16, 3, 1), (32, 8, 3, 2), (32, 8, 4, 2), (64, 8, 3, 2))
+_STATE_CONFIGS = [
+    triton.Config({"BLOCK_N": n, "DV_SPLIT": split}, num_warps=w, num_stages=s)
+    for n, w, s, split in tuple((*c, 1) for c in _SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS) + _WIDE_STATE_CONFIGS
+]
+_STATE_DEFAULT = triton.Config({"BLOCK_N": 16, "DV_SPLIT": 1}, num_warps=4, num_stages=1)
 #: The apply kernel's extra configs for 16-bit 128 x 128 states, (BLOCK_N, num_warps, num_stages, maxnreg): (64, 8, 3)
 #: takes 132 regs (one 8-warp program per SM), capped at 128 it takes 127 without spills (plain; MALA + RoPE spills
 #: 48 B), so two fit; (32, 8, 4) takes 80-102 regs and 64-88 KB (two to three per SM).
 _APPLY_EXTRA_CONFIGS = ((64, 8, 3, 128), (32, 8, 4, None))
-
-
-def _config(n: int, w: int, s: int, maxnreg: int | None = None) -> triton.Config:
-    return triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=maxnreg)
-
-
-def _key(c: triton.Config) -> tuple:
-    return c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg
-
-
-_REDUCE_CONFIGS = [_config(*c) for c in dict.fromkeys(_SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS + _SPLIT_STATE_CONFIGS)]
-# (32, 8, 4) is a config of the split state pass already
-_APPLY_CONFIGS = _REDUCE_CONFIGS + [_config(*c) for c in _APPLY_EXTRA_CONFIGS if c[3] is not None]
+_APPLY_CONFIGS = _REDUCE_CONFIGS + [
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=r) for n, w, s, r in _APPLY_EXTRA_CONFIGS
+]
 _REDUCE_DEFAULT = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
 _BLOCK_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (64, 128) for w in (4, 8)]
 _BLOCK_DEFAULT = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
@@ -86,14 +87,17 @@ APPLY_PROGRAMS_PER_SM = int(os.environ.get("VISIONATTN_LINEAR_APPLY_PER_SM", "4"
 #: Up to this many key chunks, the apply kernel merges the state pass's partials itself (``linear_apply_fwd``): every
 #: apply program of a (batch, head) re-reads all of its partials from L2, instead of one merge kernel launch.
 FOLD_MAX_CHUNKS = 4
-#: The state pass splits Dv so that one program's fp32 accumulator holds at most this many elements (0: never).
-#: D = Dv = 128 becomes two 128 x 64 programs per chunk: a 128 x 128 accumulator is 64 KB of registers, so one 8-warp
-#: program per SM (192-250 regs/thread, offline sm_90) with little latency hiding. ``VISIONATTN_LINEAR_STATE_SPLIT``
-#: sets it (0 for the unsplit kernel in A/B runs).
+#: Above this many fp32 state elements the state pass may split Dv in two (``_WIDE_STATE_CONFIGS``, the autotuner
+#: decides) and is chunked for twice the programs (D = Dv = 128 at B1 H12 N32760: 22 chunks instead of 43, half
+#: the partials for the merge). ``VISIONATTN_LINEAR_STATE_SPLIT`` sets it; 0: never split, session 7's chunking.
 STATE_TILE_ELEMS = int(os.environ.get("VISIONATTN_LINEAR_STATE_SPLIT", str(64 * 128)))
 #: Register budget of that merge in fp32 elements: ``BLOCK_C = _FOLD_LOAD // (D·Dv)`` chunks (1 to FOLD_MAX_CHUNKS)
 #: per load, whatever the chunk count (one compiled variant per head dims).
 _FOLD_LOAD = 2048
+
+
+def _key(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg
 
 
 def _state_family(configs, state_bytes: int, extra=()):
@@ -105,12 +109,20 @@ def _state_family(configs, state_bytes: int, extra=()):
 
 
 def _prune_reduce_configs(configs, nargs, **kwargs):
-    """The family of an fp32 state (the split-N reductions accumulate it in fp32); the state pass's Dv tiles
-    (``BLOCK_DV`` below Dv) their own."""
+    """The family of an fp32 state (the split-N reductions accumulate it in fp32)."""
     args = {**nargs, **kwargs}
-    if args["BLOCK_DV"] < triton.next_power_of_2(args["DV"]):
-        return [c for c in configs if _key(c) in {(*c, None) for c in _SPLIT_STATE_CONFIGS}] or configs[:1]
     return _state_family(configs, args["BLOCK_D"] * args["BLOCK_DV"] * 4)
+
+
+def _prune_state_configs(configs, nargs, **kwargs):
+    """The forward state pass: its family, plus ``_WIDE_STATE_CONFIGS`` up to ``MAX_DV_SPLIT`` tiles for big states."""
+    args = {**nargs, **kwargs}
+    big = args["BLOCK_D"] * args["BLOCK_DV"] > 64 * 128
+    keys = {(*c, 1) for c in (_BIG_STATE_CONFIGS if big else _SMALL_STATE_CONFIGS)}
+    if big:
+        keys |= {c for c in _WIDE_STATE_CONFIGS if c[3] <= args["MAX_DV_SPLIT"]}
+    split = lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["DV_SPLIT"])
+    return [c for c in configs if split(c) in keys] or configs[:1]
 
 
 def _prune_apply_configs(configs, nargs, **kwargs):
@@ -212,9 +224,9 @@ def _features(
 
 # ------------------------------------------------------------------------------------------------ forward kernels
 @triton.autotune(
-    configs=autotune_configs(_REDUCE_CONFIGS, _REDUCE_DEFAULT),
-    key=["D", "DV", "BLOCK_DV", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE", "ROPE_PAIRS", "V_SUM"],
-    prune_configs_by={"early_config_prune": _prune_reduce_configs},
+    configs=autotune_configs(_STATE_CONFIGS, _STATE_DEFAULT),
+    key=["D", "DV", "MAX_DV_SPLIT", "FEATURE", "WEIGHT", "HAS_K_NORM", "HAS_ROPE", "ROPE_PAIRS", "V_SUM"],
+    prune_configs_by={"early_config_prune": _prune_state_configs},
     **autotune_kwargs(),
 )
 @triton.jit
@@ -262,22 +274,25 @@ def _linear_fwd_kernel_state(
     ROPE_PAIRS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     V_SUM: tl.constexpr,
+    MAX_DV_SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DV_SPLIT: tl.constexpr,
 ):
-    # program (i_c·DV_TILES + i_e, i_bh): Dv tile i_e of chunk i_c. The Dv tiles of one chunk are adjacent in launch
-    # order, so they run together and all but the first read the chunk's k rows from L2 (HBM reads them once)
-    DV_TILES: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
+    # program (i_c·DV_TILES + i_e, i_bh): Dv tile i_e (BLOCK_E columns) of chunk i_c. The Dv tiles of one chunk are
+    # adjacent in launch order, so they run together and all but the first read the chunk's k rows from L2
+    BLOCK_E: tl.constexpr = BLOCK_DV // DV_SPLIT
+    DV_TILES: tl.constexpr = (DV + BLOCK_E - 1) // BLOCK_E
     i_c, i_e, i_bh = tl.program_id(0) // DV_TILES, tl.program_id(0) % DV_TILES, tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_d = tl.arange(0, BLOCK_D)
-    o_e = i_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    o_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
     m_d = o_d < D
     m_e = o_e < DV
-    b_kv = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
+    b_kv = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     # row-tile shaped sums, reduced over rows once after the loop: a reduction across the warps in the loop would
     # cost shared-memory round trips and barriers every iteration
     b_ks = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    b_vs = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    b_vs = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     b_l = tl.zeros([BLOCK_N], dtype=tl.float32)
     b_m = tl.max(tl.full([BLOCK_N], _NEG_INF, tl.float32), axis=0)
     if WEIGHT == 2:
@@ -295,7 +310,7 @@ def _linear_fwd_kernel_state(
             p_k, p_kn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_K_NORM, HAS_ROPE, ROPE_PAIRS, BLOCK_N, BLOCK_D
         )
         p_v = v_ptr + i_b * stride_v_b + i_h * stride_v_h + o_n[:, None] * stride_v_n + o_e[None, :] * stride_v_d
-        # [BLOCK_N, BLOCK_DV], in v's dtype: the dot takes 16-bit operands (half the registers and shared memory)
+        # [BLOCK_N, BLOCK_E], in v's dtype: the dot takes 16-bit operands (half the registers and shared memory)
         b_v = tl.load(p_v, mask=m_n[:, None] & m_e[None, :], other=0.0)
         if WEIGHT == 2:
             b_s = tl.where(m_n, scale * tl.sum(b_phin * b_qm[None, :], axis=1), _NEG_INF)
@@ -442,19 +457,17 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def state_dv_block(d: int, dv: int) -> int:
-    """The state pass's Dv tile: the whole (power-of-two) Dv, or tiles of ``STATE_TILE_ELEMS / BLOCK_D`` columns
-    when the fp32 accumulator ``BLOCK_D x BLOCK_DV`` would exceed ``STATE_TILE_ELEMS`` (D = Dv = 128: 64)."""
-    block_dv = next_block(dv)
-    if STATE_TILE_ELEMS and next_block(d) * block_dv > STATE_TILE_ELEMS:
-        return min(block_dv, max(16, STATE_TILE_ELEMS // next_block(d)))
-    return block_dv
+def state_dv_splits(d: int, dv: int) -> int:
+    """The most Dv tiles the state pass may use (the autotuner picks 1 or this): 2 when the fp32 accumulator
+    ``BLOCK_D x BLOCK_DV`` exceeds ``STATE_TILE_ELEMS``."""
+    return 2 if STATE_TILE_ELEMS and next_block(d) * next_block(dv) > STATE_TILE_ELEMS else 1
 
 
 def state_chunking(n: int, bh: int, d: int, dv: int, device: torch.device) -> tuple[int, int, int]:
-    """(chunk length, number of chunks, Dv tile) of the state pass: ``chunking`` over ``B·H·Dv tiles`` programs."""
-    block_dv = state_dv_block(d, dv)
-    return *chunking(n, bh * cdiv(dv, block_dv), device), block_dv
+    """(chunk length, number of chunks, most Dv tiles) of the state pass: ``chunking`` over ``B·H·tiles`` programs
+    (split or not: the chunk count cannot depend on the config the autotuner picks)."""
+    splits = state_dv_splits(d, dv)
+    return *chunking(n, bh * splits, device), splits
 
 
 @functools.lru_cache(maxsize=1024)
@@ -508,7 +521,7 @@ def linear_state_fwd(
     """
     b, h, n, d = k.shape
     dv = v.shape[-1]
-    chunk_len, chunks, block_dv = state_chunking(n, b * h, d, dv, k.device)
+    chunk_len, chunks, splits = state_chunking(n, b * h, d, dv, k.device)
     f32 = dict(device=k.device, dtype=torch.float32)
     kv_part = torch.empty(chunks, b * h, d, dv, **f32)
     ks_part = torch.empty(chunks, b * h, d, **f32)
@@ -517,8 +530,9 @@ def linear_state_fwd(
     rala = query_mean is not None
     weight = _WEIGHT_RALA if rala else _WEIGHT_TENSOR if key_weight is not None else _WEIGHT_NONE
     qm = query_mean.float().contiguous() if rala else kv_part
-    tiles = dict(D=d, DV=dv, BLOCK_D=next_block(d), BLOCK_DV=block_dv)
-    _linear_fwd_kernel_state[(chunks * cdiv(dv, block_dv), b * h)](
+    tiles = dict(D=d, DV=dv, BLOCK_D=next_block(d), BLOCK_DV=next_block(dv), MAX_DV_SPLIT=splits)
+    grid = lambda meta: (chunks * cdiv(dv, next_block(dv) // meta["DV_SPLIT"]), b * h)
+    _linear_fwd_kernel_state[grid](
         k,
         v,
         k if k_norm is None else k_norm,
