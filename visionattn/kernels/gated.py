@@ -54,6 +54,11 @@ _FAST_LOG2 = tl.constexpr(not is_interpreter())
 # the state scan streams chunks through one program, so pipelined loads (2-3 stages) are what it tunes
 _STATE_CONFIGS = [
     triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (16, 32, 64) for w in (2, 4) for s in (2, 3)
+] + [
+    # whole-Dv blocks at 3 programs per SM: ptxas takes 221 registers for the segmented scan at Dk 32, Dv 64 (2 per
+    # SM) and fits 168 without spills (sm_90, Triton 3.6; the unsegmented scan uses 168 anyway)
+    triton.Config({"BV": 64}, num_warps=4, num_stages=s, maxnreg=168)
+    for s in (2, 3)
 ]
 _STATE_DEFAULT = triton.Config({"BV": 16}, num_warps=4, num_stages=1)
 #: The carry pass is one load and FMA per segment (a dozen at most at the shapes it runs for): a fixed config, no

@@ -33,7 +33,12 @@ from .gated import (
 
 __all__ = ["gated_fwd"]
 
-_OUTPUT_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2)]
+_OUTPUT_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2)] + [
+    # 4 programs per SM instead of 3 at Dk 32, Dv 64 (168 registers otherwise; 128 spills 8-16 bytes on sm_90 with
+    # Triton 3.6); at Dk 16, Dv 32 the same as the plain 4-warp configs
+    triton.Config({}, num_warps=4, num_stages=s, maxnreg=128)
+    for s in (1, 2)
+]
 _OUTPUT_DEFAULT = triton.Config({}, num_warps=4, num_stages=1)
 
 
