@@ -46,6 +46,11 @@ NORMALIZE_CODES = {"divisive": 0, "additive": 1, None: 2}
 #: ``WEIGHT`` constexpr: no key weights, a (B, H, Nk) tensor, RALA's softmax weights.
 _WEIGHT_NONE, _WEIGHT_TENSOR, _WEIGHT_RALA = 0, 1, 2
 _NEG_INF = tl.constexpr(NEG_INF)
+#: ``_exp`` as ``ex2.approx.ftz.f32`` on the GPU: ``tl.exp`` lowers to ``ex2.approx.f32``, whose denormal results cost a
+#: compare and two multiplies per element (offline sm_90 SASS); with ``ftz`` results below 2^-126 (arguments below
+#: about -87.3) are 0. The interpreter runs ``tl.exp``. ``VISIONATTN_LINEAR_FAST_EXP=0`` keeps ``tl.exp`` on the GPU.
+_FAST_EXP = tl.constexpr(not is_interpreter() and os.environ.get("VISIONATTN_LINEAR_FAST_EXP", "1") != "0")
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 # Row tiles of the chunked kernels; head-dim tiles are fixed by D and Dv. Chunks are multiples of the largest tile.
 _ROW_TILES = (32, 64, 128)
@@ -136,18 +141,30 @@ def _prune_apply_configs(configs, nargs, **kwargs):
 
 # ------------------------------------------------------------------------------------------------ shared helpers
 @triton.jit
+def _exp(x):
+    """exp(x) in fp32, denormal results flushed to 0 on the GPU (``_FAST_EXP``)."""
+    if _FAST_EXP:
+        y = tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * _LOG2E], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
 def _phi(x, m_d, FEATURE: tl.constexpr):
     """φ(x) in fp32 for a [ROWS, BLOCK_D] tile; zero on padded head-dim columns."""
     if FEATURE == 0:
         # x + 1 for x > 0 (exp(0) = 1 exactly), exp(x) otherwise: no compare and select per element
-        y = tl.maximum(x, 0.0) + tl.exp(tl.minimum(x, 0.0))
+        y = tl.maximum(x, 0.0) + _exp(tl.minimum(x, 0.0))
     elif FEATURE == 1:
         y = tl.maximum(x, 0.0)
     elif FEATURE == 2:
         y = x
     else:
         xs = tl.where(m_d[None, :], x, _NEG_INF)
-        e = tl.exp(xs - tl.max(xs, axis=1)[:, None])
+        e = _exp(xs - tl.max(xs, axis=1)[:, None])
         y = e / tl.sum(e, axis=1)[:, None]
     return tl.where(m_d[None, :], y, 0.0)
 
@@ -317,12 +334,12 @@ def _linear_fwd_kernel_state(
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0))
             # rescale only when the running max grows (a few tiles per chunk): a factor exp(0) = 1 changes nothing
             if b_m_new > b_m:
-                b_alpha = tl.exp(b_m - b_m_new)
+                b_alpha = _exp(b_m - b_m_new)
                 b_kv *= b_alpha
                 b_ks *= b_alpha
                 b_l *= b_alpha
                 b_m = b_m_new
-            b_u = tl.exp(b_s - b_m)
+            b_u = _exp(b_s - b_m)
             b_l += b_u
         elif WEIGHT == 1:
             p_w = w_ptr + i_b * stride_w_b + i_h * stride_w_h + o_n * stride_w_n
@@ -433,15 +450,17 @@ def _linear_fwd_kernel_apply(
         _, _, _, b_phin, b_phir, _, _ = _features(
             p_q, p_qn, p_cos, p_sin, m_n, m_d, FEATURE, HAS_Q_NORM, HAS_ROPE, ROPE_PAIRS, BLOCK_N, BLOCK_D
         )
-        b_num = num_scale * tl.dot(b_phir.to(b_kv.dtype), b_kv, input_precision=DOT_PRECISION)
+        b_num = tl.dot(b_phir.to(b_kv.dtype), b_kv, input_precision=DOT_PRECISION)
+        # per-row factors times the [BLOCK_N, BLOCK_DV] numerator: one multiply per element (num_scale is 1 for the
+        # divisive form), no division per element
         if NORMALIZE == 0:
             b_t = tl.sum(b_phin * b_ks[None, :], axis=1)
-            b_o = b_num / (b_t + eps)[:, None]
+            b_o = b_num * (1.0 / (b_t + eps))[:, None]
         elif NORMALIZE == 1:
             b_z = scale * tl.sum(b_phin * b_ks[None, :], axis=1)
-            b_o = b_num * (1.0 + 1.0 / (b_z + eps))[:, None] - b_z[:, None] * b_vm[None, :]
+            b_o = b_num * (num_scale * (1.0 + 1.0 / (b_z + eps)))[:, None] - b_z[:, None] * b_vm[None, :]
         else:
-            b_o = b_num
+            b_o = num_scale * b_num
         p_o = o_ptr + i_b * stride_o_b + i_h * stride_o_h + o_n[:, None] * stride_o_n + o_e[None, :] * stride_o_d
         tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_n[:, None] & m_e[None, :])
 
