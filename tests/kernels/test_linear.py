@@ -272,10 +272,10 @@ def _pin_config(monkeypatch, config):
 
 
 def _config_for(d):
-    from visionattn.kernels import linear as fwd
+    from visionattn.kernels import linear_configs as cfg
 
-    family = fwd._BIG_STATE_CONFIGS if d > 64 else fwd._SMALL_STATE_CONFIGS
-    return next(c for c in fwd._REDUCE_CONFIGS if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == family[0])
+    family = cfg._BIG_STATE_CONFIGS if d > 64 else cfg._SMALL_STATE_CONFIGS
+    return next(c for c in cfg._REDUCE_CONFIGS if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == family[0])
 
 
 #: (B, H, N, D, dtype): the main head dims with every variant, odd N; D=32 and 96 (a padded tile) with a few.
@@ -369,11 +369,12 @@ def test_linear_attention_kernel_every_config_gpu(monkeypatch, rng, d, config_in
     import triton
 
     from visionattn.kernels import linear as fwd
+    from visionattn.kernels import linear_configs as cfg
 
-    assert len(fwd._APPLY_CONFIGS) == 9, "every config is one case here"
-    config = fwd._APPLY_CONFIGS[config_index]
-    if config_index < len(fwd._WIDE_STATE_CONFIGS):  # and one of the forward state pass's 128 x 128 configs
-        n, w, s, split = fwd._WIDE_STATE_CONFIGS[config_index]
+    assert len(cfg._APPLY_CONFIGS) == 9, "every config is one case here"
+    config = cfg._APPLY_CONFIGS[config_index]
+    if config_index < len(cfg._WIDE_STATE_CONFIGS):  # and one of the forward state pass's 128 x 128 configs
+        n, w, s, split = cfg._WIDE_STATE_CONFIGS[config_index]
         monkeypatch.setattr(fwd, "STATE_TILE_ELEMS", 64 * 128)
         state_config = triton.Config({"BLOCK_N": n, "DV_SPLIT": split}, num_warps=w, num_stages=s)
         monkeypatch.setattr(fwd._linear_fwd_kernel_state, "configs", [state_config])

@@ -24,6 +24,14 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from ._constants import NEG_INF
 from .block_sparse import cdiv, empty_like_layout, next_block
+from .linear_configs import (
+    _APPLY_CONFIGS,
+    _REDUCE_DEFAULT,
+    _STATE_CONFIGS,
+    _STATE_DEFAULT,
+    _prune_apply_configs,
+    _prune_state_configs,
+)
 from .linear_merge import merge_state_partials, merged_state
 
 __all__ = [
@@ -54,36 +62,6 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 # Row tiles of the chunked kernels; head-dim tiles are fixed by D and Dv. Chunks are multiples of the largest tile.
 _ROW_TILES = (32, 64, 128)
-#: (BLOCK_N, num_warps, num_stages): three deep-pipelined configs for states up to 64x128, mostly shallow ones for
-#: 128x128 states. Offline sm90 compiles (``triton.compile`` + ptxas -v) showed that 3-stage pipelines of 128-wide
-#: fp32 tiles need more than the 227 KB of shared memory and that 4 warps spill at 128 rows; 16-bit 64-row tiles
-#: fit three stages (state pass at D = Dv = 128, Triton 3.6: 192-250 regs, 74-90 KB, no spills).
-_SMALL_STATE_CONFIGS = ((64, 4, 3), (64, 8, 3), (128, 8, 3))
-_BIG_STATE_CONFIGS = ((32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 8, 3))
-_REDUCE_CONFIGS = [
-    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS
-]
-#: The forward state pass on a 128 x 128 state also tries (BLOCK_N, num_warps, num_stages, DV_SPLIT): the whole
-#: accumulator over 16 warps, or Dv split into two 128 x 64 tiles (``DV_SPLIT = 2``, see ``STATE_TILE_ELEMS``). The
-#: big-state configs above hold 64 KB of fp32 accumulator in 8 warps: 190-250 regs at 64 rows, one program per SM.
-#: Offline sm_90, Triton 3.6: (64, 16, 2/3) 118-128 regs (MALA: 8 B of stack), (32, 16, 3) 90-122; split (32, 8, 3/4)
-#: 100-126 (RALA + RoPE 158-175) so two programs per SM, (64, 8, 3) 173-218.
-_WIDE_STATE_CONFIGS = ((64, 16, 3, 1), (64, 16, 2, 1), (32, 16, 3, 1), (32, 8, 3, 2), (32, 8, 4, 2), (64, 8, 3, 2))
-_STATE_CONFIGS = [
-    triton.Config({"BLOCK_N": n, "DV_SPLIT": split}, num_warps=w, num_stages=s)
-    for n, w, s, split in tuple((*c, 1) for c in _SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS) + _WIDE_STATE_CONFIGS
-]
-_STATE_DEFAULT = triton.Config({"BLOCK_N": 16, "DV_SPLIT": 1}, num_warps=4, num_stages=1)
-#: The apply kernel's extra configs for 16-bit 128 x 128 states, (BLOCK_N, num_warps, num_stages, maxnreg): (64, 8, 3)
-#: takes 132 regs (one 8-warp program per SM), capped at 128 it takes 127 without spills (plain; MALA + RoPE spills
-#: 48 B), so two fit; (32, 8, 4) takes 80-102 regs and 64-88 KB (two to three per SM).
-_APPLY_EXTRA_CONFIGS = ((64, 8, 3, 128), (32, 8, 4, None))
-_APPLY_CONFIGS = _REDUCE_CONFIGS + [
-    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=r) for n, w, s, r in _APPLY_EXTRA_CONFIGS
-]
-_REDUCE_DEFAULT = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
-_BLOCK_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (64, 128) for w in (4, 8)]
-_BLOCK_DEFAULT = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
 #: Aim for this many programs per streaming multiprocessor, so short or few-head inputs still fill the GPU.
 _PROGRAMS_PER_SM = 4
 #: The apply kernel's programs per multiprocessor (``VISIONATTN_LINEAR_APPLY_PER_SM``): with 2 or 3 resident programs
@@ -99,44 +77,6 @@ STATE_TILE_ELEMS = int(os.environ.get("VISIONATTN_LINEAR_STATE_SPLIT", str(64 * 
 #: Register budget of that merge in fp32 elements: ``BLOCK_C = _FOLD_LOAD // (D·Dv)`` chunks (1 to FOLD_MAX_CHUNKS)
 #: per load, whatever the chunk count (one compiled variant per head dims).
 _FOLD_LOAD = 2048
-
-
-def _key(c: triton.Config) -> tuple:
-    return c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg
-
-
-def _state_family(configs, state_bytes: int, extra=()):
-    """The configs of the state size's family (see ``_SMALL_STATE_CONFIGS``) and ``extra``: autotuning compiles
-    every config."""
-    family = _BIG_STATE_CONFIGS if state_bytes > 64 * 128 * 4 else _SMALL_STATE_CONFIGS
-    keys = {(*c, None) for c in family} | set(extra)
-    return [c for c in configs if _key(c) in keys] or configs[:1]
-
-
-def _prune_reduce_configs(configs, nargs, **kwargs):
-    """The family of an fp32 state (the split-N reductions accumulate it in fp32)."""
-    args = {**nargs, **kwargs}
-    return _state_family(configs, args["BLOCK_D"] * args["BLOCK_DV"] * 4)
-
-
-def _prune_state_configs(configs, nargs, **kwargs):
-    """The forward state pass: its family, plus ``_WIDE_STATE_CONFIGS`` up to ``MAX_DV_SPLIT`` tiles for big states."""
-    args = {**nargs, **kwargs}
-    big = args["BLOCK_D"] * args["BLOCK_DV"] > 64 * 128
-    keys = {(*c, 1) for c in (_BIG_STATE_CONFIGS if big else _SMALL_STATE_CONFIGS)}
-    if big:
-        keys |= {c for c in _WIDE_STATE_CONFIGS if c[3] <= args["MAX_DV_SPLIT"]}
-    split = lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["DV_SPLIT"])
-    return [c for c in configs if split(c) in keys] or configs[:1]
-
-
-def _prune_apply_configs(configs, nargs, **kwargs):
-    """The family of the apply kernel's state operand, in the input dtype (16-bit 128 x 128: the deep pipelines and
-    ``_APPLY_EXTRA_CONFIGS``)."""
-    args = {**nargs, **kwargs}
-    elems = args["BLOCK_D"] * args["BLOCK_DV"]
-    extra = _APPLY_EXTRA_CONFIGS if elems >= 128 * 128 and args["q_ptr"].element_size() == 2 else ()
-    return _state_family(configs, elems * args["q_ptr"].element_size(), extra)
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers

@@ -18,17 +18,12 @@ import triton.language as tl
 from ._config import autotune_configs, autotune_kwargs
 from .block_sparse import cdiv, next_block
 from .linear import (
-    _BLOCK_CONFIGS,
-    _BLOCK_DEFAULT,
-    _REDUCE_CONFIGS,
-    _REDUCE_DEFAULT,
     FEATURE_CODES,
     NORMALIZE_CODES,
     _features,
     _load_rows,
     _phi,
     _phi_bwd,
-    _prune_reduce_configs,
     _rotate_every_two,
     chunking,
     dot_precision,
@@ -36,6 +31,7 @@ from .linear import (
     rope_strides,
     strides4,
 )
+from .linear_configs import _BLOCK_CONFIGS, _BLOCK_DEFAULT, _REDUCE_CONFIGS, _REDUCE_DEFAULT, _prune_reduce_configs
 
 __all__ = ["linear_apply_bwd", "linear_query_mean_bwd", "linear_state_bwd"]
 
