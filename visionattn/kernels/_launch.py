@@ -27,8 +27,8 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
 
 
 def _resolve(kernel, args: tuple, kwargs: dict):
-    """``(jit_fn, extra)`` of the call ``kernel`` just made with ``args``/``kwargs``, or None where a config has a
-    pre-hook (it must run every call) or ``kernel`` is not a Triton autotuner / heuristics chain."""
+    """``(jit_fn, extra)`` of the call the autotuner / heuristics chain ``kernel`` just made with ``args``/``kwargs``,
+    or None where the chosen config has a pre-hook (it must run every call)."""
     extra, layer = {}, kernel
     if isinstance(layer, Autotuner):
         config = layer.best_config
@@ -41,17 +41,21 @@ def _resolve(kernel, args: tuple, kwargs: dict):
         for name, heuristic in layer.values.items():  # in order, each sees the previous ones (Heuristics.run)
             named[name] = extra[name] = heuristic(named)
         layer = layer.fn
-    return (layer, extra) if layer is not kernel else None
+    return layer, extra
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; the autotuner's key and every heuristic must depend only on non-tensor
-    arguments and tensor dtypes (true of this package's kernels), and configs carry no pre-hook.
+    arguments and tensor dtypes (true of this package's kernels). A config with a pre-hook, and a kernel without
+    autotuner or heuristics, go through ``kernel[grid]`` every call.
 
     The first call of a signature runs ``kernel[grid]`` as usual (autotuning on a new key); later ones call the JIT
     function with the recorded config and heuristic values. Outside eager use nothing changes: the launchers run
     inside custom ops, which ``torch.compile`` does not trace.
     """
+    if not isinstance(kernel, (Autotuner, Heuristics)):
+        kernel[grid](*args, **kwargs)
+        return
     key = kernel, _signature(args, kwargs)
     resolved = _RESOLVED.get(key)
     if resolved is not None:

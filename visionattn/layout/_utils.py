@@ -45,7 +45,10 @@ def _memoized(store, key, device: torch.device, make: Callable[[], object], limi
             return make()
         if limit is not None and len(store) >= limit:
             store.clear()
-        with torch.inference_mode(False):
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                found = store[key] = make()
+        else:
             found = store[key] = make()
     return found
 

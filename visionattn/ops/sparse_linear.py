@@ -65,9 +65,10 @@ def _marginal_weights(critical: BlockMask, negligible: BlockMask | None, neg_csr
                       uniform_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The marginal block matrix of the kernels (``marginal_weights``: ``(B·H, Mq, Mk)`` in the state dtype and in
     fp32) for q of ``(batch, heads)`` and ``dtype``. Without a negligible set it depends on the critical mask alone,
-    so a mask reused across calls (a ``block_mask`` kept over diffusion steps) builds it once
-    (``layout._utils._memoized``: not under ``torch.compile``, a dispatch mode, or on a miss while a CUDA graph
-    captures): four small kernels fewer per call, ``6·B·H·Mq·Mk`` bytes kept while the mask lives."""
+    so a mask used a second time (a ``block_mask`` kept over diffusion steps; not ``topk_ratio``'s per-call masks)
+    stores it for later calls (``layout._utils._memoized``: not under ``torch.compile``, a dispatch mode, or on a
+    miss while a CUDA graph captures): four small kernels fewer per call, ``6·B·H·Mq·Mk`` bytes kept while the mask
+    lives."""
     from ..kernels.sparse_linear_state import marginal_block_matrix, marginal_weights, state_dtype
 
     dtype = state_dtype(dtype)
@@ -80,8 +81,9 @@ def _marginal_weights(critical: BlockMask, negligible: BlockMask | None, neg_csr
     if negligible is not None or torch.compiler.is_compiling():
         return make()
     store = _MARGINAL_WEIGHTS.get(critical)
-    if store is None:
-        store = _MARGINAL_WEIGHTS[critical] = {}
+    if store is None:  # the mask's first call: only marked as seen
+        _MARGINAL_WEIGHTS[critical] = {}
+        return make()
     return _memoized(store, (batch, heads, dtype), critical.device, make)
 
 
