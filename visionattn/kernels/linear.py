@@ -417,16 +417,19 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def state_dv_splits(d: int, dv: int) -> int:
-    """The most Dv tiles the state pass may use (the autotuner picks 1 or this): 2 when the fp32 accumulator
-    ``BLOCK_D x BLOCK_DV`` exceeds ``STATE_TILE_ELEMS``."""
-    return 2 if STATE_TILE_ELEMS and next_block(d) * next_block(dv) > STATE_TILE_ELEMS else 1
+    """``MAX_DV_SPLIT`` of the state pass, the most Dv tiles the autotuner may pick: 2 when the fp32 accumulator
+    ``BLOCK_D x BLOCK_DV`` exceeds ``STATE_TILE_ELEMS``, else 1; 0 when ``STATE_TILE_ELEMS`` is 0 (session 7's
+    configs only, without the 16-warp ones)."""
+    if not STATE_TILE_ELEMS:
+        return 0
+    return 2 if next_block(d) * next_block(dv) > STATE_TILE_ELEMS else 1
 
 
 def state_chunking(n: int, bh: int, d: int, dv: int, device: torch.device) -> tuple[int, int, int]:
-    """(chunk length, number of chunks, most Dv tiles) of the state pass: ``chunking`` over ``B·H·tiles`` programs
-    (split or not: the chunk count cannot depend on the config the autotuner picks)."""
+    """(chunk length, number of chunks, ``MAX_DV_SPLIT``) of the state pass: ``chunking`` over ``B·H·tiles``
+    programs (split or not: the chunk count cannot depend on the config the autotuner picks)."""
     splits = state_dv_splits(d, dv)
-    return *chunking(n, bh * splits, device), splits
+    return *chunking(n, bh * max(splits, 1), device), splits
 
 
 @functools.lru_cache(maxsize=1024)

@@ -26,7 +26,9 @@ _REDUCE_CONFIGS = [
 _WIDE_STATE_CONFIGS = ((64, 16, 3, 1), (64, 16, 2, 1), (32, 16, 3, 1), (32, 8, 3, 2), (32, 8, 4, 2), (64, 8, 3, 2))
 _STATE_CONFIGS = [
     triton.Config({"BLOCK_N": n, "DV_SPLIT": split}, num_warps=w, num_stages=s)
-    for n, w, s, split in tuple((*c, 1) for c in _SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS) + _WIDE_STATE_CONFIGS
+    for n, w, s, split in dict.fromkeys(
+        tuple((*c, 1) for c in _SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS) + _WIDE_STATE_CONFIGS
+    )
 ]
 _STATE_DEFAULT = triton.Config({"BLOCK_N": 16, "DV_SPLIT": 1}, num_warps=4, num_stages=1)
 #: The apply kernel's extra configs for 16-bit 128 x 128 states, (BLOCK_N, num_warps, num_stages, maxnreg): (64, 8, 3)
@@ -60,7 +62,8 @@ def _prune_reduce_configs(configs, nargs, **kwargs):
 
 
 def _prune_state_configs(configs, nargs, **kwargs):
-    """The forward state pass: its family, plus ``_WIDE_STATE_CONFIGS`` up to ``MAX_DV_SPLIT`` tiles for big states."""
+    """The forward state pass: its family, plus ``_WIDE_STATE_CONFIGS`` up to ``MAX_DV_SPLIT`` tiles for big states
+    (none with ``MAX_DV_SPLIT`` 0)."""
     args = {**nargs, **kwargs}
     big = args["BLOCK_D"] * args["BLOCK_DV"] > 64 * 128
     keys = {(*c, 1) for c in (_BIG_STATE_CONFIGS if big else _SMALL_STATE_CONFIGS)}
