@@ -207,7 +207,7 @@ def test_block_sparse_transpose_csr_matches_block_mask(rng):
 
 
 def test_block_sparse_full_blocks_first_keeps_each_row(rng):
-    from visionattn.kernels.block_sparse import full_blocks_first
+    from visionattn.kernels.block_sparse_bwd import full_blocks_first
 
     keep = torch.rand(2, 3, 7, 5, generator=rng) < 0.6
     partial = torch.rand(2, 3, 7, 5, generator=rng) < 0.5

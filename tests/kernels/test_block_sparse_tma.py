@@ -11,9 +11,10 @@ import pytest
 import torch
 import triton
 
+from tests._numerics import assert_close
 from tests.kernels.test_block_sparse import _check, _mask_from_predicate, _per_head, _random_mask
 from visionattn.kernels import block_sparse
-from visionattn.layout import NeighborhoodWindow, TokenGrid, TokenLayout, neighborhood_block_mask
+from visionattn.layout import BlockMask, NeighborhoodWindow, TokenGrid, TokenLayout, neighborhood_block_mask
 from visionattn.ops import block_sparse_attention
 from visionattn.ops.block_sparse import block_sparse_attention_gathered
 
@@ -58,6 +59,29 @@ def test_tma_forward_neighborhood_with_global_tokens(tma_only, kernel_device, po
     mask = _mask_from_predicate(pred, layout.num_tokens, math.prod(layout.tile), heads=2, drop=0.3, gen=rng)
     assert bool(mask.partial.any())
     _check(mask, kernel_device, torch.float16, rng, heads=2, d=16, dv=16, bnhd=True)
+
+
+def test_tma_forward_lazy_rescale_with_growing_row_maxima(tma_only, kernel_device, poison_empty, rng):
+    """Key norms grow along the sequence, so every query tile's running max grows by more than the slack (2^8) at
+    every key block: the interpreter's TMA config rescales lazily (the other tests cover the stale-max steps), and
+    out, lse and the gradients through lse must still match."""
+    keep = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask = BlockMask.from_block_matrix(keep, q_len=64, kv_len=64, block_q=16, block_k=16)
+    q = torch.randn(1, 1, 64, 16, generator=rng)
+    k = torch.randn(1, 1, 64, 16, generator=rng) * torch.linspace(0.2, 9.0, 64)[:, None]
+    v = torch.randn(1, 1, 64, 16, generator=rng)
+    q, k, v = (t.to(kernel_device, torch.float16).requires_grad_(True) for t in (q, k, v))
+    out, lse = block_sparse_attention(q, k, v, mask.to(kernel_device), return_lse=True, backend="triton")
+    ref_in = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v)]
+    ref_out, ref_lse = block_sparse_attention(*ref_in, mask, return_lse=True, backend="reference")
+    scores2 = ref_in[0][0, 0] @ ref_in[1][0, 0].T * 16**-0.5 / math.log(2)  # log2 units, as the kernel's
+    growth = scores2.view(64, 4, 16).amax(-1).cummax(1).values.diff(dim=1)  # per row, after each key block
+    assert bool((growth > 8).view(4, 16, 3).any(1).all())  # every 16-row query tile rescales at every step
+    assert_close("out", ref_out, out.cpu(), dtype=torch.float16)
+    assert_close("lse", ref_lse, lse.cpu(), dtype=torch.float16)
+    got = torch.autograd.grad(lse.sum(), (q, k))
+    for name, r, g in zip(("dq", "dk"), torch.autograd.grad(ref_lse.sum(), ref_in[:2]), got):
+        assert_close(name, r, g.cpu(), dtype=torch.float16)
 
 
 def _qkvo(shape=(1, 2, 40, 32), dtype=torch.float16, bnhd=False):

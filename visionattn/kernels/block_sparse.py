@@ -3,11 +3,11 @@
 Layout: q ``(B, H, Nq, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)`` with arbitrary strides (so ``(B, N, H, D)``
 storage is read in place); the CSR ``indptr (Bm, Hm, Mq + 1)`` / ``indices (nnz,)`` of a ``BlockMask`` whose
 batch/heads ``Bm``/``Hm`` are 1 (broadcast) or ``B``/``H``, each row reordered full blocks first with ``split``
-(shaped like ``indptr``) marking where its partial blocks start (``full_blocks_first``). Logical blocks of ``block_q`` x
-``block_k`` tokens sit in power-of-two tiles ``BLOCK_M`` x ``BLOCK_N`` (>= 16); rows and columns past the logical
-block or the sequence are masked. Each CSR row is walked full blocks first (no predicate), then partial blocks,
-which evaluate the exact token predicate of ``visionattn.layout.predicates`` in-kernel from its per-position
-``KernelTables`` (``MASK_KIND``), never from an N x N tensor.
+(shaped like ``indptr``) marking where its partial blocks start (``block_sparse_bwd.full_blocks_first``). Logical
+blocks of ``block_q`` x ``block_k`` tokens sit in power-of-two tiles ``BLOCK_M`` x ``BLOCK_N`` (>= 16); rows and
+columns past the logical block or the sequence are masked. Each CSR row is walked full blocks first (no
+predicate), then partial blocks, which evaluate the exact token predicate of ``visionattn.layout.predicates``
+in-kernel from its per-position ``KernelTables`` (``MASK_KIND``), never from an N x N tensor.
 
 The backward kernels live in ``block_sparse_bwd.py``, the in-kernel token predicates in ``mask_predicates.py``.
 """
@@ -39,7 +39,6 @@ __all__ = [
     "cdiv",
     "csr_strides",
     "empty_like_layout",
-    "full_blocks_first",
     "launch_constexprs",
     "leading_strides",
     "next_block",
@@ -52,6 +51,8 @@ _NONE = tl.constexpr(MASK_NONE)
 _NEG_INF = tl.constexpr(NEG_INF)
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
+#: Slack of the lazy rescale (log2 units): a stale running max keeps unnormalised probabilities <= 2^8.
+_RESCALE_SLACK = tl.constexpr(8.0)
 
 # Tiles are caps (TILE_M query rows, TILE_N key rows): a logical block larger than its tile is walked in
 # sub-tiles, a smaller one is padded to a power of two >= 16. Hopper: 128 x 64-128, 4-8 warps, 2-3 stages.
@@ -62,8 +63,7 @@ _FWD_CONFIGS = [
 # Under the interpreter: 16-row tiles, so tests with 32-token blocks also exercise the sub-tile walk.
 _DEFAULT_CONFIG = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_stages=2)
 _AUTOTUNE_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "GATHER"]
-#: Environment switch of the forward's TMA path (read at every launch, so one process can time both): ``1`` reads
-#: q, k, v and writes out through TMA tensor descriptors where ``tma_descriptors`` allows, ``0`` (default) never.
+#: Switch of the forward's TMA path, read per launch: ``1`` where ``tma_descriptors`` allows; ``0`` (default) never.
 TMA_ENV = "VISIONATTN_BSA_TMA"
 
 
@@ -110,29 +110,30 @@ def prune_configs(configs, nargs, **kwargs):
         shape = (TILE_HEURISTICS["BLOCK_M"](tiles), TILE_HEURISTICS["BLOCK_N"](tiles))
         if config.num_warps > 4 and shape[0] * shape[1] < 32 * 128:
             continue
-        if (shape, config.num_warps, config.num_stages) not in seen:
-            seen.add((shape, config.num_warps, config.num_stages))
+        variant = (shape, config.num_warps, config.num_stages, config.kwargs.get("LAZY_RESCALE"))
+        if variant not in seen:
+            seen.add(variant)
             kept.append(config)
     return kept or configs[:1]
 
 
 def _tma_block_shapes(nargs):
-    """Autotune pre-hook of the TMA configs: each descriptor's block is ``[1, 1, rows, head-dim tile]`` with the
-    config's row tiles (``TILE_HEURISTICS``)."""
+    """Autotune pre-hook of the TMA configs: descriptor blocks ``[1, 1, row tile, head-dim tile]`` of the config."""
     m, n = TILE_HEURISTICS["BLOCK_M"](nargs), TILE_HEURISTICS["BLOCK_N"](nargs)
-    d, dv = nargs["BLOCK_D"], nargs["BLOCK_DV"]
-    for name, rows, cols in (("q", m, d), ("k", n, d), ("v", n, dv), ("o", m, dv)):
-        nargs[f"{name}_desc"].block_shape = [1, 1, rows, cols]
+    for name, rows, cols in (("q", m, "BLOCK_D"), ("k", n, "BLOCK_D"), ("v", n, "BLOCK_DV"), ("o", m, "BLOCK_DV")):
+        nargs[f"{name}_desc"].block_shape = [1, 1, rows, nargs[cols]]
 
 
-# The TMA path's configs (the pre-hook sizes the descriptors; the pointer configs have none, so their tuning results
-# stay cached on disk). The CSR index load is a pipeline stage of its own: 3 stages double-buffer K/V, 5 triple-buffer
-# them (sm_90, Triton 3.6; 4 compiles like 3). The first fits every shape (about 100-130 KB of shared memory).
+# TMA configs (a pre-hook sizes the descriptors; the pointer configs have none and keep their disk cache). The CSR index
+# load is a stage: 3 stages double-buffer K/V, 5 triple-buffer them (sm_90, Triton 3.6); the first fits every shape.
+# Lazy rescaling at 128 x 64 with 4 warps only (with 8 warps, or with packed windows, ptxas serialises every wgmma:
+# C7515; the autotuner then drops it) and under the interpreter (CPU tests cover both forms).
 _FWD_TMA_CONFIGS = [
-    triton.Config({"TILE_M": m, "TILE_N": n}, num_warps=w, num_stages=s, pre_hook=_tma_block_shapes)
-    for m, n, w, s in [(128, 64, 4, 3), (128, 128, 8, 5), (128, 128, 8, 2), (128, 64, 4, 5), (128, 64, 8, 3)]
+    triton.Config({"TILE_M": m, "TILE_N": n, "LAZY_RESCALE": z}, num_warps=w, num_stages=s, pre_hook=_tma_block_shapes)
+    for m, n, w, s, z in [(128, 64, 4, 3, False), (128, 64, 4, 3, True), (128, 128, 8, 5, False)]
+    + [(128, 128, 8, 2, False), (128, 64, 4, 5, True), (128, 64, 8, 3, False)]
 ]
-_DEFAULT_TMA_CONFIG = triton.Config(_DEFAULT_CONFIG.kwargs, num_warps=4, num_stages=2, pre_hook=_tma_block_shapes)
+_DEFAULT_TMA_CONFIG = triton.Config({**_DEFAULT_CONFIG.kwargs, "LAZY_RESCALE": True}, 4, 2, pre_hook=_tma_block_shapes)
 
 
 # ---------------------------------------------------------------------------------------------- argument bundles
@@ -320,9 +321,21 @@ def _bsa_key_tile_scores(b_q, q_pos, t, k, v, keys, pred, dims, PREDICATE: tl.co
 
 
 @triton.jit
-def _block_sparse_fwd_inner(acc, m_i, l_i, b_q, q_pos, k, v, qk_scale, keys, pred, dims, TMA: tl.constexpr):
+def _bsa_lazy_rescale(acc, l_i, m_i, m_new):
+    """FlashAttention-4's conditional rescaling: move the reference max ``m_i`` to ``m_new`` (rescale ``acc``, ``l_i``)
+    only when a row's max grew by more than ``_RESCALE_SLACK`` (``out = acc / l``, ``lse = m + log2 l`` for any m)."""
+    if tl.max(m_new - m_i, 0) > _RESCALE_SLACK:
+        alpha = tl.math.exp2(m_i - m_new)
+        acc, l_i, m_i = acc * alpha[:, None], l_i * alpha, m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_sparse_fwd_inner(
+    acc, m_i, l_i, b_q, q_pos, k, v, qk_scale, keys, pred, dims, TMA: tl.constexpr, LAZY_RESCALE: tl.constexpr
+):
     """Online softmax (exp2, fp32) over the sub-tiles of the key blocks of the walk ``keys``; ``k``, ``v`` are
-    ``_Operand``s, with ``TMA`` ``_Tiles``."""
+    ``_Operand``s, with ``TMA`` ``_Tiles``; ``LAZY_RESCALE``: ``_bsa_lazy_rescale``."""
     for phase in tl.static_range(1 if pred.MASK_KIND == _NONE else 2):
         lo, hi = _bsa_phase_range(phase, keys)
         for t in range(lo, hi):
@@ -334,11 +347,17 @@ def _block_sparse_fwd_inner(acc, m_i, l_i, b_q, q_pos, k, v, qk_scale, keys, pre
             else:
                 b_k, b_v, b_s = _bsa_key_tile_scores(b_q, q_pos, t, k, v, keys, pred, dims, phase == 1)
             m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
-            b_p = tl.math.exp2(b_s * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(b_p, 1)
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=dims.DOT_PRECISION)
-            m_i = m_new
+            if LAZY_RESCALE:
+                acc, l_i, m_i = _bsa_lazy_rescale(acc, l_i, m_i, m_new)
+                b_p = tl.math.exp2(b_s * qk_scale - m_i[:, None])
+                l_i += tl.sum(b_p, 1)
+                acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=dims.DOT_PRECISION)
+            else:
+                b_p = tl.math.exp2(b_s * qk_scale - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(b_p, 1)
+                acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=dims.DOT_PRECISION)
+                m_i = m_new
     return acc, m_i, l_i
 
 
@@ -403,6 +422,7 @@ def _block_sparse_fwd(
     DOT_PRECISION: tl.constexpr,
     GATHER: tl.constexpr,
     TMA: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr = False,
 ):
     i_bh = tl.program_id(1)
     i_b32, i_h32 = i_bh // num_heads, i_bh % num_heads
@@ -447,6 +467,7 @@ def _block_sparse_fwd(
         _Predicate(qtab_ptr, ktab_ptr, tab_len, radius2, MASK_KIND),
         _Dims(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PRECISION),
         TMA,
+        LAZY_RESCALE,
     )
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -477,28 +498,10 @@ def empty_like_layout(x: torch.Tensor, last: int, dtype: torch.dtype | None = No
     return torch.empty(b, h, n, last, device=x.device, dtype=dtype)
 
 
-def full_blocks_first(
-    indptr: torch.Tensor, indices: torch.Tensor, partial: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CSR reordered so that each row lists its full blocks before its partial ones (stable otherwise): the
-    kernels walk ``[start, split)`` without the token predicate and ``[split, end)`` with it, instead of testing a
-    flag per block. Returns ``(indices, split)``, ``split`` int32 shaped like ``indptr`` (entry ``m``: the end of row
-    ``m``'s full blocks; the last entry is unused). Rows must be stored consecutively; no host sync."""
-    rows, nnz = indptr[..., :-1].numel(), indices.numel()
-    counts = (indptr[..., 1:] - indptr[..., :-1]).flatten().long()
-    row_id = torch.repeat_interleave(torch.arange(rows, device=indptr.device), counts, output_size=nnz)
-    order = torch.argsort(row_id * 2 + partial.long(), stable=True)
-    partial_before = torch.cat([partial.new_zeros(1, dtype=torch.int32), partial.cumsum(0, dtype=torch.int32)])
-    num_partial = partial_before[indptr[..., 1:].long()] - partial_before[indptr[..., :-1].long()]
-    split = torch.cat([indptr[..., 1:] - num_partial, indptr[..., -1:]], dim=-1).to(torch.int32)
-    return indices[order], split
-
-
 def tma_descriptors(q, k, v, out, block_q: int, block_k: int) -> tuple | None:
-    """The forward's TMA descriptors of ``q, k, v, out`` (``bhnd_descriptor``), or None where the pointer path must
-    run: not fp16/bf16, no TMA on the device, a tensor TMA cannot address, or logical blocks that some TMA config's
-    tiles do not divide (tiles never cross a block, so TMA's zero fill past the sequence is all the masking a load
-    needs; rows past a smaller block would be the next block's, and are zeroed on the pointer path)."""
+    """The forward's TMA descriptors of ``q, k, v, out`` (``bhnd_descriptor``), or None (the pointer path): not
+    fp16/bf16, no TMA, a tensor TMA cannot address, or blocks some TMA tile does not divide (TMA zero-fills only past
+    the sequence; a tile crossing a block would read the next block's rows, which the pointer path zeroes)."""
     if q.dtype not in (torch.float16, torch.bfloat16) or not has_tma(q.device):
         return None
     for block, cap in ((block_q, "TILE_M"), (block_k, "TILE_N")):

@@ -33,7 +33,7 @@ from .block_sparse import (
 )
 from .mask_predicates import MASK_NONE, _Predicate, predicate_args
 
-__all__ = ["block_sparse_bwd", "transpose_csr"]
+__all__ = ["block_sparse_bwd", "full_blocks_first", "transpose_csr"]
 
 _NONE = tl.constexpr(MASK_NONE)
 
@@ -355,6 +355,23 @@ def _block_sparse_bwd_kernel_dkdv(
 
 
 # ---------------------------------------------------------------------------------------------- launchers
+def full_blocks_first(
+    indptr: torch.Tensor, indices: torch.Tensor, partial: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CSR reordered so that each row lists its full blocks before its partial ones (stable otherwise): the
+    kernels walk ``[start, split)`` without the token predicate and ``[split, end)`` with it, instead of testing a
+    flag per block. Returns ``(indices, split)``, ``split`` int32 shaped like ``indptr`` (entry ``m``: the end of row
+    ``m``'s full blocks; the last entry is unused). Rows must be stored consecutively; no host sync."""
+    rows, nnz = indptr[..., :-1].numel(), indices.numel()
+    counts = (indptr[..., 1:] - indptr[..., :-1]).flatten().long()
+    row_id = torch.repeat_interleave(torch.arange(rows, device=indptr.device), counts, output_size=nnz)
+    order = torch.argsort(row_id * 2 + partial.long(), stable=True)
+    partial_before = torch.cat([partial.new_zeros(1, dtype=torch.int32), partial.cumsum(0, dtype=torch.int32)])
+    num_partial = partial_before[indptr[..., 1:].long()] - partial_before[indptr[..., :-1].long()]
+    split = torch.cat([indptr[..., 1:] - num_partial, indptr[..., -1:]], dim=-1).to(torch.int32)
+    return indices[order], split
+
+
 def transpose_csr(
     indptr: torch.Tensor, indices: torch.Tensor, partial: torch.Tensor, num_kv_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

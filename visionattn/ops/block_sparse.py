@@ -114,8 +114,7 @@ def _walk_csr(block_mask: BlockMask, transposed: bool) -> tuple:
     """``(indptr, indices, split)`` the kernels walk, for the rows (forward, dQ) or ``transposed`` (dK/dV,
     ``transpose_csr``): full blocks first (``full_blocks_first``); without a predicate every block is full and
     ``indptr`` stands in for the unread ``split``."""
-    from ..kernels.block_sparse import full_blocks_first
-    from ..kernels.block_sparse_bwd import transpose_csr
+    from ..kernels.block_sparse_bwd import full_blocks_first, transpose_csr
 
     csr = (block_mask.indptr, block_mask.indices, block_mask.partial)
     if transposed:
