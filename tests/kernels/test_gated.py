@@ -375,7 +375,7 @@ def test_gated_kernel_head_dims(dk, dv, dtype):
 def test_gated_kernel_every_config(kernel_name, monkeypatch):
     """Each autotune config of each kernel gives the right answer (autotune may pick any of them), for log gates and
     for gate logits."""
-    from visionattn.kernels import gated, gated_bwd, gated_fwd
+    from visionattn.kernels import _launch, gated, gated_bwd, gated_fwd
 
     kernel = {
         "state": gated._gated_kernel_state,
@@ -386,6 +386,8 @@ def test_gated_kernel_every_config(kernel_name, monkeypatch):
     for config in list(kernel.configs):
         monkeypatch.setattr(kernel, "configs", [config])
         monkeypatch.setattr(kernel, "cache", {})
+        # launch() would otherwise replay the config it recorded for the previous one
+        monkeypatch.setattr(_launch, "_RESOLVED", {})
         _check_against_reference(_to(inputs, torch.device("cuda"), torch.bfloat16), torch.bfloat16)
         low = _to(_gate_logits(inputs), torch.device("cuda"), torch.bfloat16)
         _check_against_reference(low, torch.bfloat16, gate_normalizer=16.0)

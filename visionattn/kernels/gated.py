@@ -33,6 +33,7 @@ from triton.language.extra import libdevice
 
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from ._constants import LOG2E
+from ._launch import launch
 from .block_sparse import cdiv, leading_strides
 
 __all__ = ["GATED_SUB_BLOCK", "gated_states", "scan_segments"]
@@ -460,7 +461,9 @@ def gated_states(
     def grid(meta):
         return cdiv(dv, meta["BV"]) * segments, batch * heads, num_pass
 
-    _gated_kernel_state[grid](
+    launch(
+        _gated_kernel_state,
+        grid,
         k,
         v,
         q,

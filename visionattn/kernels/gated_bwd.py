@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
+from ._launch import launch
 from .block_sparse import cdiv, empty_like_layout, leading_strides, unit_last_stride
 from .gated import (
     GATED_SUB_BLOCK,
@@ -272,7 +273,9 @@ def gated_bwd(
     g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
     dg_bwd_arg = dg_fwd if dg_bwd is None else dg_bwd
     num_chunks = cdiv(length, chunk)
-    _gated_bwd_kernel[(num_chunks, batch * heads)](
+    launch(
+        _gated_bwd_kernel,
+        (num_chunks, batch * heads),
         q,
         k,
         v,

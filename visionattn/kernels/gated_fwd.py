@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
+from ._launch import launch
 from .block_sparse import cdiv, empty_like_layout, leading_strides, unit_last_stride
 from .gated import (
     GATED_SUB_BLOCK,
@@ -163,7 +164,9 @@ def gated_fwd(
     )
     g_bwd = log_gate_fwd if log_gate_bwd is None else log_gate_bwd
     num_chunks = cdiv(length, chunk)
-    _gated_fwd_kernel_output[(num_chunks, batch * heads)](
+    launch(
+        _gated_fwd_kernel_output,
+        (num_chunks, batch * heads),
         q,
         k,
         v,

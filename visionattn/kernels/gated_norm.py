@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune, is_interpreter
+from ._launch import launch
 from .block_sparse import cdiv, leading_strides, next_block, unit_last_stride
 
 __all__ = ["gated_norm_bwd", "gated_norm_fwd", "layer_norm_bwd", "layer_norm_fwd", "rms_norm_bwd", "rms_norm_fwd"]
@@ -360,7 +361,9 @@ def gated_norm_fwd(
     if y.numel() == 0:
         return y
     grid = lambda meta: (cdiv(num_rows, meta["BLOCK_R"]),)
-    _gated_norm_fwd_kernel[grid](
+    launch(
+        _gated_norm_fwd_kernel,
+        grid,
         o,
         local,
         gate,
@@ -416,7 +419,9 @@ def gated_norm_bwd(
     programs = _bwd_programs(o.device, num_rows)
     partials = _partials(2, programs, dv, num_rows, o.device)
     if num_rows:
-        _gated_norm_bwd_kernel[(programs,)](
+        launch(
+            _gated_norm_bwd_kernel,
+            (programs,),
             dy,
             o,
             local,
@@ -462,7 +467,9 @@ def _row_norm_fwd(x, weight, bias, eps: float, center: bool) -> torch.Tensor:
     num_rows, dim = rows.shape
     if y.numel():
         grid = lambda meta: (cdiv(num_rows, meta["BLOCK_R"]),)
-        _row_norm_fwd_kernel[grid](
+        launch(
+            _row_norm_fwd_kernel,
+            grid,
             rows,
             weight,
             bias,
@@ -487,7 +494,9 @@ def _row_norm_bwd(dy, x, weight, eps: float, center: bool) -> tuple[torch.Tensor
     programs = _bwd_programs(x.device, num_rows)
     partials = _partials(2 if center else 1, programs, dim, num_rows, x.device)
     if num_rows:
-        _row_norm_bwd_kernel[(programs,)](
+        launch(
+            _row_norm_bwd_kernel,
+            (programs,),
             dy_rows,
             rows,
             weight,

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
+from ._launch import launch
 from .block_sparse import cdiv, next_block, unit_last_stride
 
 __all__ = ["swiglu_bwd", "swiglu_fwd"]
@@ -149,7 +150,7 @@ def swiglu_fwd(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty((*x.shape[:-1], hidden), device=x.device, dtype=x.dtype)
     if y.numel():
         block_h, grid = _grid(num_rows, hidden)
-        _swiglu_fwd_kernel[grid](rows, y, num_rows, rows.stride(0), H=hidden, BLOCK_H=block_h)
+        launch(_swiglu_fwd_kernel, grid, rows, y, num_rows, rows.stride(0), H=hidden, BLOCK_H=block_h)
     return y
 
 
@@ -163,7 +164,16 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if dx.numel():
         block_h, grid = _grid(num_rows, hidden)
-        _swiglu_bwd_kernel[grid](
-            dy_rows, rows, dx, num_rows, dy_rows.stride(0), rows.stride(0), H=hidden, BLOCK_H=block_h
+        launch(
+            _swiglu_bwd_kernel,
+            grid,
+            dy_rows,
+            rows,
+            dx,
+            num_rows,
+            dy_rows.stride(0),
+            rows.stride(0),
+            H=hidden,
+            BLOCK_H=block_h,
         )
     return dx
