@@ -202,6 +202,8 @@ def _sparse_linear_fwd_kernel(
         _Walk(indices_ptr, crit_start, crit_end, crit_end, block_k, kv_len, BLOCK_N, K_SUB, EVEN_N),
         _Predicate(qtab_ptr, ktab_ptr, tab_len, 0.0, MASK_KIND),
         _Dims(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_PRECISION),
+        False,  # TMA: the pointer path
+        False,  # LAZY_RESCALE
     )
     empty = l_i == 0.0
     o_row = (start_m + o_m)[:, None] * stride_o_n + o_dv[None, :] * stride_o_d
