@@ -3,9 +3,9 @@
 Layout: q ``(B, H, Nq, D)``, k ``(B, H, Nk, D)``, v ``(B, H, Nk, Dv)``, optional ``q_norm``/``k_norm`` shaped like q/k,
 key weights ``(B, H, Nk)``, RoPE tables ``cos``/``sin`` ``(N, D)``; any strides (``(B, N, H, D)`` storage is read in
 place). Head dims sit in power-of-two tiles (>= 16), masked. Pass 1 (``_linear_fwd_kernel_state``, grid
-``(chunks, B·H)``) reduces a chunk of keys to fp32 partials ``Σ u_j R_jφ(k_j) v_jᵀ``, ``Σ u_j φ(k̃_j)`` and, with
-``V_SUM``, ``Σ v_j``; for RALA ``u_j = exp(s_j − m)`` with the chunk's running max ``m`` rescaled online (flash style)
-and ``l = Σ u_j``.
+``(chunks·DV_SPLIT, B·H)``, ``DV_SPLIT`` Dv tiles per chunk as the autotuner picks) reduces a chunk of keys to fp32
+partials ``Σ u_j R_jφ(k_j) v_jᵀ``, ``Σ u_j φ(k̃_j)`` and, with ``V_SUM``, ``Σ v_j``; for RALA ``u_j = exp(s_j − m)``
+with the chunk's running max ``m`` rescaled online (flash style) and ``l = Σ u_j``.
 Pass 1b (``linear_merge.py``) sums the partials in a fixed order (deterministic, no atomics), rescaled by
 ``exp(m_c − max m)``, into the mean-normalised ``S̄, z̄, v̄`` and ``lse``. Pass 2
 (``_linear_fwd_kernel_apply``, grid ``(chunks, B·H)``) maps chunks of query rows through the state; without a
@@ -477,8 +477,8 @@ def linear_state_fwd(
     """Mean-normalised state ``(S̄ (B,H,D,Dv), z̄ (B,H,D), v̄ (B,H,Dv), lse (B,H))``, fp32; ``v̄`` is zero unless
     ``with_v_mean`` (only MALA's additive normalisation reads it).
 
-    RALA weights are used when ``query_mean`` is given. Grid ``(chunks, B·H)``, then the merge of ``linear_merge.py``;
-    without ``merge``, the chunk partials ``(chunks, B·H, D, Dv)``, ``(chunks, B·H, D)``, ``(chunks, B·H, Dv)``,
+    RALA weights are used when ``query_mean`` is given. Grid ``(chunks·DV_SPLIT, B·H)``, then the merge of
+    ``linear_merge.py``; without ``merge``, the chunk partials ``(chunks, B·H, D, Dv)``, ``(chunks, B·H, D)``, ``(chunks, B·H, Dv)``,
     ``(chunks, B·H, 2)`` instead (for ``linear_apply_fwd(partials=...)``).
     """
     b, h, n, d = k.shape
