@@ -53,16 +53,17 @@ def test_natten_axis_matches_known_special_cases():
 def test_neighborhood_block_mask_blocked_windows_are_dense_blocks():
     mask = neighborhood_block_mask(TokenLayout(TokenGrid((16, 16)), tile=(4, 4)), kernel_size=8, stride=8)
     assert not mask.partial.any()
+    assert mask.token_mask is None  # no predicate: the kernels run their plain full-block walk
     assert mask.density() == pytest.approx(4 / 16)
 
 
 def test_neighborhood_block_mask_accepts_grid_and_real_sizes():
     grid = TokenGrid((30, 48, 80), extra_after=256)
     mask = neighborhood_block_mask(TokenLayout(grid, tile=(2, 8, 8)), kernel_size=(18, 24, 24), stride=(16, 8, 8))
-    assert mask.num_q_blocks == 902 and not mask.partial.any()
+    assert mask.num_q_blocks == 902 and not mask.partial.any() and mask.token_mask is None
     assert 0.08 < mask.density() < 0.11
     deep = neighborhood_block_mask(TokenLayout(grid, tile=(4, 8, 8)), kernel_size=(18, 24, 24))
-    assert deep.num_q_blocks == 8 * 6 * 10 + 1 and deep.partial.any()
+    assert deep.num_q_blocks == 8 * 6 * 10 + 1 and deep.partial.any() and deep.token_mask is not None
     raster = neighborhood_block_mask(TokenGrid((9, 10)), kernel_size=3, block_size=32)
     assert raster.block_q == 32 and raster.q_len == 90
 

@@ -123,6 +123,22 @@ def test_neighborhood_attention_triton_matches_reference(kernel_device, rng, com
         assert_close(name, r, o)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-fullgraph"])
+def test_neighborhood_attention_blocked_windows_run_without_predicate(kernel_device, rng, compiled):
+    # windows that are whole tiles (GNA's "perfectly block-sparse" case): the plan's mask has no predicate, in
+    # eager mode and when the plan is rebuilt from graph constants under torch.compile
+    grid = TokenGrid((8, 8))
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=rng).to(kernel_device) for _ in range(3))
+    run = lambda q, k, v: neighborhood_attention(q, k, v, grid, 4, stride=4, tile=(4, 4), backend="triton")
+    _PLANS.clear()
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(run, fullgraph=True, backend="inductor" if kernel_device.type == "cuda" else "aot_eager")
+    out = run(q, k, v)
+    assert all(plan.mask.token_mask is None for plan in _PLANS.values()) and _PLANS
+    assert_close("out", neighborhood_attention_reference(q, k, v, grid, 4, stride=4), out)
+
+
 def _count_gathered(monkeypatch) -> list:
     """Record each call of the gathered (no-permutation) inference path of ``neighborhood_attention``."""
     from visionattn.ops import neighborhood as module

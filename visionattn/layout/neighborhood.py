@@ -105,7 +105,8 @@ def neighborhood_block_mask(
 
     Returns:
         ``BlockMask`` with batch/heads ``(1, 1)``, ``q_len == kv_len == layout.num_tokens`` and ``token_mask`` the
-        exact ``NeighborhoodWindow`` predicate; blocks are partial where some pair is masked or a key slot is padding.
+        exact ``NeighborhoodWindow`` predicate (None when no block is partial); blocks are partial where some pair is
+        masked or a key slot is padding.
 
     Raises:
         TypeError: ``layout`` or a per-axis argument has the wrong type.
@@ -140,6 +141,9 @@ def neighborhood_block_mask(
 
     keep, partial = _classify_blocks(geometry, geometry, relation)
     n = layout.num_tokens
+    # a "perfectly block-sparse" configuration (GNA: every kept block fully allowed) carries no predicate, so the
+    # kernels compile and run their plain full-block walk
+    window = NeighborhoodWindow(layout, kernel_size, stride, dilation, causal) if bool(partial.any()) else None
     return BlockMask.from_block_matrix(
         keep[None, None],
         partial=partial[None, None],
@@ -147,5 +151,5 @@ def neighborhood_block_mask(
         kv_len=n,
         block_q=block_size,
         block_k=block_size,
-        token_mask=NeighborhoodWindow(layout, kernel_size, stride, dilation, causal),
+        token_mask=window,
     )

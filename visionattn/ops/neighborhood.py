@@ -113,7 +113,8 @@ def _plan_tensors(key: tuple) -> tuple:
     cache) while tracing, as FlexAttention's block masks are built outside the graph."""
     plan = _neighborhood_plan(key)
     mask = plan.mask
-    return (*plan[:-1], mask.indptr, mask.indices, mask.partial, mask.q_len, mask.kv_len, mask.block_q, mask.block_k)
+    sizes = (mask.q_len, mask.kv_len, mask.block_q, mask.block_k)
+    return (*plan[:-1], mask.indptr, mask.indices, mask.partial, *sizes, mask.token_mask is not None)
 
 
 def _plan(grid: TokenGrid, num_extra_kv: int, canonical_args: tuple, tile: tuple[int, ...], device) -> _Plan:
@@ -123,9 +124,12 @@ def _plan(grid: TokenGrid, num_extra_kv: int, canonical_args: tuple, tile: tuple
     key = (grid.shape, grid.extra_before, grid.extra_after, num_extra_kv, canonical_args, tile, str(device))
     if not torch.compiler.is_compiling():
         return _neighborhood_plan(key)
-    *index, indptr, indices, partial, q_len, kv_len, block_q, block_k = _plan_tensors(key)
-    token_mask = NeighborhoodWindow(_key_layout(grid, num_extra_kv, tile), *canonical_args)
-    mask = BlockMask(indptr, indices, partial, q_len, kv_len, block_q, block_k, token_mask=token_mask)
+    *index, indptr, indices, partial, q_len, kv_len, block_q, block_k, has_partial = _plan_tensors(key)
+    token_mask = NeighborhoodWindow(_key_layout(grid, num_extra_kv, tile), *canonical_args) if has_partial else None
+    # without a predicate the eager plan's builder found no partial block: no data-dependent re-check while tracing
+    mask = BlockMask(
+        indptr, indices, partial, q_len, kv_len, block_q, block_k, token_mask=token_mask, _no_partial=not has_partial
+    )
     return _Plan(*index, mask)
 
 
