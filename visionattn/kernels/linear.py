@@ -231,6 +231,8 @@ def _linear_fwd_kernel_state(
     ROPE_PAIRS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     V_SUM: tl.constexpr,
+    QM_CHUNKS: tl.constexpr,
+    BLOCK_QC: tl.constexpr,
     MAX_DV_SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DV_SPLIT: tl.constexpr,
@@ -253,7 +255,10 @@ def _linear_fwd_kernel_state(
     b_l = tl.zeros([BLOCK_N], dtype=tl.float32)
     b_m = tl.max(tl.full([BLOCK_N], _NEG_INF, tl.float32), axis=0)
     if WEIGHT == 2:
-        b_qm = tl.load(qm_ptr + i_bh * D + o_d, mask=m_d, other=0.0)
+        # q̄, or the sum of its QM_CHUNKS chunk partials (chunks, B·H, D) in one load
+        o_qc = tl.arange(0, BLOCK_QC)
+        p_qm = qm_ptr + (o_qc[:, None] * tl.num_programs(1) + i_bh) * D + o_d[None, :]
+        b_qm = tl.sum(tl.load(p_qm, mask=(o_qc[:, None] < QM_CHUNKS) & m_d[None, :], other=0.0), axis=0)
     start = i_c * chunk_len
     end = tl.minimum(start + chunk_len, N)
     for n0 in range(start, end, BLOCK_N):
@@ -477,7 +482,8 @@ def linear_state_fwd(
     """Mean-normalised state ``(S̄ (B,H,D,Dv), z̄ (B,H,D), v̄ (B,H,Dv), lse (B,H))``, fp32; ``v̄`` is zero unless
     ``with_v_mean`` (only MALA's additive normalisation reads it).
 
-    RALA weights are used when ``query_mean`` is given. Grid ``(chunks·DV_SPLIT, B·H)``, then the merge of
+    RALA weights are used when ``query_mean`` is given, ``(B, H, D)`` or the unreduced ``(chunks, B, H, D)`` of
+    ``linear_query_mean_fwd``. Grid ``(chunks·DV_SPLIT, B·H)``, then the merge of
     ``linear_merge.py``; without ``merge``, the chunk partials ``(chunks, B·H, D, Dv)``, ``(chunks, B·H, D)``, ``(chunks, B·H, Dv)``,
     ``(chunks, B·H, 2)`` instead (for ``linear_apply_fwd(partials=...)``).
     """
@@ -492,6 +498,7 @@ def linear_state_fwd(
     rala = query_mean is not None
     weight = _WEIGHT_RALA if rala else _WEIGHT_TENSOR if key_weight is not None else _WEIGHT_NONE
     qm = query_mean.float().contiguous() if rala else kv_part
+    qm_chunks = query_mean.shape[0] if rala and query_mean.ndim == 4 else 1
     tiles = dict(D=d, DV=dv, BLOCK_D=next_block(d), BLOCK_DV=next_block(dv), MAX_DV_SPLIT=splits)
     grid = lambda meta: (chunks * cdiv(dv, next_block(dv) // meta["DV_SPLIT"]), b * h)
     _linear_fwd_kernel_state[grid](
@@ -523,6 +530,8 @@ def linear_state_fwd(
         ROPE_PAIRS=cos is not None and sin is None,
         DOT_PRECISION=dot_precision(k.dtype),
         V_SUM=with_v_mean,
+        QM_CHUNKS=qm_chunks,
+        BLOCK_QC=max(2, triton.next_power_of_2(qm_chunks)),
     )
     if not merge:
         return kv_part, ks_part, vs_part, ml_part

@@ -100,8 +100,9 @@ def _linear_fwd_kernel_query_mean(
     tl.store(part_ptr + (i_c * tl.num_programs(1) + i_bh) * D + o_d, b_sum / N, mask=m_d)
 
 
-def linear_query_mean_fwd(q: torch.Tensor, feature_map: str) -> torch.Tensor:
-    """``(1/Nq) Σ_i φ(q_i)``, ``(B, H, D)`` fp32."""
+def linear_query_mean_fwd(q: torch.Tensor, feature_map: str, reduce: bool = True) -> torch.Tensor:
+    """``(1/Nq) Σ_i φ(q_i)``, ``(B, H, D)`` fp32; without ``reduce`` its chunk partials ``(chunks, B, H, D)``, which
+    ``linear_state_fwd`` sums itself (one launch fewer)."""
     b, h, n, d = q.shape
     chunk_len, chunks = chunking(n, b * h, q.device, QUERY_MEAN_PROGRAMS_PER_SM)
     part = torch.empty(chunks, b, h, d, device=q.device, dtype=torch.float32)
@@ -117,4 +118,4 @@ def linear_query_mean_fwd(q: torch.Tensor, feature_map: str) -> torch.Tensor:
         FEATURE=FEATURE_CODES[feature_map],
         DOT_PRECISION=dot_precision(q.dtype),
     )
-    return part.sum(dim=0)
+    return part.sum(dim=0) if reduce else part

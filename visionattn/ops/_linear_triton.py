@@ -373,7 +373,8 @@ def infer_op(
     from ..kernels.linear import linear_apply_fwd, linear_state_fwd
     from ..kernels.linear_query_mean import linear_query_mean_fwd
 
-    q_mean = linear_query_mean_fwd(q if q_norm is None else q_norm, feature_map) if rala else None
+    # RALA: q̄'s chunk partials, summed by the state pass (q̄ itself is not needed here)
+    q_mean = linear_query_mean_fwd(q if q_norm is None else q_norm, feature_map, reduce=False) if rala else None
     kv, ks, vs, ml = linear_state_fwd(
         k, v, k_norm, key_weight, q_mean, cos, sin, feature_map, scale, normalize == "additive", merge=False
     )
