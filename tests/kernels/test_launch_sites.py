@@ -15,7 +15,8 @@ from visionattn.ops import swiglu as swiglu_op
 
 def _record(monkeypatch, kernels: dict) -> tuple[dict, dict]:
     """Stub the JIT function under each autotuned kernel; returns ``(autotuner runs, JIT runs)`` per kernel name,
-    a JIT run recorded as its non-tensor arguments and keyword arguments (without the grid)."""
+    a JIT run recorded as its non-tensor arguments and keyword arguments (without the grid). One config each (as
+    under the interpreter): on a GPU the autotuner must not benchmark, or cache on disk, stubbed launches."""
     tuned, launched = {name: 0 for name in kernels}, {name: [] for name in kernels}
     for name, kernel in kernels.items():
         assert isinstance(kernel, Autotuner)
@@ -28,25 +29,26 @@ def _record(monkeypatch, kernels: dict) -> tuple[dict, dict]:
             plain = tuple(a for a in args if not isinstance(a, torch.Tensor))
             launched[_name].append((plain, kwargs))
 
+        monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
         monkeypatch.setattr(kernel, "run", tune)
         monkeypatch.setattr(kernel.fn, "run", run)
     monkeypatch.setattr(_launch, "_RESOLVED", {})
     return tuned, launched
 
 
-def _gated_step():
-    q, k, a, b = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(4))
-    v = torch.randn(1, 2, 40, 32, requires_grad=True)
+def _gated_step(device):
+    q, k, a, b = (torch.randn(1, 2, 40, 16, device=device, requires_grad=True) for _ in range(4))
+    v = torch.randn(1, 2, 40, 32, device=device, requires_grad=True)
     out = gated_linear_attention(q, k, v, a, b, backend="triton")
     torch.autograd.grad(out, (q, k, v, a, b), torch.ones_like(out))
 
 
 def _row_step(op):
-    def step():
-        x = torch.randn(2, 5, 3, 16, requires_grad=True)
-        w = torch.ones(16, requires_grad=True)
+    def step(device):
+        x = torch.randn(2, 5, 3, 16, device=device, requires_grad=True)
+        w = torch.ones(16, device=device, requires_grad=True)
         if op == "gated_norm":
-            local, gate = torch.randn(2, 2, 5, 3, 16).unbind(0)
+            local, gate = torch.randn(2, 2, 5, 3, 16, device=device).unbind(0)
             out, inputs = gated_norm_op(x, local, gate, w, w, silu=True, backend="triton"), (x, w)
         elif op == "swiglu":
             out, inputs = swiglu_op(x, backend="triton"), (x,)
@@ -78,14 +80,14 @@ _CASES = {
 
 
 @pytest.mark.parametrize("op", list(_CASES))
-def test_op_kernels_go_through_launch(op, monkeypatch):
+def test_op_kernels_go_through_launch(op, kernel_device, monkeypatch):
     """Two forward + backward calls: each kernel is autotuned (its autotuner runs) on the first only, and its JIT
     function gets the same config and scalar arguments both times."""
     kernels, step = _CASES[op]
     tuned, launched = _record(monkeypatch, kernels)
-    step()
+    step(kernel_device)
     first = {name: list(calls) for name, calls in launched.items()}
-    step()
+    step(kernel_device)
     for name in kernels:
         calls = launched[name]
         # the state kernel runs for the forward and again (with the gradient scans) for the backward
