@@ -116,7 +116,8 @@ def test_tma_descriptors_fall_back_where_tma_cannot_run():
 
 
 def test_tma_switch_and_gathered_path_use_pointers(monkeypatch, kernel_device, rng):
-    """``VISIONATTN_BSA_TMA`` unset: the pointer kernel; set: the TMA kernel, except with row maps (gathered)."""
+    """``VISIONATTN_BSA_TMA`` unset: TMA from 128-wide head-dim tiles, else pointers; ``1``: the TMA kernel, except
+    with row maps (gathered); ``0``: pointers."""
     calls = []
     for name in ("_block_sparse_fwd_kernel", "_block_sparse_fwd_tma_kernel"):
         monkeypatch.setattr(block_sparse, name, _Spy(name, calls))
@@ -129,6 +130,14 @@ def test_tma_switch_and_gathered_path_use_pointers(monkeypatch, kernel_device, r
     rows = torch.arange(32, dtype=torch.int32, device=kernel_device)
     block_sparse_attention_gathered(q, q, q, rows, rows, mask, scale=0.25)
     assert calls == ["_block_sparse_fwd_kernel", "_block_sparse_fwd_tma_kernel", "_block_sparse_fwd_kernel"]
+    # unset, the head dim decides (TMA from 128-wide tiles, where the H100 measured it faster); "0" forces pointers
+    calls.clear()
+    wide = torch.randn(1, 1, 32, 128, generator=rng).to(kernel_device, torch.float16)
+    monkeypatch.delenv(block_sparse.TMA_ENV, raising=False)
+    block_sparse_attention(wide, wide, wide, mask, backend="triton")
+    monkeypatch.setenv(block_sparse.TMA_ENV, "0")
+    block_sparse_attention(wide, wide, wide, mask, backend="triton")
+    assert calls == ["_block_sparse_fwd_tma_kernel", "_block_sparse_fwd_kernel"]
 
 
 # ---------------------------------------------------------------------------------------------- GPU, real sizes

@@ -6,8 +6,9 @@ a different pattern per head) and ``nbhd`` (neighborhood attention in tile order
 window (18, 24, 24) and GNA stride (16, 8, 8)). ``flops`` are dense-equivalent, ``density`` is the fraction of
 (query, key) pairs a mask needs, so "fraction of ideal" is the speedup over cuDNN divided by ``1 / density``.
 All tensors are ``(B, H, N, D)``; neighborhood rows run on tensors already in tile order (the kernel alone).
-``ours-tma`` is ``ours`` with the forward's TMA path forced on (``VISIONATTN_BSA_TMA=1`` around each call;
-leave the variable unset so ``ours`` keeps the default path): both in one run, ``--impl ours`` selects the pair.
+``ours-tma`` / ``ours-pointer`` are ``ours`` with the forward's TMA path forced on / off (``VISIONATTN_BSA_TMA``
+set to 1 / 0 around each call; leave the variable unset so ``ours`` keeps the default, TMA from 128-wide head-dim
+tiles): all in one run, ``--impl ours`` selects the three.
 
     python tools/bench.py attention --cases block_sparse --mode both --dtype bf16 --out docs/benchmarks/block_sparse_h100
 """
@@ -88,10 +89,10 @@ def _cached_with_flex(build):
 
 
 @contextlib.contextmanager
-def _tma_on():
-    """``TMA_ENV`` set to 1 inside (the launcher reads it per call), restored after."""
+def _tma_switch(value: str):
+    """``TMA_ENV`` set to ``value`` inside (the launcher reads it per call), restored after."""
     previous = os.environ.get(TMA_ENV)
-    os.environ[TMA_ENV] = "1"
+    os.environ[TMA_ENV] = value
     try:
         yield
     finally:
@@ -101,11 +102,11 @@ def _tma_on():
             os.environ[TMA_ENV] = previous
 
 
-def _ours_tma(mask):
-    """``block_sparse_attention`` under ``mask`` with the forward's TMA path on."""
+def _ours_tma(mask, value: str):
+    """``block_sparse_attention`` under ``mask`` with the forward's TMA path forced on (``"1"``) or off (``"0"``)."""
 
     def run(q, k, v):
-        with _tma_on():
+        with _tma_switch(value):
             return block_sparse_attention(q, k, v, block_mask=mask)
 
     return run
@@ -142,7 +143,8 @@ def cases(args) -> list[BenchCase]:
     baseline = next(iter(dense_peers))
     peers = {
         "ours": lambda mask, _: functools.partial(block_sparse_attention, block_mask=mask),
-        "ours-tma": lambda mask, _: _ours_tma(mask),
+        "ours-tma": lambda mask, _: _ours_tma(mask, "1"),
+        "ours-pointer": lambda mask, _: _ours_tma(mask, "0"),
     }
     peers.update({name: lambda *_, b=backend: _sdpa(b) for name, backend in dense_peers.items()})
     if on_gpu:

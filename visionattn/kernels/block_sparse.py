@@ -45,6 +45,7 @@ __all__ = [
     "prune_configs",
     "tma_descriptors",
     "unit_last_stride",
+    "use_tma",
 ]
 
 _NONE = tl.constexpr(MASK_NONE)
@@ -63,8 +64,19 @@ _FWD_CONFIGS = [
 # Under the interpreter: 16-row tiles, so tests with 32-token blocks also exercise the sub-tile walk.
 _DEFAULT_CONFIG = triton.Config({"TILE_M": 16, "TILE_N": 16}, num_warps=4, num_stages=2)
 _AUTOTUNE_KEY = ["block_q", "block_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "GATHER"]
-#: Switch of the forward's TMA path, read per launch: ``1`` where ``tma_descriptors`` allows; ``0`` (default) never.
+#: Switch of the forward's TMA path, read per launch: ``1`` wherever ``tma_descriptors`` allows, ``0`` never; unset,
+#: head dims in 128-wide tiles (``_TMA_MIN_BLOCK_D``), where the H100 measured it faster (session 8: Wan dense 1.43x,
+#: FLUX dense 1.03-1.08x, FLUX window 1.17x CUDA-graph time) while at D = 64 it was slower (DeiT-1024 0.91x).
 TMA_ENV = "VISIONATTN_BSA_TMA"
+_TMA_MIN_BLOCK_D = 128
+
+
+def use_tma(q: torch.Tensor) -> bool:
+    """Whether the forward takes its TMA path for ``q``'s head dim (``TMA_ENV`` forces it either way)."""
+    switch = os.environ.get(TMA_ENV)
+    if switch is not None:
+        return switch == "1"
+    return next_block(q.shape[-1]) >= _TMA_MIN_BLOCK_D
 
 
 def cdiv(a: int, b: int) -> int:
@@ -553,8 +565,8 @@ def block_sparse_fwd(
     ``radius2`` a circular window's squared radius. ``rows=(q_rows, kv_rows)``, int32 ``(Nq,)`` / ``(Nk,)``: the mask
     walks a permuted sequence (a tile order) that q, k, v and out store in their own order: position ``p`` is
     row ``q_rows[p]`` of q and out (-1: a padding slot, read as row 0, never written) and row ``kv_rows[p]`` of
-    k and v; the sequence axis of q, k, v, out is then the storage's own. With ``VISIONATTN_BSA_TMA=1`` (``TMA_ENV``)
-    q, k, v and out move through TMA descriptors where ``tma_descriptors`` allows (never with ``rows``).
+    k and v; the sequence axis of q, k, v, out is then the storage's own. Where ``use_tma`` says so, q, k, v and out
+    move through TMA descriptors if ``tma_descriptors`` allows (never with ``rows``).
 
     Returns ``out`` ``(B, H, Nq, Dv)`` stored like q (q's length with ``rows``), and ``lse`` ``(B, H, Nq)`` float32
     (natural log, ``-inf`` on rows with no allowed key; in mask order).
@@ -565,7 +577,7 @@ def block_sparse_fwd(
     lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
     descs = None
-    if rows is None and os.environ.get(TMA_ENV, "0") == "1":
+    if rows is None and use_tma(q):
         descs = tma_descriptors(q, k, v, out, block_q, block_k)
     kernel = _block_sparse_fwd_kernel if descs is None else _block_sparse_fwd_tma_kernel
     kernel[grid](
