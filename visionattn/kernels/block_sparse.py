@@ -72,11 +72,14 @@ _TMA_MIN_BLOCK_D = 128
 
 
 def use_tma(q: torch.Tensor) -> bool:
-    """Whether the forward takes its TMA path for ``q``'s head dim (``TMA_ENV`` forces it either way)."""
+    """Whether the forward takes its TMA path for ``q`` (``TMA_ENV`` forces it either way) when q, k, v and the
+    output are fp16/bf16 tensors TMA can address on a device that has it (``tma_descriptors``)."""
     switch = os.environ.get(TMA_ENV)
     if switch is not None:
-        return switch == "1"
-    return next_block(q.shape[-1]) >= _TMA_MIN_BLOCK_D
+        wanted = switch == "1"
+    else:
+        wanted = next_block(q.shape[-1]) >= _TMA_MIN_BLOCK_D
+    return wanted and q.dtype in (torch.float16, torch.bfloat16) and has_tma(q.device)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -511,9 +514,10 @@ def empty_like_layout(x: torch.Tensor, last: int, dtype: torch.dtype | None = No
 
 
 def tma_descriptors(q, k, v, out, block_q: int, block_k: int) -> tuple | None:
-    """The forward's TMA descriptors of ``q, k, v, out`` (``bhnd_descriptor``), or None (the pointer path): not
-    fp16/bf16, no TMA, a tensor TMA cannot address, or blocks some TMA tile does not divide (TMA zero-fills only past
-    the sequence; a tile crossing a block would read the next block's rows, which the pointer path zeroes)."""
+    """The forward's TMA descriptors of ``q, k, v, out`` (``bhnd_descriptor``; for ``use_tma`` inputs), or None (the
+    pointer path): not fp16/bf16, no TMA, a tensor TMA cannot address, or blocks some TMA tile does not divide (TMA
+    zero-fills only past the sequence; a tile crossing a block would read the next block's rows, which the pointer
+    path zeroes)."""
     if q.dtype not in (torch.float16, torch.bfloat16) or not has_tma(q.device):
         return None
     for block, cap in ((block_q, "TILE_M"), (block_k, "TILE_N")):
