@@ -22,8 +22,14 @@ _RESOLVED: dict = {}
 _MAX_RESOLVED = 1024
 
 
+#: Argument types that are their own key (most of a launch's arguments: strides, sizes, flags), tested by ``type``
+#: first because ``isinstance(a, torch.Tensor)`` on every argument was half of a replayed launch's host time.
+_PLAIN = frozenset({int, float, bool, str, type(None)})
+
+
 def _signature(args: tuple, kwargs: dict) -> tuple:
-    return tuple([a.dtype if isinstance(a, torch.Tensor) else a for a in args]), tuple(kwargs.items())
+    key = tuple([a if type(a) in _PLAIN else a.dtype if isinstance(a, torch.Tensor) else a for a in args])
+    return key, tuple(kwargs.items())
 
 
 def _resolve(kernel, args: tuple, kwargs: dict):
