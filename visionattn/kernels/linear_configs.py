@@ -7,6 +7,8 @@ Config families are picked by the state's size; figures are offline sm_90 compil
 
 import triton
 
+from ._config import is_interpreter
+
 __all__ = []
 
 #: (BLOCK_N, num_warps, num_stages): three deep-pipelined configs for states up to 64x128, mostly shallow ones for
@@ -47,12 +49,26 @@ def _key(c: triton.Config) -> tuple:
     return c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg
 
 
+def _family_first(kept: list, configs: list, family) -> list:
+    """The configs ``kept`` by pruning; where none were, the interpreter's single config, or on a GPU the family's
+    first config (``VISIONATTN_AUTOTUNE=0`` keeps only the full list's first config, a small-state one, whose 3
+    stages of 128-wide tiles would not fit a big state in the H100's 227 KB of shared memory)."""
+    if kept:
+        return kept
+    if is_interpreter():
+        return configs[:1]
+    n, w, s, *_ = family[0]
+    return [
+        triton.Config({"BLOCK_N": n, **({"DV_SPLIT": 1} if len(family[0]) == 4 else {})}, num_warps=w, num_stages=s)
+    ]
+
+
 def _state_family(configs, state_bytes: int, extra=()):
     """The configs of the state size's family (see ``_SMALL_STATE_CONFIGS``) and ``extra``: autotuning compiles
     every config."""
     family = _BIG_STATE_CONFIGS if state_bytes > 64 * 128 * 4 else _SMALL_STATE_CONFIGS
     keys = {(*c, None) for c in family} | set(extra)
-    return [c for c in configs if _key(c) in keys] or configs[:1]
+    return _family_first([c for c in configs if _key(c) in keys], configs, family)
 
 
 def _prune_reduce_configs(configs, nargs, **kwargs):
@@ -70,7 +86,7 @@ def _prune_state_configs(configs, nargs, **kwargs):
     if big:
         keys |= {c for c in _WIDE_STATE_CONFIGS if c[3] <= args["MAX_DV_SPLIT"]}
     split = lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["DV_SPLIT"])
-    return [c for c in configs if split(c) in keys] or configs[:1]
+    return _family_first([c for c in configs if split(c) in keys], configs, sorted(keys))
 
 
 def _prune_apply_configs(configs, nargs, **kwargs):
