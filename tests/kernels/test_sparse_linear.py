@@ -257,8 +257,10 @@ def test_sparse_linear_kernel_real_sizes(rng, dtype, n, d, block_q, block_k, top
 def test_sparse_linear_kernel_gpu_every_config(monkeypatch, rng, config):
     """Each autotune config of the four SLA kernels on its own (autotune would hide a broken one; the block-sparse
     backward's configs are tested in test_block_sparse.py)."""
-    from visionattn.kernels import sparse_linear, sparse_linear_bwd, sparse_linear_state
+    from visionattn.kernels import _launch, sparse_linear, sparse_linear_bwd, sparse_linear_state
 
+    # launch() replays the config recorded per call signature: forget earlier tests' (and configs') picks
+    monkeypatch.setattr(_launch, "_RESOLVED", {})
     kernels = [
         (sparse_linear_state._sparse_linear_fwd_kernel_state, sparse_linear_state._STATE_CONFIGS),
         (sparse_linear._sparse_linear_fwd_kernel, sparse_linear._FWD_CONFIGS),
