@@ -68,3 +68,12 @@ def poison_empty(monkeypatch):
 def rng() -> torch.Generator:
     """A freshly seeded generator per test (fixed seed: failures reproduce)."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launch_records(monkeypatch):
+    """Every test starts with no recorded launch configs (``kernels/_launch.launch`` replays the config it recorded
+    per call signature), so the config a test pins is the one that runs."""
+    from visionattn.kernels import _launch
+
+    monkeypatch.setattr(_launch, "_RESOLVED", {})

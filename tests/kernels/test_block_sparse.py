@@ -258,8 +258,12 @@ def test_block_sparse_kernel_gpu_circular_2d_with_text(rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", range(5))
 def test_block_sparse_kernel_gpu_every_config(monkeypatch, rng, config):
-    """Each autotune config of the three attention kernels on its own (autotune would hide a broken one)."""
-    from visionattn.kernels import block_sparse, block_sparse_bwd
+    """Each autotune config of the three attention kernels on its own (autotune would hide a broken one); the forward
+    on its pointer path (the TMA path's configs: test_block_sparse_tma.py)."""
+    from visionattn.kernels import _launch, block_sparse, block_sparse_bwd
+
+    monkeypatch.setenv(block_sparse.TMA_ENV, "0")
+    monkeypatch.setattr(_launch, "_RESOLVED", {})  # launch() would replay an earlier test's config
 
     kernels = [
         (block_sparse._block_sparse_fwd_kernel, block_sparse._FWD_CONFIGS),

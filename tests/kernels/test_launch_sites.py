@@ -1,20 +1,21 @@
-"""The gated-linear-attention op and the row ops (gated norm, RMSNorm, LayerNorm, SwiGLU) launch their autotuned
-kernels through ``kernels/_launch.launch``: the first call of a signature goes through the autotuner, later ones call
+"""The block-sparse attention op (forward, dQ, dK/dV), the gated-linear-attention op and the row ops (gated norm,
+RMSNorm, LayerNorm, SwiGLU) launch their autotuned kernels through ``kernels/_launch.launch``: the first call of a signature goes through the autotuner, later ones call
 the JIT function directly with the same config. The JIT functions are stubbed (nothing runs): this checks the
 routing only; the results are tested in each op's own tests."""
 
 import pytest
 import torch
-from triton.runtime.autotuner import Autotuner
+from triton.runtime.autotuner import Autotuner, Heuristics
 
-from visionattn.kernels import _launch, gated, gated_bwd, gated_fwd, gated_norm, swiglu
-from visionattn.ops import gated_linear_attention, layer_norm, rms_norm
+from visionattn.kernels import _launch, block_sparse, block_sparse_bwd, gated, gated_bwd, gated_fwd, gated_norm, swiglu
+from visionattn.layout import BlockMask
+from visionattn.ops import block_sparse_attention, gated_linear_attention, layer_norm, rms_norm
 from visionattn.ops import gated_norm as gated_norm_op
 from visionattn.ops import swiglu as swiglu_op
 
 
 def _record(monkeypatch, kernels: dict) -> tuple[dict, dict]:
-    """Stub the JIT function under each autotuned kernel; returns ``(autotuner runs, JIT runs)`` per kernel name,
+    """Stub the JIT function under each autotuned kernel (and its heuristics); returns ``(autotuner runs, JIT runs)`` per kernel name,
     a JIT run recorded as its non-tensor arguments and keyword arguments (without the grid). One config each (as
     under the interpreter): on a GPU the autotuner must not benchmark, or cache on disk, stubbed launches."""
     tuned, launched = {name: 0 for name in kernels}, {name: [] for name in kernels}
@@ -29,9 +30,12 @@ def _record(monkeypatch, kernels: dict) -> tuple[dict, dict]:
             plain = tuple(a for a in args if not isinstance(a, torch.Tensor))
             launched[_name].append((plain, kwargs))
 
+        jit = kernel.fn
+        while isinstance(jit, Heuristics):  # the JIT function under the heuristics layers
+            jit = jit.fn
         monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
         monkeypatch.setattr(kernel, "run", tune)
-        monkeypatch.setattr(kernel.fn, "run", run)
+        monkeypatch.setattr(jit, "run", run)
     monkeypatch.setattr(_launch, "_RESOLVED", {})
     return tuned, launched
 
@@ -41,6 +45,14 @@ def _gated_step(device):
     v = torch.randn(1, 2, 40, 32, device=device, requires_grad=True)
     out = gated_linear_attention(q, k, v, a, b, backend="triton")
     torch.autograd.grad(out, (q, k, v, a, b), torch.ones_like(out))
+
+
+def _block_sparse_step(device):
+    keep = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)[None, None]
+    mask = BlockMask.from_block_matrix(keep, q_len=48, kv_len=48, block_q=16, block_k=16).to(device)
+    q, k, v = (torch.randn(1, 2, 48, 16, device=device, requires_grad=True) for _ in range(3))
+    out = block_sparse_attention(q, k, v, mask, backend="triton")
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
 
 def _row_step(op):
@@ -67,6 +79,14 @@ _ROW_KERNELS = {
     "swiglu": {"fwd": swiglu._swiglu_fwd_kernel, "bwd": swiglu._swiglu_bwd_kernel},
 }
 _CASES = {
+    "block_sparse_attention": (
+        {
+            "fwd": block_sparse._block_sparse_fwd_kernel,
+            "dq": block_sparse_bwd._block_sparse_bwd_kernel_dq,
+            "dkdv": block_sparse_bwd._block_sparse_bwd_kernel_dkdv,
+        },
+        _block_sparse_step,
+    ),
     "gated_linear_attention": (
         {
             "state": gated._gated_kernel_state,

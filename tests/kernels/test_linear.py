@@ -5,6 +5,7 @@ import torch
 
 from tests._numerics import assert_close
 from tests.ops.test_linear import rope_tables
+from visionattn.kernels import _launch
 from visionattn.ops import (
     linear_attention,
     linear_attention_apply,
@@ -160,6 +161,7 @@ def _pin_state_split(monkeypatch, split: int, block_n: int = 16, warps: int = 4,
     config = triton.Config({"BLOCK_N": block_n, "DV_SPLIT": split}, num_warps=warps, num_stages=stages)
     monkeypatch.setattr(kernel, "configs", [config])
     monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(_launch, "_RESOLVED", {})  # launch() would replay the previous pin's config
 
 
 @pytest.mark.parametrize(
@@ -203,6 +205,7 @@ def test_linear_attention_query_mean_kernel_configs(monkeypatch, kernel_device, 
     config = triton.Config({"BLOCK_N": 16, "ONES_DOT": ones_dot}, num_warps=4, num_stages=1)
     monkeypatch.setattr(kernel, "configs", [config])
     monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(_launch, "_RESOLVED", {})  # launch() would replay the previous pin's config
     monkeypatch.setattr(fwd, "chunking", lambda n, bh, device, per_sm=0: (32, 2))
     q = torch.randn(2, 3, 37, 24, generator=rng).to(kernel_device)
     phi = {"elu1": lambda x: torch.nn.functional.elu(x) + 1, "softmax": lambda x: x.softmax(-1)}[feature_map]
@@ -269,6 +272,7 @@ def _pin_config(monkeypatch, config):
             pinned = triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         monkeypatch.setattr(kernel, "configs", [pinned])
         monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(_launch, "_RESOLVED", {})
 
 
 def _config_for(d):
@@ -379,6 +383,7 @@ def test_linear_attention_kernel_every_config_gpu(monkeypatch, rng, d, config_in
         state_config = triton.Config({"BLOCK_N": n, "DV_SPLIT": split}, num_warps=w, num_stages=s)
         monkeypatch.setattr(fwd._linear_fwd_kernel_state, "configs", [state_config])
         monkeypatch.setattr(fwd._linear_fwd_kernel_state, "cache", {})
+        monkeypatch.setattr(_launch, "_RESOLVED", {})
     _pin_config(monkeypatch, config)
     inputs, kwargs = _inputs(
         rng,

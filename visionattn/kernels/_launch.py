@@ -56,14 +56,19 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     autotuner or heuristics, go through ``kernel[grid]`` every call.
 
     The first call of a signature runs ``kernel[grid]`` as usual (autotuning on a new key); later ones call the JIT
-    function with the recorded config and heuristic values. Outside eager use nothing changes: the launchers run
+    function with the recorded config and heuristic values. Calls with an unhashable argument (TMA descriptors) go
+    through ``kernel[grid]`` every time. Outside eager use nothing changes: the launchers run
     inside custom ops, which ``torch.compile`` does not trace.
     """
     if not isinstance(kernel, (Autotuner, Heuristics)):
         kernel[grid](*args, **kwargs)
         return
     key = kernel, _signature(args, kwargs)
-    resolved = _RESOLVED.get(key)
+    try:
+        resolved = _RESOLVED.get(key)
+    except TypeError:  # an unhashable argument (a TMA TensorDescriptor): no signature, the autotuner every call
+        kernel[grid](*args, **kwargs)
+        return
     if resolved is not None:
         fn, extra = resolved
         fn.run(*args, grid=grid, warmup=False, **kwargs, **extra)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._config import is_interpreter
+from ._launch import launch
 from .block_sparse import cdiv, next_block
 
 __all__ = ["block_pool_fwd"]
@@ -148,7 +149,9 @@ def _pool(x: torch.Tensor, block: int, partials: torch.Tensor | None = None) -> 
     num_blocks = cdiv(n, block)
     out = torch.empty(b, h, num_blocks, d, device=x.device, dtype=x.dtype)
     per_program = max(1, _PROGRAM_ROWS // block)
-    _block_pool_fwd_kernel[(cdiv(num_blocks, per_program), b * h)](
+    launch(
+        _block_pool_fwd_kernel,
+        (cdiv(num_blocks, per_program), b * h),
         x,
         out if partials is None else partials,
         out,
@@ -179,7 +182,9 @@ def block_pool_fwd(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int)
     chunks = min(_MAX_CHUNKS, 1 << (cdiv(n, _PROGRAM_ROWS) - 1).bit_length())
     block_d = next_block(d)
     partials = torch.empty(b * h, chunks, block_d, device=k.device, dtype=torch.float32)
-    _block_pool_fwd_kernel_key_sum[(chunks, b * h)](
+    launch(
+        _block_pool_fwd_kernel_key_sum,
+        (chunks, b * h),
         k,
         partials,
         *k.stride(),

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ._config import autotune
 from ._constants import LN2, LOG2E, NEG_INF
+from ._launch import launch
 from ._tma import bhnd_descriptor, has_tma
 from .mask_predicates import (
     _MASKED,
@@ -584,7 +585,9 @@ def block_sparse_fwd(
     if rows is None and use_tma(q):
         descs = tma_descriptors(q, k, v, out, block_q, block_k)
     kernel = _block_sparse_fwd_kernel if descs is None else _block_sparse_fwd_tma_kernel
-    kernel[grid](
+    launch(
+        kernel,
+        grid,
         q,
         k,
         v,

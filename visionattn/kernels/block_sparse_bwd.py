@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
 from ._constants import LOG2E
+from ._launch import launch
 from .block_sparse import (
     TILE_HEURISTICS,
     _bsa_key_tile_scores,
@@ -446,7 +447,9 @@ def block_sparse_bwd(
     constexprs = launch_constexprs(q, v, mask_kind)
     shared = (h, q_len, kv_len, block_q, block_k, scale, *predicate_args(query_table, key_table, split), radius2)
     grid_dq = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
-    _block_sparse_bwd_kernel_dq[grid_dq](
+    launch(
+        _block_sparse_bwd_kernel_dq,
+        grid_dq,
         q,
         k,
         v,
@@ -468,7 +471,9 @@ def block_sparse_bwd(
     )
     indptr_t, indices_t, split_t = key_major
     grid_dkdv = lambda meta: (cdiv(kv_len, block_k) * meta["K_SUB"], b * h)
-    _block_sparse_bwd_kernel_dkdv[grid_dkdv](
+    launch(
+        _block_sparse_bwd_kernel_dkdv,
+        grid_dkdv,
         q,
         k,
         v,

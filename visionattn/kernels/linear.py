@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs, is_interpreter
 from ._constants import NEG_INF
+from ._launch import launch
 from .block_sparse import cdiv, empty_like_layout, next_block
 from .linear_configs import (
     _APPLY_CONFIGS,
@@ -501,7 +502,9 @@ def linear_state_fwd(
     qm_chunks = query_mean.shape[0] if rala and query_mean.ndim == 4 else 1
     tiles = dict(D=d, DV=dv, BLOCK_D=next_block(d), BLOCK_DV=next_block(dv), MAX_DV_SPLIT=splits)
     grid = lambda meta: (chunks * cdiv(dv, next_block(dv) // meta["DV_SPLIT"]), b * h)
-    _linear_fwd_kernel_state[grid](
+    launch(
+        _linear_fwd_kernel_state,
+        grid,
         k,
         v,
         k if k_norm is None else k_norm,
@@ -568,7 +571,9 @@ def linear_apply_fwd(
     chunk_len, chunks = chunking(n, b * h, q.device, APPLY_PROGRAMS_PER_SM)
     fold = partials is not None
     fold_load = max(1, min(FOLD_MAX_CHUNKS, _FOLD_LOAD // (next_block(d) * next_block(dv))))
-    _linear_fwd_kernel_apply[(chunks, b * h)](
+    launch(
+        _linear_fwd_kernel_apply,
+        (chunks, b * h),
         q, q if q_norm is None else q_norm, q if cos is None else cos, q if sin is None else sin,
         kv, k_sum, v_mean, partials[0] if fold else kv, o,
         *q.stride(), *strides4(q_norm), *rope_strides(cos), *o.stride(),

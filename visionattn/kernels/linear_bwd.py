@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
+from ._launch import launch
 from .block_sparse import cdiv, next_block
 from .linear import (
     FEATURE_CODES,
@@ -412,7 +413,9 @@ def linear_query_mean_bwd(
     accumulate = dq is not None
     dq = torch.empty_like(q) if dq is None else dq
     grid = lambda meta: (cdiv(n, meta["BLOCK_M"]), b * h)
-    _linear_bwd_kernel_query_mean[grid](
+    launch(
+        _linear_bwd_kernel_query_mean,
+        grid,
         q,
         d_mean.float().contiguous(),
         dq,
@@ -453,7 +456,9 @@ def linear_apply_bwd(
     dkv_part = torch.empty(chunks, b, h, d, dv, **f32)
     dks_part = torch.empty(chunks, b, h, d, **f32)
     dvm_part = torch.empty(chunks, b, h, dv, **f32)
-    _linear_bwd_kernel_apply[(chunks, b * h)](
+    launch(
+        _linear_bwd_kernel_apply,
+        (chunks, b * h),
         q,
         q if q_norm is None else q_norm,
         q if cos is None else cos,
@@ -522,7 +527,9 @@ def linear_state_bwd(
     dw = torch.empty_like(key_weight) if key_weight is not None else None
     dqm_part = torch.empty(chunks, b, h, d, device=k.device, dtype=torch.float32) if rala else None
     f32 = lambda t: t.float().contiguous()
-    _linear_bwd_kernel_state[(chunks, b * h)](
+    launch(
+        _linear_bwd_kernel_state,
+        (chunks, b * h),
         k,
         v,
         k if k_norm is None else k_norm,

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._constants import NEG_INF
+from ._launch import launch
 from .block_sparse import cdiv, next_block
 
 __all__ = ["merge_state_partials", "merged_state"]
@@ -148,7 +149,9 @@ def merge_state_partials(
     f32 = dict(device=kv_part.device, dtype=torch.float32)
     kv, ks, vm, lse = (torch.empty(bh, *shape, **f32) for shape in ((d, dv), (d,), (dv,), ()))
     block_k = min(_MERGE_SLICE, next_block(d * dv))
-    _linear_fwd_kernel_state_merge[(bh, cdiv(d * dv, block_k))](
+    launch(
+        _linear_fwd_kernel_state_merge,
+        (bh, cdiv(d * dv, block_k)),
         kv_part, ks_part, vs_part, ml_part, kv, ks, vm, lse, bh, n, chunks,
         D=d, DV=dv, BLOCK_D=next_block(d), BLOCK_DV=next_block(dv), RALA=rala, BLOCK_C=_MERGE_CHUNKS, BLOCK_K=block_k,
     )  # fmt: skip

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, autotune_kwargs
+from ._launch import launch
 from .block_sparse import next_block
 from .linear import FEATURE_CODES, _load_rows, _phi, chunking, dot_precision
 
@@ -106,7 +107,9 @@ def linear_query_mean_fwd(q: torch.Tensor, feature_map: str, reduce: bool = True
     b, h, n, d = q.shape
     chunk_len, chunks = chunking(n, b * h, q.device, QUERY_MEAN_PROGRAMS_PER_SM)
     part = torch.empty(chunks, b, h, d, device=q.device, dtype=torch.float32)
-    _linear_fwd_kernel_query_mean[(chunks, b * h)](
+    launch(
+        _linear_fwd_kernel_query_mean,
+        (chunks, b * h),
         q,
         part,
         *q.stride(),
