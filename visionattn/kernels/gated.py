@@ -398,6 +398,20 @@ def _exact_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
 
 
+def _scan_constexprs(q, v, chunk: int, num_dir: int, gate_normalizer: float) -> dict:
+    """Compile-time arguments every gated kernel takes: heads, head dims, chunk, directions, gate form, dot
+    precision (``q`` ``(B, H, N, Dk)``, ``v`` ``(B, H, N, Dv)``)."""
+    return {
+        "H": q.shape[1],
+        "DK": q.shape[-1],
+        "DV": v.shape[-1],
+        "BT": chunk,
+        "NUM_DIR": num_dir,
+        "GATE_NORMALIZER": gate_normalizer,
+        "IEEE": _exact_dots(q.dtype),
+    }
+
+
 def _one_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``a`` and ``b`` in one dtype: the state kernel reads one of them per pass through one selected pointer. Mixed
     dtypes (rare: the kernels read any float dtype) are promoted, an exact copy."""
@@ -478,14 +492,8 @@ def gated_states(
         num_chunks,
         segment,
         segments,
-        H=heads,
-        DK=dk,
-        DV=dv,
-        BT=chunk,
-        NUM_DIR=num_dir,
         NUM_PASS=num_pass,
-        GATE_NORMALIZER=gate_normalizer,
-        IEEE=_exact_dots(q.dtype),
+        **_scan_constexprs(k, v, chunk, num_dir, gate_normalizer),
     )
     if segments > 1:
         _gated_kernel_carry[(1, batch * heads * num_pass)](

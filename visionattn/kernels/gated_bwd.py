@@ -21,7 +21,6 @@ from ._launch import launch
 from .block_sparse import cdiv, empty_like_layout, leading_strides, unit_last_stride
 from .gated import (
     GATED_SUB_BLOCK,
-    _exact_dots,
     _gated_clamp_gate,
     _gated_clamped,
     _gated_dot,
@@ -39,6 +38,7 @@ from .gated import (
     _gated_softplus2,
     _gated_sub_block_gates,
     _gated_sub_blocks,
+    _scan_constexprs,
     gated_states,
 )
 
@@ -295,13 +295,7 @@ def gated_bwd(
         num_chunks,
         segment,
         segments,
-        H=heads,
-        DK=dk_dim,
-        DV=dv_dim,
-        BT=chunk,
         BC=GATED_SUB_BLOCK,
-        NUM_DIR=num_dir,
-        GATE_NORMALIZER=gate_normalizer,
-        IEEE=_exact_dots(q.dtype),
+        **_scan_constexprs(q, v, chunk, num_dir, gate_normalizer),
     )
     return dq, dk, dv, dg_fwd, dg_bwd

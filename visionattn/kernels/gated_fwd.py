@@ -18,7 +18,6 @@ from ._launch import launch
 from .block_sparse import cdiv, empty_like_layout, leading_strides, unit_last_stride
 from .gated import (
     GATED_SUB_BLOCK,
-    _exact_dots,
     _gated_dot,
     _gated_entry_state,
     _gated_intra_factors,
@@ -29,6 +28,7 @@ from .gated import (
     _gated_rows,
     _gated_sub_block_gates,
     _gated_sub_blocks,
+    _scan_constexprs,
     gated_states,
 )
 
@@ -181,13 +181,7 @@ def gated_fwd(
         num_chunks,
         segment,
         segments,
-        H=heads,
-        DK=dk,
-        DV=dv,
-        BT=chunk,
         BC=GATED_SUB_BLOCK,
-        NUM_DIR=num_dir,
-        GATE_NORMALIZER=gate_normalizer,
-        IEEE=_exact_dots(q.dtype),
+        **_scan_constexprs(q, v, chunk, num_dir, gate_normalizer),
     )
     return out
