@@ -139,6 +139,32 @@ def test_neighborhood_attention_blocked_windows_run_without_predicate(kernel_dev
     assert_close("out", neighborhood_attention_reference(q, k, v, grid, 4, stride=4), out)
 
 
+def test_neighborhood_attention_permutes_through_gather_tokens(monkeypatch, kernel_device, rng):
+    """With a gradient the op permutes q, k, v into tile order and the output back with ``gather_tokens`` (four
+    calls, inverse-map backward); (B, N, H, D) storage stays so, padding slots (a 5 x 7 grid in 4 x 4 tiles) and
+    extra keys, against float64 forward and gradients."""
+    from visionattn.ops import neighborhood as module
+
+    calls = []
+    real = module.gather_tokens
+    monkeypatch.setattr(module, "gather_tokens", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    grid = TokenGrid((5, 7), extra_after=2)
+    make = lambda n: torch.randn(1, n, 2, 16, generator=rng).to(kernel_device).transpose(1, 2).requires_grad_()
+    q, k, v, k_extra, v_extra = make(grid.num_tokens), make(grid.num_tokens), make(grid.num_tokens), make(3), make(3)
+    tensors = [q, k, v, k_extra, v_extra]
+    args = (grid, (3, 5), 1, 1, False)
+    out = neighborhood_attention(q, k, v, *args, extra_kv=(k_extra, v_extra), tile=(4, 4), backend="triton")
+    assert len(calls) == 4 and out.transpose(1, 2).is_contiguous()
+    inputs64 = [t.detach().double().requires_grad_() for t in tensors]
+    ref = neighborhood_attention_reference(*inputs64[:3], *args, extra_kv=tuple(inputs64[3:]))
+    assert_close("out", ref, out, dtype=torch.float32)
+    grad = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, inputs64, grad)
+    grads = torch.autograd.grad(out, tensors, grad.float().to(kernel_device))
+    for name, r, o in zip(["dq", "dk", "dv", "dk_extra", "dv_extra"], ref_grads, grads):
+        assert_close(name, r, o, dtype=torch.float32)
+
+
 def _count_gathered(monkeypatch) -> list:
     """Record each call of the gathered (no-permutation) inference path of ``neighborhood_attention``."""
     from visionattn.ops import neighborhood as module

@@ -5,6 +5,9 @@ Rows: ``ours`` is the whole op (tile permutation in and out, cached mask, Triton
 is ``block_sparse_attention`` alone on tile-ordered tensors; ``flex`` is compiled ``flex_attention`` on the same
 tile-ordered tensors with ``BlockMask.to_flex()``; ``sdpa`` (dense, the baseline) attends everything. ``density`` is
 the exact fraction of (query, key) pairs a neighborhood needs, so "fraction of ideal" compares with ``1 / density``.
+Forward only, in a group of their own (``<shape> permutation``): ``ours-permute`` times the op's four tile-order
+permutations alone (q, k, v into tile order, a tile-ordered tensor back) with ``gather_tokens``, against
+``ours-permute-index-select`` (the baseline: ``index_select`` as the op ran them before), with the bytes they move.
 
     python tools/bench.py attention --cases neighborhood --mode both --dtype bf16 --out docs/benchmarks/neighborhood_h100
 """
@@ -16,7 +19,9 @@ import torch.nn.functional as F
 
 from tools.bench_cases._common import BenchCase, attention_flops, compiled_flex_attention, random_qkv, timed
 from visionattn.layout import TokenGrid, TokenLayout, neighborhood_block_mask
-from visionattn.ops import block_sparse_attention, default_neighborhood_tile, neighborhood_attention
+from visionattn.layout.neighborhood import _check_neighborhood_args
+from visionattn.ops import block_sparse_attention, default_neighborhood_tile, gather_tokens, neighborhood_attention
+from visionattn.ops.neighborhood import _plan
 
 __all__ = ["cases"]
 
@@ -70,6 +75,32 @@ def _row(impl: str, grid: TokenGrid, kernel, stride, masks, shape_args: tuple, m
     return make
 
 
+def _permutation_row(impl: str, grid: TokenGrid, kernel, stride, shape_args: tuple, args):
+    """``BenchCase.make`` of a permutation row: the plan ``neighborhood_attention`` caches, fresh q, k, v."""
+    batch, heads, n, dim = shape_args
+
+    def make():
+        canonical = _check_neighborhood_args(grid, kernel, stride, 1, False)
+        plan = _plan(grid, 0, canonical, default_neighborhood_tile(grid.shape), args.device)
+        q, k, v = random_qkv(batch, heads, n, dim, device=args.device, dtype=args.dtype)
+        if impl == "ours-permute":
+            maps = [(plan.q_index, plan.out_slot), (plan.kv_index, plan.kv_slot), (plan.kv_index, plan.kv_slot)]
+            into = lambda: [gather_tokens(t, *m, 2) for t, m in zip((q, k, v), maps)]
+            return lambda: gather_tokens(into()[0], plan.out_slot, plan.q_index, 2)
+        q_index, kv_index, out_slot = (i.clamp_min(0).long() for i in (plan.q_index, plan.kv_index, plan.out_slot))
+        into = lambda: [t.index_select(2, i) for t, i in zip((q, k, v), (q_index, kv_index, kv_index))]
+        return lambda: into()[0].index_select(2, out_slot)
+
+    return make
+
+
+def _permutation_bytes(grid: TokenGrid, shape_args: tuple, element_size: int) -> float:
+    """Rows read and written by the four permutations (padding slots written, not read), in bytes."""
+    batch, heads, n, dim = shape_args
+    slots = TokenLayout(grid, tile=default_neighborhood_tile(grid.shape)).num_tokens
+    return float(batch * heads * dim * element_size * 4 * (n + slots))
+
+
 def cases(args) -> list[BenchCase]:
     on_gpu = args.device == "cuda"
     impls = ("ours", "ours-kernel", "sdpa") + (("flex",) if on_gpu else ())
@@ -84,4 +115,11 @@ def cases(args) -> list[BenchCase]:
             for impl in impls:
                 make = _row(impl, grid, kernel, stride, masks, (batch, heads, n, dim), mode, args)
                 rows.append(BenchCase(impl=impl, make=make, baseline=impl == "sdpa", **common))
+        shape_args = (batch, heads, n, dim)
+        moved = _permutation_bytes(grid, shape_args, args.dtype.itemsize)
+        for impl in ("ours-permute", "ours-permute-index-select"):
+            make = _permutation_row(impl, grid, kernel, stride, shape_args, args)
+            baseline = impl == "ours-permute-index-select"
+            group = f"{label} permutation"
+            rows.append(BenchCase(group=group, impl=impl, mode="fwd", make=make, bytes=moved, baseline=baseline))
     return rows

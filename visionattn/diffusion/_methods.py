@@ -23,6 +23,8 @@ from ..nn import SparseLinearAttention
 from ..ops import (
     agent_attention,
     block_sparse_attention,
+    gather_tokens,
+    inverse_token_index,
     linear_attention,
     neighborhood_attention,
     sparse_linear_attention,
@@ -188,19 +190,18 @@ class LocalMethod(_AttentionMethod):
             lambda: circular_window_block_mask(layout, self.radius).to(q.device),
         )
         pairs = state.cached(("circle_pairs", self.radius, grid.shape), lambda: circle_pairs(grid.shape, self.radius))
-        source, valid, out_slot = state.cached(("tile_order", layout, q.device), lambda: _tile_order(layout, q.device))
+        source, out_slot = state.cached(("tile_order", layout, q.device), lambda: _tile_order(layout, q.device))
         # padding slots hold zeros; the mask never attends to them and their outputs are dropped
-        q, k, v = (t.index_select(2, source) * valid.to(t.dtype) for t in (q, k, v))
+        q, k, v = (gather_tokens(t, source, out_slot, 2, backend=self.backend) for t in (q, k, v))
         out = block_sparse_attention(q, k, v, mask, backend=self.backend)
-        return out.index_select(2, out_slot), with_text(grid, pairs)
+        return gather_tokens(out, out_slot, source, 2, backend=self.backend), with_text(grid, pairs)
 
 
-def _tile_order(layout: TokenLayout, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gather indices into ``layout``'s tile order (``source``, ``valid`` ``(N_layout, 1)``) and back (``out_slot``)."""
-    index = layout.source_index()
-    slots = torch.nonzero(index >= 0).squeeze(-1)
-    out_slot = slots[torch.argsort(index[slots])]
-    return index.clamp_min(0).to(device), (index >= 0)[:, None].to(device), out_slot.to(device)
+def _tile_order(layout: TokenLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather maps into ``layout``'s tile order (``source``: each slot's raster token, -1 for padding) and back
+    (``out_slot``: each token's slot), int32, for ``gather_tokens``."""
+    source = layout.source_index().to(torch.int32)
+    return source.to(device), inverse_token_index(source, layout.grid.num_tokens).to(device)
 
 
 class RadialMethod(_AttentionMethod):

@@ -11,6 +11,7 @@ from .gated_norm import (
     rms_norm,
     rms_norm_reference,
 )
+from .gather import gather_tokens, gather_tokens_reference, inverse_token_index
 from .linear import (
     LinearAttentionState,
     linear_attention,
@@ -34,6 +35,9 @@ __all__ = [
     "gated_linear_attention_reference",
     "gated_norm",
     "gated_norm_reference",
+    "gather_tokens",
+    "gather_tokens_reference",
+    "inverse_token_index",
     "layer_norm",
     "layer_norm_reference",
     "LinearAttentionState",

@@ -22,6 +22,7 @@ from .block_sparse import (
     block_sparse_attention_gathered,
     triton_gathered_attention_available,
 )
+from .gather import gather_tokens, inverse_token_index
 
 __all__ = ["default_neighborhood_tile", "neighborhood_attention", "neighborhood_attention_reference"]
 
@@ -38,20 +39,21 @@ def default_neighborhood_tile(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class _Plan(NamedTuple):
-    """Device tensors of one configuration: gather indices into the tile order and back, and the block mask.
+    """Device tensors of one configuration: gather maps into the tile order and back, and the block mask.
 
-    ``q_index`` ``(q_len,)`` / ``kv_index`` ``(Nk_layout,)``: raster index of each query / key slot; padding slots
-    read token 0 and need no zeroing: the mask never lets a query attend a padding key (blocks holding one are
-    partial, the predicate rejects it) and padding query rows are never read back (``out_slot`` skips them, so
-    their output gradient, hence their dQ and their share of dK/dV, is 0). ``out_slot`` ``(N,)``: slot of each raster
-    token. ``q_rows``/``kv_rows``: the same maps as int32, padding query slots -1, for the Triton kernel that reads and
-    writes raster order in place (``block_sparse_attention_gathered``).
+    ``q_index`` ``(q_len,)`` / ``kv_index`` ``(Nk_layout,)`` int32: raster index of each query / key slot, -1 for a
+    padding slot (``gather_tokens`` zero-fills it; the gathered kernel never writes a -1 query row). ``out_slot``
+    ``(N,)`` / ``kv_slot`` ``(Nk,)`` int32: their inverses, the slot of each raster query / key
+    (``inverse_token_index``), so every permutation's backward is the gather by the other map and exact: padding
+    query slots get zero output gradient (hence zero dQ and no share of dK/dV), padding key slots pass none back.
+    ``kv_rows``: ``kv_index`` with padding slots reading row 0, for ``block_sparse_attention_gathered`` (the mask
+    never admits a padding key).
     """
 
     q_index: torch.Tensor
     kv_index: torch.Tensor
     out_slot: torch.Tensor
-    q_rows: torch.Tensor
+    kv_slot: torch.Tensor
     kv_rows: torch.Tensor
     mask: BlockMask
 
@@ -78,12 +80,8 @@ def _neighborhood_plan(key: tuple) -> _Plan:
     shape, extra_before, extra_after, num_extra_kv, canonical_args, tile, device = key
     layout = _key_layout(TokenGrid(shape, extra_before, extra_after), num_extra_kv, tile)
     mask = neighborhood_block_mask(layout, *canonical_args)
-    source = layout.source_index()
-    grid_tokens = layout.grid.num_tokens - num_extra_kv
+    source = layout.source_index().to(torch.int32)
     q_len = layout.num_tokens if num_extra_kv == 0 else layout.grid_offset + layout.num_grid_slots + extra_after
-    out_slot = torch.empty(layout.grid.num_tokens, dtype=torch.long)
-    valid = torch.nonzero(source >= 0).squeeze(-1)
-    out_slot[source[valid]] = valid
     if q_len < layout.num_tokens:
         keep, partial = mask.to_block_matrix()
         rows = -(-q_len // mask.block_q)
@@ -97,11 +95,11 @@ def _neighborhood_plan(key: tuple) -> _Plan:
             token_mask=mask.token_mask,
         )
     plan = _PLANS[key] = _Plan(
-        q_index=source[:q_len].clamp_min(0).to(device),
-        kv_index=source.clamp_min(0).to(device),
-        out_slot=out_slot[:grid_tokens].to(device),
-        q_rows=source[:q_len].to(device=device, dtype=torch.int32),
-        kv_rows=source.clamp_min(0).to(device=device, dtype=torch.int32),
+        q_index=source[:q_len].to(device),
+        kv_index=source.to(device),
+        out_slot=inverse_token_index(source[:q_len], layout.grid.num_tokens - num_extra_kv).to(device),
+        kv_slot=inverse_token_index(source, layout.grid.num_tokens).to(device),
+        kv_rows=source.clamp_min(0).to(device),
         mask=mask.to(device),
     )
     return plan
@@ -270,8 +268,8 @@ def neighborhood_attention(
         # inference: the kernel reads q, k, v and writes the output in raster order through the row maps (TMA
         # cannot gather rows, and where it serves, copies + TMA measured faster: HunyuanVideo 66.6 + ~5 vs 75.4 ms)
         scale = _check_scale(scale, q.shape[-1])
-        return block_sparse_attention_gathered(q, k, v, plan.q_rows, plan.kv_rows, plan.mask, scale=scale)
-    q_tiles = q.index_select(2, plan.q_index)
-    k_tiles, v_tiles = (x.index_select(2, plan.kv_index) for x in (k, v))
+        return block_sparse_attention_gathered(q, k, v, plan.q_index, plan.kv_rows, plan.mask, scale=scale)
+    q_tiles = gather_tokens(q, plan.q_index, plan.out_slot, 2, backend=backend)
+    k_tiles, v_tiles = (gather_tokens(x, plan.kv_index, plan.kv_slot, 2, backend=backend) for x in (k, v))
     out = block_sparse_attention(q_tiles, k_tiles, v_tiles, plan.mask, scale=scale, backend=backend)
-    return out.index_select(2, plan.out_slot)
+    return gather_tokens(out, plan.out_slot, plan.q_index, 2, backend=backend)
