@@ -13,10 +13,16 @@ When it runs:
 - otherwise skipped.
 
 Each family adds its names to :data:`CI_MODEL_NAMES` (its ``*_tiny`` and one larger variant where CI time allows).
+
+timm selects its ``test_model_forward_intermediates`` and ``test_model_forward_intermediates_features`` by its own
+model modules (``FEAT_INTER_FILTERS``), so the subprocess never runs them for visionattn names;
+:func:`test_timm_forward_intermediates_checks` runs their checks in this process, for the same names, or for each
+family's ``*_tiny`` name when the suite itself is skipped.
 """
 
 import fnmatch
 import importlib.metadata
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 
 import visionattn  # noqa: F401  (registers the models)
 
@@ -137,3 +144,37 @@ def test_timm_suite_passes(model_name):
     summary = result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, f"timm test_models.py failed for {model_name}:\n{summary}"
     assert " passed" in result.stdout, f"no timm test selected for {model_name}:\n{summary}"
+
+
+#: Input of the intermediates checks: timm's ``TARGET_FFEAT_SIZE`` (96) made non-square and not a multiple of 16 or
+#: 32, so that padding / ceil-mode paths run too (Agent-DeiT pads to 96x80, BiFormer pads its maps to ``n_win``).
+_FEATURE_INPUT = (1, 3, 96, 72)
+
+
+@pytest.mark.parametrize("model_name", _NAMES or [n for n in CI_MODEL_NAMES if n.endswith("_tiny")])
+def test_timm_forward_intermediates_checks(model_name):
+    """timm's ``test_model_forward_intermediates`` + ``..._features`` checks (tests/test_models.py), full-size model.
+
+    ``features_only`` (getter) and ``forward_intermediates(output_fmt="NCHW")``: one map per ``feature_info`` entry
+    (at least 3) with its channels, at most ``ceil(size / reduction) + 1`` per side, no NaN; the
+    ``forward_intermediates`` output equals ``forward_features`` and is unchanged by gradient checkpointing.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(_FEATURE_INPUT)
+    features = timm.create_model(model_name, pretrained=False, features_only=True, feature_cls="getter").eval()
+    model = timm.create_model(model_name, pretrained=False).eval()
+    info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
+    assert len(info.channels()) >= 3
+    with torch.no_grad():
+        checked = [(features.feature_info.channels(), features.feature_info.reduction(), features(x))]
+        output, intermediates = model.forward_intermediates(x, output_fmt="NCHW")
+        checked.append((info.channels(), info.reduction(), intermediates))
+        for channels, reductions, maps in checked:
+            assert len(maps) == len(channels)
+            for c, r, o in zip(channels, reductions, maps):
+                assert o.shape[0] == 1 and o.shape[1] == c
+                assert all(o.shape[2 + i] <= math.ceil(_FEATURE_INPUT[2 + i] / r) + 1 for i in range(2))
+                assert not torch.isnan(o).any()
+        torch.testing.assert_close(output, model.forward_features(x), rtol=1e-5, atol=1e-8)
+        model.set_grad_checkpointing()
+        torch.testing.assert_close(output, model.forward_intermediates(x, output_fmt="NCHW")[0], rtol=1e-4, atol=1e-5)
