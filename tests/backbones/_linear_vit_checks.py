@@ -136,6 +136,7 @@ def test_pretrained_cfgs_point_at_official_hub(family):
         params = dict(model.named_parameters())
         assert cfg["first_conv"] + ".weight" in params and cfg["classifier"] + ".weight" in params
         assert cfg["input_size"] == (3, 224, 224) and cfg["pool_size"] == (7, 7)
+        assert cfg["license"] == "unknown" and cfg["paper_ids"] and cfg["origin_url"].startswith("https://github.com/")
 
 
 def test_timm_head_api(family, rng):

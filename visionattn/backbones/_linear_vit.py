@@ -425,12 +425,16 @@ def create_linear_vit(model_cls: type, variant: str, pretrained: bool = False, *
 
 
 def linear_vit_cfg(hf_hub_id: str, file_name: str, **kwargs) -> dict:
-    """Pretrained cfg shared by the MAViT/RAVLT releases (224 px, ImageNet mean/std, bicubic, crop 0.875)."""
+    """Pretrained cfg shared by the MAViT/RAVLT releases (224 px, ImageNet mean/std, bicubic, crop 0.875).
+
+    ``license="unknown"`` (timm's value for that case): neither qhfan/MALA nor qhfan/RALA has a licence file.
+    """
     return imagenet_cfg(
         hf_hub_id=hf_hub_id,
         hf_hub_filename=file_name,
         pool_size=(7, 7),
         first_conv="patch_embed.proj.0",
         classifier="head.fc",
+        license="unknown",
         **kwargs,
     )
