@@ -122,10 +122,12 @@ def test_biformer_checkpoint_filter_loads_official_layout_strict(tmp_path, rng):
     model.load_state_dict(checkpoint_filter_fn(ours, model), strict=True)  # native passes through
 
 
-def test_biformer_equals_gather_reference_model(rng):
+@pytest.mark.parametrize("n_win", [7, 8, 16])  # ImageNet, and the reference's segmentation / detection configs
+def test_biformer_equals_gather_reference_model(rng, n_win):
     torch.manual_seed(0)
-    model = timm.create_model("biformer_tiny", num_classes=7, **SHALLOW).double().eval()
-    x = torch.randn(1, 3, 80, 64, generator=rng, dtype=torch.float64)  # 20x16 -> padded to 21x21 in stage 1
+    model = timm.create_model("biformer_tiny", num_classes=7, n_win=n_win, **SHALLOW).double().eval()
+    # 20x16 in stage 1: padded to 21x21 (n_win 7), 24x24 (8) or 32x32 (16); stage 3's 5x4 map to 7x7 / 8x8 / 16x16
+    x = torch.randn(1, 3, 80, 64, generator=rng, dtype=torch.float64)
     ours = model(x)
     for m in model.modules():
         if isinstance(m, BiLevelRoutingAttention):
