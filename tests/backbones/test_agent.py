@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import visionattn  # noqa: F401  (registers the models)
 from tests._numerics import assert_close
+from visionattn.nn import AgentAttention
 
 from ._agent_official import layout as official_layout
 from ._precision_checks import check_amp_train_step, check_compile_matches_eager
@@ -116,6 +117,35 @@ def test_agent_amp_train_step_matches_fp32_cpu(name, dtype):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **SHALLOW[name]).train()
     check_amp_train_step(model, torch.randn(2, 3, 64, 64), dtype)
+
+
+#: run-time agents per axis that differ from the stored ``sqrt(agent_num)``: per stage as in the reference's
+#: dense-prediction configs (``downstream_agent_shape`` 9-12-14-7), one shape for Agent-DeiT
+DENSE_AGENT_SHAPES = {
+    "agent_deit_tiny": dict(agent_shape=(9, 9)),
+    "agent_pvt_tiny": dict(agent_shapes=((9, 9), (12, 12), (14, 14), (7, 7))),
+    "agent_swin_tiny": dict(agent_shapes=((9, 9), (12, 12), (14, 14), (7, 7))),
+}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_agent_models_run_with_other_agent_counts(name, rng):
+    """The released biases (stored for 3x3/4x4/7x7 agents at 224) resampled to the dense configs' agent counts at a
+    non-square input: every agent block attends with the requested agents, logits finite."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, **SHALLOW[name], **DENSE_AGENT_SHAPES[name]).eval()
+    x = torch.randn(1, 3, 96, 128, generator=rng)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+    attns = [m for m in model.modules() if isinstance(m, AgentAttention)]
+    expected = DENSE_AGENT_SHAPES[name].get("agent_shapes") or [DENSE_AGENT_SHAPES[name]["agent_shape"]]
+    assert {a.agent_shape for a in attns} <= set(expected) and attns
+    for attn in attns:
+        bias_agent, bias_query = attn.agent_biases((6, 8))
+        agents = attn.agent_shape[0] * attn.agent_shape[1]
+        prefix = attn.num_prefix_tokens
+        assert bias_agent.shape == (1, attn.num_heads, agents, prefix + 48)
+        assert bias_query.shape == (1, attn.num_heads, prefix + 48, agents)
 
 
 def test_agent_deit_pads_sizes_the_patch_does_not_divide(rng):
