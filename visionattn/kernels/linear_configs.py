@@ -7,8 +7,6 @@ Config families are picked by the state's size; figures are offline sm_90 compil
 
 import triton
 
-from ._config import is_interpreter
-
 __all__ = []
 
 #: (BLOCK_N, num_warps, num_stages): three deep-pipelined configs for states up to 64x128, mostly shallow ones for
@@ -17,8 +15,11 @@ __all__ = []
 #: fit three stages (state pass at D = Dv = 128, Triton 3.6: 192-250 regs, 74-90 KB, no spills).
 _SMALL_STATE_CONFIGS = ((64, 4, 3), (64, 8, 3), (128, 8, 3))
 _BIG_STATE_CONFIGS = ((32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 8, 3))
+#: Big-state configs first: ``VISIONATTN_AUTOTUNE=0`` keeps only the first config, and Triton's autotuner runs no
+#: early pruning for a single config, so the first must fit every state size (offline sm_90, Triton 3.6, backward
+#: apply at D = 128 with RALA + RoPE: (32, 4, 2) 131 KB of shared memory, (64, 4, 3) 245 KB > 227 KB).
 _REDUCE_CONFIGS = [
-    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _SMALL_STATE_CONFIGS + _BIG_STATE_CONFIGS
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _BIG_STATE_CONFIGS + _SMALL_STATE_CONFIGS
 ]
 #: The forward state pass on a 128 x 128 state also tries (BLOCK_N, num_warps, num_stages, DV_SPLIT): the whole
 #: accumulator over 16 warps, or Dv split into two 128 x 64 tiles (``DV_SPLIT = 2``, see ``STATE_TILE_ELEMS``). The
@@ -49,26 +50,12 @@ def _key(c: triton.Config) -> tuple:
     return c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg
 
 
-def _family_first(kept: list, configs: list, family) -> list:
-    """The configs ``kept`` by pruning; where none were, the interpreter's single config, or on a GPU the family's
-    first config (``VISIONATTN_AUTOTUNE=0`` keeps only the full list's first config, a small-state one, whose 3
-    stages of 128-wide tiles would not fit a big state in the H100's 227 KB of shared memory)."""
-    if kept:
-        return kept
-    if is_interpreter():
-        return configs[:1]
-    n, w, s, *_ = family[0]
-    return [
-        triton.Config({"BLOCK_N": n, **({"DV_SPLIT": 1} if len(family[0]) == 4 else {})}, num_warps=w, num_stages=s)
-    ]
-
-
 def _state_family(configs, state_bytes: int, extra=()):
     """The configs of the state size's family (see ``_SMALL_STATE_CONFIGS``) and ``extra``: autotuning compiles
     every config."""
     family = _BIG_STATE_CONFIGS if state_bytes > 64 * 128 * 4 else _SMALL_STATE_CONFIGS
     keys = {(*c, None) for c in family} | set(extra)
-    return _family_first([c for c in configs if _key(c) in keys], configs, family)
+    return [c for c in configs if _key(c) in keys]
 
 
 def _prune_reduce_configs(configs, nargs, **kwargs):
@@ -86,7 +73,7 @@ def _prune_state_configs(configs, nargs, **kwargs):
     if big:
         keys |= {c for c in _WIDE_STATE_CONFIGS if c[3] <= args["MAX_DV_SPLIT"]}
     split = lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["DV_SPLIT"])
-    return _family_first([c for c in configs if split(c) in keys], configs, sorted(keys))
+    return [c for c in configs if split(c) in keys]
 
 
 def _prune_apply_configs(configs, nargs, **kwargs):
