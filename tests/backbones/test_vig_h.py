@@ -10,6 +10,7 @@ from visionattn.backbones.vig_h import checkpoint_filter_fn
 
 from . import _vig_reference as ref
 from ._precision_checks import check_amp_train_step, check_compile_matches_eager
+from .test_vig import conv_linear_gmacs
 
 #: name -> (dims, depths, heads, README params in M, size in bytes of the fp32 .pth on hustvl/ViG).
 VARIANTS = {
@@ -36,6 +37,16 @@ def test_vig_h_param_count_matches_official(name):
     assert round(count / 1e6) == readme_m
     # The README rounds to 1M; the fp32 checkpoint size is 4 bytes per parameter plus < 0.3 % pickle overhead.
     assert 0 <= hub_bytes / 4 - count < 0.005 * count
+
+
+#: docs/models.md's table (GMACs at 224, convolutions and linears); the paper's FLOPs table was not available.
+DOCS_GMACS = {"vig_h_tiny": 4.41, "vig_h_small": 8.61, "vig_h_base": 15.36}
+
+
+@pytest.mark.parametrize("name", list(DOCS_GMACS))
+def test_vig_h_macs_match_docs_table(monkeypatch, name):
+    gmacs = conv_linear_gmacs(monkeypatch, name)
+    assert abs(gmacs - DOCS_GMACS[name]) < 0.01, f"{name}: {gmacs:.3f} GMACs, docs/models.md says {DOCS_GMACS[name]}"
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
