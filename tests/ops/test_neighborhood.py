@@ -95,6 +95,16 @@ def test_neighborhood_attention_rejects_bad_inputs():
         neighborhood_attention(q, q, q, grid, 3, scale=-1.0)
 
 
+def test_neighborhood_attention_named_backend_rejects_inputs_naming_them(kernel_device):
+    """A named backend that cannot run q, k, v fails naming them (not the tile permutation's ``x``)."""
+    grid = TokenGrid((6, 10))
+    q = torch.randn(1, 2, 60, 16, device=kernel_device, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="q.dtype"):
+        neighborhood_attention(q.double(), q.double(), q.double(), grid, 3, backend="triton")
+    with pytest.raises(NotImplementedError, match="v.shape"):
+        neighborhood_attention(q, q, q[..., :8], grid, 3, backend="triton")
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-fullgraph"])
 def test_neighborhood_attention_triton_matches_reference(kernel_device, rng, compiled):
     # tiny under the interpreter: global tokens, dilation, stride, per-axis causal and extra keys in one case;

@@ -71,15 +71,18 @@ def _row_gather_kernel(
     o_r = i_t * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     o_d = tl.arange(0, BLOCK_D)
     m_r = o_r < num_rows
-    m_d = o_d < HEAD_DIM
     # [BLOCK_ROWS] source rows, -1 (or any negative) for a zero row
     b_src = tl.load(index_ptr + o_r, mask=m_r, other=-1).to(tl.int64)
-    m_src = (b_src >= 0)[:, None] & m_d[None, :]
     p_x = x_ptr + i_a * stride_x_a + i_c * stride_x_c + b_src[:, None] * stride_x_n + o_d[None, :]
-    # [BLOCK_ROWS, BLOCK_D]
-    b_x = tl.load(p_x, mask=m_src, other=0.0)
     p_o = out_ptr + i_a * stride_o_a + i_c * stride_o_c + o_r[:, None] * stride_o_n + o_d[None, :]
-    tl.store(p_o, b_x, mask=m_r[:, None] & m_d[None, :])
+    if BLOCK_D == HEAD_DIM:  # row masks only: whole rows move as vectors
+        # [BLOCK_ROWS, BLOCK_D]
+        b_x = tl.load(p_x, mask=(b_src >= 0)[:, None], other=0.0)
+        tl.store(p_o, b_x, mask=m_r[:, None])
+    else:
+        m_d = o_d < HEAD_DIM
+        b_x = tl.load(p_x, mask=(b_src >= 0)[:, None] & m_d[None, :], other=0.0)
+        tl.store(p_o, b_x, mask=m_r[:, None] & m_d[None, :])
 
 
 def empty_gathered(x: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
@@ -87,7 +90,7 @@ def empty_gathered(x: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
     ``x`` has more than 4 axes or a strided last axis)."""
     shape = list(x.shape)
     shape[dim] = rows
-    if x.ndim > 4 or x.stride(-1) != 1:
+    if x.ndim > 4 or x.stride(-1) != 1 or x.is_contiguous():
         return torch.empty(shape, device=x.device, dtype=x.dtype)
     order = sorted(range(x.ndim), key=lambda i: (-x.stride(i), i))  # outermost first
     out = torch.empty([shape[i] for i in order], device=x.device, dtype=x.dtype)
@@ -96,6 +99,8 @@ def empty_gathered(x: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
 
 def _as_4d(t: torch.Tensor, dim: int) -> torch.Tensor:
     """``t`` as an ``(A, C, N, D)`` view with axis ``dim`` as ``N`` (rank 2 to 4: any strides; higher: contiguous)."""
+    if t.ndim == 4 and dim == 2:
+        return t
     if t.ndim > 4:
         shape = (math.prod(t.shape[:dim]), t.shape[dim], math.prod(t.shape[dim + 1 : -1]), t.shape[-1])
         return t.view(shape).transpose(1, 2)

@@ -17,6 +17,7 @@ from ..layout.grid import TokenGrid, TokenLayout
 from ..layout.neighborhood import _check_neighborhood_args, neighborhood_block_mask
 from ..layout.predicates import NeighborhoodWindow
 from ._checks import _check_attention_inputs, _check_per_axis, _check_scale
+from .block_sparse import _REGISTRY as _BLOCK_SPARSE_BACKENDS
 from .block_sparse import (
     block_sparse_attention,
     block_sparse_attention_gathered,
@@ -269,6 +270,8 @@ def neighborhood_attention(
         # cannot gather rows, and where it serves, copies + TMA measured faster: HunyuanVideo 66.6 + ~5 vs 75.4 ms)
         scale = _check_scale(scale, q.shape[-1])
         return block_sparse_attention_gathered(q, k, v, plan.q_index, plan.kv_rows, plan.mask, scale=scale)
+    if backend is not None:  # a named backend that cannot run q, k, v fails naming them, before the permutations
+        _BLOCK_SPARSE_BACKENDS.select(backend, {"q": q, "k": k, "v": v, "block_mask": plan.mask})
     q_tiles = gather_tokens(q, plan.q_index, plan.out_slot, 2, backend=backend)
     k_tiles, v_tiles = (gather_tokens(x, plan.kv_index, plan.kv_slot, 2, backend=backend) for x in (k, v))
     out = block_sparse_attention(q_tiles, k_tiles, v_tiles, plan.mask, scale=scale, backend=backend)
