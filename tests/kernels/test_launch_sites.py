@@ -1,4 +1,4 @@
-"""The block-sparse attention op (forward, dQ, dK/dV), the gated-linear-attention op and the row ops (gated norm,
+"""The block-sparse attention op (forward, dQ, dK/dV), the gated-linear-attention op, the token gather and the row ops (gated norm,
 RMSNorm, LayerNorm, SwiGLU) launch their autotuned kernels through ``kernels/_launch.launch``: the first call of a signature goes through the autotuner, later ones call
 the JIT function directly with the same config. The JIT functions are stubbed (nothing runs): this checks the
 routing only; the results are tested in each op's own tests."""
@@ -7,9 +7,26 @@ import pytest
 import torch
 from triton.runtime.autotuner import Autotuner, Heuristics
 
-from visionattn.kernels import _launch, block_sparse, block_sparse_bwd, gated, gated_bwd, gated_fwd, gated_norm, swiglu
+from visionattn.kernels import (
+    _launch,
+    block_sparse,
+    block_sparse_bwd,
+    gated,
+    gated_bwd,
+    gated_fwd,
+    gated_norm,
+    row_gather,
+    swiglu,
+)
 from visionattn.layout import BlockMask
-from visionattn.ops import block_sparse_attention, gated_linear_attention, layer_norm, rms_norm
+from visionattn.ops import (
+    block_sparse_attention,
+    gated_linear_attention,
+    gather_tokens,
+    inverse_token_index,
+    layer_norm,
+    rms_norm,
+)
 from visionattn.ops import gated_norm as gated_norm_op
 from visionattn.ops import swiglu as swiglu_op
 
@@ -55,6 +72,13 @@ def _block_sparse_step(device):
     torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
 
+def _gather_step(device):
+    index = torch.tensor([3, -1, 0, 4, 1, 2], dtype=torch.int32, device=device)  # 6 slots: fwd and bwd differ
+    x = torch.randn(1, 2, 5, 16, device=device, requires_grad=True)
+    out = gather_tokens(x, index, inverse_token_index(index, 5), 2, backend="triton")
+    torch.autograd.grad(out, x, torch.ones_like(out))
+
+
 def _row_step(op):
     def step(device):
         x = torch.randn(2, 5, 3, 16, device=device, requires_grad=True)
@@ -95,6 +119,7 @@ _CASES = {
         },
         _gated_step,
     ),
+    "gather_tokens": ({"gather": row_gather._row_gather_kernel}, _gather_step),
     **{op: (kernels, _row_step(op)) for op, kernels in _ROW_KERNELS.items()},
 }
 
