@@ -138,7 +138,9 @@ class BiLevelRoutingAttention(nn.Module):
         means = [t.detach().unflatten(1, (regions, -1)).mean(2, dtype=torch.float32) for t in (q, k)]
         routed = topk_routing_block_mask(*means, _region_grid(self.n_win), self.topk)
         block = num_tokens // regions
-        return BlockMask(routed.indptr, routed.indices, routed.partial, num_tokens, num_tokens, block, block)
+        csr = routed.indptr, routed.indices, routed.partial
+        # a fixed count per row (top-k): the kernels skip the launch order and its host sync on this per-call mask
+        return BlockMask(*csr, num_tokens, num_tokens, block, block, _no_partial=True, _uniform_rows=True)
 
 
 class LePEAttention(nn.Module):
