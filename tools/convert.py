@@ -5,10 +5,14 @@
 The model family's ``checkpoint_filter_fn`` (the one timm uses for ``pretrained=True``) renames the official keys;
 the tool then loads them into a freshly built model, prints a report of matched / missing / unexpected keys and
 shape mismatches, and writes the converted weights only when the load is exact (or ``--allow-partial``).
-Untrusted files are read safely: safetensors, or ``torch.load(weights_only=True)``.
+Untrusted files are read safely: safetensors, or ``torch.load(weights_only=True)``. The official releases may be whole
+training checkpoints, which pickle the run's configuration beside the weights: the DeiT codebase (MAViT, RAVLT,
+BiFormer, Agent-DeiT) its ``argparse.Namespace`` as ``args``, the Swin codebase (Agent-Swin, Agent-PVT) its yacs
+``CfgNode`` as ``config``. ``weights_only`` rejects both; they are allowed here as inert containers (no yacs code runs).
 """
 
 import argparse
+import collections
 import json
 import pathlib
 import sys
@@ -18,6 +22,11 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from tools.validate import load_weights  # noqa: E402
+
+#: Configuration objects of the official training checkpoints, loadable under ``weights_only=True`` (see above).
+#: The weights-only unpickler fills only ``dict``, ``OrderedDict`` or ``Counter`` items and sets attribute state only
+#: on allowlisted classes, so yacs's ``CfgNode`` (a ``dict`` subclass with attribute state) loads as a ``Counter``.
+CHECKPOINT_CONFIG_GLOBALS = [argparse.Namespace, (collections.Counter, "yacs.config.CfgNode")]
 
 
 def _filter_fn(model):
@@ -36,7 +45,8 @@ def convert(model_name: str, checkpoint: str, num_classes: int | None = None) ->
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     model = timm.create_model(model_name, pretrained=False, **kwargs)
-    official, _ = load_weights(checkpoint)
+    with torch.serialization.safe_globals(CHECKPOINT_CONFIG_GLOBALS):
+        official, _ = load_weights(checkpoint)
     converted = _filter_fn(model)(official, model)
     expected = model.state_dict()
     mismatched = sorted(

@@ -1,3 +1,7 @@
+import argparse
+import sys
+import types
+
 import pytest
 import timm
 import torch
@@ -79,3 +83,44 @@ def test_convert_renames_official_agent_pvt_layout(tmp_path, capsys):
     qkv = torch.cat([state["block3.1.attn.q.weight"], state["block3.1.attn.kv.weight"]])
     assert torch.equal(converted["stages.2.blocks.1.attn.qkv.weight"], qkv)
     assert torch.equal(converted["stages.0.blocks.0.attn.ah_bias"], state["block1.0.attn.ah_bias"][0, :, :, :, 0])
+
+
+def _fake_yacs_cfg_node(monkeypatch):
+    """A ``yacs.config.CfgNode`` lookalike (dict subclass with attribute state, as yacs pickles it) that pickles under
+    yacs's name; the fake module is gone again before the checkpoint is read."""
+    module = types.ModuleType("yacs.config")
+    node = type("CfgNode", (dict,), {"__module__": "yacs.config"})
+    module.CfgNode = node
+    monkeypatch.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+    monkeypatch.setitem(sys.modules, "yacs.config", module)
+    config = node(MODEL=node(TYPE="agent_pvt", NUM_CLASSES=1000), TRAIN=node(EPOCHS=300))
+    config.__dict__.update({"__immutable__": True, "__deprecated_keys__": set(), "__new_allowed__": False})
+    return config
+
+
+@pytest.mark.parametrize("codebase", ["deit", "swin"])
+def test_convert_reads_official_training_checkpoints(tmp_path, monkeypatch, codebase):
+    """Whole training checkpoints as the reference codebases save them: the DeiT codebase's ``args`` namespace (with
+    ``model_ema``, which the converters prefer, as timm's loader does), the Swin codebase's yacs ``config``."""
+    rng = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=rng) for k, s in agent_official.layout("agent_pvt_tiny").items()}
+    extra = {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}, "epoch": 299, "max_accuracy": 82.2}
+    if codebase == "deit":
+        extra |= {"model_ema": state, "args": argparse.Namespace(model="agent_pvt_tiny", lr=5e-4, output_dir="out")}
+        state = {k: torch.zeros_like(v) for k, v in state.items()}  # "model": the EMA weights must win
+        checkpoint = {"model": state, **extra}
+    else:
+        checkpoint = {"model": state, "config": _fake_yacs_cfg_node(monkeypatch), **extra}
+    path = tmp_path / "official.pth"
+    torch.save(checkpoint, path)
+    monkeypatch.delitem(sys.modules, "yacs.config", raising=False)
+    monkeypatch.delitem(sys.modules, "yacs", raising=False)
+    out = tmp_path / "agent_pvt_tiny.safetensors"
+    assert convert_main(["--model", "agent_pvt_tiny", "--checkpoint", str(path), "--out", str(out)]) == 0
+    expected = checkpoint.get("model_ema", checkpoint["model"])
+    converted = load_file(str(out))
+    assert torch.equal(converted["stages.3.pos_embed"], expected["pos_embed4"])
+    assert torch.equal(converted["head.weight"], expected["head.weight"])
+    # timm unpickles .pth files with weights_only=True (no args / config); the converted file loads through it
+    model = timm.create_model("agent_pvt_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))
+    assert torch.equal(model.stages[3].pos_embed, expected["pos_embed4"])
