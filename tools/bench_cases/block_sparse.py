@@ -8,8 +8,7 @@ window (18, 24, 24) and GNA stride (16, 8, 8)). ``flops`` are dense-equivalent, 
 All tensors are ``(B, H, N, D)``; neighborhood rows run on tensors already in tile order (the kernel alone).
 ``ours-tma`` / ``ours-pointer`` are ``ours`` with the forward's TMA path forced on / off (``VISIONATTN_BSA_TMA``
 set to 1 / 0 around each call; leave the variable unset so ``ours`` keeps the default, TMA from 128-wide head-dim
-tiles), ``ours-unordered`` launches every kernel in CSR row order instead of longest rows first
-(``VISIONATTN_BSA_ROW_ORDER=0``): all in one run, ``--impl ours`` selects the four.
+tiles): all in one run, ``--impl ours`` selects the three.
 
     python tools/bench.py attention --cases block_sparse --mode both --dtype bf16 --out docs/benchmarks/block_sparse_h100
 """
@@ -25,7 +24,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tools.bench_cases._common import BenchCase, attention_flops, compiled_flex_attention, random_qkv, timed
 from visionattn.kernels.block_sparse import TMA_ENV
-from visionattn.kernels.row_order import ROW_ORDER_ENV
 from visionattn.layout import BlockMask, TokenGrid, TokenLayout, neighborhood_block_mask
 from visionattn.ops import block_sparse_attention
 
@@ -91,25 +89,24 @@ def _cached_with_flex(build):
 
 
 @contextlib.contextmanager
-def _env_switch(name: str, value: str):
-    """Environment variable ``name`` set to ``value`` inside (the launchers read it per call), restored after."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
+def _tma_switch(value: str):
+    """``TMA_ENV`` set to ``value`` inside (the launcher reads it per call), restored after."""
+    previous = os.environ.get(TMA_ENV)
+    os.environ[TMA_ENV] = value
     try:
         yield
     finally:
         if previous is None:
-            del os.environ[name]
+            del os.environ[TMA_ENV]
         else:
-            os.environ[name] = previous
+            os.environ[TMA_ENV] = previous
 
 
-def _ours_with(mask, name: str, value: str):
-    """``block_sparse_attention`` under ``mask`` with the launchers' switch ``name`` set to ``value`` (the forward's
-    TMA path forced on or off, or the row order off)."""
+def _ours_tma(mask, value: str):
+    """``block_sparse_attention`` under ``mask`` with the forward's TMA path forced on (``"1"``) or off (``"0"``)."""
 
     def run(q, k, v):
-        with _env_switch(name, value):
+        with _tma_switch(value):
             return block_sparse_attention(q, k, v, block_mask=mask)
 
     return run
@@ -146,9 +143,8 @@ def cases(args) -> list[BenchCase]:
     baseline = next(iter(dense_peers))
     peers = {
         "ours": lambda mask, _: functools.partial(block_sparse_attention, block_mask=mask),
-        "ours-tma": lambda mask, _: _ours_with(mask, TMA_ENV, "1"),
-        "ours-pointer": lambda mask, _: _ours_with(mask, TMA_ENV, "0"),
-        "ours-unordered": lambda mask, _: _ours_with(mask, ROW_ORDER_ENV, "0"),
+        "ours-tma": lambda mask, _: _ours_tma(mask, "1"),
+        "ours-pointer": lambda mask, _: _ours_tma(mask, "0"),
     }
     peers.update({name: lambda *_, b=backend: _sdpa(b) for name, backend in dense_peers.items()})
     if on_gpu:

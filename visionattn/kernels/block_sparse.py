@@ -32,7 +32,6 @@ from .mask_predicates import (
     _Predicate,
     predicate_args,
 )
-from .row_order import _bsa_program, order_args
 
 __all__ = [
     "TILE_HEURISTICS",
@@ -423,8 +422,6 @@ def _block_sparse_fwd(
     ktab_ptr,
     tab_len,
     radius2,
-    order_ptr,
-    order_group,
     TILE_M: tl.constexpr,
     TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -441,16 +438,12 @@ def _block_sparse_fwd(
     DOT_PRECISION: tl.constexpr,
     GATHER: tl.constexpr,
     TMA: tl.constexpr,
-    ROW_ORDER: tl.constexpr,
     LAZY_RESCALE: tl.constexpr = False,
 ):
-    i_bh, pid = _bsa_program(
-        tl.program_id(0), tl.program_id(1), num_heads, tl.cdiv(q_len, block_q), stride_indptr_b, stride_indptr_h,
-        order_ptr, order_group, ROW_ORDER, Q_SUB,
-    )  # fmt: skip
+    i_bh = tl.program_id(1)
     i_b32, i_h32 = i_bh // num_heads, i_bh % num_heads
     i_b, i_h = i_b32.to(tl.int64), i_h32.to(tl.int64)
-    i_m, start_m, m_valid = _bsa_program_tile(pid, block_q, q_len, Q_SUB, BLOCK_M)
+    i_m, start_m, m_valid = _bsa_program_tile(tl.program_id(0), block_q, q_len, Q_SUB, BLOCK_M)
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -569,10 +562,8 @@ def block_sparse_fwd(
     key_table: torch.Tensor | None,
     radius2: float,
     rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid ``(Mq * Q_SUB, B * H)``: one program per query sub-tile x (batch, head) writes ``out`` and ``lse``, the rows
-    taken in ``order``.
+    """Grid ``(Mq * Q_SUB, B * H)``: one program per query sub-tile x (batch, head) writes ``out`` and ``lse``.
 
     ``indices``/``split``: the CSR rows with full blocks first (``full_blocks_first``); ``mask_kind`` is the packed
     ``MASK_KIND``; ``query_table``/``key_table`` the ``KernelTables`` of the mask's predicate (None without one) and
@@ -580,8 +571,7 @@ def block_sparse_fwd(
     walks a permuted sequence (a tile order) that q, k, v and out store in their own order: position ``p`` is
     row ``q_rows[p]`` of q and out (-1: a padding slot, read as row 0, never written) and row ``kv_rows[p]`` of
     k and v; the sequence axis of q, k, v, out is then the storage's own. Where ``use_tma`` says so, q, k, v and out
-    move through TMA descriptors if ``tma_descriptors`` allows (never with ``rows``). ``order``: the rows' launch
-    order (``row_order.longest_rows_first``; None: CSR order).
+    move through TMA descriptors if ``tma_descriptors`` allows (never with ``rows``).
 
     Returns ``out`` ``(B, H, Nq, Dv)`` stored like q (q's length with ``rows``), and ``lse`` ``(B, H, Nq)`` float32
     (natural log, ``-inf`` on rows with no allowed key; in mask order).
@@ -595,7 +585,6 @@ def block_sparse_fwd(
     if rows is None and use_tma(q):
         descs = tma_descriptors(q, k, v, out, block_q, block_k)
     kernel = _block_sparse_fwd_kernel if descs is None else _block_sparse_fwd_tma_kernel
-    *order, row_order = order_args(order, indptr, b * h)
     launch(
         kernel,
         grid,
@@ -622,10 +611,8 @@ def block_sparse_fwd(
         scale * LOG2E,
         *predicate_args(query_table, key_table, split),
         radius2,
-        *order,
         GATHER=rows is not None,
         TMA=descs is not None,
-        ROW_ORDER=row_order,
         **launch_constexprs(q, v, mask_kind),
     )
     return out, lse

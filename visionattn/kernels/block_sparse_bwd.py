@@ -33,7 +33,6 @@ from .block_sparse import (
     prune_configs,
 )
 from .mask_predicates import MASK_NONE, _Predicate, predicate_args
-from .row_order import _bsa_program, order_args
 
 __all__ = ["block_sparse_bwd", "full_blocks_first", "transpose_csr"]
 
@@ -162,8 +161,6 @@ def _block_sparse_bwd_kernel_dq(
     ktab_ptr,
     tab_len,
     radius2,
-    order_ptr,
-    order_group,
     TILE_M: tl.constexpr,
     TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -178,15 +175,11 @@ def _block_sparse_bwd_kernel_dq(
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    ROW_ORDER: tl.constexpr,
 ):
-    i_bh, pid = _bsa_program(
-        tl.program_id(0), tl.program_id(1), num_heads, tl.cdiv(q_len, block_q), stride_indptr_b, stride_indptr_h,
-        order_ptr, order_group, ROW_ORDER, Q_SUB,
-    )  # fmt: skip
+    i_bh = tl.program_id(1)
     i_b = (i_bh // num_heads).to(tl.int64)
     i_h = (i_bh % num_heads).to(tl.int64)
-    i_m, start_m, m_valid = _bsa_program_tile(pid, block_q, q_len, Q_SUB, BLOCK_M)
+    i_m, start_m, m_valid = _bsa_program_tile(tl.program_id(0), block_q, q_len, Q_SUB, BLOCK_M)
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -306,8 +299,6 @@ def _block_sparse_bwd_kernel_dkdv(
     ktab_ptr,
     tab_len,
     radius2,
-    order_ptr,
-    order_group,
     TILE_M: tl.constexpr,
     TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -322,15 +313,11 @@ def _block_sparse_bwd_kernel_dkdv(
     HEAD_DIM_V: tl.constexpr,
     MASK_KIND: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    ROW_ORDER: tl.constexpr,
 ):
-    i_bh, pid = _bsa_program(
-        tl.program_id(0), tl.program_id(1), num_heads, tl.cdiv(kv_len, block_k), stride_indptr_b, stride_indptr_h,
-        order_ptr, order_group, ROW_ORDER, K_SUB,
-    )  # fmt: skip
+    i_bh = tl.program_id(1)
     i_b = (i_bh // num_heads).to(tl.int64)
     i_h = (i_bh % num_heads).to(tl.int64)
-    i_n, start_n, n_valid = _bsa_program_tile(pid, block_k, kv_len, K_SUB, BLOCK_N)
+    i_n, start_n, n_valid = _bsa_program_tile(tl.program_id(0), block_k, kv_len, K_SUB, BLOCK_N)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -428,12 +415,10 @@ def block_sparse_bwd(
     key_table: torch.Tensor | None,
     radius2: float,
     key_major: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    orders: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Three launches: delta ``(Nq / 64, B * H)``; dQ per query sub-tile over the rows ``(indptr, indices,
     split)``; dK/dV per key sub-tile over ``key_major``, the same for the transposed CSR (``transpose_csr``), each
-    with full blocks first (``full_blocks_first``). ``orders``: the launch orders of the rows and of the key-major
-    rows (``row_order.longest_rows_first``; None: CSR order).
+    with full blocks first (``full_blocks_first``).
 
     Returns ``dq``, ``dk``, ``dv`` stored like ``q``, ``k``, ``v``.
     """
@@ -462,7 +447,6 @@ def block_sparse_bwd(
     constexprs = launch_constexprs(q, v, mask_kind)
     shared = (h, q_len, kv_len, block_q, block_k, scale, *predicate_args(query_table, key_table, split), radius2)
     grid_dq = lambda meta: (cdiv(q_len, block_q) * meta["Q_SUB"], b * h)
-    *order, row_order = order_args(orders[0], indptr, b * h)
     launch(
         _block_sparse_bwd_kernel_dq,
         grid_dq,
@@ -483,13 +467,10 @@ def block_sparse_bwd(
         *dq.stride(),
         *csr_strides(indptr),
         *shared,
-        *order,
-        ROW_ORDER=row_order,
         **constexprs,
     )
     indptr_t, indices_t, split_t = key_major
     grid_dkdv = lambda meta: (cdiv(kv_len, block_k) * meta["K_SUB"], b * h)
-    *order, row_order = order_args(orders[1], indptr_t, b * h)
     launch(
         _block_sparse_bwd_kernel_dkdv,
         grid_dkdv,
@@ -512,8 +493,6 @@ def block_sparse_bwd(
         *dv.stride(),
         *csr_strides(indptr_t),
         *shared,
-        *order,
-        ROW_ORDER=row_order,
         **constexprs,
     )
     return dq, dk, dv

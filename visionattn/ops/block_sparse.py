@@ -111,23 +111,17 @@ _MASK_ARGS: "weakref.WeakKeyDictionary[BlockMask, list]" = weakref.WeakKeyDictio
 
 
 def _walk_csr(block_mask: BlockMask, transposed: bool) -> tuple:
-    """``(indptr, indices, split, order)`` the kernels walk, for the rows (forward, dQ) or ``transposed`` (dK/dV,
+    """``(indptr, indices, split)`` the kernels walk, for the rows (forward, dQ) or ``transposed`` (dK/dV,
     ``transpose_csr``): full blocks first (``full_blocks_first``); without a predicate every block is full and
-    ``indptr`` stands in for the unread ``split``. ``order``: the launch order, longest rows first
-    (``longest_rows_first``, one host sync), or None: rows of one length, masks with a fixed count per row
-    (``_uniform_rows``: top-k masks, built per call, skip even the columns' order and its sync), and under
-    ``torch.compile`` (no data-dependent test in the graph)."""
+    ``indptr`` stands in for the unread ``split``."""
     from ..kernels.block_sparse_bwd import full_blocks_first, transpose_csr
-    from ..kernels.row_order import longest_rows_first
 
     csr = (block_mask.indptr, block_mask.indices, block_mask.partial)
     if transposed:
         csr = transpose_csr(*csr, block_mask.num_kv_blocks)
-    ordered = not (block_mask._uniform_rows or torch.compiler.is_compiling())
-    order = longest_rows_first(csr[0]) if ordered else None
     if block_mask.token_mask is None:
-        return csr[0], csr[1], csr[0], order
-    return (csr[0], *full_blocks_first(*csr), order)
+        return csr[0], csr[1], csr[0]
+    return (csr[0], *full_blocks_first(*csr))
 
 
 def _mask_launch_args(block_mask: BlockMask, needs_grad: bool) -> tuple[tuple, tuple, tuple]:
@@ -178,12 +172,9 @@ def _block_sparse_fwd_op(
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
     split_t: torch.Tensor,
-    order: torch.Tensor | None,
-    order_t: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``indptr``/``indices``/``split``: the row CSR walked with full blocks first, ``indptr_t``/``indices_t``/
-    ``split_t`` the key-major one of the dK/dV pass (``_walk_csr``), only saved for the backward; ``order``/``order_t``
-    their launch orders (None: CSR order)."""
+    ``split_t`` the key-major one of the dK/dV pass (``_launch_csrs``), only saved for the backward."""
     from ..kernels.block_sparse import block_sparse_fwd
 
     return block_sparse_fwd(
@@ -200,7 +191,6 @@ def _block_sparse_fwd_op(
         query_table=query_table,
         key_table=key_table,
         radius2=radius2,
-        order=order,
     )
 
 
@@ -234,8 +224,6 @@ def _block_sparse_bwd_op(
     indptr_t: torch.Tensor,
     indices_t: torch.Tensor,
     split_t: torch.Tensor,
-    order: torch.Tensor | None,
-    order_t: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.block_sparse_bwd import block_sparse_bwd
 
@@ -258,7 +246,6 @@ def _block_sparse_bwd_op(
         key_table=key_table,
         radius2=radius2,
         key_major=(indptr_t, indices_t, split_t),
-        orders=(order, order_t),
     )
 
 
@@ -316,8 +303,7 @@ def _backward(ctx, dout, dlse):
         *key_major,
     )
     # q, k, v, indptr, indices, split, scale, block_q, block_k, mask_kind, query_table, key_table, radius2, *key_major
-    # (indptr_t, indices_t, split_t, order, order_t)
-    return dq, dk, dv, *(None,) * 15
+    return dq, dk, dv, *(None,) * 13
 
 
 _block_sparse_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -360,14 +346,12 @@ def _block_sparse_attention_triton(q, k, v, block_mask: BlockMask, *, scale: flo
         q,
         k,
         v,
-        *rows[:3],
+        *rows,
         scale,
         block_mask.block_q,
         block_mask.block_k,
         *predicate,
-        *key_major[:3],
-        rows[3],
-        key_major[3],
+        *key_major,
     )
     return (out, lse) if return_lse else out
 
@@ -392,7 +376,6 @@ def _block_sparse_gathered_op(
     query_table: torch.Tensor | None,
     key_table: torch.Tensor | None,
     radius2: float,
-    order: torch.Tensor | None,
 ) -> torch.Tensor:
     """The forward over a permuted sequence that q, k, v and the output store in their own order (``rows`` of
     ``block_sparse_fwd``); no autograd (``block_sparse_attention_gathered``)."""
@@ -413,7 +396,6 @@ def _block_sparse_gathered_op(
         key_table=key_table,
         radius2=radius2,
         rows=(q_rows, kv_rows),
-        order=order,
     )
     return out
 
@@ -462,7 +444,7 @@ def block_sparse_attention_gathered(
     """
     predicate, rows, _ = _mask_launch_args(block_mask, needs_grad=False)
     return _block_sparse_gathered_op(
-        q, k, v, q_rows, kv_rows, *rows[:3], scale, block_mask.block_q, block_mask.block_k, *predicate, rows[3]
+        q, k, v, q_rows, kv_rows, *rows, scale, block_mask.block_q, block_mask.block_k, *predicate
     )
 
 
