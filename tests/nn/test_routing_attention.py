@@ -81,6 +81,35 @@ def test_bi_level_routing_attention_matches_gather_reference(rng, grid_shape, n_
         assert_close(f"d{name}", g_ref, g_out)
 
 
+TRITON_CASES = [((10, 13), 4, 3, 2), ((9, 9), 8, 6, 1), ((16, 17), 16, 2, 1)]  # padded maps, n_win 4/8/16
+
+
+@pytest.mark.parametrize("grid_shape,n_win,topk,heads", TRITON_CASES)
+def test_bi_level_routing_attention_routed_kernel_matches_gather_reference(rng, kernel_device, grid_shape, n_win,
+                                                                           topk, heads):  # fmt: skip
+    """The routed-kernel path (Triton, fp32) on padded maps, forward and input gradient, against the gather BRA."""
+    kwargs = dict(dim=32, num_heads=heads, n_win=n_win, topk=topk, device=kernel_device)
+    ours = BiLevelRoutingAttention(**kwargs, backend="triton")
+    ref = GatherBiLevelRoutingAttention(**kwargs)
+    ref.load_state_dict(ours.state_dict())
+    grid = TokenGrid(grid_shape)
+    x = torch.randn(1, grid.num_tokens, 32, generator=rng).to(kernel_device).requires_grad_(True)
+    out, expected = ours(x, grid), ref(x, grid)
+    assert_close("out", expected, out, tol=1e-5)
+    grad = torch.randn(out.shape, generator=rng).to(kernel_device)
+    d_out, d_ref = (torch.autograd.grad(o, x, grad)[0] for o in (out, expected))
+    assert_close("dx", d_ref, d_out, tol=1e-5)
+
+
+def test_bi_level_routing_attention_previous_path_switch(rng, monkeypatch):
+    """``routed_max_region = 0`` sends small regions through block_sparse_attention: same result."""
+    m = _random_module(BiLevelRoutingAttention, rng, dim=16, num_heads=2, n_win=3, topk=2, backend="reference")
+    x = torch.randn(2, 49, 16, generator=rng, dtype=torch.float64)
+    routed = m(x, TokenGrid((7, 7)))
+    monkeypatch.setattr(BiLevelRoutingAttention, "routed_max_region", 0)
+    assert_close("previous path", routed, m(x, TokenGrid((7, 7))))
+
+
 def test_region_order_is_the_tile_order_layout(rng):
     x = torch.randn(2, 12, 15, 3, generator=rng)
     layout = TokenLayout(TokenGrid((12, 15)), tile=(4, 5))

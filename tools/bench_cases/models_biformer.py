@@ -61,13 +61,26 @@ def _attention_free():
     """Skip the routing and the token attention of every ``BiLevelRoutingAttention`` (its output is ``V``) for the
     duration: what is left is the model's time outside the routing attention, the upper bound on the speedup that
     any implementation of that attention can give."""
-    attend, route = routing_attention.block_sparse_attention, BiLevelRoutingAttention._routing_mask
+    cls = BiLevelRoutingAttention
+    saved = routing_attention.block_sparse_attention, routing_attention.routed_attention, cls._routing_mask, cls._route
     routing_attention.block_sparse_attention = lambda q, k, v, mask, **_: v
-    BiLevelRoutingAttention._routing_mask = lambda *_: None
+    routing_attention.routed_attention = lambda q, k, v, regions, **_: v
+    cls._routing_mask = cls._route = lambda *_: None
     try:
         yield
     finally:
-        routing_attention.block_sparse_attention, BiLevelRoutingAttention._routing_mask = attend, route
+        routing_attention.block_sparse_attention, routing_attention.routed_attention = saved[:2]
+        cls._routing_mask, cls._route = saved[2:]
+
+
+@contextlib.contextmanager
+def _previous_path():
+    """Every region size through ``block_sparse_attention`` (the path before ``routed_attention``)."""
+    limit, BiLevelRoutingAttention.routed_max_region = BiLevelRoutingAttention.routed_max_region, 0
+    try:
+        yield
+    finally:
+        BiLevelRoutingAttention.routed_max_region = limit
 
 
 def _report_agreement(ours, reference, images, label: str) -> None:
@@ -84,10 +97,10 @@ def _build(name: str, img: int, mode: str, args):
     return model.eval().to(args.dtype) if mode == "fwd" else model.train()
 
 
-def _row(name: str, img: int, batch: int, mode: str, args, gather_of: str | None = None, attention_free=False):
+def _row(name: str, img: int, batch: int, mode: str, args, gather_of: str | None = None, context=None):
     """``BenchCase.make`` of one row: model ``name`` and a batch, built when timed. ``gather_of``: the row times a
-    gather-attention copy of ``name`` (same weights), after printing its agreement with ours; ``attention_free``:
-    the model with its routing attention skipped (``_attention_free``)."""
+    gather-attention copy of ``name`` (same weights), after printing its agreement with ours; ``context``: entered
+    around every step (``_attention_free``, ``_previous_path``)."""
 
     def make():
         dtype = args.dtype if mode == "fwd" else torch.float32
@@ -96,7 +109,7 @@ def _row(name: str, img: int, batch: int, mode: str, args, gather_of: str | None
         if gather_of is not None:
             ours, model = model, _with_gather_attention(model)
             _report_agreement(ours, model, images, gather_of)
-        return model_step(model, images, labels, mode, _attention_free if attention_free else contextlib.nullcontext)
+        return model_step(model, images, labels, mode, context or contextlib.nullcontext)
 
     return make
 
@@ -108,7 +121,9 @@ def cases(args) -> list[BenchCase]:
         row = functools.partial(_row, img=img, batch=batch, mode=mode, args=args)
         rows.append(BenchCase(impl=f"{ours_name} (ours)", make=row(ours_name), **common))
         if ours_name.startswith("biformer"):
-            make = row(ours_name, attention_free=True)
+            make = row(ours_name, context=_previous_path)
+            rows.append(BenchCase(impl=f"{ours_name} ours (previous path)", make=make, **common))
+            make = row(ours_name, context=_attention_free)
             rows.append(BenchCase(impl=f"{ours_name} attention-free (bound)", make=make, **common))
         for impl, name, baseline in peers:
             if name is None:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import BlockMask, TokenGrid, TokenLayout, topk_routing_block_mask
-from ..ops import block_sparse_attention
+from ..ops import block_sparse_attention, routed_attention
+from ..ops.routed import MAX_TRITON_REGION
 
 __all__ = ["BiLevelRoutingAttention", "LePEAttention"]
 
@@ -56,12 +57,18 @@ class BiLevelRoutingAttention(nn.Module):
 
         O = softmax(s · Q K_gᵀ) V_g + LePE(V),   then the output projection,
 
-    ``K_g, V_g`` the keys/values of the routed regions (paper Eqs. 2-6). This runs as ``block_sparse_attention``
-    over one block per region in region (tile) order, reading K/V in place (the reference gathers a top-k-fold
-    copy of them). Checkpoint quirks kept: one routing shared by all heads, ``s = dim ** -0.5`` (the full channel
+    ``K_g, V_g`` the keys/values of the routed regions (paper Eqs. 2-6). Regions of at most
+    ``routed_max_region`` tokens (every stage of the ImageNet models up to ~900 px) run ``routed_attention``
+    on strided views of the raster qkv projection; larger ones run ``block_sparse_attention`` over one block per
+    region in region (tile) order. Both read K/V in place (the reference gathers a top-k-fold copy of them).
+    Checkpoint quirks kept: one routing shared by all heads, ``s = dim ** -0.5`` (the full channel
     dimension, not the head dimension), LePE is a depthwise conv of V. ``forward`` takes ``(B, N, C)`` tokens in
     raster order plus their ``TokenGrid``.
     """
+
+    #: Largest region (tokens) of the ``routed_attention`` path (at most its Triton limit); 0 sends every region
+    #: size through ``block_sparse_attention`` (the previous path, kept for large regions and for A/B benchmarks).
+    routed_max_region: int = MAX_TRITON_REGION
 
     def __init__(
         self,
@@ -113,6 +120,8 @@ class BiLevelRoutingAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_x, 0, pad_y))
         padded_h, padded_w = height + pad_y, width + pad_x
 
+        if (padded_h // s) * (padded_w // s) <= self.routed_max_region:
+            return self._forward_routed(x, height, width)
         q, k, v = self.qkv(_to_regions(x, s)).chunk(3, dim=-1)  # (B, N, C) each, region order
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, N, D) view
         if q.device.type == "meta":
@@ -125,6 +134,34 @@ class BiLevelRoutingAttention(nn.Module):
         out = _heads_from_regions(out, s, padded_h, padded_w) + self.lepe(v_map).permute(0, 2, 3, 1)
         out = self.proj(out)[:, :height, :width]
         return out.reshape(batch, num_tokens, channels)
+
+    def _forward_routed(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The small-region path: qkv in raster order, fused region pooling, top-k on the device and
+        ``routed_attention`` reading q/k/v as strided views of the projection (no tile-order copies, no mask)."""
+        batch, padded_h, padded_w, channels = x.shape
+        qkv = self.qkv(x)  # (B, Y, X, 3C) raster
+        heads = qkv.view(batch, padded_h, padded_w, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
+        if qkv.device.type == "meta":
+            # shapes only: the routing is a top-k of values that meta tensors do not have
+            out = torch.empty_like(qkv[..., :channels])
+        else:
+            # q, k, v: (B, heads, Y, X, D) strided views
+            out = routed_attention(*heads, self._route(qkv), n_win=self.n_win, scale=self.scale, backend=self.backend)
+            out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)  # a view for the kernel
+        # V as a (B, C, Y, X) view: its gradient joins dV before the qkv gradient is assembled
+        v_map = heads[2].permute(0, 1, 4, 2, 3).reshape(batch, channels, padded_h, padded_w)
+        out = self.proj(out + self.lepe(v_map).permute(0, 2, 3, 1))[:, :height, :width]
+        return out.reshape(batch, height * width, channels)
+
+    def _route(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``(B, n_win², topk)`` routed key regions of each query region: top-k of ``Q^r K^rᵀ`` (region sums instead
+        of means: a positive factor, same order), both region reductions in one fp32 pass over the raster map."""
+        batch, height, width, channels3 = qkv.shape
+        s, channels = self.n_win, channels3 // 3
+        pooled = qkv.detach()[..., : 2 * channels].view(batch, s, height // s, s, width // s, 2 * channels)
+        pooled = pooled.sum((2, 4), dtype=torch.float32).flatten(1, 2)  # (B, n_win², 2C)
+        q_r, k_r = pooled.split(channels, dim=-1)
+        return torch.bmm(q_r, k_r.transpose(1, 2)).topk(self.topk, dim=-1).indices
 
     def _routing_mask(self, q: torch.Tensor, k: torch.Tensor, num_tokens: int) -> BlockMask:
         """Region-level top-k routing as a token-level ``BlockMask`` with one block per region.

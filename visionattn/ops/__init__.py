@@ -22,6 +22,7 @@ from .linear import (
     merge_linear_attention_states,
 )
 from .neighborhood import default_neighborhood_tile, neighborhood_attention, neighborhood_attention_reference
+from .routed import routed_attention, routed_attention_reference
 from .sparse_linear import sparse_linear_attention, sparse_linear_attention_reference
 from .swiglu import swiglu, swiglu_reference
 
@@ -51,6 +52,8 @@ __all__ = [
     "neighborhood_attention_reference",
     "rms_norm",
     "rms_norm_reference",
+    "routed_attention",
+    "routed_attention_reference",
     "sparse_linear_attention",
     "sparse_linear_attention_reference",
     "swiglu",
