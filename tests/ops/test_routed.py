@@ -139,7 +139,7 @@ def test_routed_attention_gpu_real_sizes(batch, heads, n_win, region, dim, dtype
     ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ref = routed_attention_reference(*ref_in, regions, n_win=n_win, scale=dim**-0.5)
     ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
-    tol = 2e-3 if dtype == torch.float32 else None  # fp32 on the GPU: ieee dots, fp32 exp2 differences
+    tol = 1e-4 if dtype == torch.float32 else None  # fp32 on the GPU: ieee dots, approximate exp2
     assert_close("out", ref, out, tol=tol)
     for name, expected, got in zip(("dq", "dk", "dv"), ref_grads, grads):
         assert_close(name, expected, got, tol=tol)

@@ -63,8 +63,9 @@ def _prune(configs, nargs, **kwargs):
     kept, seen = [], set()
     for config in configs:
         tiles = {**args, **config.kwargs}
-        g, kb = _TILES["G"](tiles), _TILES["KB"](tiles)
-        variant = (g, kb, config.num_warps, config.num_stages)
+        for name, heuristic in _TILES.items():  # in order, as triton.heuristics applies them
+            tiles[name] = heuristic(tiles)
+        variant = (tiles["G"], tiles["KB"], config.num_warps, config.num_stages)
         if variant not in seen:
             seen.add(variant)
             kept.append(config)
@@ -72,7 +73,7 @@ def _prune(configs, nargs, **kwargs):
 
 
 def _grid(regions: int, batch_heads: int):
-    return lambda meta: (triton.cdiv(regions, meta["G"]), batch_heads)
+    return lambda meta: (-(-regions // meta["G"]), batch_heads)
 
 
 @triton.jit
@@ -125,7 +126,7 @@ def _routed_attn_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, G: tl.constexpr, KB: tl.constexpr,
 ):  # fmt: skip
-    i_g, i_bh = tl.program_id(0), tl.program_id(1)
+    i_g, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: batch offsets of large maps
     i_b, i_h = i_bh // num_heads, i_bh % num_heads
     o_d, o_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     g_m, _, q_off, q_raster, m_m = _routed_rows(i_g, S, RH, RW, R, REGIONS, stride_q_y, stride_q_x, G, R_PAD)
@@ -176,7 +177,7 @@ def _routed_attn_bwd_kernel_dq(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, G: tl.constexpr, KB: tl.constexpr,
 ):  # fmt: skip
-    i_g, i_bh = tl.program_id(0), tl.program_id(1)
+    i_g, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: batch offsets of large maps
     i_b, i_h = i_bh // num_heads, i_bh % num_heads
     o_d, o_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     g_m, _, q_off, raster, m_m = _routed_rows(i_g, S, RH, RW, R, REGIONS, stride_q_y, stride_q_x, G, R_PAD)
@@ -228,17 +229,16 @@ def _routed_attn_bwd_kernel_dkdv(
     ROWS: tl.constexpr, COLS: tl.constexpr, G: tl.constexpr, KB: tl.constexpr,
 ):  # fmt: skip
     # rows: the tokens of G key regions; columns: the tokens of the query regions that routed to each of them
-    i_g, i_bh = tl.program_id(0), tl.program_id(1)
+    i_g, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: batch offsets of large maps
     i_b, i_h = i_bh // num_heads, i_bh % num_heads
     o_d, o_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    g_m, _, k_off, _, m_m = _routed_rows(i_g, S, RH, RW, R, REGIONS, stride_k_y, stride_k_x, G, R_PAD)
+    g_m, k_region, k_off, _, m_m = _routed_rows(i_g, S, RH, RW, R, REGIONS, stride_k_y, stride_k_x, G, R_PAD)
     _, _, v_off, _, _ = _routed_rows(i_g, S, RH, RW, R, REGIONS, stride_v_y, stride_v_x, G, R_PAD)
     # [G * R_PAD, BLOCK_D], [G * R_PAD, BLOCK_DV]
     b_k = _load_rows(K + i_b * stride_k_b + i_h * stride_k_h, k_off, m_m, o_d, HEAD_DIM)
     b_v = _load_rows(V + i_b * stride_v_b + i_h * stride_v_h, v_off, m_m, o_dv, HEAD_DIM_V)
-    o_g = i_g * G + tl.arange(0, G)
     p_cnt = QCNT + i_b * REGIONS
-    num_steps = tl.max(tl.load(p_cnt + o_g, mask=o_g < REGIONS, other=0))
+    num_steps = tl.max(tl.load(p_cnt + k_region, mask=k_region < REGIONS, other=0))  # longest list of the G
     b_dk = tl.zeros([G * R_PAD, BLOCK_D], tl.float32)
     b_dv = tl.zeros([G * R_PAD, BLOCK_DV], tl.float32)
     for step in range(0, num_steps, KB):

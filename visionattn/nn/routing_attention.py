@@ -41,6 +41,24 @@ def _heads_from_regions(x: torch.Tensor, regions: int, height: int, width: int) 
     return x.permute(0, 2, 4, 3, 5, 1, 6).reshape(batch, height, width, heads * dim)
 
 
+class _RasterHeads(torch.autograd.Function):
+    """The ``(B, Y, X, 3C)`` qkv projection -> q, k, v as ``(B, heads, Y, X, D)`` strided views. The backward
+    writes the three gradients into one ``(B, Y, X, 3C)`` tensor in one copy (autograd's unbind -> permute -> view
+    chain stacks them and then copies the permuted stack again)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int):
+        batch, height, width, _ = qkv.shape
+        return qkv.view(batch, height, width, 3, heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        like = next(g for g in grads if g is not None)
+        grads = [torch.zeros_like(like) if g is None else g for g in grads]
+        stacked = torch.stack([g.permute(0, 2, 3, 1, 4) for g in grads], dim=3)  # (B, Y, X, 3, heads, D)
+        return stacked.flatten(3), None
+
+
 @functools.lru_cache(maxsize=8)
 def _region_grid(n_win: int) -> TokenLayout:
     """The ``n_win x n_win`` grid of regions, one token (one block) per region."""
@@ -140,7 +158,7 @@ class BiLevelRoutingAttention(nn.Module):
         ``routed_attention`` reading q/k/v as strided views of the projection (no tile-order copies, no mask)."""
         batch, padded_h, padded_w, channels = x.shape
         qkv = self.qkv(x)  # (B, Y, X, 3C) raster
-        heads = qkv.view(batch, padded_h, padded_w, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
+        heads = _RasterHeads.apply(qkv, self.num_heads)
         if qkv.device.type == "meta":
             # shapes only: the routing is a top-k of values that meta tensors do not have
             out = torch.empty_like(qkv[..., :channels])
