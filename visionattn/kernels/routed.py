@@ -36,7 +36,9 @@ _CONFIGS = [
         (32, 128, 4, 2),
         (64, 128, 4, 2),
         (16, 256, 4, 2),
-        (64, 64, 2, 2),
+        (16, 64, 2, 2),
+        (64, 64, 8, 2),
+        (64, 128, 8, 2),
         (128, 128, 8, 2),
     ]
 ]
@@ -78,10 +80,11 @@ def _grid(regions: int, batch_heads: int):
 
 @triton.jit
 def _token_offsets(region, t, S, RH, RW, stride_y, stride_x):
-    """Memory offset and raster index of token ``t`` (row-major inside its region) of ``region`` (row-major)."""
+    """Memory offset of token ``t`` (row-major inside its region) of ``region`` (row-major); with strides
+    ``(S * RW, 1)`` its raster index."""
     y = (region // S) * RH + t // RW
     x = (region % S) * RW + t % RW
-    return y * stride_y + x * stride_x, y * (S * RW) + x
+    return y * stride_y + x * stride_x
 
 
 @triton.jit
@@ -91,7 +94,8 @@ def _routed_rows(i_g, S, RH, RW, R, REGIONS, stride_y, stride_x, G: tl.constexpr
     g_m = o_m // R_PAD
     region = i_g * G + g_m
     t_m = o_m % R_PAD
-    off, raster = _token_offsets(region, t_m, S, RH, RW, stride_y, stride_x)
+    off = _token_offsets(region, t_m, S, RH, RW, stride_y, stride_x)
+    raster = _token_offsets(region, t_m, S, RH, RW, S * RW, 1)
     return g_m, region, off, raster, (t_m < R) & (region < REGIONS)
 
 
@@ -138,9 +142,9 @@ def _routed_attn_fwd_kernel(
     for step in range(0, TOPK, KB):
         g_n, owner, slot, t_n, m_n = _routed_cols(step, i_g, R, REGIONS, G, KB, R_PAD)
         m_n = m_n & (slot < TOPK)
-        region = tl.load(IDX + i_b * stride_idx_b + owner * stride_idx_r + slot, mask=m_n, other=0)
-        k_off, _ = _token_offsets(region, t_n, S, RH, RW, stride_k_y, stride_k_x)
-        v_off, _ = _token_offsets(region, t_n, S, RH, RW, stride_v_y, stride_v_x)
+        region = tl.load(IDX + i_b * stride_idx_b + owner * stride_idx_r + slot, mask=m_n, other=0).to(tl.int32)
+        k_off = _token_offsets(region, t_n, S, RH, RW, stride_k_y, stride_k_x)
+        v_off = _token_offsets(region, t_n, S, RH, RW, stride_v_y, stride_v_x)
         # [G * KB * R_PAD, BLOCK_D], [G * KB * R_PAD, BLOCK_DV]
         b_k = _load_rows(K + i_b * stride_k_b + i_h * stride_k_h, k_off, m_n, o_d, HEAD_DIM)
         b_v = _load_rows(V + i_b * stride_v_b + i_h * stride_v_h, v_off, m_n, o_dv, HEAD_DIM_V)
@@ -195,9 +199,9 @@ def _routed_attn_bwd_kernel_dq(
     for step in range(0, TOPK, KB):
         g_n, owner, slot, t_n, m_n = _routed_cols(step, i_g, R, REGIONS, G, KB, R_PAD)
         m_n = m_n & (slot < TOPK)
-        region = tl.load(IDX + i_b * stride_idx_b + owner * stride_idx_r + slot, mask=m_n, other=0)
-        k_off, _ = _token_offsets(region, t_n, S, RH, RW, stride_k_y, stride_k_x)
-        v_off, _ = _token_offsets(region, t_n, S, RH, RW, stride_v_y, stride_v_x)
+        region = tl.load(IDX + i_b * stride_idx_b + owner * stride_idx_r + slot, mask=m_n, other=0).to(tl.int32)
+        k_off = _token_offsets(region, t_n, S, RH, RW, stride_k_y, stride_k_x)
+        v_off = _token_offsets(region, t_n, S, RH, RW, stride_v_y, stride_v_x)
         b_k = _load_rows(K + i_b * stride_k_b + i_h * stride_k_h, k_off, m_n, o_d, HEAD_DIM)
         b_v = _load_rows(V + i_b * stride_v_b + i_h * stride_v_h, v_off, m_n, o_dv, HEAD_DIM_V)
         allowed = (g_m[:, None] == g_n[None, :]) & m_n[None, :]
@@ -244,9 +248,10 @@ def _routed_attn_bwd_kernel_dkdv(
     for step in range(0, num_steps, KB):
         g_n, owner, slot, t_n, m_n = _routed_cols(step, i_g, R, REGIONS, G, KB, R_PAD)
         m_n = m_n & (slot < tl.load(p_cnt + owner, mask=m_n, other=0))
-        region = tl.load(QIDX + i_b * stride_qidx_b + owner * stride_qidx_r + slot, mask=m_n, other=0)
-        q_off, raster = _token_offsets(region, t_n, S, RH, RW, stride_q_y, stride_q_x)
-        do_off, _ = _token_offsets(region, t_n, S, RH, RW, stride_do_y, stride_do_x)
+        region = tl.load(QIDX + i_b * stride_qidx_b + owner * stride_qidx_r + slot, mask=m_n, other=0).to(tl.int32)
+        q_off = _token_offsets(region, t_n, S, RH, RW, stride_q_y, stride_q_x)
+        do_off = _token_offsets(region, t_n, S, RH, RW, stride_do_y, stride_do_x)
+        raster = _token_offsets(region, t_n, S, RH, RW, S * RW, 1)
         b_q = _load_rows(Q + i_b * stride_q_b + i_h * stride_q_h, q_off, m_n, o_d, HEAD_DIM)
         b_do = _load_rows(DO + i_b * stride_do_b + i_h * stride_do_h, do_off, m_n, o_dv, HEAD_DIM_V)
         b_lse2 = tl.load(LSE + i_bh * num_tokens + raster, mask=m_n, other=0.0) * _LOG2E
