@@ -179,7 +179,8 @@ class BiLevelRoutingAttention(nn.Module):
         pooled = qkv.detach()[..., : 2 * channels].view(batch, s, height // s, s, width // s, 2 * channels)
         pooled = pooled.sum((2, 4), dtype=torch.float32).flatten(1, 2)  # (B, n_win², 2C)
         q_r, k_r = pooled.split(channels, dim=-1)
-        return torch.bmm(q_r, k_r.transpose(1, 2)).topk(self.topk, dim=-1).indices
+        with torch.autocast(qkv.device.type, enabled=False):  # fp32 scores under AMP too: fewer near-ties
+            return torch.bmm(q_r, k_r.transpose(1, 2)).topk(self.topk, dim=-1).indices
 
     def _routing_mask(self, q: torch.Tensor, k: torch.Tensor, num_tokens: int) -> BlockMask:
         """Region-level top-k routing as a token-level ``BlockMask`` with one block per region.
