@@ -22,6 +22,7 @@ import timm
 import torch
 
 import visionattn  # noqa: F401  (registers the models)
+import visionattn.nn.agent_attention as agent_attention_module
 import visionattn.nn.routing_attention as routing_attention
 from tests.nn.test_routing_attention import GatherBiLevelRoutingAttention
 from tools.bench_cases._common import BenchCase, image_batch, model_step
@@ -83,6 +84,19 @@ def _previous_path():
         BiLevelRoutingAttention.routed_max_region = limit
 
 
+@contextlib.contextmanager
+def _agent_attention_free():
+    """Skip the two softmax attentions of every ``AgentAttention`` (the op returns q) for the duration: what is left
+    (projections, agent pooling, biases, the depthwise conv on v, the rest of the model) bounds what any agent
+    attention kernel can give."""
+    attend = agent_attention_module.agent_attention
+    agent_attention_module.agent_attention = lambda q, *_, **__: q
+    try:
+        yield
+    finally:
+        agent_attention_module.agent_attention = attend
+
+
 def _report_agreement(ours, reference, images, label: str) -> None:
     with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16):
         a, b = ours(images[:2]).float(), reference(images[:2]).float()
@@ -124,6 +138,9 @@ def cases(args) -> list[BenchCase]:
             make = row(ours_name, context=_previous_path)
             rows.append(BenchCase(impl=f"{ours_name} ours (previous path)", make=make, **common))
             make = row(ours_name, context=_attention_free)
+            rows.append(BenchCase(impl=f"{ours_name} attention-free (bound)", make=make, **common))
+        if ours_name.startswith("agent"):
+            make = row(ours_name, context=_agent_attention_free)
             rows.append(BenchCase(impl=f"{ours_name} attention-free (bound)", make=make, **common))
         for impl, name, baseline in peers:
             if name is None:
