@@ -115,6 +115,26 @@ def _load_rows(ptr, off, valid, o_d, D: tl.constexpr):
     return tl.load(ptr + off[:, None] + o_d[None, :], mask=valid[:, None] & (o_d < D)[None, :], other=0.0)
 
 
+@triton.jit
+def _routed_kv(
+    step, i_g, K, V, IDX, stride_idx_r, stride_k_y, stride_k_x, stride_v_y, stride_v_x,
+    S, RH, RW, R, REGIONS, g_m, o_d, o_dv,
+    TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    G: tl.constexpr, KB: tl.constexpr, R_PAD: tl.constexpr,
+):  # fmt: skip
+    """One step of a query-major walk (``K``, ``V``, ``IDX`` at the program's batch and head): the rows of ``KB``
+    routed regions per owner gathered by pointer, ``[G * KB * R_PAD, BLOCK_D]`` and ``[G * KB * R_PAD, BLOCK_DV]``,
+    and the allowed scores (the owner's own diagonal block, valid tokens)."""
+    g_n, owner, slot, t_n, m_n = _routed_cols(step, i_g, R, REGIONS, G, KB, R_PAD)
+    m_n = m_n & (slot < TOPK)
+    region = tl.load(IDX + owner * stride_idx_r + slot, mask=m_n, other=0).to(tl.int32)
+    k_off = _token_offsets(region, t_n, S, RH, RW, stride_k_y, stride_k_x)
+    v_off = _token_offsets(region, t_n, S, RH, RW, stride_v_y, stride_v_x)
+    b_k = _load_rows(K, k_off, m_n, o_d, HEAD_DIM)
+    b_v = _load_rows(V, v_off, m_n, o_dv, HEAD_DIM_V)
+    return b_k, b_v, (g_m[:, None] == g_n[None, :]) & m_n[None, :]
+
+
 @autotune(_CONFIGS, _DEFAULT_CONFIG, _KEY, _prune)
 @triton.heuristics(_TILES)
 @triton.jit
@@ -140,15 +160,11 @@ def _routed_attn_fwd_kernel(
     l_i = tl.zeros([G * R_PAD], tl.float32)
     acc = tl.zeros([G * R_PAD, BLOCK_DV], tl.float32)
     for step in range(0, TOPK, KB):
-        g_n, owner, slot, t_n, m_n = _routed_cols(step, i_g, R, REGIONS, G, KB, R_PAD)
-        m_n = m_n & (slot < TOPK)
-        region = tl.load(IDX + i_b * stride_idx_b + owner * stride_idx_r + slot, mask=m_n, other=0).to(tl.int32)
-        k_off = _token_offsets(region, t_n, S, RH, RW, stride_k_y, stride_k_x)
-        v_off = _token_offsets(region, t_n, S, RH, RW, stride_v_y, stride_v_x)
-        # [G * KB * R_PAD, BLOCK_D], [G * KB * R_PAD, BLOCK_DV]
-        b_k = _load_rows(K + i_b * stride_k_b + i_h * stride_k_h, k_off, m_n, o_d, HEAD_DIM)
-        b_v = _load_rows(V + i_b * stride_v_b + i_h * stride_v_h, v_off, m_n, o_dv, HEAD_DIM_V)
-        allowed = (g_m[:, None] == g_n[None, :]) & m_n[None, :]
+        b_k, b_v, allowed = _routed_kv(
+            step, i_g, K + i_b * stride_k_b + i_h * stride_k_h, V + i_b * stride_v_b + i_h * stride_v_h,
+            IDX + i_b * stride_idx_b, stride_idx_r, stride_k_y, stride_k_x, stride_v_y, stride_v_x,
+            S, RH, RW, R, REGIONS, g_m, o_d, o_dv, TOPK, HEAD_DIM, HEAD_DIM_V, G, KB, R_PAD,
+        )  # fmt: skip
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
         b_s = tl.where(allowed, b_s, _NEG_INF)
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
@@ -197,14 +213,11 @@ def _routed_attn_bwd_kernel_dq(
     b_lse2 = tl.load(LSE + i_bh * num_tokens + raster, mask=m_m, other=0.0) * _LOG2E
     b_dq = tl.zeros([G * R_PAD, BLOCK_D], tl.float32)
     for step in range(0, TOPK, KB):
-        g_n, owner, slot, t_n, m_n = _routed_cols(step, i_g, R, REGIONS, G, KB, R_PAD)
-        m_n = m_n & (slot < TOPK)
-        region = tl.load(IDX + i_b * stride_idx_b + owner * stride_idx_r + slot, mask=m_n, other=0).to(tl.int32)
-        k_off = _token_offsets(region, t_n, S, RH, RW, stride_k_y, stride_k_x)
-        v_off = _token_offsets(region, t_n, S, RH, RW, stride_v_y, stride_v_x)
-        b_k = _load_rows(K + i_b * stride_k_b + i_h * stride_k_h, k_off, m_n, o_d, HEAD_DIM)
-        b_v = _load_rows(V + i_b * stride_v_b + i_h * stride_v_h, v_off, m_n, o_dv, HEAD_DIM_V)
-        allowed = (g_m[:, None] == g_n[None, :]) & m_n[None, :]
+        b_k, b_v, allowed = _routed_kv(
+            step, i_g, K + i_b * stride_k_b + i_h * stride_k_h, V + i_b * stride_v_b + i_h * stride_v_h,
+            IDX + i_b * stride_idx_b, stride_idx_r, stride_k_y, stride_k_x, stride_v_y, stride_v_x,
+            S, RH, RW, R, REGIONS, g_m, o_d, o_dv, TOPK, HEAD_DIM, HEAD_DIM_V, G, KB, R_PAD,
+        )  # fmt: skip
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
         b_p = tl.where(allowed, tl.exp2(b_s - b_lse2[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
