@@ -195,7 +195,8 @@ class BiLevelRoutingAttention(nn.Module):
         routed = topk_routing_block_mask(*means, _region_grid(self.n_win), self.topk)
         block = num_tokens // regions
         csr = routed.indptr, routed.indices, routed.partial
-        # a fixed count per row (top-k): the kernels skip the launch order and its host sync on this per-call mask
+        # the region grid has no padding, so no block is partial (skips the per-call `partial.any()` host sync), and
+        # every row keeps top-k blocks
         return BlockMask(*csr, num_tokens, num_tokens, block, block, _no_partial=True, _uniform_rows=True)
 
 
