@@ -100,6 +100,15 @@ def test_routed_attention_defaults_scale_and_rejects_bad_arguments(rng):
         routed_attention(q, k, v, torch.zeros(1, 4, 5, dtype=torch.int64), n_win=2)
     with pytest.raises(TypeError, match="regions"):
         routed_attention(q, k, v, regions.double(), n_win=2)
+    for bad_id in (-1, 4):  # outside [0, n_win²): the kernels would read outside the map
+        bad = regions.clone()
+        bad[0, 1, 0] = bad_id
+        with pytest.raises(ValueError, match=r"regions\[0, 1\]"):
+            routed_attention(q, k, v, bad, n_win=2)
+    repeated = regions.clone()  # top-2 rows
+    repeated[0, 2, 1] = repeated[0, 2, 0]
+    with pytest.raises(ValueError, match=r"distinct region ids .* regions\[0, 2\]"):
+        routed_attention(q, k, v, repeated, n_win=2)
     with pytest.raises(ValueError, match="q, k and v"):
         routed_attention(q, k[..., :3], v, regions, n_win=2)
     with pytest.raises(TypeError, match="dtype"):

@@ -47,6 +47,19 @@ def _check_inputs(q, k, v, regions, n_win) -> int:
     return n_win
 
 
+def _check_region_ids(regions: torch.Tensor, n_win: int) -> None:
+    """Every row of ``regions`` holds distinct ids in ``[0, n_win²)`` (an out-of-range id would make the kernels read
+    outside the map, a repeated one would count its region twice forward and once backward). One host sync."""
+    ids = regions.sort(dim=-1).values
+    bad = (ids[..., 0] < 0) | (ids[..., -1] >= n_win * n_win) | (ids[..., 1:] == ids[..., :-1]).any(-1)
+    if bool(bad.any()):
+        row = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"regions must hold distinct region ids in [0, n_win² = {n_win * n_win}) in every row; got "
+            f"regions[{row[0]}, {row[1]}] = {regions[row].tolist()}."
+        )
+
+
 def _region_ids(height: int, width: int, n_win: int, device) -> torch.Tensor:
     """``(Y * X,)`` region of each raster token."""
     rows = torch.arange(height, device=device) // (height // n_win)
@@ -193,6 +206,7 @@ def routed_attention(
     n_win: int,
     scale: float | None = None,
     backend: str | None = None,
+    check_regions: bool = True,
 ) -> torch.Tensor:
     r"""Softmax attention of each query region over the tokens of its routed key regions.
 
@@ -209,20 +223,24 @@ def routed_attention(
         k: keys ``(B, H, Y, X, D)``.
         v: values ``(B, H, Y, X, Dv)``.
         regions: ``(B, n_win², k)`` int32/int64 routed key regions of each query region (row-major region ids);
-            each row must hold ``k`` distinct ids in ``[0, n_win²)`` (not checked: data-dependent).
+            each row must hold ``k`` distinct ids in ``[0, n_win²)`` (see ``check_regions``).
         n_win: regions per side; must divide ``Y`` and ``X``.
         scale: score scale ``s``; ``None`` means ``D ** -0.5``.
 
     Other Parameters:
         backend: ``"triton"`` (CUDA, or CPU with ``TRITON_INTERPRET=1``; regions of at most 128 tokens) or
             ``"reference"``; ``None`` picks the first that supports the input.
+        check_regions: check the ids in ``regions`` (one host synchronisation; skipped under ``torch.compile``).
+            ``False`` for ids known valid, e.g. a ``topk`` over the region scores as ``BiLevelRoutingAttention``
+            builds them.
 
     Returns:
         ``(B, H, Y, X, Dv)`` in q's dtype (the Triton backend stores it as ``(B, Y, X, H, Dv)``).
 
     Raises:
         TypeError: ``q``/``k``/``v`` are not float tensors of one dtype, or ``regions`` is not an integer tensor.
-        ValueError: shapes disagree, or ``n_win`` does not divide the map.
+        ValueError: shapes disagree, ``n_win`` does not divide the map, or a row of ``regions`` holds an id
+            outside ``[0, n_win²)`` or twice.
         NotImplementedError: the named backend cannot run this input.
 
     Example:
@@ -232,6 +250,8 @@ def routed_attention(
         torch.Size([1, 2, 4, 4, 16])
     """
     n_win = _check_inputs(q, k, v, regions, n_win)
+    if check_regions and not torch.compiler.is_compiling():
+        _check_region_ids(regions, n_win)
     scale = _check_scale(scale, q.shape[-1])
     fn = _REGISTRY.select(backend, {"q": q, "k": k, "v": v, "regions": regions, "n_win": n_win})
     return fn(q, k, v, regions, n_win=n_win, scale=scale)
