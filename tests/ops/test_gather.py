@@ -137,6 +137,10 @@ def test_gather_tokens_rejects_bad_inputs(kernel_device):
         gather_tokens(x, index.to("meta"), inverse, 1)
     with pytest.raises(ValueError, match="backend"):
         gather_tokens(x, index, inverse, 1, backend="cuda")
+    with pytest.raises(ValueError, match="index entries must be < 5"):
+        gather_tokens(x, torch.tensor([5, 0, 1, 2, 3, 4]), inverse, 1)
+    with pytest.raises(ValueError, match="inverse_index entries must be < 6"):
+        gather_tokens(x, index, torch.tensor([2, 3, 4, 5, 6]), 1)
     x, index, inverse = x.to(kernel_device), index.to(kernel_device), inverse.to(kernel_device)
     with pytest.raises(NotImplementedError, match="x.dtype"):
         gather_tokens(x.double(), index, inverse, 1, backend="triton")

@@ -85,8 +85,9 @@ def _permutation_row(impl: str, grid: TokenGrid, kernel, stride, shape_args: tup
         q, k, v = random_qkv(batch, heads, n, dim, device=args.device, dtype=args.dtype)
         if impl == "ours-permute":
             maps = [(plan.q_index, plan.out_slot), (plan.kv_index, plan.kv_slot), (plan.kv_index, plan.kv_slot)]
-            into = lambda: [gather_tokens(t, *m, 2) for t, m in zip((q, k, v), maps)]
-            return lambda: gather_tokens(into()[0], plan.out_slot, plan.q_index, 2)
+            gather = functools.partial(gather_tokens, dim=2, check_index=False)  # as the op calls it
+            into = lambda: [gather(t, *m) for t, m in zip((q, k, v), maps)]
+            return lambda: gather(into()[0], plan.out_slot, plan.q_index)
         q_index, kv_index, out_slot = (i.clamp_min(0).long() for i in (plan.q_index, plan.kv_index, plan.out_slot))
         into = lambda: [t.index_select(2, i) for t, i in zip((q, k, v), (q_index, kv_index, kv_index))]
         return lambda: into()[0].index_select(2, out_slot)

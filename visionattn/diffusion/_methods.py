@@ -192,9 +192,10 @@ class LocalMethod(_AttentionMethod):
         pairs = state.cached(("circle_pairs", self.radius, grid.shape), lambda: circle_pairs(grid.shape, self.radius))
         source, out_slot = state.cached(("tile_order", layout, q.device), lambda: _tile_order(layout, q.device))
         # padding slots hold zeros; the mask never attends to them and their outputs are dropped
-        q, k, v = (gather_tokens(t, source, out_slot, 2, backend=self.backend) for t in (q, k, v))
+        trusted = dict(backend=self.backend, check_index=False)  # maps from _tile_order
+        q, k, v = (gather_tokens(t, source, out_slot, 2, **trusted) for t in (q, k, v))
         out = block_sparse_attention(q, k, v, mask, backend=self.backend)
-        return gather_tokens(out, out_slot, source, 2, backend=self.backend), with_text(grid, pairs)
+        return gather_tokens(out, out_slot, source, 2, **trusted), with_text(grid, pairs)
 
 
 def _tile_order(layout: TokenLayout, device) -> tuple[torch.Tensor, torch.Tensor]:

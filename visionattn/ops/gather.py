@@ -60,6 +60,14 @@ def _check_gather_args(x, index, inverse_index, dim) -> int:
     return dim
 
 
+def _check_index_ranges(x: torch.Tensor, index: torch.Tensor, inverse_index: torch.Tensor, dim: int) -> None:
+    """``index`` entries ``< N`` and ``inverse_index`` entries ``< M`` (one host sync): a larger entry would make the
+    forward or the backward read outside its tensor."""
+    for name, t, bound in (("index", index, x.shape[dim]), ("inverse_index", inverse_index, index.shape[0])):
+        if t.numel() and int(t.max()) >= bound:
+            raise ValueError(f"{name} entries must be < {bound}; got max {int(t.max())}.")
+
+
 def gather_tokens_reference(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """``index_select`` along ``dim`` with zero rows where ``index < 0`` (autograd: ``index_add``; any index)."""
     shape = [1] * x.ndim
@@ -123,6 +131,7 @@ def gather_tokens(
     dim: int = -2,
     *,
     backend: str | None = None,
+    check_index: bool = True,
 ) -> torch.Tensor:
     r"""Gather tokens along ``dim`` by a partial permutation, e.g. raster order into a tile order and back.
 
@@ -133,8 +142,8 @@ def gather_tokens(
     with :math:`\pi` = ``index`` and :math:`\pi^{-1}` = ``inverse_index``. The backward is the same gather with the
     two maps swapped, hence exact when ``index`` names each token at most once and ``inverse_index`` is its inverse
     (``inverse_token_index(index, N)``: ``index[inverse_index[t]] == t`` wherever ``inverse_index[t] >= 0``, and
-    ``inverse_index[t] == -1`` for a token no slot holds). Neither is checked per call (a device synchronisation):
-    build both once with ``inverse_token_index``. A token named by two slots would get only one slot's gradient.
+    ``inverse_index[t] == -1`` for a token no slot holds). That pairing is not checked per call: build both once with
+    ``inverse_token_index``. A token named by two slots would get only one slot's gradient.
 
     Args:
         x: ``(..., N, ..., D)`` float tensor, ``N`` at ``dim``, head dim last (any strides: a ``(B, N, H, D)``
@@ -148,6 +157,9 @@ def gather_tokens(
         backend: ``"triton"`` (a row-tile copy kernel, fp16/bf16/fp32, head dim 16..256; CUDA, or CPU with
             ``TRITON_INTERPRET=1``) or ``"reference"`` (``index_select``); ``None`` picks the first that supports
             the input.
+        check_index: check that the entries of both maps stay inside the tensors they index (one host
+            synchronisation; skipped under ``torch.compile``); ``False`` for maps known valid, e.g. built once
+            with ``inverse_token_index`` as ``neighborhood_attention`` does.
 
     Returns:
         ``x.shape`` with ``M`` at ``dim``, stored in ``x``'s axis order (Triton) or contiguous (reference).
@@ -155,7 +167,8 @@ def gather_tokens(
     Raises:
         TypeError: ``x`` not a float tensor, or an index not an int32/int64 tensor.
         ValueError: ``dim`` out of range or the last axis, a 1-D index expected, ``inverse_index`` not ``N`` long,
-            or an index on another device.
+            an index on another device, or (``check_index``) an entry of ``index`` ``>= N`` or of
+            ``inverse_index`` ``>= M``.
         NotImplementedError: the named backend cannot run this input.
 
     Example:
@@ -168,5 +181,7 @@ def gather_tokens(
                 [2., 3.]])
     """
     dim = _check_gather_args(x, index, inverse_index, dim)
+    if check_index and not torch.compiler.is_compiling():
+        _check_index_ranges(x, index, inverse_index, dim)
     fn = _REGISTRY.select(backend, {"x": x})
     return fn(x, index, inverse_index, dim)

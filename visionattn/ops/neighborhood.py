@@ -272,7 +272,8 @@ def neighborhood_attention(
         return block_sparse_attention_gathered(q, k, v, plan.q_index, plan.kv_rows, plan.mask, scale=scale)
     if backend is not None:  # a named backend that cannot run q, k, v fails naming them, before the permutations
         _BLOCK_SPARSE_BACKENDS.select(backend, {"q": q, "k": k, "v": v, "block_mask": plan.mask})
-    q_tiles = gather_tokens(q, plan.q_index, plan.out_slot, 2, backend=backend)
-    k_tiles, v_tiles = (gather_tokens(x, plan.kv_index, plan.kv_slot, 2, backend=backend) for x in (k, v))
+    trusted = dict(backend=backend, check_index=False)  # the plan's maps, from inverse_token_index
+    q_tiles = gather_tokens(q, plan.q_index, plan.out_slot, 2, **trusted)
+    k_tiles, v_tiles = (gather_tokens(x, plan.kv_index, plan.kv_slot, 2, **trusted) for x in (k, v))
     out = block_sparse_attention(q_tiles, k_tiles, v_tiles, plan.mask, scale=scale, backend=backend)
-    return gather_tokens(out, plan.out_slot, plan.q_index, 2, backend=backend)
+    return gather_tokens(out, plan.out_slot, plan.q_index, 2, **trusted)
